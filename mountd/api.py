@@ -1,0 +1,206 @@
+"""Python API mirroring the datastore calls of Azure Machine Learning's SDK,
+against mountd's workspace file:
+
+    ws = Workspace.from_config()
+    ds = Datastore.register_azure_blob_container(ws, "training", "data", "myacct",
+                                                 account_key=key, create_if_not_exists=True)
+    ds.upload(src_dir="./data", target_path="datasets/cifar", overwrite=True)
+    ds.download(target_path="/tmp/data", prefix="datasets/cifar")
+    ws.get_default_datastore()
+
+A literal secret passed to a register call is kept in a private file
+(mode 0600) beside the workspace file and referenced from it, never written
+into the workspace file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from mountd.config import datastores as ds_config
+from mountd.config.datastores import DatastoreConfig
+from mountd.config.names import check_name
+from mountd.config.workspace import Workspace as _WorkspaceFile
+from mountd.errors import TransferFailed
+from mountd.storage import open_store
+from mountd.transfer import download as _download
+from mountd.transfer import upload as _upload
+
+
+class Workspace:
+    """A workspace: registered datastores and one default."""
+
+    def __init__(self, path: str | None = None):
+        self._file = _WorkspaceFile.load(path)
+
+    @classmethod
+    def from_config(cls, path: str | None = None) -> "Workspace":
+        return cls(path)
+
+    @property
+    def path(self) -> str:
+        return self._file.path
+
+    @property
+    def datastores(self) -> dict[str, "Datastore"]:
+        return {c.name: Datastore(self, c) for c in self._file.datastores.values()}
+
+    def get_default_datastore(self) -> "Datastore":
+        return Datastore(self, self._file.default)
+
+    def set_default_datastore(self, name: str) -> None:
+        self._file.set_default(name)
+
+    def _reload(self) -> None:
+        self._file = _WorkspaceFile.load(self._file.path)
+
+
+class Datastore:
+    """A registered datastore: upload to it, download from it."""
+
+    def __init__(self, workspace: Workspace, config: DatastoreConfig | str):
+        if isinstance(config, str):
+            config = workspace._file.get(config)
+        self.workspace = workspace
+        self._config = config
+
+    # -- the seed's class methods --------------------------------------------------
+    @staticmethod
+    def get(workspace: Workspace, datastore_name: str) -> "Datastore":
+        return Datastore(workspace, workspace._file.get(datastore_name))
+
+    @staticmethod
+    def register_azure_blob_container(workspace: Workspace, datastore_name: str, container_name: str,
+                                      account_name: str | None = None, sas_token: str | None = None,
+                                      account_key: str | None = None, protocol: str | None = None,
+                                      endpoint: str | None = None, overwrite: bool = False,
+                                      create_if_not_exists: bool = False, skip_validation: bool = False,
+                                      credential: dict | None = None) -> "Datastore":
+        raw = {"type": "azure_blob", "account_name": account_name, "container_name": container_name}
+        return Datastore._register(workspace, datastore_name, raw, sas_token, account_key, protocol, endpoint,
+                                   overwrite, create_if_not_exists, skip_validation, credential)
+
+    @staticmethod
+    def register_azure_file_share(workspace: Workspace, datastore_name: str, file_share_name: str,
+                                  account_name: str | None = None, sas_token: str | None = None,
+                                  account_key: str | None = None, protocol: str | None = None,
+                                  endpoint: str | None = None, overwrite: bool = False,
+                                  create_if_not_exists: bool = False, skip_validation: bool = False,
+                                  credential: dict | None = None) -> "Datastore":
+        raw = {"type": "azure_file", "account_name": account_name, "share_name": file_share_name}
+        return Datastore._register(workspace, datastore_name, raw, sas_token, account_key, protocol, endpoint,
+                                   overwrite, create_if_not_exists, skip_validation, credential)
+
+    @staticmethod
+    def register_local(workspace: Workspace, datastore_name: str, root: str,
+                       create_if_not_exists: bool = False, overwrite: bool = False) -> "Datastore":
+        root = os.path.abspath(os.path.expanduser(root))
+        if create_if_not_exists:
+            os.makedirs(root, exist_ok=True)
+        cfg = ds_config.parse(datastore_name, {"type": "local", "root": root}, "register_local")
+        with open_store(cfg) as store:
+            store.check()
+        workspace._file.register(cfg, overwrite=overwrite)
+        return Datastore(workspace, cfg)
+
+    @staticmethod
+    def _register(workspace, name, raw, sas_token, account_key, protocol, endpoint, overwrite,
+                  create_if_not_exists, skip_validation, credential) -> "Datastore":
+        check_name(name)
+        if endpoint:
+            # The seed's `endpoint` is a suffix ("core.windows.net"); a full URL
+            # (an emulator, a private endpoint) is taken as the account URL.
+            raw["endpoint" if "://" in endpoint else "endpoint_suffix"] = endpoint
+            if "://" not in endpoint and protocol:
+                raw["endpoint"] = f"{protocol}://{raw['account_name']}." \
+                                  f"{'blob' if raw['type'] == 'azure_blob' else 'file'}.{endpoint}"
+        spec = dict(credential or {})
+        secret_kind = "account_key" if account_key else "sas_token" if sas_token else None
+        if secret_kind:
+            spec = {f"{secret_kind}_file": "(pending)"}
+        raw["credential"] = spec
+        cfg = ds_config.parse(name, raw, "register")  # validate before writing anything
+        secret_file = None
+        if secret_kind:
+            secret_file = _store_secret(workspace, name, secret_kind, account_key or sas_token)
+            spec[f"{secret_kind}_file"] = secret_file
+            cfg = ds_config.parse(name, raw, "register")
+        try:
+            if create_if_not_exists or not skip_validation:
+                with open_store(cfg, create=create_if_not_exists) as store:
+                    store.check()
+            workspace._file.register(cfg, overwrite=overwrite)
+        except BaseException:
+            if secret_file:  # nothing registered: keep no copy of the secret
+                os.unlink(secret_file)
+            raise
+        return Datastore(workspace, cfg)
+
+    # -- attributes ------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def datastore_type(self) -> str:
+        return self._config.label
+
+    @property
+    def container_name(self) -> str | None:
+        return self._config.container_name
+
+    @property
+    def account_name(self) -> str | None:
+        return self._config.account_name
+
+    def __repr__(self) -> str:
+        return f"Datastore(name={self.name!r}, type={self.datastore_type!r}, location={self._config.location!r})"
+
+    # -- data --------------------------------------------------------------------------
+    def upload(self, src_dir: str, target_path: str | None = None, overwrite: bool = False,
+               show_progress: bool = True) -> int:
+        """Upload a directory tree; returns the number of files uploaded."""
+        with open_store(self._config) as store:
+            store.check()
+            report = _upload.upload_tree(store, src_dir, target_path, overwrite=overwrite,
+                                         show_progress=show_progress)
+        return _result(report, show_progress)
+
+    def upload_files(self, files: list[str], relative_root: str | None = None, target_path: str | None = None,
+                     overwrite: bool = False, show_progress: bool = True) -> int:
+        pairs = _upload.plan_files(files, relative_root, target_path)
+        with open_store(self._config) as store:
+            store.check()
+            report = _upload.upload(store, pairs, overwrite=overwrite, show_progress=show_progress)
+        return _result(report, show_progress)
+
+    def download(self, target_path: str, prefix: str | None = None, overwrite: bool = False,
+                 show_progress: bool = True) -> int:
+        """Download objects starting with `prefix` to target_path/<name>;
+        returns the number of files downloaded."""
+        with open_store(self._config) as store:
+            store.check()
+            report = _download.download(store, target_path, prefix or "", overwrite=overwrite,
+                                        show_progress=show_progress)
+        return _result(report, show_progress)
+
+
+def _result(report, show_progress: bool) -> int:
+    if show_progress:
+        print(report.summary())
+    if report.failed:
+        names = ", ".join(name for name, _ in report.failed[:5])
+        raise TransferFailed(f"{len(report.failed)} file(s) failed: {names}")
+    return report.files
+
+
+def _store_secret(workspace: Workspace, name: str, kind: str, secret: str) -> str:
+    directory = os.path.join(os.path.dirname(workspace.path), "secrets")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, f"{name.lower()}.{kind}")
+    fd, tmp = tempfile.mkstemp(dir=directory)  # created 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,157 @@
+"""Command-line parsing only: each subcommand hands its arguments to one
+function of `mountd.commands`; errors become one `mountd: error:` line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from mountd import __version__
+from mountd.errors import EXIT_FAILURE, EXIT_USAGE, MountdError
+from mountd.redact import redact
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other bad input
+        self.exit(EXIT_USAGE, f"mountd: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common(sub: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    def default(value):
+        # after the subcommand, an option left out must not undo one given before it
+        return argparse.SUPPRESS if sub else value
+    p.add_argument("--workspace", metavar="FILE", default=default(None),
+                   help="workspace file (default: $MOUNTD_WORKSPACE, else ~/.config/mountd/workspace.yaml)")
+    p.add_argument("--debug", action="store_true", default=default(False),
+                   help="show tracebacks and debug logs")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default("info"),
+                   help="log verbosity (default: info)")
+    p.add_argument("--log-format", choices=["text", "json"], default=default("text"),
+                   help="log line format (default: text)")
+    return p
+
+
+def _credentials(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("credential (one; secrets are referenced, never stored by mountd)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--account-key-env", metavar="VAR", help="environment variable holding the account key")
+    x.add_argument("--account-key-file", metavar="FILE", help="file holding the account key")
+    x.add_argument("--sas-token-env", metavar="VAR", help="environment variable holding a SAS token")
+    x.add_argument("--sas-token-file", metavar="FILE", help="file holding a SAS token")
+    x.add_argument("--connection-string-env", metavar="VAR", help="environment variable holding a connection string")
+    x.add_argument("--connection-string-file", metavar="FILE", help="file holding a connection string")
+    x.add_argument("--managed-identity", action="store_true", help="managed identity / DefaultAzureCredential")
+    x.add_argument("--anonymous", action="store_true", help="public container, no credential")
+    g.add_argument("--client-id", help="client id of a user-assigned managed identity")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mountd import commands as c
+
+    common = _common(sub=True)
+    parser = _Parser(prog="mountd", parents=[_common(sub=False)],
+                     description="Mount, stage and upload datastore references around a training process.")
+    parser.add_argument("--version", action="version", version=f"mountd {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subs.required = True
+
+    # -- datastore --------------------------------------------------------------
+    ds = subs.add_parser("datastore", help="register and inspect datastores", parents=[common])
+    dsub = ds.add_subparsers(dest="datastore_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+
+    def register(name, help_text, func):
+        p = dsub.add_parser(name, help=help_text, parents=[common])
+        p.add_argument("name", help="datastore name (letters, digits, '_'; case-insensitive)")
+        p.add_argument("--set-default", action="store_true", help="make it the default datastore")
+        p.add_argument("--overwrite", action="store_true", help="replace a datastore of the same name")
+        p.add_argument("--create-if-not-exists", action="store_true",
+                       help="create the container, share or directory if missing")
+        p.set_defaults(func=func)
+        return p
+
+    for kind, target in (("blob", "container"), ("file-share", "share")):
+        func = c.register_blob if kind == "blob" else c.register_file_share
+        p = register(f"register-{kind}", f"register an Azure {'Blob container' if kind == 'blob' else 'File share'}",
+                     func)
+        p.add_argument("--account-name", metavar="A")
+        p.add_argument(f"--{target}-name", metavar=target[0].upper(), required=True)
+        p.add_argument("--endpoint", metavar="URL", help="account URL (emulators, private endpoints)")
+        p.add_argument("--endpoint-suffix", metavar="SUFFIX", help="e.g. core.chinacloudapi.cn (sovereign clouds)")
+        p.add_argument("--skip-validation", action="store_true", help="do not check that storage answers")
+        _credentials(p)
+    p = register("register-local", "register a local directory", c.register_local)
+    p.add_argument("--root", metavar="DIR", required=True)
+    p.set_defaults(skip_validation=False)
+
+    p = dsub.add_parser("list", help="list datastores (* marks the default)", parents=[common])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=c.datastore_list)
+    p = dsub.add_parser("show", help="show one datastore (secrets redacted)", parents=[common])
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=c.datastore_show)
+    p = dsub.add_parser("set-default", help="set the default datastore", parents=[common])
+    p.add_argument("name")
+    p.set_defaults(func=c.datastore_set_default)
+    p = dsub.add_parser("remove", help="unregister a datastore (its data is untouched)", parents=[common])
+    p.add_argument("name")
+    p.set_defaults(func=c.datastore_remove)
+
+    # -- transfers --------------------------------------------------------------
+    p = subs.add_parser("upload", help="upload a directory tree into a datastore", parents=[common])
+    p.add_argument("datastore")
+    p.add_argument("src_dir")
+    p.add_argument("--target-path", metavar="P", help="path in the datastore (default: its root)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing objects (default: skip them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.add_argument("--workers", type=_positive, metavar="N", help="files in flight")
+    p.set_defaults(func=c.upload)
+
+    p = subs.add_parser("download", help="download objects from a datastore", parents=[common])
+    p.add_argument("datastore")
+    p.add_argument("target_dir")
+    p.add_argument("--prefix", metavar="P", help="only objects whose names start with P")
+    p.add_argument("--overwrite", action="store_true", help="replace existing local files (default: skip them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.add_argument("--workers", type=_positive, metavar="N", help="requests in flight")
+    p.set_defaults(func=c.download)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1 to 1024, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mountd import logsetup
+
+    args = build_parser().parse_args(argv)
+    logsetup.setup(args.log_level, args.debug, args.log_format)
+    try:
+        return args.func(args)
+    except MountdError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mountd: error: {redact(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mountd: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line; --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        logging.getLogger("mountd").debug("unexpected error", exc_info=True)
+        print(f"mountd: error: internal error: {type(e).__name__}: {redact(str(e))} "
+              "(run with --debug for details)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,1 @@
+"""Configuration: datastore definitions, credentials, the workspace registry."""

@@ -1,0 +1,113 @@
+"""Credential references of a datastore and their resolution.
+
+A datastore names where its secret lives (an environment variable, a file) or
+how to get a token (managed identity); the secret itself is read only when a
+store is opened, and lives only in memory. Inline secrets written by the user
+into a workspace file are honoured, never produced by mountd.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mountd.errors import ConfigError
+
+# key in the YAML `credential:` mapping -> (kind, source)
+REFERENCE_KEYS = {
+    "account_key_env": ("account_key", "env"),
+    "account_key_file": ("account_key", "file"),
+    "sas_token_env": ("sas_token", "env"),
+    "sas_token_file": ("sas_token", "file"),
+    "connection_string_env": ("connection_string", "env"),
+    "connection_string_file": ("connection_string", "file"),
+}
+INLINE_KEYS = ("account_key", "sas_token", "connection_string")
+FLAG_KEYS = ("managed_identity", "anonymous")
+OTHER_KEYS = ("client_id",)  # for a user-assigned managed identity
+ALL_KEYS = set(REFERENCE_KEYS) | set(INLINE_KEYS) | set(FLAG_KEYS) | set(OTHER_KEYS)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A resolved credential. `secret` never appears in repr()."""
+
+    kind: str  # account_key | sas_token | connection_string | managed_identity | anonymous
+    secret: str | None = None
+    client_id: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Credential(kind={self.kind!r})"
+
+
+def validate_spec(spec: object, where: str) -> dict:
+    """Check the shape of a `credential:` mapping (no secret is read)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: credential must be a mapping, got {type(spec).__name__}")
+    unknown = set(spec) - ALL_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown credential key {sorted(unknown)[0]!r} "
+                          f"(expected one of {', '.join(sorted(ALL_KEYS - set(OTHER_KEYS)))})")
+    chosen = [k for k in spec if k not in OTHER_KEYS and spec[k] not in (None, False)]
+    if len(chosen) > 1:
+        raise ConfigError(f"{where}: give one credential, not {' and '.join(sorted(chosen))}")
+    for key in chosen:
+        value = spec[key]
+        if key in FLAG_KEYS:
+            if value is not True:
+                raise ConfigError(f"{where}: credential.{key} must be true")
+        elif not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: credential.{key} must be a non-empty string")
+    return spec
+
+
+def describe(spec: dict | None) -> str:
+    """A redacted description for `datastore list/show`: where, never what."""
+    spec = spec or {}
+    for key, (kind, source) in REFERENCE_KEYS.items():
+        if spec.get(key):
+            return f"{kind} from {'$' if source == 'env' else 'file '}{spec[key]}"
+    for key in INLINE_KEYS:
+        if spec.get(key):
+            return f"{key} (inline in workspace file, redacted)"
+    if spec.get("managed_identity"):
+        cid = spec.get("client_id")
+        return "managed identity" + (f" (client id {cid})" if cid else "")
+    if spec.get("anonymous"):
+        return "anonymous"
+    return "none (DefaultAzureCredential)"
+
+
+def has_inline_secret(spec: dict | None) -> bool:
+    return any((spec or {}).get(k) for k in INLINE_KEYS)
+
+
+def resolve(spec: dict | None, where: str) -> Credential:
+    """Read the secret a spec refers to; ConfigError if it is missing or empty."""
+    spec = spec or {}
+    for key, (kind, source) in REFERENCE_KEYS.items():
+        ref = spec.get(key)
+        if not ref:
+            continue
+        if source == "env":
+            value = os.environ.get(ref)
+            if value is None:
+                raise ConfigError(f"{where}: environment variable {ref} ({kind}) is not set")
+        else:
+            try:
+                with open(os.path.expanduser(ref), encoding="utf-8") as f:
+                    value = f.read()
+            except OSError as e:
+                raise ConfigError(f"{where}: cannot read {kind} file {ref}: {e.strerror}") from None
+        value = value.strip()
+        if not value:
+            raise ConfigError(f"{where}: {kind} from {'$' if source == 'env' else 'file '}{ref} is empty")
+        return Credential(kind, value)
+    for key in INLINE_KEYS:
+        if spec.get(key):
+            return Credential(key, str(spec[key]).strip())
+    if spec.get("anonymous"):
+        return Credential("anonymous")
+    return Credential("managed_identity", client_id=spec.get("client_id"))

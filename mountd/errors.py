@@ -1,0 +1,57 @@
+"""Error types and exit codes shared by every layer.
+
+Each error carries the exit code the command line returns for it, so the CLI
+can turn any of them into one `mountd: error: ...` line without knowing where
+it came from.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected failure (a bug, or the operating system refused)
+EXIT_USAGE = 2  # bad input: arguments, workspace, manifest, credentials, endpoint
+EXIT_TRANSFER = 3  # input was fine but some data did not reach its destination
+
+
+class MountdError(Exception):
+    """An error with a message fit to show the user as is."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(MountdError):
+    """Bad input: nothing was touched; exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A workspace, datastore or credential definition is wrong or unusable."""
+
+
+class StorageError(MountdError):
+    """Storage answered with an error that retrying will not fix."""
+
+
+class NotFound(StorageError):
+    """The object or directory does not exist."""
+
+
+class AlreadyExists(StorageError):
+    """The target exists and the operation was asked not to overwrite it."""
+
+
+class Stale(StorageError):
+    """The object changed since it was opened (its etag no longer matches)."""
+
+
+class NotEmpty(StorageError):
+    """A directory to delete still has entries."""
+
+
+class Unreachable(ConfigError):
+    """The storage endpoint does not answer or refuses the credentials."""
+
+
+class TransferFailed(MountdError):
+    """Some files of a bulk transfer failed; the rest completed."""
+
+    exit_code = EXIT_TRANSFER

@@ -1,0 +1,30 @@
+"""Storage backends behind one interface (`ObjectStore`), and `open_store`,
+which builds the right one for a datastore definition."""
+
+from __future__ import annotations
+
+from mountd.config import credentials
+from mountd.config.datastores import DatastoreConfig
+from mountd.errors import ConfigError
+from mountd.storage.base import Entry, ObjectStore, join, normalize_path
+
+__all__ = ["Entry", "ObjectStore", "join", "normalize_path", "open_store"]
+
+
+def open_store(cfg: DatastoreConfig, create: bool = False) -> ObjectStore:
+    """Open the store a datastore names; with `create`, make its container,
+    share or root directory if missing. Reads the credential now."""
+    if cfg.type == "local":
+        from mountd.storage.local import LocalStore
+        from mountd.config.workspace import LOCAL_STORE_NAME
+        # The embedded store is mountd's own: it comes into being when used.
+        return LocalStore(cfg.root, create=create or cfg.name.lower() == LOCAL_STORE_NAME)
+    cred = credentials.resolve(cfg.credential, f"datastore {cfg.name!r}")
+    if cfg.type == "azure_blob":
+        from mountd.storage.blob import BlobStore
+        store = BlobStore(cfg, cred)
+    else:
+        raise ConfigError(f"datastore {cfg.name!r}: file share datastores are not supported yet")
+    if create:
+        store.create()
+    return store

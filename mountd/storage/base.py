@@ -1,0 +1,124 @@
+"""The one storage interface everything above `mountd.storage` talks to.
+
+Paths are relative to the datastore's root, '/'-separated, with no leading or
+trailing slash; the root itself is "". Backends raise the errors of
+`mountd.errors` (NotFound, Stale, AlreadyExists, NotEmpty, StorageError), never
+SDK exceptions, so callers stay independent of the cloud behind them.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from mountd.errors import UsageError
+
+# Called with the number of bytes just moved; used for progress bars.
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What storage knows of one file or directory."""
+
+    path: str  # relative to the datastore root
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0  # seconds since the epoch
+    etag: str | None = None
+    md5: bytes | None = None  # content MD5 where storage keeps one
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+def normalize_path(path: str | None) -> str:
+    """Canonical relative form of a datastore path: no leading/trailing '/',
+    no empty, '.' or '..' components ('..' is refused, never resolved)."""
+    if not path:
+        return ""
+    parts = []
+    for part in path.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise UsageError(f"path {path!r} must not contain '..'")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def join(*parts: str) -> str:
+    """Join datastore path components, skipping empty ones."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class ObjectStore(ABC):
+    """A datastore's contents: files in a tree of directories."""
+
+    #: a short description for messages, e.g. "blob container data@acct"
+    description: str = "store"
+    #: True when directories exist only through their contents or markers
+    virtual_directories: bool = False
+
+    @abstractmethod
+    def stat(self, path: str) -> Entry:
+        """The entry at path; NotFound if there is none. The root is a dir."""
+
+    @abstractmethod
+    def list_dir(self, path: str) -> Iterator[Entry]:
+        """The entries directly under directory `path`, fetched page by page
+        as the iterator is consumed. NotFound if `path` is not a directory."""
+
+    @abstractmethod
+    def walk(self, prefix: str = "") -> Iterator[Entry]:
+        """Every file whose path starts with the plain string `prefix`, and
+        every directory that exists in its own right (a marker blob, a real
+        directory) under it. Order: storage's own (lexicographic for blob)."""
+
+    @abstractmethod
+    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        """Up to `length` bytes at `offset` (fewer only at end of file).
+        With `etag`, raises Stale if the object is no longer that version."""
+
+    @abstractmethod
+    def write_file(self, path: str, local_path: str, overwrite: bool = True,
+                   progress: ProgressCallback | None = None) -> Entry:
+        """Upload a local file to `path`, replacing it only if `overwrite`
+        (else AlreadyExists). Returns the new entry."""
+
+    @abstractmethod
+    def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
+        """Store a small object in one request."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Delete a file; NotFound if it does not exist."""
+
+    @abstractmethod
+    def mkdir(self, path: str) -> None:
+        """Create a directory (a marker blob on blob storage) and its parents."""
+
+    @abstractmethod
+    def rmdir(self, path: str) -> None:
+        """Remove an empty directory; NotEmpty if it has entries."""
+
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Move a file to a new path, replacing what is there."""
+
+    def check(self) -> None:
+        """Raise Unreachable/ConfigError if the store cannot be used at all
+        (no such container, credentials refused, endpoint down)."""
+        self.stat("")
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,279 @@
+"""Azure Blob container backend.
+
+Directories are virtual: they exist through '/' in blob names and through
+zero-byte marker blobs with metadata `hdi_isfolder=true` (as written by the
+Data Lake tools and blobfuse). Large files go up as blocks staged in parallel
+and committed in one block list with the whole file's MD5, so a download can
+verify what it got.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import mimetypes
+import os
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Iterator
+
+from azure.core import MatchConditions
+from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
+
+from mountd.config.credentials import Credential
+from mountd.config.datastores import DatastoreConfig
+from mountd.errors import AlreadyExists, NotEmpty, NotFound
+from mountd.storage.azure_common import client_options, sdk_credential, translated
+from mountd.storage.base import Entry, ObjectStore, ProgressCallback, join, normalize_path
+
+MARKER_KEY = "hdi_isfolder"
+SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
+BLOCK_SIZE = 8 * 1024 * 1024  # staged block size for larger files
+UPLOAD_CONCURRENCY = 8  # blocks in flight per large file
+LIST_PAGE = 5000  # the service's maximum page
+
+
+def is_marker(metadata: dict | None) -> bool:
+    return any(k.lower() == MARKER_KEY and str(v).lower() == "true" for k, v in (metadata or {}).items())
+
+
+def _entry(props, path: str | None = None) -> Entry:
+    md5 = props.content_settings.content_md5 if props.content_settings else None
+    return Entry(
+        path=path if path is not None else props.name,
+        is_dir=is_marker(props.metadata),
+        size=0 if is_marker(props.metadata) else props.size,
+        mtime=props.last_modified.timestamp() if props.last_modified else 0.0,
+        etag=props.etag,
+        md5=bytes(md5) if md5 else None,
+    )
+
+
+class BlobStore(ObjectStore):
+    virtual_directories = True
+
+    def __init__(self, cfg: DatastoreConfig, credential: Credential):
+        if credential.kind == "connection_string":
+            self.service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
+        else:
+            self.service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
+                                             **client_options())
+        self.container = self.service.get_container_client(cfg.container_name)
+        self.description = f"blob container {cfg.container_name!r} at {self.service.url.split('?')[0]}"
+        self._uploads = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="blob-upload")
+        self._upload_slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY * 2)
+
+    def _errors(self, path: str):
+        return translated(f"{path or '/'!s} in {self.description}", self.description)
+
+    # -- metadata -------------------------------------------------------------
+    def check(self) -> None:
+        # A short retry budget: an endpoint that is down at start is a
+        # configuration problem to report now, not an outage to sit out.
+        with self._errors(""):
+            self.container.get_container_properties(retry_total=2, retry_connect=2, retry_read=2, retry_status=2)
+
+    def create(self) -> bool:
+        """Create the container; False if it already existed."""
+        try:
+            with self._errors(""):
+                self.container.create_container()
+        except AlreadyExists:
+            return False
+        return True
+
+    def stat(self, path: str) -> Entry:
+        path = normalize_path(path)
+        if not path:
+            self.check()
+            return Entry(path="", is_dir=True)
+        try:
+            with self._errors(path):
+                return _entry(self.container.get_blob_client(path).get_blob_properties(), path)
+        except NotFound:
+            pass
+        if self._has_children(path):
+            return Entry(path=path, is_dir=True)
+        raise NotFound(f"{path} does not exist in {self.description}")
+
+    def _has_children(self, path: str) -> bool:
+        with self._errors(path):
+            pages = self.container.list_blobs(name_starts_with=path + "/", results_per_page=1).by_page()
+            return any(True for _ in next(pages, []))
+
+    def list_dir(self, path: str) -> Iterator[Entry]:
+        path = normalize_path(path)
+        prefix = path + "/" if path else ""
+        seen_dirs: set[str] = set()
+        # A file whose name is also a directory prefix ('a/x' beside 'a/x/y')
+        # is hidden behind the directory. Listing order is lexicographic, so a
+        # file is held back only while the names that follow still start with
+        # its name ('a/x-1', 'a/x.txt' sort between 'a/x' and 'a/x/').
+        pending: list[Entry] = []
+        found = False
+        with self._errors(path):
+            items = self.container.walk_blobs(name_starts_with=prefix, delimiter="/",
+                                              include=["metadata"], results_per_page=LIST_PAGE)
+            for item in items:
+                found = True
+                name = item.name.rstrip("/")
+                while pending and not name.startswith(pending[0].path):
+                    yield pending.pop(0)
+                if isinstance(item, BlobPrefix) or is_marker(item.metadata):
+                    pending = [p for p in pending if p.path != name]
+                    if name and name != path and name not in seen_dirs:
+                        seen_dirs.add(name)
+                        yield Entry(path=name, is_dir=True) if isinstance(item, BlobPrefix) else _entry(item)
+                elif item.name != name or name == path:
+                    continue  # a blob named like a directory ('a/'): not addressable as a file
+                elif name not in seen_dirs:
+                    pending.append(_entry(item))
+            yield from pending
+        if not found and path and not self.stat(path).is_dir:
+            raise NotFound(f"{path} is not a directory in {self.description}")
+
+    def walk(self, prefix: str = "") -> Iterator[Entry]:
+        with self._errors(prefix):
+            for props in self.container.list_blobs(name_starts_with=prefix or None, include=["metadata"],
+                                                   results_per_page=LIST_PAGE):
+                if props.name.endswith("/"):
+                    continue
+                yield _entry(props)
+
+    # -- data -----------------------------------------------------------------
+    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        if length <= 0:
+            return b""
+        conditions = dict(etag=etag, match_condition=MatchConditions.IfNotModified) if etag else {}
+        with self._errors(path):
+            try:
+                stream = self.container.get_blob_client(path).download_blob(
+                    offset=offset, length=length, max_concurrency=1, **conditions)
+            except Exception as e:  # reading at or past the end: nothing there
+                if getattr(e, "status_code", None) == 416:
+                    return b""
+                raise
+            return stream.readall()
+
+    def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
+        path = normalize_path(path)
+        with self._errors(path):
+            self.container.get_blob_client(path).upload_blob(
+                data, overwrite=overwrite, length=len(data),
+                content_settings=_content_settings(path, hashlib.md5(data).digest()))
+        return self.stat(path)
+
+    def write_file(self, path: str, local_path: str, overwrite: bool = True,
+                   progress: ProgressCallback | None = None) -> Entry:
+        path = normalize_path(path)
+        size = os.path.getsize(local_path)
+        blob = self.container.get_blob_client(path)
+        if size <= SINGLE_PUT_MAX:
+            with open(local_path, "rb") as f:
+                data = f.read()
+            with self._errors(path):
+                blob.upload_blob(data, overwrite=overwrite, length=len(data),
+                                 content_settings=_content_settings(path, hashlib.md5(data).digest()))
+            if progress:
+                progress(len(data))
+            return self.stat(path)
+        if not overwrite:
+            try:
+                self.stat(path)
+                raise AlreadyExists(f"{path} already exists in {self.description}")
+            except NotFound:
+                pass
+        return self._upload_blocks(blob, path, local_path, overwrite, progress)
+
+    def _upload_blocks(self, blob, path, local_path, overwrite, progress) -> Entry:
+        md5 = hashlib.md5()
+        block_ids: list[str] = []
+        futures = []
+        failed = threading.Event()
+
+        def stage(block_id: str, data: bytes):
+            try:
+                if failed.is_set():
+                    return
+                with self._errors(path):
+                    blob.stage_block(block_id, data, length=len(data))
+                if progress:
+                    progress(len(data))
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                self._upload_slots.release()
+
+        with open(local_path, "rb") as f:
+            index = 0
+            while not failed.is_set():
+                data = f.read(BLOCK_SIZE)
+                if not data:
+                    break
+                md5.update(data)
+                block_id = base64.b64encode(f"{index:08d}".encode()).decode()
+                block_ids.append(block_id)
+                self._upload_slots.acquire()
+                futures.append(self._uploads.submit(stage, block_id, data))
+                index += 1
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in futures:
+            fut.result()  # re-raise the first failure
+        conditions = {} if overwrite else dict(match_condition=MatchConditions.IfMissing)
+        with self._errors(path):
+            blob.commit_block_list(block_ids, content_settings=_content_settings(path, md5.digest()),
+                                   **conditions)
+        return self.stat(path)
+
+    def delete(self, path: str) -> None:
+        path = normalize_path(path)
+        with self._errors(path):
+            self.container.get_blob_client(path).delete_blob()
+
+    def mkdir(self, path: str) -> None:
+        path = normalize_path(path)
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            try:
+                if self.stat(sub).is_dir:
+                    continue
+                raise AlreadyExists(f"{sub} exists as a file in {self.description}")
+            except NotFound:
+                with self._errors(sub):
+                    self.container.get_blob_client(sub).upload_blob(
+                        b"", overwrite=True, metadata={MARKER_KEY: "true"})
+
+    def rmdir(self, path: str) -> None:
+        path = normalize_path(path)
+        if self._has_children(path):
+            raise NotEmpty(f"{path} is not empty in {self.description}")
+        try:
+            with self._errors(path):
+                props = self.container.get_blob_client(path).get_blob_properties()
+        except NotFound:
+            return  # a virtual directory with no children is gone already
+        if is_marker(props.metadata):
+            self.delete(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        # Blob storage has no rename: copy, then delete the source.
+        src, dst = normalize_path(src), normalize_path(dst)
+        source = self.container.get_blob_client(src)
+        with self._errors(src):
+            props = source.get_blob_properties()
+            target = self.container.get_blob_client(dst)
+            target.start_copy_from_url(source.url, requires_sync=True,
+                                       source_etag=props.etag,
+                                       source_match_condition=MatchConditions.IfNotModified)
+            source.delete_blob(etag=props.etag, match_condition=MatchConditions.IfNotModified)
+
+    def close(self) -> None:
+        self._uploads.shutdown(wait=False, cancel_futures=True)
+        self.service.close()
+
+
+def _content_settings(path: str, md5: bytes) -> ContentSettings:
+    content_type, _ = mimetypes.guess_type(path)
+    return ContentSettings(content_type=content_type or "application/octet-stream", content_md5=md5)

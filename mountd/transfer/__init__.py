@@ -1,0 +1,1 @@
+"""Bulk transfers between storage and local directories."""

@@ -1,0 +1,179 @@
+"""Bulk download: every object under a prefix to TARGET/<full object name>.
+
+Small files are fetched in one request each, many at a time; large files are
+split into ranged reads pinned to the etag listed, written in place with
+pwrite and hashed in order as the ranges arrive. Every file is written under a
+temporary name and renamed only once complete and verified (size, and MD5
+where storage keeps one), so a failure never leaves half a file under the
+real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import uuid
+
+from mountd.errors import MountdError
+from mountd.storage.base import Entry, ObjectStore
+from mountd.transfer.pool import BoundedPool
+from mountd.transfer.progress import Progress, TransferReport
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 8 * 1024 * 1024  # one ranged read of a large file
+DEFAULT_WORKERS = 16
+
+
+class UnsafeName(MountdError):
+    pass
+
+
+def local_path_for(target_dir: str, name: str) -> str:
+    """Where object `name` lands under target_dir; refuses names that would
+    land elsewhere (absolute, '..', '.', empty parts, backslashes, NUL)."""
+    if not name or name.startswith("/") or "\\" in name or "\0" in name:
+        raise UnsafeName(f"refusing unsafe object name {name!r}")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafeName(f"refusing unsafe object name {name!r}")
+    return os.path.join(target_dir, *parts)
+
+
+def _temp_name(final: str) -> str:
+    head, tail = os.path.split(final)
+    return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.partial")
+
+
+class _Download:
+    """One file on its way: a temp file filled by one or more ranged reads."""
+
+    def __init__(self, job: "_DownloadJob", entry: Entry, final: str):
+        self.job, self.entry, self.final = job, entry, final
+        self.tmp = _temp_name(final)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.lock = threading.Lock()
+        self.chunks = max(1, -(-entry.size // CHUNK_SIZE))
+        self.remaining = self.chunks
+        self.md5 = hashlib.md5() if entry.md5 else None
+        self.hashed_upto = 0
+        self.held: dict[int, bytes] = {}  # ranges waiting for their turn to be hashed
+        self.error: str | None = None
+
+    def fetch(self, offset: int) -> None:
+        length = min(CHUNK_SIZE, self.entry.size - offset)
+        try:
+            if self.error is None and length > 0:
+                data = self.job.store.read(self.entry.path, offset, length, self.entry.etag)
+                if len(data) != length:
+                    raise MountdError(f"short read: {len(data)} of {length} bytes at {offset}")
+                os.pwrite(self.fd, data, offset)
+                self.job.progress.bytes_moved(length)
+                self._hash(offset, data)
+        except Exception as e:  # recorded per file; the transfer goes on
+            with self.lock:
+                self.error = self.error or str(e)
+        with self.lock:
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self._finish()
+
+    def _hash(self, offset: int, data: bytes) -> None:
+        if self.md5 is None:
+            return
+        with self.lock:
+            self.held[offset] = data
+            while self.hashed_upto in self.held:
+                piece = self.held.pop(self.hashed_upto)
+                self.md5.update(piece)
+                self.hashed_upto += len(piece)
+
+    def _finish(self) -> None:
+        with self.job.lock:
+            self.job.unfinished.discard(self)
+        try:
+            os.close(self.fd)
+            if self.error is None and self.md5 is not None and self.md5.digest() != self.entry.md5:
+                self.error = "content MD5 does not match what storage holds"
+            if self.error is None and os.path.getsize(self.tmp) != self.entry.size:
+                self.error = "size does not match what storage holds"
+            if self.error is None:
+                if self.entry.mtime:
+                    os.utime(self.tmp, (self.entry.mtime, self.entry.mtime))
+                os.replace(self.tmp, self.final)
+                self.job.progress.file_done()
+                return
+        except OSError as e:
+            self.error = e.strerror or str(e)
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+        self.job.progress.failed(self.entry.path, self.error)
+        log.error("download of %s failed: %s", self.entry.path, self.error)
+
+
+class _DownloadJob:
+    def __init__(self, store: ObjectStore, target_dir: str, overwrite: bool, progress: Progress):
+        self.store, self.target_dir, self.overwrite, self.progress = store, target_dir, overwrite, progress
+        self._made_dirs: set[str] = set()
+        self.unfinished: set[_Download] = set()  # for clean-up after an abort
+        self.lock = threading.Lock()
+
+    def makedirs(self, path: str) -> None:
+        if path not in self._made_dirs:
+            os.makedirs(path, exist_ok=True)
+            self._made_dirs.add(path)
+
+    def plan(self, entry: Entry, pool: BoundedPool) -> None:
+        try:
+            final = local_path_for(self.target_dir, entry.path)
+        except UnsafeName as e:
+            self.progress.failed(entry.path, str(e))
+            log.error("%s", e)
+            return
+        try:
+            if entry.is_dir:
+                self.makedirs(final)
+                self.progress.report.directories += 1
+                return
+            if os.path.lexists(final):
+                if os.path.isdir(final) and not os.path.islink(final):
+                    raise OSError(0, "a local directory is in the way")
+                if not self.overwrite:
+                    self.progress.skipped()
+                    return
+            self.makedirs(os.path.dirname(final))
+            download = _Download(self, entry, final)
+        except OSError as e:
+            self.progress.failed(entry.path, e.strerror or str(e))
+            log.error("download of %s failed: %s", entry.path, e.strerror or e)
+            return
+        self.progress.add_total(entry.size)
+        with self.lock:
+            self.unfinished.add(download)
+        for index in range(download.chunks):
+            pool.submit(download.fetch, index * CHUNK_SIZE)
+
+
+def download(store: ObjectStore, target_dir: str, prefix: str = "", overwrite: bool = False,
+             workers: int = DEFAULT_WORKERS, show_progress: bool = True) -> TransferReport:
+    """Download every object whose name starts with `prefix` (a plain string
+    prefix) to target_dir/<full name>. Existing files are skipped unless
+    `overwrite`. Per-file failures are in the report; listing failures raise."""
+    target_dir = os.path.abspath(target_dir)
+    os.makedirs(target_dir, exist_ok=True)
+    progress = Progress(TransferReport("downloaded"), enabled=show_progress)
+    job = _DownloadJob(store, target_dir, overwrite, progress)
+    try:
+        with BoundedPool(workers, "download") as pool:
+            for entry in store.walk(prefix or ""):
+                job.plan(entry, pool)
+    finally:
+        for leftover in job.unfinished:  # only after an abort: remove partial files
+            os.close(leftover.fd)
+            if os.path.exists(leftover.tmp):
+                os.unlink(leftover.tmp)
+        report = progress.close()
+    return report

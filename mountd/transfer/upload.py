@@ -1,0 +1,123 @@
+"""Bulk upload: a directory tree, or a list of files, into a datastore.
+
+Existing objects are skipped unless `overwrite` (checked by storage
+atomically, not by a listing that could go stale). Symbolic links are
+followed only while they stay inside the source directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable
+
+from mountd.errors import AlreadyExists, MountdError, UsageError
+from mountd.storage.base import ObjectStore, join, normalize_path
+from mountd.transfer.pool import BoundedPool
+from mountd.transfer.progress import Progress, TransferReport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = 8
+
+
+def _is_inside(path: str, root: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(root)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def plan_tree(src_dir: str, target_path: str | None) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    """(files as (local, remote) pairs, empty directories' remote paths,
+    refused entries as (local, reason)) for a tree."""
+    if not os.path.isdir(src_dir):
+        raise UsageError(f"source directory {src_dir} does not exist")
+    target = normalize_path(target_path)
+    files, empty_dirs, refused = [], [], []
+    for dirpath, dirnames, filenames in os.walk(src_dir):
+        rel_dir = os.path.relpath(dirpath, src_dir)
+        remote_dir = join(target, "" if rel_dir == "." else rel_dir.replace(os.sep, "/"))
+        for d in list(dirnames):
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                dirnames.remove(d)  # never descend a linked directory: it may loop or leave the tree
+                log.warning("not following symbolic link to a directory: %s", full)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full) and not _is_inside(full, src_dir):
+                refused.append((full, "symbolic link points outside the source directory"))
+                continue
+            if os.path.islink(full) and not os.path.exists(full):
+                refused.append((full, "dangling symbolic link"))
+                continue
+            files.append((full, join(remote_dir, name)))
+        if not dirnames and not filenames and rel_dir != ".":
+            empty_dirs.append(remote_dir)
+    return files, empty_dirs, refused
+
+
+def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool = False,
+           workers: int = DEFAULT_WORKERS, show_progress: bool = True,
+           empty_dirs: Iterable[str] = (), refused: Iterable[tuple[str, str]] = ()) -> TransferReport:
+    """Upload (local path, remote path) pairs."""
+    progress = Progress(TransferReport("uploaded"), enabled=show_progress)
+    for local, reason in refused:
+        progress.failed(local, reason)
+        log.error("not uploading %s: %s", local, reason)
+
+    def one(local: str, remote: str) -> None:
+        try:
+            size = os.path.getsize(local)
+            progress.add_total(size)
+            entry = store.write_file(remote, local, overwrite=overwrite, progress=progress.bytes_moved)
+            if entry.size != size:
+                raise MountdError(f"storage holds {entry.size} bytes, expected {size}")
+            progress.file_done()
+        except AlreadyExists:
+            progress.skipped()
+        except (MountdError, OSError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            progress.failed(local, reason)
+            log.error("upload of %s failed: %s", local, reason)
+        except Exception as e:  # unexpected: this file fails, the others go on
+            log.debug("upload of %s failed", local, exc_info=True)
+            progress.failed(local, f"internal error: {type(e).__name__}: {e}")
+
+    try:
+        with BoundedPool(workers, "upload") as pool:
+            for local, remote in pairs:
+                pool.submit(one, local, remote)
+        for remote in empty_dirs:
+            try:
+                store.mkdir(remote)
+                progress.report.directories += 1
+            except MountdError as e:
+                progress.failed(remote, str(e))
+    finally:
+        report = progress.close()
+    return report
+
+
+def upload_tree(store: ObjectStore, src_dir: str, target_path: str | None = None, overwrite: bool = False,
+                workers: int = DEFAULT_WORKERS, show_progress: bool = True) -> TransferReport:
+    files, empty_dirs, refused = plan_tree(src_dir, target_path)
+    return upload(store, files, overwrite, workers, show_progress, empty_dirs, refused)
+
+
+def plan_files(files: Iterable[str], relative_root: str | None, target_path: str | None) -> list[tuple[str, str]]:
+    """The seed's upload_files: each file's remote name is its path relative to
+    `relative_root` (default: their common directory) under target_path."""
+    files = [os.path.abspath(f) for f in files]
+    for f in files:
+        if not os.path.isfile(f):
+            raise UsageError(f"{f} is not a file")
+    if not files:
+        return []
+    root = os.path.abspath(relative_root) if relative_root else os.path.commonpath(
+        [os.path.dirname(f) for f in files])
+    pairs = []
+    for f in files:
+        rel = os.path.relpath(f, root)
+        if rel.startswith(".." + os.sep) or rel == "..":
+            raise UsageError(f"{f} is not under relative_root {root}")
+        pairs.append((f, join(normalize_path(target_path), rel.replace(os.sep, "/"))))
+    return pairs

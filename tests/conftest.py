@@ -1,0 +1,86 @@
+"""Shared fixtures: a real Azurite blob service, fresh containers, workspace
+files pointing at them, and a runner for the command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
+
+KEY_ENV = "AZURITE_ACCOUNT_KEY"
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    if not shutil.which("azurite-blob"):
+        message = "Azurite is not installed (npm install -g azurite); .ci/run installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = Azurite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def container(azurite, monkeypatch):
+    """A new, empty container; its account key is in $AZURITE_ACCOUNT_KEY."""
+    from azure.storage.blob import BlobServiceClient
+    name = f"t{uuid.uuid4().hex[:16]}"
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    service.create_container(name)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    client = service.get_container_client(name)
+    yield client
+    service.delete_container(name)
+    service.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own config and data directories."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("MOUNTD_WORKSPACE", raising=False)
+
+
+@pytest.fixture
+def workspace_file(tmp_path, azurite, container):
+    """A workspace file with datastore `blobstore` (the test container) as default."""
+    path = tmp_path / "workspace.yaml"
+    path.write_text(yaml.safe_dump({
+        "default_datastore": "blobstore",
+        "datastores": {"blobstore": blob_workspace_entry(azurite, container.container_name, KEY_ENV)},
+    }))
+    path.chmod(0o600)
+    return path
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.code, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+@pytest.fixture
+def mountd_cli(tmp_path):
+    """Run `python -m mountd ...` as a user would, in a subprocess."""
+    def run(*args, env=None, input=None, timeout=120) -> CliResult:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        proc = subprocess.run([sys.executable, "-m", "mountd", *map(str, args)], capture_output=True,
+                              text=True, env=full_env, input=input, timeout=timeout)
+        return CliResult(proc)
+    return run
+
+
+__all__ = ["ACCOUNT", "KEY", "KEY_ENV"]

@@ -1,0 +1,221 @@
+"""`mountd upload` / `mountd download` end to end against Azurite, run as a
+user runs them: awkward names, block boundaries, overwrite rules, markers,
+unsafe names, MD5 verification, errors and secrecy."""
+
+import hashlib
+import os
+import stat
+
+import pytest
+import yaml
+
+from mountd.transfer import download as download_mod
+from tests.conftest import KEY, KEY_ENV
+
+AWKWARD = {
+    "plain.txt": b"plain",
+    "with space/file name.txt": b"space",
+    "unicode/é日本/データ.bin": os.urandom(1000),
+    "percent/100%.txt": b"pct",
+    "hash/#hash#.txt": b"hash",
+    "plus/a+b=c.txt": b"plus",
+    "quote/it's.txt": b"quote",
+    "empty.txt": b"",
+    "deep/a/b/c/d/e/f.txt": b"deep",
+}
+
+
+def make_tree(root, files):
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def read_tree(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            out[os.path.relpath(full, root)] = open(full, "rb").read()
+    return out
+
+
+def test_round_trip_awkward_tree_byte_for_byte(tmp_path, workspace_file, mountd_cli):
+    src = tmp_path / "src"
+    make_tree(src, AWKWARD)
+    (src / "an empty dir").mkdir()
+    up = mountd_cli("--workspace", workspace_file, "upload", "blobstore", src, "--target-path", "run/1")
+    assert up.code == 0, up
+    assert f"uploaded {len(AWKWARD)} files" in up.out
+    dst = tmp_path / "dst"
+    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst, "--prefix", "run/1")
+    assert down.code == 0, down
+    assert read_tree(dst / "run" / "1") == read_tree(src)
+    assert (dst / "run" / "1" / "an empty dir").is_dir()  # marker blob became a directory
+    # no temporary files left behind
+    assert not [n for n in read_tree(dst) if n.endswith(".partial")]
+
+
+@pytest.mark.parametrize("size_name", ["chunk-1", "chunk", "chunk+1", "3chunks+5"])
+def test_sizes_around_chunk_boundaries(tmp_path, workspace_file, container, monkeypatch, size_name):
+    from mountd.api import Datastore, Workspace
+    chunk = 64 * 1024
+    monkeypatch.setattr(download_mod, "CHUNK_SIZE", chunk)
+    size = {"chunk-1": chunk - 1, "chunk": chunk, "chunk+1": chunk + 1, "3chunks+5": 3 * chunk + 5}[size_name]
+    data = os.urandom(size)
+    container.upload_blob("sized/blob.bin", data)
+    ds = Datastore.get(Workspace.from_config(str(workspace_file)), "blobstore")
+    assert ds.download(str(tmp_path / "out"), prefix="sized/", show_progress=False) == 1
+    assert (tmp_path / "out" / "sized" / "blob.bin").read_bytes() == data
+
+
+def test_overwrite_semantics(tmp_path, workspace_file, container, mountd_cli):
+    src = tmp_path / "src"
+    make_tree(src, {"a.txt": b"v1", "b.txt": b"v1"})
+    assert mountd_cli("--workspace", workspace_file, "upload", "blobstore", src).code == 0
+    (src / "a.txt").write_bytes(b"v2")
+    again = mountd_cli("--workspace", workspace_file, "upload", "blobstore", src)
+    assert again.code == 0 and "skipped 2 existing" in again.out
+    assert container.download_blob("a.txt").readall() == b"v1"
+    forced = mountd_cli("--workspace", workspace_file, "upload", "blobstore", src, "--overwrite")
+    assert forced.code == 0 and "uploaded 2 files" in forced.out
+    assert container.download_blob("a.txt").readall() == b"v2"
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "a.txt").write_bytes(b"local")
+    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst)
+    assert down.code == 0 and "skipped 1 existing" in down.out
+    assert (dst / "a.txt").read_bytes() == b"local" and (dst / "b.txt").read_bytes() == b"v1"
+    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst, "--overwrite")
+    assert down.code == 0 and (dst / "a.txt").read_bytes() == b"v2"
+
+
+def test_no_progress_is_silent(tmp_path, workspace_file, container, mountd_cli):
+    container.upload_blob("x", b"1")
+    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", tmp_path / "d", "--no-progress")
+    assert (down.code, down.out, down.err) == (0, "", "")
+
+
+def test_unsafe_object_names_never_escape_target(tmp_path, workspace_file, container, mountd_cli):
+    # Azurite itself refuses '.' and '..' segments (unit tests cover those);
+    # it does store a leading '/' and empty segments, which must not be
+    # taken as absolute or collapsed paths.
+    for name in ["/abs-escape.txt", "x//double.txt", "ok/fine.txt"]:
+        container.upload_blob(name, b"data")
+    dst = tmp_path / "nested" / "dst"
+    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst)
+    assert down.code == 3, down
+    assert "unsafe object name" in down.err
+    assert (dst / "ok" / "fine.txt").read_bytes() == b"data"
+    assert not os.path.exists("/abs-escape.txt")
+    assert down.err.count("unsafe object name") == 2
+    assert sorted(read_tree(tmp_path / "nested")) == [os.path.join("dst", "ok", "fine.txt")]
+
+
+def test_md5_mismatch_fails_and_leaves_no_file(tmp_path, workspace_file, container, mountd_cli):
+    from azure.storage.blob import ContentSettings
+    # storage checks an MD5 given on upload, so spoil the stored one afterwards
+    container.upload_blob("bad.bin", b"actual bytes")
+    container.get_blob_client("bad.bin").set_http_headers(
+        ContentSettings(content_md5=hashlib.md5(b"other").digest()))
+    container.upload_blob("good.bin", b"fine")
+    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", tmp_path / "d")
+    assert down.code == 3, down
+    assert "download of bad.bin failed: content MD5 does not match" in down.err
+    assert sorted(os.listdir(tmp_path / "d")) == ["good.bin"]
+
+
+def test_secrets_never_in_output_or_workspace(tmp_path, azurite, container, mountd_cli):
+    ws = tmp_path / "ws.yaml"
+    env = {KEY_ENV: KEY, "MOUNTD_WORKSPACE": str(ws)}
+    reg = mountd_cli("datastore", "register-blob", "sec", "--account-name", "devstoreaccount1",
+                     "--container-name", container.container_name, "--endpoint", azurite.account_url,
+                     "--account-key-env", KEY_ENV, "--set-default", env=env)
+    assert reg.code == 0, reg
+    assert stat.S_IMODE(os.stat(ws).st_mode) == 0o600
+    outputs = [reg]
+    outputs.append(mountd_cli("datastore", "list", env=env))
+    outputs.append(mountd_cli("datastore", "show", "sec", "--json", env=env))
+    outputs.append(mountd_cli("--debug", "download", "sec", tmp_path / "d", env=env))
+    outputs.append(mountd_cli("--debug", "download", "sec", tmp_path / "d", env=dict(env, **{KEY_ENV: "d3Jvbmc=" * 11})))
+    for result in outputs:
+        assert KEY not in result.out + result.err
+        assert KEY[:20] not in result.out + result.err
+    assert KEY not in ws.read_text() and KEY_ENV in ws.read_text()
+    assert "account_key from $" + KEY_ENV in outputs[2].out
+
+
+def test_register_list_show_set_default_remove(tmp_path, azurite, container, mountd_cli):
+    env = {"MOUNTD_WORKSPACE": str(tmp_path / "ws.yaml"), KEY_ENV: KEY}
+    common = ["--account-name", "devstoreaccount1", "--endpoint", azurite.account_url, "--account-key-env", KEY_ENV]
+    r = mountd_cli("datastore", "register-blob", "Created", "--container-name", "made-by-mountd",
+                   "--create-if-not-exists", *common, env=env)
+    assert r.code == 0, r
+    from azure.storage.blob import BlobServiceClient
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    assert service.get_container_client("made-by-mountd").exists()
+    r = mountd_cli("datastore", "register-local", "scratch", "--root", tmp_path / "scratch",
+                   "--create-if-not-exists", env=env)
+    assert r.code == 0, r
+    listing = mountd_cli("datastore", "list", env=env)
+    assert "* workspacelocalstore" in listing.out and "Created" in listing.out and "scratch" in listing.out
+    assert mountd_cli("datastore", "set-default", "CREATED", env=env).code == 0
+    assert "* Created" in mountd_cli("datastore", "list", env=env).out
+    assert mountd_cli("datastore", "remove", "created", env=env).code == 0
+    assert "Created" not in mountd_cli("datastore", "list", env=env).out
+    assert "* workspacelocalstore" in mountd_cli("datastore", "list", env=env).out
+
+
+@pytest.mark.parametrize("args, env, fragment", [
+    (["download", "nosuchstore", "/tmp/x"], {}, "unknown datastore 'nosuchstore'"),
+    (["datastore", "register-local", "bad-name", "--root", "/tmp"], {}, "invalid datastore name 'bad-name'"),
+    (["datastore", "show", "nope"], {}, "unknown datastore 'nope'"),
+    (["download", "blobstore", "/tmp/x"], {KEY_ENV: None}, f"environment variable {KEY_ENV}"),
+    (["upload", "blobstore", "/definitely/not/here"], {}, "does not exist"),
+    (["download"], {}, "the following arguments are required"),
+    (["download", "blobstore", "/tmp/x", "--workers", "0"], {}, "expected 1 to 1024"),
+    (["datastore", "register-blob", "x", "--container-name", "c", "--account-name", "a",
+      "--account-key-env", "A", "--sas-token-env", "B"], {}, "not allowed with argument"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, workspace_file, mountd_cli, args, env, fragment):
+    full_env = {"MOUNTD_WORKSPACE": str(workspace_file)}
+    for k, v in env.items():
+        full_env[k] = v
+    if env.get(KEY_ENV, "") is None:
+        full_env.pop(KEY_ENV)
+        import subprocess
+        import sys
+        e = dict(os.environ, **{k: v for k, v in full_env.items() if v is not None})
+        e.pop(KEY_ENV, None)
+        proc = subprocess.run([sys.executable, "-m", "mountd", *args], capture_output=True, text=True, env=e)
+        code, err = proc.returncode, proc.stderr
+    else:
+        r = mountd_cli(*args, env=full_env)
+        code, err = r.code, r.err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mountd: error: ") and fragment in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreachable_endpoint_and_bad_yaml_exit_2(tmp_path, mountd_cli, monkeypatch):
+    from tests.support.azurite import free_port
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"dead": {
+        "type": "azure_blob", "account_name": "devstoreaccount1", "container_name": "cont",
+        "endpoint": f"http://127.0.0.1:{free_port()}/devstoreaccount1",
+        "credential": {"account_key_env": KEY_ENV}}}}))
+    r = mountd_cli("--workspace", ws, "download", "dead", tmp_path / "out", env={KEY_ENV: KEY}, timeout=120)
+    assert r.code == 2 and r.err.startswith("mountd: error: cannot reach") and len(r.err.splitlines()) == 1, r
+    assert not (tmp_path / "out").exists()
+    ws.write_text("datastores: {a: [\n")
+    r = mountd_cli("--workspace", ws, "datastore", "list")
+    assert r.code == 2 and "invalid YAML" in r.err and len(r.err.splitlines()) == 1, r
+
+
+def test_debug_shows_traceback(tmp_path, mountd_cli):
+    r = mountd_cli("--debug", "--workspace", tmp_path / "w.yaml", "download", "nope", tmp_path / "o")
+    assert r.code == 2 and "Traceback" in r.err and r.err.strip().endswith("unknown datastore 'nope' (known: workspacelocalstore)")

@@ -1,0 +1,86 @@
+"""Starting and stopping a real Azurite blob service on a free port, for the
+tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development key (public, documented by Azurite).
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+class Azurite:
+    def __init__(self, location: str | None = None):
+        self.binary = shutil.which("azurite-blob")
+        self.location = location or tempfile.mkdtemp(prefix="azurite-")
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def account_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+                f"BlobEndpoint={self.account_url};")
+
+    def start(self) -> "Azurite":
+        if not self.binary:
+            raise RuntimeError("azurite-blob is not installed (npm install -g azurite)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [self.binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", self.location,
+             "--silent", "--skipApiVersionCheck", "--loose"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            # Azurite lingers on SIGTERM; its data is throw-away, so kill it.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        shutil.rmtree(self.location, ignore_errors=True)
+
+
+def blob_workspace_entry(azurite: Azurite, container: str, key_env: str = "AZURITE_ACCOUNT_KEY") -> dict:
+    """A workspace-file datastore mapping for a container of this Azurite."""
+    return {"type": "azure_blob", "account_name": ACCOUNT, "container_name": container,
+            "endpoint": azurite.account_url, "credential": {"account_key_env": key_env}}
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    a = Azurite().start()
+    print(a.account_url, flush=True)
+    try:
+        a.proc.wait()
+    finally:
+        a.stop()
+        os._exit(0)

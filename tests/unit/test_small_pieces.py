@@ -1,0 +1,105 @@
+"""Pure helpers: path rules, secret redaction, retry backoff, progress."""
+
+import io
+
+import pytest
+
+from mountd.errors import UsageError
+from mountd.redact import redact
+from mountd.storage.base import join, normalize_path
+from mountd.storage.retry import MAX_RETRY_AFTER, BackoffRetry
+from mountd.transfer.download import UnsafeName, local_path_for
+from mountd.transfer.progress import Progress, TransferReport, human_size
+
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, ""), ("", ""), ("/", ""), ("a/b/", "a/b"), ("/a//b/./c", "a/b/c"), ("a\\b", "a/b"),
+])
+def test_normalize_path(raw, expected):
+    assert normalize_path(raw) == expected
+
+
+def test_normalize_refuses_dotdot():
+    with pytest.raises(UsageError):
+        normalize_path("a/../../etc")
+
+
+def test_join_skips_empty():
+    assert join("", "a/", "/b", "") == "a/b"
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/passwd", "a\\..\\b", "a//b", "./a", "a/\0"])
+def test_local_path_for_refuses_escapes(name, tmp_path):
+    with pytest.raises(UnsafeName):
+        local_path_for(str(tmp_path), name)
+
+
+def test_local_path_for_keeps_awkward_but_safe_names(tmp_path):
+    assert local_path_for(str(tmp_path), "a b/é %#+.txt") == str(tmp_path / "a b" / "é %#+.txt")
+
+
+@pytest.mark.parametrize("text", [
+    f"DefaultEndpointsProtocol=https;AccountName=a;AccountKey={KEY};EndpointSuffix=core.windows.net",
+    "https://a.blob.core.windows.net/c/b?sv=2021-08-06&se=2030&sig=abcDEF%2B123%3D&sp=r",
+    f"the key is {KEY}.",
+    "Authorization: SharedKey devstoreaccount1:c2lnbmF0dXJl",
+])
+def test_redact_removes_secrets(text):
+    out = redact(text)
+    assert KEY not in out and "abcDEF" not in out and "c2lnbmF0dXJl" not in out
+    assert "REDACTED" in out
+
+
+def test_redact_leaves_plain_text():
+    assert redact("downloaded 3 files from data/x") == "downloaded 3 files from data/x"
+
+
+class _Resp:
+    def __init__(self, headers):
+        self.headers = headers
+
+
+class _Hist:
+    def __init__(self, headers):
+        self.http_response = _Resp(headers)
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    policy = BackoffRetry(initial=0.5, maximum=4.0)
+    for count, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:
+        value = policy.get_backoff_time({"count": count, "history": []})
+        assert ceiling / 2 <= value <= ceiling
+
+
+def test_backoff_honours_retry_after():
+    policy = BackoffRetry()
+    assert policy.get_backoff_time({"count": 0, "history": [_Hist({"Retry-After": "3"})]}) == 3.0
+    assert policy.get_backoff_time({"count": 0, "history": [_Hist({"Retry-After": "9999"})]}) == MAX_RETRY_AFTER
+    assert policy.get_backoff_time({"count": 0, "history": [_Hist({"x-ms-retry-after-ms": "1500"})]}) == 1.5
+
+
+def test_summary_line_reports_skips_and_failures():
+    report = TransferReport("downloaded", files=2, bytes=3 * 1024 * 1024, skipped=1, seconds=1.5)
+    report.failed.append(("x", "boom"))
+    line = report.summary()
+    assert line.startswith("downloaded 2 files (3.0 MiB) in 1.5 s")
+    assert "skipped 1 existing" in line and "1 failed" in line
+
+
+def test_progress_without_terminal_draws_no_bar():
+    stream = io.StringIO()
+    progress = Progress(TransferReport("uploaded"), enabled=True, stream=stream)
+    progress.add_total(10)
+    progress.bytes_moved(10)
+    progress.file_done()
+    report = progress.close()
+    assert stream.getvalue() == ""
+    assert (report.files, report.bytes) == (1, 10)
+
+
+def test_human_size():
+    assert human_size(512) == "512 B"
+    assert human_size(1536) == "1.5 KiB"
+    assert human_size(3 * 1024 ** 3) == "3.0 GiB"
