@@ -120,7 +120,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     p.add_argument("--workers", type=_positive, metavar="N", help="requests in flight")
     p.set_defaults(func=c.download)
+
+    # -- mounts -----------------------------------------------------------------
+    p = subs.add_parser("mount", help="mount a datastore (read-only) through the caching filesystem",
+                        parents=[common])
+    p.add_argument("target", metavar="DATASTORE[:PATH]", help="datastore, optionally a directory in it")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    p.add_argument("--foreground", action="store_true", help="stay attached until unmounted (Ctrl-C)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (with permission checks by the kernel)")
+    g = p.add_argument_group("cache (defaults: the workspace's cache: section, then DATASET_MOUNT_* variables)")
+    g.add_argument("--cache-dir", metavar="DIR", help="disk cache directory (default /var/cache/mountd as root)")
+    g.add_argument("--cache-max-size", metavar="SIZE", help="disk cache cap, e.g. 50GB (default 10GiB)")
+    g.add_argument("--no-disk-cache", action="store_true", help="cache in memory only")
+    g.add_argument("--memory-cache", metavar="SIZE", help="memory cache cap (default 256MiB)")
+    g.add_argument("--block-size", metavar="SIZE", help="read block size (default 8MiB)")
+    g.add_argument("--readahead-blocks", type=_count(0, 256), metavar="N",
+                   help="blocks read ahead of a sequential reader (default 8)")
+    g.add_argument("--threads", type=_count(1, 128), metavar="N", help="concurrent storage requests (default 8)")
+    g.add_argument("--attribute-ttl", metavar="DURATION", help="how long metadata is trusted (default 120s)")
+    p.set_defaults(func=c.mount)
+
+    p = subs.add_parser("unmount", help="unmount and stop its worker", parents=[common])
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", action="store_true", help="detach now even if files are open (fusermount3 -z)")
+    p.set_defaults(func=c.unmount)
     return parser
+
+
+def _count(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {value}")
+        return value
+    return parse
 
 
 def _positive(text: str) -> int:

@@ -4,6 +4,7 @@ taking the parsed arguments and returning an exit code."""
 from __future__ import annotations
 
 import json
+import os
 
 from mountd.config import datastores
 from mountd.config.workspace import Workspace
@@ -63,7 +64,6 @@ def register_file_share(args) -> int:
 
 
 def register_local(args) -> int:
-    import os
     root = os.path.abspath(os.path.expanduser(args.root))
     if not os.path.isdir(root) and not args.create_if_not_exists:
         raise UsageError(f"root {root} is not a directory (pass --create-if-not-exists to create it)")
@@ -142,3 +142,55 @@ def download(args) -> int:
     if not args.no_progress:
         print(report.summary())
     return _finish(report)
+
+
+def _parse_target(text: str) -> tuple[str, str]:
+    name, _, path = text.partition(":")
+    return name, path
+
+
+def _cache_flags(args) -> dict:
+    from mountd.config.settings import parse_duration, parse_size
+    flags = {
+        "dir": os.path.abspath(args.cache_dir) if args.cache_dir else None,
+        "max_size": parse_size(args.cache_max_size, "--cache-max-size") if args.cache_max_size else None,
+        "memory": parse_size(args.memory_cache, "--memory-cache") if args.memory_cache else None,
+        "block_size": parse_size(args.block_size, "--block-size") if args.block_size else None,
+        "readahead_blocks": args.readahead_blocks,
+        "threads": args.threads,
+        "attribute_ttl": parse_duration(args.attribute_ttl, "--attribute-ttl") if args.attribute_ttl else None,
+    }
+    if args.no_disk_cache:
+        flags["disk"] = False
+    return flags
+
+
+def mount(args) -> int:
+    from mountd.config import settings as settings_mod
+    from mountd.run import mount_worker, mounts
+    from mountd.storage import normalize_path
+
+    ws = _workspace(args)
+    name, path = _parse_target(args.target)
+    cfg = ws.get(name)
+    path = normalize_path(path)
+    mountpoint = mounts.check_mountpoint(args.mountpoint)
+    settings = settings_mod.resolve(ws.cache, f"{ws.path}", **_cache_flags(args))
+    spec = mount_worker.make_spec(cfg, path, mountpoint, settings, read_only=True, allow_other=args.allow_other)
+    if args.foreground:
+        from mountd.run.mount_worker import limit_malloc_arenas
+        limit_malloc_arenas()
+        print(f"mounting {cfg.name}:{path or '/'} on {mountpoint} (Ctrl-C or 'mountd unmount' to stop)",
+              flush=True)
+        mount_worker.run(spec, on_ready=lambda: print("mounted", flush=True), debug=args.debug)
+        return EXIT_OK
+    mounts.start(spec, log_level=args.log_level, debug=args.debug)
+    print(f"mounted {cfg.name}:{path or '/'} on {mountpoint} (read-only)")
+    return EXIT_OK
+
+
+def unmount(args) -> int:
+    from mountd.run import mounts
+    mounts.stop(args.mountpoint, lazy=args.lazy)
+    print(f"unmounted {os.path.abspath(args.mountpoint)}")
+    return EXIT_OK

@@ -30,7 +30,7 @@ from mountd.errors import ConfigError, UsageError
 log = logging.getLogger(__name__)
 
 LOCAL_STORE_NAME = "workspacelocalstore"
-_TOP_KEYS = {"default_datastore", "datastores", "allowed_roots"}
+_TOP_KEYS = {"default_datastore", "datastores", "allowed_roots", "cache"}
 
 
 def default_path() -> str:
@@ -60,6 +60,7 @@ class Workspace:
     datastores: dict[str, DatastoreConfig] = field(default_factory=dict)  # key: lower-case name
     default_name: str | None = None
     allowed_roots: list[str] = field(default_factory=list)
+    cache: dict | None = None  # the `cache:` settings section, validated when used
     exists: bool = False
 
     # -- loading --------------------------------------------------------------
@@ -96,6 +97,9 @@ class Workspace:
         if not isinstance(roots, list) or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
             raise ConfigError(f"{path}: allowed_roots must be a list of absolute paths")
         ws.allowed_roots = roots
+        ws.cache = raw.get("cache")
+        if ws.cache is not None and not isinstance(ws.cache, dict):
+            raise ConfigError(f"{path}: cache must be a mapping of settings")
         default = raw.get("default_datastore")
         if default is not None:
             ws.default_name = ws.get(check_name(default, "default_datastore")).name
@@ -158,6 +162,8 @@ class Workspace:
         body = {"default_datastore": self.default_name, "datastores": stores}
         if self.allowed_roots:
             body["allowed_roots"] = self.allowed_roots
+        if self.cache:
+            body["cache"] = self.cache
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".workspace-", dir=directory)

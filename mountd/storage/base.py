@@ -80,7 +80,8 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        """Up to `length` bytes at `offset` (fewer only at end of file).
+        """Up to `length` bytes at `offset` (fewer only at end of file), as a
+        bytes-like object (bytes or bytearray).
         With `etag`, raises Stale if the object is no longer that version."""
 
     @abstractmethod

@@ -14,15 +14,18 @@ import hashlib
 import mimetypes
 import os
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Iterator
 
+import urllib3
 from azure.core import MatchConditions
+from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
-from mountd.errors import AlreadyExists, NotEmpty, NotFound
+from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError, Unreachable
 from mountd.storage.azure_common import client_options, sdk_credential, translated
 from mountd.storage.base import Entry, ObjectStore, ProgressCallback, join, normalize_path
 
@@ -31,6 +34,7 @@ SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
 BLOCK_SIZE = 8 * 1024 * 1024  # staged block size for larger files
 UPLOAD_CONCURRENCY = 8  # blocks in flight per large file
 LIST_PAGE = 5000  # the service's maximum page
+READ_RESUMES = 5  # times a ranged read cut off midway is resumed
 
 
 def is_marker(metadata: dict | None) -> bool:
@@ -142,18 +146,57 @@ class BlobStore(ObjectStore):
 
     # -- data -----------------------------------------------------------------
     def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        """A ranged GET sent through the SDK's pipeline (so it is signed and
+        retried like any call) whose body is read straight into one buffer:
+        the SDK's own downloader reassembles small pieces and reaches about
+        half the rate. A body cut off midway is resumed from where it broke,
+        pinned to the same etag."""
         if length <= 0:
             return b""
-        conditions = dict(etag=etag, match_condition=MatchConditions.IfNotModified) if etag else {}
-        with self._errors(path):
+        path = normalize_path(path)
+        blob = self.container.get_blob_client(path)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        attempt = 0
+        while got < length:
+            start = offset + got
+            headers = {"x-ms-range": f"bytes={start}-{offset + length - 1}", "x-ms-version": blob.api_version}
+            if etag:
+                headers["If-Match"] = etag
+            with self._errors(path):
+                response = blob._pipeline.run(HttpRequest("GET", blob.url, headers=headers), stream=True).http_response
+            status = response.status_code
+            if status == 416:
+                response.close()
+                break  # at or past the end of the object
+            if status not in (200, 206):
+                _raise_for(response, f"{path} in {self.description}")
+            raw = response.internal_response.raw
             try:
-                stream = self.container.get_blob_client(path).download_blob(
-                    offset=offset, length=length, max_concurrency=1, **conditions)
-            except Exception as e:  # reading at or past the end: nothing there
-                if getattr(e, "status_code", None) == 416:
-                    return b""
-                raise
-            return stream.readall()
+                while got < length:
+                    n = raw.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                if status == 200 and start == 0:
+                    break  # the service ignored the range: we got all there is
+                if got < length and response.headers.get("Content-Range", "").endswith(f"/{offset + got}"):
+                    break  # the object ends here
+            except (OSError, urllib3.exceptions.HTTPError) as e:
+                attempt += 1
+                if attempt > READ_RESUMES:
+                    raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
+                time.sleep(min(0.2 * 2 ** attempt, 5.0))
+                continue
+            finally:
+                response.close()
+            if got < length:
+                attempt += 1
+                if attempt > READ_RESUMES:
+                    raise StorageError(f"{path} in {self.description}: connection closed after {got} of {length} bytes")
+        # a bytearray is returned as is: copying 8 MiB blocks doubles peak memory
+        return buf if got == length else buf[:got]
 
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         path = normalize_path(path)
@@ -272,6 +315,23 @@ class BlobStore(ObjectStore):
     def close(self) -> None:
         self._uploads.shutdown(wait=False, cancel_futures=True)
         self.service.close()
+
+
+def _raise_for(response, what: str):
+    """Turn a failed raw response into mountd's error for it."""
+    status = response.status_code
+    code = response.headers.get("x-ms-error-code", "")
+    response.close()
+    if status == 412:
+        raise Stale(f"{what} changed in storage while it was being read")
+    if status == 404:
+        if code == "ContainerNotFound":
+            from mountd.errors import ConfigError
+            raise ConfigError(f"{what}: container does not exist")
+        raise NotFound(f"{what} does not exist")
+    if status in (401, 403):
+        raise Unreachable(f"{what}: storage refused the credentials ({code or status})")
+    raise StorageError(f"{what}: storage answered {status} {code}".rstrip())
 
 
 def _content_settings(path: str, md5: bytes) -> ContentSettings:

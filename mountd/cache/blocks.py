@@ -1,0 +1,268 @@
+"""Block cache: fixed-size pieces of files, keyed by (path, etag, index).
+
+Two tiers: a memory LRU bounded in bytes, and a disk tier under the cache
+directory, capped in bytes and never allowed to eat into a reserved amount of
+free disk. A block being fetched is fetched once however many readers want it.
+Keying by etag means a changed object never serves old blocks: its new
+version has new keys, and the old ones age out.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import queue
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from cachetools import LRUCache
+
+log = logging.getLogger(__name__)
+
+BlockKey = tuple  # (path, etag, index)
+Fetch = Callable[[], bytes]
+
+
+@dataclass
+class CacheStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    bytes_from_storage: int = 0
+    bytes_from_disk: int = 0
+    prefetches: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.memory_hits + self.disk_hits + self.misses
+        return (self.memory_hits + self.disk_hits) / total if total else 0.0
+
+
+class DiskTier:
+    """Blocks as files under `directory`, evicted least recently used first."""
+
+    def __init__(self, directory: str, max_bytes: int, reserved_free: int):
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.reserved_free = reserved_free
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
+        self.used = 0
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._adopt_existing()
+
+    def _adopt_existing(self) -> None:
+        """Index what an earlier mount of the same store left, oldest first."""
+        found = []
+        for sub in os.scandir(self.directory):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for f in os.scandir(sub.path):
+                if f.name.endswith(".tmp"):
+                    os.unlink(f.path)
+                    continue
+                st = f.stat()
+                found.append((st.st_atime, f"{sub.name}/{f.name}", st.st_size))
+        for _, name, size in sorted(found):
+            self._files[name] = size
+            self.used += size
+        self._evict(0)
+
+    @staticmethod
+    def _name(key: BlockKey) -> str:
+        digest = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()
+        return f"{digest[:2]}/{digest[2:40]}"
+
+    def get(self, key: BlockKey) -> bytes | None:
+        name = self._name(key)
+        with self._lock:
+            if name not in self._files:
+                return None
+            self._files.move_to_end(name)
+        try:
+            with open(os.path.join(self.directory, name), "rb") as f:
+                return f.read()
+        except OSError:
+            with self._lock:
+                self.used -= self._files.pop(name, 0)
+            return None
+
+    def put(self, key: BlockKey, data: bytes) -> None:
+        name = self._name(key)
+        size = len(data)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if name in self._files:
+                return
+            if not self._evict(size):
+                return  # no room without breaking the reserve: do not cache
+            self._files[name] = size  # reserve the space before writing
+            self.used += size
+        path = os.path.join(self.directory, name)
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with self._lock:
+                self.used -= self._files.pop(name, 0)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if e.errno == errno.ENOSPC:  # the disk filled under us: shed some cache
+                with self._lock:
+                    self._evict(self.used // 4 or size)
+            else:
+                log.warning("disk cache: cannot write a block: %s", e.strerror)
+
+    def _free_disk(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def _evict(self, incoming: int) -> bool:
+        """Make room for `incoming` bytes (lock held). False if impossible."""
+        free = self._free_disk()
+        while self._files and (self.used + incoming > self.max_bytes or free - incoming < self.reserved_free):
+            name, size = self._files.popitem(last=False)
+            try:
+                os.unlink(os.path.join(self.directory, name))
+                free += size
+            except FileNotFoundError:
+                pass
+            self.used -= size
+        return self.used + incoming <= self.max_bytes and free - incoming >= self.reserved_free
+
+    def clear(self) -> None:
+        with self._lock:
+            while self._files:
+                name, _ = self._files.popitem()
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
+            self.used = 0
+
+
+class _DiskWriter:
+    """Writes blocks to the disk tier off the read path. When the disk falls
+    behind, blocks are dropped rather than queued: the reader already has
+    them, and a slow disk must not slow reads from storage."""
+
+    def __init__(self, disk: DiskTier, depth: int = 4):
+        self.disk = disk
+        self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="disk-cache-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: BlockKey, data: bytes) -> None:
+        try:
+            self._queue.put_nowait((key, data))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.disk.put(*item)
+            except Exception:  # noqa: BLE001 - the cache is an optimisation; never kill the writer
+                log.exception("disk cache write failed")
+
+    def close(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+
+class BlockCache:
+    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int):
+        self._memory: LRUCache = LRUCache(maxsize=memory_bytes, getsizeof=len)
+        self.disk = disk
+        self._writer = _DiskWriter(disk) if disk else None
+        self._lock = threading.Lock()
+        self._inflight: dict[BlockKey, Future] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="block-fetch")
+        self.stats = CacheStats()
+
+    @property
+    def memory_used(self) -> int:
+        return int(self._memory.currsize)
+
+    @property
+    def memory_max(self) -> int:
+        return int(self._memory.maxsize)
+
+    def get(self, key: BlockKey, fetch: Fetch) -> bytes:
+        """The block's bytes, fetching them in this thread if nobody else is."""
+        with self._lock:
+            data = self._memory.get(key)
+            if data is not None:
+                self.stats.memory_hits += 1
+                return data
+            future = self._inflight.get(key)
+            if future is None:
+                future = Future()
+                self._inflight[key] = future
+                mine = True
+            else:
+                mine = False
+        if mine:  # a demand read never queues behind prefetches on the pool
+            self._load(key, fetch, future)
+        return future.result()
+
+    def prefetch(self, key: BlockKey, fetch: Fetch) -> bool:
+        """Start fetching a block in the background; False if already there."""
+        with self._lock:
+            if key in self._inflight or key in self._memory:
+                return False
+            future = Future()
+            self._inflight[key] = future
+            self.stats.prefetches += 1
+        self._pool.submit(self._load, key, fetch, future)
+        return True
+
+    def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
+        try:
+            data = self.disk.get(key) if self.disk else None
+            from_disk = data is not None
+            if data is None:
+                data = fetch()
+            with self._lock:
+                if from_disk:
+                    self.stats.disk_hits += 1
+                    self.stats.bytes_from_disk += len(data)
+                else:
+                    self.stats.misses += 1
+                    self.stats.bytes_from_storage += len(data)
+                if len(data) <= self._memory.maxsize:
+                    self._memory[key] = data
+                self._inflight.pop(key, None)
+            future.set_result(data)
+            if self._writer and not from_disk:
+                self._writer.submit(key, data)
+        except BaseException as e:
+            with self._lock:
+                self._inflight.pop(key, None)
+            future.set_exception(e)
+            # nobody may wait for a failed prefetch: mark it seen
+            future.exception()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._writer:
+            self._writer.close()

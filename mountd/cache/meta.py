@@ -1,0 +1,99 @@
+"""Metadata cache: what storage said about paths, trusted for a TTL.
+
+A directory listing fills its children's attributes and remembers which
+names exist, so `stat` of a sibling that is not there is answered without a
+request (Python imports and data loaders probe many such names). Names known
+absent are cached too, for a shorter time.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+from typing import Iterator
+
+from cachetools import TTLCache
+
+from mountd.errors import NotFound
+from mountd.storage.base import Entry, ObjectStore
+
+MAX_ENTRIES = 500_000
+MAX_LISTINGS = 20_000
+
+
+class MetadataCache:
+    def __init__(self, store: ObjectStore, ttl: float, negative_ttl: float):
+        self.store = store
+        self._lock = threading.Lock()
+        self._entries: TTLCache = TTLCache(MAX_ENTRIES, ttl)  # path -> Entry
+        self._absent: TTLCache = TTLCache(MAX_ENTRIES // 5, max(negative_ttl, 0.001))  # path -> True
+        self._listings: TTLCache = TTLCache(MAX_LISTINGS, ttl)  # dir path -> frozenset of child names
+        self.negative_enabled = negative_ttl > 0
+        self.requests = 0  # metadata calls that went to storage
+
+    def stat(self, path: str) -> Entry:
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None:
+                return entry
+            if path in self._absent:
+                raise NotFound(path)
+            parent, name = posixpath.split(path)
+            names = self._listings.get(parent) if path else None
+            if names is not None and name not in names and self.negative_enabled:
+                raise NotFound(path)
+        try:
+            self.requests += 1
+            entry = self.store.stat(path)
+        except NotFound:
+            if self.negative_enabled:
+                with self._lock:
+                    self._absent[path] = True
+            raise
+        with self._lock:
+            self._entries[path] = entry
+        return entry
+
+    def list_dir(self, path: str) -> Iterator[Entry]:
+        """The children of `path`, from the cache while its listing is fresh,
+        else streamed from storage page by page while filling the cache."""
+        with self._lock:
+            names = self._listings.get(path)
+            cached = None
+            if names is not None:
+                cached = [self._entries.get(posixpath.join(path, n) if path else n) for n in names]
+                if any(e is None for e in cached):
+                    cached = None  # some children expired on their own: list again
+        if cached is not None:
+            yield from cached
+            return
+        self.requests += 1
+        seen = set()
+        for entry in self.store.list_dir(path):
+            with self._lock:
+                self._entries[entry.path] = entry
+                self._absent.pop(entry.path, None)
+            seen.add(entry.name)
+            yield entry
+        with self._lock:
+            self._listings[path] = frozenset(seen)
+
+    def forget(self, path: str) -> None:
+        """Drop what is known of `path` and its parent's listing (after a change)."""
+        with self._lock:
+            self._entries.pop(path, None)
+            self._absent.pop(path, None)
+            self._listings.pop(path, None)
+            self._listings.pop(posixpath.dirname(path), None)
+
+    def remember(self, entry: Entry) -> None:
+        with self._lock:
+            self._entries[entry.path] = entry
+            self._absent.pop(entry.path, None)
+            parent = posixpath.dirname(entry.path)
+            names = self._listings.get(parent)
+            if names is not None and entry.name not in names:
+                self._listings[parent] = names | {entry.name}
+
+    def __len__(self) -> int:
+        return len(self._entries)

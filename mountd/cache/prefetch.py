@@ -1,0 +1,47 @@
+"""Readahead for one open file: notices sequential reading and ramps up how
+far ahead blocks are fetched, and stops on random access.
+
+The kernel's own readahead sends several reads of one handle at once from
+different FUSE threads, so "sequential" allows for reads arriving a little
+out of order.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class ReadAhead:
+    def __init__(self, block_size: int, max_blocks: int, file_size: int):
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.last_block = max(0, (file_size - 1) // block_size)
+        self._lock = threading.Lock()
+        self._expected = 0  # where the next sequential read should start
+        self._window = 0  # blocks to keep in flight ahead of the reader
+        self._scheduled = -1  # highest block index already asked for
+
+    def on_read(self, offset: int, size: int) -> range:
+        """Record a read; return the block indices to prefetch now."""
+        with self._lock:
+            slack = 2 * self.block_size
+            sequential = self._expected - slack <= offset <= self._expected + slack
+            if sequential:
+                self._window = min(self.max_blocks, max(1, self._window * 2) if offset else 1)
+            else:
+                self._window = 0  # random access: fetch only what is asked
+                self._scheduled = -1
+            self._expected = max(self._expected, offset + size) if sequential else offset + size
+            if not self._window:
+                return range(0)
+            current = (offset + size - 1) // self.block_size
+            start = max(current + 1, self._scheduled + 1)
+            stop = min(current + self._window, self.last_block) + 1
+            if start >= stop:
+                return range(0)
+            self._scheduled = stop - 1
+            return range(start, stop)
+
+    @property
+    def window(self) -> int:
+        return self._window

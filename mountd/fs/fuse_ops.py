@@ -1,0 +1,83 @@
+"""FUSE glue: mfusepy callbacks that hand each call to FileSystemCore.
+
+Nothing here decides anything; it converts arguments and sets the kernel's
+options (large reads, attribute timeouts, page-cache reuse).
+"""
+
+from __future__ import annotations
+
+import os
+
+# libfuse 3 first: mfusepy would otherwise pick libfuse 2 when both exist,
+# which caps reads at 128 KiB.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
+import mfusepy  # noqa: E402
+
+from mountd.fs.core import FileSystemCore  # noqa: E402
+
+MAX_READ = 1024 * 1024  # bytes per FUSE read request
+MAX_READAHEAD = 16 * 1024 * 1024  # how far ahead the kernel may read on its own
+
+
+class FuseOperations(mfusepy.Operations):
+    use_ns = True  # times in nanoseconds
+
+    def __init__(self, core: FileSystemCore, on_ready=None):
+        self.core = core
+        self.on_ready = on_ready
+
+    def init_with_config(self, conn, config):
+        if conn is not None:
+            conn.max_read = MAX_READ
+            conn.max_readahead = MAX_READAHEAD
+        if config is not None:
+            ttl = self.core.settings.attribute_ttl
+            config.attr_timeout = ttl
+            config.entry_timeout = ttl
+            config.negative_timeout = self.core.settings.negative_ttl
+            config.use_ino = 0
+        if self.on_ready:
+            self.on_ready()
+
+    def destroy(self, path):
+        self.core.close()
+
+    def getattr(self, path, fh=None):
+        return self.core.getattr(path)
+
+    def readdir(self, path, fh):
+        yield "."
+        yield ".."
+        for name, attrs in self.core.readdir(path):
+            yield name, attrs, 0
+
+    def open(self, path, fi):
+        fh, keep = self.core.open(path, fi.flags)
+        fi.fh = fh
+        fi.keep_cache = 1 if keep else 0
+        return 0
+
+    def read(self, path, size, offset, fi):
+        return self.core.read(fi.fh, size, offset)
+
+    def release(self, path, fi):
+        self.core.release(fi.fh)
+        return 0
+
+    def statfs(self, path):
+        return self.core.statfs()
+
+
+def serve(core: FileSystemCore, mountpoint: str, fsname: str, read_only: bool = True,
+          allow_other: bool = False, on_ready=None, debug: bool = False) -> None:
+    """Mount and serve until unmounted. `on_ready` runs once the kernel has
+    accepted the mount."""
+    options = dict(fsname=fsname, subtype="mountd", max_read=MAX_READ, nothreads=False, foreground=True,
+                   auto_unmount=True, debug=debug)
+    if read_only:
+        options["ro"] = True
+    if allow_other:
+        options["allow_other"] = True
+        options["default_permissions"] = True
+    mfusepy.FUSE(FuseOperations(core, on_ready), mountpoint, raw_fi=True, **options)

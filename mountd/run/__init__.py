@@ -1,0 +1,2 @@
+"""Processes: mount workers and their supervision, and (later) the run
+lifecycle and the daemon."""

@@ -1,0 +1,170 @@
+"""A mount worker: the process that holds one FUSE mount.
+
+Started by `mountd mount` (or the run supervisor) with its job as JSON on
+standard input, never on the command line (it may hold an inline secret).
+It opens the store, mounts, and reports "ready" or "error: ..." on the pipe
+its starter waits on. With a supervisor pipe, it unmounts itself when the
+supervisor goes away, so no mount outlives the process that wanted it; the
+`auto_unmount` mount option covers the worker itself dying.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+
+from mountd.config import datastores
+from mountd.config.settings import CacheSettings
+from mountd.errors import EXIT_USAGE, MountdError
+from mountd.run import runtime
+
+log = logging.getLogger("mountd.worker")
+
+
+def limit_malloc_arenas() -> None:
+    """Return freed blocks to the system at once. glibc otherwise raises its
+    mmap threshold after the first big free, and 8 MiB blocks then stay in
+    per-thread heaps: the worker's memory would grow well past its cache cap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD: buffers >= 1 MiB are mmapped
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def make_spec(cfg: datastores.DatastoreConfig, path: str, mountpoint: str, settings: CacheSettings,
+              read_only: bool = True, allow_other: bool = False) -> dict:
+    return {"datastore": {"name": cfg.name, **cfg.to_dict()}, "path": path, "mountpoint": mountpoint,
+            "settings": asdict(settings), "read_only": read_only, "allow_other": allow_other}
+
+
+class _DiskCacheDir:
+    """The disk-tier directory for one store and path, locked while in use
+    so two mounts never evict each other's files; a second concurrent mount
+    of the same data gets a private directory, removed when it ends."""
+
+    def __init__(self, base: str, identity: str):
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self.path = os.path.join(base, key)
+        self.private = False
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._lock = open(os.path.join(self.path, ".lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self.path = os.path.join(base, f"{key}-{os.getpid()}")
+            self.private = True
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._lock = None
+
+    def close(self) -> None:
+        if self.private:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock:
+            self._lock.close()
+
+
+def run(spec: dict, on_ready, debug: bool = False) -> None:
+    """Mount as `spec` says and serve until unmounted. Raises MountdError
+    before the mount is live if anything is wrong."""
+    from mountd.cache.blocks import BlockCache, DiskTier
+    from mountd.fs.core import FileSystemCore
+    from mountd.fs.fuse_ops import serve
+    from mountd.storage import normalize_path, open_store
+
+    cfg = datastores.parse(spec["datastore"]["name"],
+                           {k: v for k, v in spec["datastore"].items() if k != "name"}, "mount")
+    settings = CacheSettings(**spec["settings"])
+    prefix = normalize_path(spec.get("path") or "")
+    mountpoint = spec["mountpoint"]
+    store = open_store(cfg)
+    store.check()
+    if prefix:
+        entry = store.stat(prefix)
+        if not entry.is_dir:
+            raise MountdError(f"{prefix} in datastore {cfg.name} is a file, not a directory")
+    cache_dir = disk = None
+    if settings.disk:
+        cache_dir = _DiskCacheDir(settings.directory, f"{cfg.location}\0{prefix}")
+        disk = DiskTier(cache_dir.path, settings.max_size, settings.reserved_free)
+    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads), prefix=prefix,
+                          read_only=spec.get("read_only", True))
+    record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
+              "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
+              "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint)}
+
+    def ready():
+        runtime.write_record(mountpoint, record)
+        log.info("mounted %s:%s on %s (%s)", cfg.name, prefix or "/", mountpoint, record["mode"])
+        on_ready()
+
+    try:
+        serve(core, mountpoint, fsname=f"mountd:{cfg.name}", read_only=spec.get("read_only", True),
+              allow_other=spec.get("allow_other", False), on_ready=ready, debug=debug)
+    finally:
+        runtime.remove_record(mountpoint)
+        if cache_dir:
+            cache_dir.close()
+        log.info("unmounted %s", mountpoint)
+
+
+def _watch_supervisor(fd: int, mountpoint: str) -> None:
+    """Block until the supervisor's end of the pipe closes, then unmount."""
+    def watch():
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        log.warning("supervisor went away: unmounting %s", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+def main() -> int:
+    from mountd import logsetup
+
+    spec = json.load(sys.stdin)
+    logsetup.setup(spec.get("log_level", "info"), spec.get("debug", False), spec.get("log_format", "text"))
+    limit_malloc_arenas()
+    ready_fd = spec.get("ready_fd")
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (line + "\n").encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    if spec.get("supervisor_fd") is not None:
+        _watch_supervisor(spec["supervisor_fd"], spec["mountpoint"])
+    try:
+        run(spec, lambda: report("ready"), debug=spec.get("debug", False))
+    except MountdError as e:
+        report(f"error: {e}")
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - reported to the starter, then logged in full
+        report(f"error: internal error: {type(e).__name__}: {e}")
+        log.exception("mount worker failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main() or 0)
+
+
+__all__ = ["make_spec", "run", "main", "EXIT_USAGE"]

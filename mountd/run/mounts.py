@@ -1,0 +1,194 @@
+"""Starting, waiting for and stopping mount workers.
+
+`start` returns only once the kernel has the mount (the worker says "ready"
+on a pipe) or with the worker's own error message. `stop` detaches the mount
+with fusermount3 and waits until the worker has exited.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from mountd.errors import MountdError, UsageError
+from mountd.run import runtime
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0  # seconds for a worker to open its store and mount
+EXIT_TIMEOUT = 30.0  # seconds for a worker to finish after its mount is detached
+
+
+def fuse_problem() -> str | None:
+    """Why FUSE mounts cannot work here, or None if they can."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (in a container: --device /dev/fuse --cap-add SYS_ADMIN)"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is not installed (Debian package fuse3)"
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        os.close(fd)
+    except OSError as e:
+        return f"/dev/fuse cannot be opened: {e.strerror}"
+    return None
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == real:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """The absolute mountpoint, or UsageError saying why it cannot be used."""
+    path = os.path.abspath(mountpoint)
+    if not os.path.exists(path):
+        raise UsageError(f"mountpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if is_mounted(path):
+        raise UsageError(f"{path} is already a mountpoint")
+    try:
+        if os.listdir(path):
+            raise UsageError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise UsageError(f"mountpoint {path} cannot be read") from None
+    problem = fuse_problem()
+    if problem:
+        raise UsageError(f"FUSE is not available: {problem}")
+    return path
+
+
+@dataclass
+class Worker:
+    mountpoint: str
+    pid: int
+    process: subprocess.Popen | None = None  # None when we are not its parent
+    supervisor_fd: int | None = None  # our end of the supervisor pipe
+
+
+def start(spec: dict, supervised: bool = False, log_level: str = "info", debug: bool = False,
+          timeout: float = READY_TIMEOUT) -> Worker:
+    """Start a worker for `spec` and wait until its mount is live. Supervised
+    workers unmount themselves when this process exits or dies."""
+    mountpoint = spec["mountpoint"]
+    ready_r, ready_w = os.pipe()
+    fds = [ready_w]
+    sup_r = sup_w = None
+    job = dict(spec, ready_fd=ready_w, log_level=log_level, debug=debug)
+    if supervised:
+        sup_r, sup_w = os.pipe()
+        fds.append(sup_r)
+        job["supervisor_fd"] = sup_r
+    log_file = open(runtime.log_path(mountpoint), "ab")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mountd.run.mount_worker"], stdin=subprocess.PIPE,
+                                stdout=log_file, stderr=log_file, pass_fds=fds, close_fds=True,
+                                start_new_session=not supervised)
+    finally:
+        log_file.close()
+        os.close(ready_w)
+        if sup_r is not None:
+            os.close(sup_r)
+    try:
+        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.close()
+        answer = _read_line(ready_r, timeout, proc)
+    finally:
+        os.close(ready_r)
+    if answer != "ready":
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if sup_w is not None:
+            os.close(sup_w)
+        if answer.startswith("error: "):
+            code = proc.returncode if proc.returncode in (1, 2) else 1
+            err = UsageError(answer[7:]) if code == 2 else MountdError(answer[7:])
+            raise err
+        raise MountdError(f"mount worker for {mountpoint} did not come up ({answer or 'no answer'}); "
+                          f"see {runtime.log_path(mountpoint)}")
+    if sup_w is not None:
+        os.set_inheritable(sup_w, False)
+    return Worker(mountpoint, proc.pid, proc, sup_w)
+
+
+def _read_line(fd: int, timeout: float, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timed out"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break  # the worker closed the pipe (exited) without a word
+            data += chunk
+        elif proc.poll() is not None and not data:
+            break
+    return data.decode(errors="replace").strip()
+
+
+def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, worker: Worker | None = None) -> None:
+    """Detach the mount and wait for its worker to exit."""
+    path = os.path.abspath(mountpoint)
+    record = runtime.read_record(path)
+    pid = worker.pid if worker else (record or {}).get("pid")
+    if not is_mounted(path):
+        if record is None and worker is None:
+            raise UsageError(f"{path} is not mounted")
+    else:
+        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+            if "busy" in message.lower():
+                raise MountdError(f"{path} is busy (files or directories in it are open); "
+                                  "close them, or unmount with --lazy to detach it now and finish when they close")
+            raise MountdError(f"cannot unmount {path}: {message}")
+    if worker and worker.supervisor_fd is not None:
+        os.close(worker.supervisor_fd)
+        worker.supervisor_fd = None
+    _wait_exit(pid, worker, timeout, lazy)
+    if pid is None or not runtime.pid_alive(pid):
+        runtime.remove_record(path)
+
+
+def _wait_exit(pid: int | None, worker: Worker | None, timeout: float, lazy: bool) -> None:
+    if worker and worker.process:
+        try:
+            worker.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            if not lazy:
+                log.warning("mount worker %d did not exit in %.0f s; killing it", worker.pid, timeout)
+                worker.process.kill()
+                worker.process.wait()
+        return
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while runtime.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if runtime.pid_alive(pid) and not lazy:
+        log.warning("mount worker %d did not exit in %.0f s; killing it", pid, timeout)
+        os.kill(pid, 9)

@@ -1,0 +1,302 @@
+"""Download throughput of `mountd download` next to rclone and curl, against
+one local Azurite.
+
+Two scenarios, each run for several rounds with the tools interleaved inside a
+round (the order rotates from round to round) so they share the machine's
+noise:
+
+- big:   one blob `big/blob.bin` of --big-mib MiB, fetched by
+         `mountd download --prefix big/`, `rclone copy` (rclone's defaults) and
+         a single `curl` of the blob's SAS URL;
+- small: --small-count blobs `small/fNNNNN.bin` of --small-kib KiB, fetched by
+         `mountd download --prefix small/` (its default workers),
+         `rclone copy --transfers 16 --checkers 16` and
+         `curl --parallel --parallel-max 16` over a list of SAS URLs.
+
+Every run writes into an empty directory on the same disk, is checked for
+completeness (file count and bytes; content too, see `check_*`) outside the
+timed part, and is deleted and synced before the next run. The times are
+wall-clock seconds of the whole command, process start-up included.
+
+Run from the repository root (needs azurite-blob, rclone and curl on PATH and
+mountd installed):
+
+    python -m tests.benchmarks.bench_download                      # 1 GiB + 2000 x 256 KiB, 3 rounds
+    python -m tests.benchmarks.bench_download --big-mib 64 --small-count 200 --repeat 1   # quick check
+    python -m tests.benchmarks.bench_download --skip-small --json results.json
+
+This is not a pytest test; it prints a table (medians, MiB/s, mountd/tool
+throughput ratios, every round's raw seconds) and optionally writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from tests.benchmarks.common import (
+    MiB, Scenario, ToolFailed, blob_sas_url, check_tree, container_sas_token, file_md5, fresh_dir,
+    machine_info, print_report, remove_dir, run_timed, same_edges, settle, tool_version, write_curl_config,
+    write_json, write_random_file, write_rclone_config, write_workspace)
+from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
+
+CONTAINER = "bench"
+DATASTORE = "bench"
+KEY_ENV = "AZURITE_ACCOUNT_KEY"
+RCLONE_REMOTE = "az"
+BIG_BLOB = "big/blob.bin"
+SMALL_PREFIX = "small/"
+RUN_TIMEOUT = 3600
+
+
+@dataclass
+class Tool:
+    """One way of fetching a scenario: a timed run into `out`, then a check of `out`."""
+    name: str
+    how: str
+    run: Callable[[str], float]
+    check: Callable[[str], None]
+
+
+@dataclass
+class Data:
+    """What was uploaded, to check the tools' output against."""
+    big_file: str | None = None       # local copy of big/blob.bin
+    big_md5: str = ""
+    small: dict[str, str] | None = None  # blob name -> MD5 hex
+    small_bytes: int = 0
+
+
+# --- setup ----------------------------------------------------------------------
+
+def blob_service(azurite: Azurite):
+    from azure.storage.blob import BlobServiceClient
+    return BlobServiceClient.from_connection_string(azurite.connection_string,
+                                                    connection_data_block_size=256 * 1024)
+
+
+def upload_big(container, path: str, mib: int) -> str:
+    md5 = write_random_file(path, mib)
+    with open(path, "rb") as f:
+        container.upload_blob(BIG_BLOB, f, length=mib * MiB, overwrite=True, max_concurrency=4)
+    return md5
+
+
+def small_name(i: int) -> str:
+    return f"{SMALL_PREFIX}f{i:05d}.bin"
+
+
+def upload_small(container, count: int, kib: int, threads: int = 16) -> dict[str, str]:
+    def one(i: int) -> tuple[str, str]:
+        data = os.urandom(kib * 1024)
+        container.upload_blob(small_name(i), data, overwrite=True)
+        return small_name(i), hashlib.md5(data).hexdigest()
+
+    pool = ThreadPoolExecutor(threads)
+    try:
+        return dict(pool.map(one, range(count)))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def stored_md5(container, name: str) -> bool:
+    """Whether the service keeps a Content-MD5 for the blob (tools verify it if so)."""
+    return bool(container.get_blob_client(name).get_blob_properties().content_settings.content_md5)
+
+
+# --- checks (outside the timed part) ------------------------------------------
+
+def check_big(tool: str, path: str, data: Data, full: bool) -> None:
+    if not os.path.isfile(path):
+        raise ToolFailed(f"{tool}: {path} is missing")
+    if not same_edges(path, data.big_file):
+        raise ToolFailed(f"{tool}: size or first/last MiB differ from the source")
+    if full and file_md5(path) != data.big_md5:
+        raise ToolFailed(f"{tool}: MD5 of the whole file differs from the source")
+
+
+def check_small(tool: str, root: str, data: Data) -> None:
+    """Exact file count, bytes and every file's MD5; `root` holds the files
+    named like the blobs minus the `small/` prefix."""
+    check_tree(tool, root, len(data.small), data.small_bytes)
+    for name, md5 in data.small.items():
+        path = os.path.join(root, name[len(SMALL_PREFIX):])
+        if not os.path.isfile(path) or file_md5(path) != md5:
+            raise ToolFailed(f"{tool}: {path} is missing or differs from the source")
+
+
+# --- the tools ----------------------------------------------------------------------
+
+def mountd_argv() -> list[str]:
+    exe = shutil.which("mountd")
+    return [exe] if exe else [sys.executable, "-m", "mountd"]
+
+
+class Tools:
+    """Builds the Tool entries of each scenario for one Azurite and temp dir."""
+
+    def __init__(self, azurite: Azurite, conf_dir: str, data: Data):
+        self.azurite, self.conf, self.data = azurite, conf_dir, data
+        self.env = {**os.environ, KEY_ENV: KEY}
+        self.workspace = write_workspace(
+            os.path.join(conf_dir, "workspace.yaml"),
+            {DATASTORE: blob_workspace_entry(azurite, CONTAINER, key_env=KEY_ENV)}, default=DATASTORE)
+        self.rclone_conf = write_rclone_config(os.path.join(conf_dir, "rclone.conf"), RCLONE_REMOTE,
+                                               ACCOUNT, KEY, azurite.account_url)
+
+    def _timed(self, argv: list[str]) -> float:
+        return run_timed(argv, env=self.env, timeout=RUN_TIMEOUT)
+
+    def mountd(self, prefix: str, check: Callable[[str], None]) -> Tool:
+        def run(out: str) -> float:
+            return self._timed(mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, out,
+                                                "--prefix", prefix, "--no-progress"])
+        return Tool("mountd", f"mountd download {DATASTORE} DIR --prefix {prefix} --no-progress (default workers)",
+                    run, check)
+
+    def rclone(self, prefix: str, flags: list[str], check: Callable[[str], None]) -> Tool:
+        src = f"{RCLONE_REMOTE}:{CONTAINER}/{prefix.rstrip('/')}"
+
+        def run(out: str) -> float:
+            return self._timed(["rclone", "--config", self.rclone_conf, "copy", src, out, "-q"] + flags)
+        return Tool("rclone", " ".join(["rclone copy", src, "DIR"] + (flags or ["(defaults)"])), run, check)
+
+    def curl(self, name: str, transfers: Callable[[str], list[tuple[str, str]]], flags: list[str],
+             check: Callable[[str], None]) -> Tool:
+        def run(out: str) -> float:
+            cfg = write_curl_config(os.path.join(self.conf, f"{name}.curlrc"), transfers(out))
+            return self._timed(["curl", "-s", "-S", "-f", "-K", cfg] + flags)
+        return Tool(name, " ".join(["curl -s -S -f -K URLS"] + flags), run, check)
+
+    def big(self) -> list[Tool]:
+        d = self.data
+        url = blob_sas_url(self.azurite.account_url, ACCOUNT, KEY, CONTAINER, BIG_BLOB)
+        return [
+            self.mountd("big/", lambda out: (check_tree("mountd", out, 1, os.path.getsize(d.big_file)),
+                                             check_big("mountd", os.path.join(out, BIG_BLOB), d, full=True))),
+            self.rclone("big/", [], lambda out: (check_tree("rclone", out, 1, os.path.getsize(d.big_file)),
+                                                 check_big("rclone", os.path.join(out, "blob.bin"), d, full=False))),
+            self.curl("curl", lambda out: [(url, os.path.join(out, "blob.bin"))], [],
+                      lambda out: (check_tree("curl", out, 1, os.path.getsize(d.big_file)),
+                                   check_big("curl", os.path.join(out, "blob.bin"), d, full=False))),
+        ]
+
+    def small(self) -> list[Tool]:
+        d = self.data
+        token = container_sas_token(ACCOUNT, KEY, CONTAINER)
+        base = f"{self.azurite.account_url}/{CONTAINER}/"
+
+        def urls(out: str) -> list[tuple[str, str]]:
+            return [(f"{base}{name}?{token}", os.path.join(out, name[len(SMALL_PREFIX):])) for name in d.small]
+        return [
+            self.mountd(SMALL_PREFIX, lambda out: check_small("mountd", os.path.join(out, "small"), d)),
+            self.rclone(SMALL_PREFIX, ["--transfers", "16", "--checkers", "16"],
+                        lambda out: check_small("rclone", out, d)),
+            self.curl("curl-parallel", urls, ["--parallel", "--parallel-max", "16"],
+                      lambda out: check_small("curl-parallel", out, d)),
+        ]
+
+
+# --- rounds ---------------------------------------------------------------------------
+
+def run_rounds(scenarios: list[tuple[Scenario, list[Tool]]], repeat: int, out_root: str) -> None:
+    """Each round runs every scenario's tools once, in an order rotated by the round."""
+    for r in range(repeat):
+        for sc, tools in scenarios:
+            shift = r % len(tools)
+            for tool in tools[shift:] + tools[:shift]:
+                out = fresh_dir(os.path.join(out_root, f"{sc.name}-{tool.name}"))
+                settle()
+                secs = tool.run(out)
+                tool.check(out)
+                sc.add(tool.name, secs)
+                remove_dir(out)
+                print(f"round {r + 1}/{repeat}  {sc.name:<6} {tool.name:<14} {secs:8.2f} s", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_download",
+                                description="Time mountd download next to rclone and curl against Azurite.")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--big-mib", type=int, default=1024, help="size of the big blob in MiB (default 1024)")
+    p.add_argument("--small-count", type=int, default=2000, help="number of small blobs (default 2000)")
+    p.add_argument("--small-kib", type=int, default=256, help="size of each small blob in KiB (default 256)")
+    p.add_argument("--skip-big", action="store_true", help="leave out the big-blob scenario")
+    p.add_argument("--skip-small", action="store_true", help="leave out the small-blobs scenario")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.big_mib < 1 or args.small_count < 1 or args.small_kib < 1:
+        p.error("--repeat, --big-mib, --small-count and --small-kib must be positive")
+    if args.skip_big and args.skip_small:
+        p.error("nothing to do with both --skip-big and --skip-small")
+    return args
+
+
+def require_tools() -> None:
+    missing = [t for t in ("azurite-blob", "rclone", "curl") if not shutil.which(t)]
+    if missing:
+        sys.exit(f"missing on PATH: {', '.join(missing)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require_tools()
+    tmp = tempfile.mkdtemp(prefix="mountd-bench-download-", dir=args.tmp_dir)
+    azurite = Azurite(location=os.path.join(tmp, "azurite"))
+    try:
+        for sub in ("azurite", "src", "conf", "out"):
+            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+        print(f"starting Azurite, data under {tmp}", flush=True)
+        azurite.start()
+        container = blob_service(azurite).create_container(CONTAINER)
+        data = Data()
+        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+                  "rclone": tool_version(["rclone", "version"]), "curl": tool_version(["curl", "--version"]),
+                  "rounds": args.repeat}
+        plan: list[tuple[Scenario, list[Tool]]] = []
+        tools = Tools(azurite, os.path.join(tmp, "conf"), data)
+        if not args.skip_big:
+            print(f"uploading {BIG_BLOB} ({args.big_mib} MiB)", flush=True)
+            data.big_file = os.path.join(tmp, "src", "blob.bin")
+            data.big_md5 = upload_big(container, data.big_file, args.big_mib)
+            header["big blob has a stored MD5"] = stored_md5(container, BIG_BLOB)
+            plan.append((Scenario("big", 1, args.big_mib * MiB), tools.big()))
+        if not args.skip_small:
+            print(f"uploading {args.small_count} x {args.small_kib} KiB under {SMALL_PREFIX}", flush=True)
+            data.small = upload_small(container, args.small_count, args.small_kib)
+            data.small_bytes = args.small_count * args.small_kib * 1024
+            header["small blobs have a stored MD5"] = stored_md5(container, small_name(0))
+            plan.append((Scenario("small", args.small_count, data.small_bytes), tools.small()))
+        for sc, ts in plan:
+            sc.tools = {t.name: t.how for t in ts}
+        settle()
+        run_rounds(plan, args.repeat, os.path.join(tmp, "out"))
+        scenarios = [sc for sc, _ in plan]
+        header["times"] = "wall clock of the whole command, process start-up included; median over rounds"
+        print()
+        print_report(scenarios, subject="mountd", header=header)
+        if args.json:
+            write_json(args.json, scenarios, subject="mountd", header=header)
+            print(f"\nwrote {args.json}")
+        return 0
+    except ToolFailed as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        azurite.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

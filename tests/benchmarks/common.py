@@ -1,0 +1,294 @@
+"""Shared helpers for the benchmarks under tests/benchmarks/.
+
+Nothing here is a benchmark by itself. It holds the pieces every benchmark
+that compares mountd with other tools (rclone, curl, ...) against a local
+Azurite needs:
+
+- timing one command-line run (`run_timed`) and summarising rounds
+  (`median`, `mib_per_s`);
+- preparing the other tools: an rclone `azureblob` config file for an Azurite
+  (`write_rclone_config`), a SAS token/URL for curl (`blob_sas_url`,
+  `container_sas_token`), a curl config file (`write_curl_config`);
+- test data: a random file of N MiB written in chunks (`write_random_file`),
+  a mountd workspace file (`write_workspace`);
+- checking a tool's output (`tree_stats`, `file_md5`, `same_edges`);
+- the result model and report (`Scenario`, `print_report`, `write_json`).
+
+Secrets (account key, SAS tokens) only ever go into files under the
+benchmark's temporary directory or into environment variables, never onto a
+command line and never into the printed output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+MiB = 1024 * 1024
+
+
+# --- running and timing ------------------------------------------------------
+
+class ToolFailed(RuntimeError):
+    """A benchmarked command exited non-zero or produced wrong output."""
+
+
+def run_timed(argv: list[str], env: dict | None = None, timeout: float | None = None) -> float:
+    """Run one command to completion and return its wall-clock seconds
+    (process start-up included). Raises ToolFailed with the end of its stderr
+    if it exits non-zero; its stdout is discarded."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=timeout)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-15:]
+        raise ToolFailed(f"{os.path.basename(argv[0])} exited with {proc.returncode}:\n  " + "\n  ".join(tail))
+    return elapsed
+
+
+def settle() -> None:
+    """Flush dirty pages so the next run does not pay for the last one's writeback."""
+    os.sync()
+
+
+def fresh_dir(path: str) -> str:
+    """An empty directory at `path` (removed first if it exists)."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def remove_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    settle()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def mib_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / MiB / seconds if seconds > 0 else float("inf")
+
+
+def fmt_size(nbytes: int) -> str:
+    if nbytes >= 1024 * MiB:
+        return f"{nbytes / (1024 * MiB):.2f} GiB"
+    if nbytes >= MiB:
+        return f"{nbytes / MiB:.1f} MiB"
+    return f"{nbytes / 1024:.0f} KiB"
+
+
+def tool_version(argv: list[str], words: int = 3) -> str:
+    """The first `words` words of a tool's version output, or '?'."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return " ".join((out.strip().splitlines() or ["?"])[0].split()[:words])
+
+
+def machine_info() -> dict:
+    return {"cores": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+# --- test data -------------------------------------------------------------------
+
+def write_random_file(path: str, mib: int, chunk_mib: int = 8) -> str:
+    """Write `mib` MiB of random bytes to `path` in chunks (never the whole
+    file in memory); returns the file's MD5 hex digest."""
+    md5 = hashlib.md5()
+    left = mib * MiB
+    with open(path, "wb") as f:
+        while left:
+            chunk = os.urandom(min(left, chunk_mib * MiB))
+            f.write(chunk)
+            md5.update(chunk)
+            left -= len(chunk)
+    return md5.hexdigest()
+
+
+def file_md5(path: str, block: int = 8 * MiB) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def same_edges(a: str, b: str, span: int = MiB) -> bool:
+    """True if two files have the same size and the same first and last `span` bytes."""
+    size = os.path.getsize(a)
+    if size != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for offset in (0, max(0, size - span)):
+            fa.seek(offset)
+            fb.seek(offset)
+            if fa.read(span) != fb.read(span):
+                return False
+    return True
+
+
+def tree_stats(root: str) -> tuple[int, int]:
+    """(number of regular files, total bytes) under `root`."""
+    count = total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            count += 1
+            total += os.path.getsize(os.path.join(dirpath, name))
+    return count, total
+
+
+def check_tree(tool: str, root: str, want_files: int, want_bytes: int) -> None:
+    """Raise ToolFailed unless `root` holds exactly `want_files` files of `want_bytes` bytes."""
+    count, total = tree_stats(root)
+    if (count, total) != (want_files, want_bytes):
+        raise ToolFailed(f"{tool}: output has {count} files / {total} bytes, "
+                         f"expected {want_files} files / {want_bytes} bytes")
+
+
+# --- tool configuration ----------------------------------------------------------
+
+def write_private(path: str, text: str) -> str:
+    """Write a file readable only by this user (it may hold a secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def write_workspace(path: str, datastores: dict[str, dict], default: str | None = None) -> str:
+    """A mountd workspace file with the given datastore entries (see
+    tests.support.azurite.blob_workspace_entry). Holds no secret itself."""
+    import yaml
+    doc = {"datastores": datastores}
+    if default:
+        doc["default_datastore"] = default
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def write_rclone_config(path: str, remote: str, account: str, key: str, endpoint: str) -> str:
+    """An rclone config file with one `azureblob` remote for an Azurite.
+    rclone 1.60 needs both use_emulator and the explicit endpoint when the
+    emulator is not on its default port."""
+    return write_private(path, (
+        f"[{remote}]\n"
+        "type = azureblob\n"
+        f"account = {account}\n"
+        f"key = {key}\n"
+        "use_emulator = true\n"
+        f"endpoint = {endpoint}\n"))
+
+
+def _sas_expiry(hours: float) -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=hours)
+
+
+def blob_sas_url(account_url: str, account: str, key: str, container: str, blob: str, hours: float = 6) -> str:
+    """A read-only SAS URL for one blob (for curl)."""
+    from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+    token = generate_blob_sas(account, container, blob, account_key=key,
+                              permission=BlobSasPermissions(read=True), expiry=_sas_expiry(hours))
+    return f"{account_url}/{container}/{blob}?{token}"
+
+
+def container_sas_token(account: str, key: str, container: str, hours: float = 6) -> str:
+    """A read-only SAS token for every blob of a container (for many curl URLs)."""
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+    return generate_container_sas(account, container, account_key=key,
+                                  permission=ContainerSasPermissions(read=True), expiry=_sas_expiry(hours))
+
+
+def write_curl_config(path: str, transfers: list[tuple[str, str]]) -> str:
+    """A curl config file (`curl -K path`) fetching each (url, output file)
+    pair, so that SAS tokens stay off the command line."""
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    lines = []
+    for url, out in transfers:
+        lines += [f"url = {q(url)}", f"output = {q(out)}"]
+    return write_private(path, "\n".join(lines) + "\n")
+
+
+# --- results --------------------------------------------------------------------
+
+@dataclass
+class Scenario:
+    """One thing to move (e.g. one 1 GiB blob) and each tool's seconds per round."""
+    name: str
+    files: int
+    nbytes: int
+    tools: dict[str, str] = field(default_factory=dict)       # tool -> how it was run
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # tool -> one entry per round
+
+    def add(self, tool: str, seconds: float) -> None:
+        self.seconds.setdefault(tool, []).append(seconds)
+
+    def median_seconds(self, tool: str) -> float:
+        return median(self.seconds.get(tool, []))
+
+    def median_rate(self, tool: str) -> float:
+        return mib_per_s(self.nbytes, self.median_seconds(tool))
+
+
+def print_report(scenarios: list[Scenario], subject: str = "mountd", header: dict | None = None,
+                 out=sys.stdout) -> None:
+    """Median seconds and MiB/s per scenario and tool, the throughput ratio
+    subject/other (>1: subject is faster), then every round's raw seconds."""
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    for k, v in (header or {}).items():
+        p(f"{k}: {v}")
+    p()
+    p(f"{'scenario':<28} {'tool':<14} {'median s':>9} {'MiB/s':>9} {f'{subject}/tool':>12}")
+    p("-" * 76)
+    for sc in scenarios:
+        label = f"{sc.name} ({sc.files} x {fmt_size(sc.nbytes // max(sc.files, 1))})"
+        subject_rate = sc.median_rate(subject) if subject in sc.seconds else None
+        for tool in sc.seconds:
+            rate = sc.median_rate(tool)
+            ratio = "" if tool == subject or subject_rate is None else f"{subject_rate / rate:.2f}x"
+            p(f"{label:<28} {tool:<14} {sc.median_seconds(tool):>9.2f} {rate:>9.1f} {ratio:>12}")
+            label = ""
+    p()
+    p("raw seconds per round:")
+    for sc in scenarios:
+        for tool, secs in sc.seconds.items():
+            p(f"  {sc.name:<10} {tool:<14} " + "  ".join(f"{s:7.2f}" for s in secs))
+    p()
+    p("how each tool was run:")
+    for sc in scenarios:
+        for tool, how in sc.tools.items():
+            p(f"  {sc.name:<10} {tool:<14} {how}")
+
+
+def report_dict(scenarios: list[Scenario], subject: str = "mountd", header: dict | None = None) -> dict:
+    out = {"header": header or {}, "subject": subject, "scenarios": []}
+    for sc in scenarios:
+        d = asdict(sc)
+        d["median_seconds"] = {t: sc.median_seconds(t) for t in sc.seconds}
+        d["median_mib_per_s"] = {t: sc.median_rate(t) for t in sc.seconds}
+        if subject in sc.seconds:
+            d[f"{subject}_throughput_ratio"] = {t: sc.median_rate(subject) / sc.median_rate(t)
+                                                for t in sc.seconds if t != subject}
+        out["scenarios"].append(d)
+    return out
+
+
+def write_json(path: str, scenarios: list[Scenario], subject: str = "mountd", header: dict | None = None) -> None:
+    with open(path, "w") as f:
+        json.dump(report_dict(scenarios, subject, header), f, indent=2)
+        f.write("\n")
