@@ -2,7 +2,7 @@
 
 Started by `mountd mount` (or the run supervisor) with its job as JSON on
 standard input, never on the command line (it may hold an inline secret).
-It opens the store, mounts, and reports "ready" or "error: ..." on the pipe
+It opens the store, mounts, and reports "ready" or "error CODE: ..." on the pipe
 its starter waits on. With a supervisor pipe, it unmounts itself when the
 supervisor goes away, so no mount outlives the process that wanted it; the
 `auto_unmount` mount option covers the worker itself dying.
@@ -154,10 +154,10 @@ def main() -> int:
     try:
         run(spec, lambda: report("ready"), debug=spec.get("debug", False))
     except MountdError as e:
-        report(f"error: {e}")
+        report(f"error {e.exit_code}: {e}")
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - reported to the starter, then logged in full
-        report(f"error: internal error: {type(e).__name__}: {e}")
+        report(f"error 1: internal error: {type(e).__name__}: {e}")
         log.exception("mount worker failed")
         return 1
     return 0

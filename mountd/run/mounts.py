@@ -120,10 +120,9 @@ def start(spec: dict, supervised: bool = False, log_level: str = "info", debug: 
         proc.wait()
         if sup_w is not None:
             os.close(sup_w)
-        if answer.startswith("error: "):
-            code = proc.returncode if proc.returncode in (1, 2) else 1
-            err = UsageError(answer[7:]) if code == 2 else MountdError(answer[7:])
-            raise err
+        if answer.startswith("error "):
+            code, _, message = answer[6:].partition(": ")
+            raise UsageError(message) if code == "2" else MountdError(message)
         raise MountdError(f"mount worker for {mountpoint} did not come up ({answer or 'no answer'}); "
                           f"see {runtime.log_path(mountpoint)}")
     if sup_w is not None:
@@ -169,7 +168,9 @@ def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, wor
     if worker and worker.supervisor_fd is not None:
         os.close(worker.supervisor_fd)
         worker.supervisor_fd = None
-    _wait_exit(pid, worker, timeout, lazy)
+    # After a lazy detach the worker goes on serving the files still open and
+    # exits when they close: give it a moment, never kill it.
+    _wait_exit(pid, worker, min(timeout, 1.0) if lazy else timeout, lazy)
     if pid is None or not runtime.pid_alive(pid):
         runtime.remove_record(path)
 

@@ -84,6 +84,13 @@ class ObjectStore(ABC):
         bytes-like object (bytes or bytearray).
         With `etag`, raises Stale if the object is no longer that version."""
 
+    def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
+        """Like read, into a caller's buffer (no allocation per call); returns
+        the number of bytes placed at the start of `view`."""
+        data = self.read(path, offset, len(view), etag)
+        view[:len(data)] = data
+        return len(data)
+
     @abstractmethod
     def write_file(self, path: str, local_path: str, overwrite: bool = True,
                    progress: ProgressCallback | None = None) -> Entry:

@@ -20,13 +20,13 @@ from typing import Iterator
 
 import urllib3
 from azure.core import MatchConditions
-from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError, Unreachable
 from mountd.storage.azure_common import client_options, sdk_credential, translated
+from mountd.storage.azure_http import HttpError, RangeReader, Signer
 from mountd.storage.base import Entry, ObjectStore, ProgressCallback, join, normalize_path
 
 MARKER_KEY = "hdi_isfolder"
@@ -34,7 +34,6 @@ SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
 BLOCK_SIZE = 8 * 1024 * 1024  # staged block size for larger files
 UPLOAD_CONCURRENCY = 8  # blocks in flight per large file
 LIST_PAGE = 5000  # the service's maximum page
-READ_RESUMES = 5  # times a ranged read cut off midway is resumed
 
 
 def is_marker(metadata: dict | None) -> bool:
@@ -63,6 +62,8 @@ class BlobStore(ObjectStore):
             self.service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
                                              **client_options())
         self.container = self.service.get_container_client(cfg.container_name)
+        self.container_name = cfg.container_name
+        self._reader = RangeReader(self.service.url.split("?")[0], Signer.from_sdk_client(self.service))
         self.description = f"blob container {cfg.container_name!r} at {self.service.url.split('?')[0]}"
         self._uploads = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="blob-upload")
         self._upload_slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY * 2)
@@ -146,57 +147,21 @@ class BlobStore(ObjectStore):
 
     # -- data -----------------------------------------------------------------
     def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        """A ranged GET sent through the SDK's pipeline (so it is signed and
-        retried like any call) whose body is read straight into one buffer:
-        the SDK's own downloader reassembles small pieces and reaches about
-        half the rate. A body cut off midway is resumed from where it broke,
-        pinned to the same etag."""
         if length <= 0:
             return b""
-        path = normalize_path(path)
-        blob = self.container.get_blob_client(path)
         buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
-        attempt = 0
-        while got < length:
-            start = offset + got
-            headers = {"x-ms-range": f"bytes={start}-{offset + length - 1}", "x-ms-version": blob.api_version}
-            if etag:
-                headers["If-Match"] = etag
-            with self._errors(path):
-                response = blob._pipeline.run(HttpRequest("GET", blob.url, headers=headers), stream=True).http_response
-            status = response.status_code
-            if status == 416:
-                response.close()
-                break  # at or past the end of the object
-            if status not in (200, 206):
-                _raise_for(response, f"{path} in {self.description}")
-            raw = response.internal_response.raw
-            try:
-                while got < length:
-                    n = raw.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                if status == 200 and start == 0:
-                    break  # the service ignored the range: we got all there is
-                if got < length and response.headers.get("Content-Range", "").endswith(f"/{offset + got}"):
-                    break  # the object ends here
-            except (OSError, urllib3.exceptions.HTTPError) as e:
-                attempt += 1
-                if attempt > READ_RESUMES:
-                    raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
-                time.sleep(min(0.2 * 2 ** attempt, 5.0))
-                continue
-            finally:
-                response.close()
-            if got < length:
-                attempt += 1
-                if attempt > READ_RESUMES:
-                    raise StorageError(f"{path} in {self.description}: connection closed after {got} of {length} bytes")
+        got = self.read_into(path, offset, memoryview(buf), etag)
         # a bytearray is returned as is: copying 8 MiB blocks doubles peak memory
         return buf if got == length else buf[:got]
+
+    def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
+        path = normalize_path(path)
+        try:
+            return self._reader.read_into(f"{self.container_name}/{path}", offset, view, etag)
+        except HttpError as e:
+            _raise_for(e.status, e.code, f"{path} in {self.description}")
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
 
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         path = normalize_path(path)
@@ -314,14 +279,12 @@ class BlobStore(ObjectStore):
 
     def close(self) -> None:
         self._uploads.shutdown(wait=False, cancel_futures=True)
+        self._reader.close()
         self.service.close()
 
 
-def _raise_for(response, what: str):
-    """Turn a failed raw response into mountd's error for it."""
-    status = response.status_code
-    code = response.headers.get("x-ms-error-code", "")
-    response.close()
+def _raise_for(status: int, code: str, what: str):
+    """Turn a failed data-path answer into mountd's error for it."""
     if status == 412:
         raise Stale(f"{what} changed in storage while it was being read")
     if status == 404:

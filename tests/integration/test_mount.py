@@ -1,0 +1,298 @@
+"""Real FUSE mounts through `mountd mount`, over Azurite and a local
+datastore: every byte through the mount, offsets and block boundaries,
+concurrent readers, markers, change detection, unmount and its failures."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import yaml
+
+from mountd.run import mounts, runtime
+from tests.conftest import KEY, KEY_ENV
+from tests.support.azurite import blob_workspace_entry
+
+pytestmark = pytest.mark.fuse
+
+BLOCK = 64 * 1024
+TREE = {
+    "plain.txt": b"plain",
+    "with space/file name.txt": b"space" * 100,
+    "unicode/é日本/データ.bin": os.urandom(3000),
+    "pct/100%.txt": b"pct",
+    "hash/#1.txt": b"hash",
+    "plus/a+b.txt": b"plus",
+    "empty.bin": b"",
+    "blocks/exact.bin": os.urandom(4 * BLOCK),
+    "blocks/odd.bin": os.urandom(5 * BLOCK + 7),
+    "deep/a/b/c/d.txt": b"deep",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fuse_available():
+    problem = mounts.fuse_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE is required in CI: {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(params=["blob", "local"])
+def datastore(request, tmp_path, monkeypatch):
+    """A workspace whose datastore `data` holds TREE; yields its path."""
+    ws = tmp_path / "ws.yaml"
+    if request.param == "blob":
+        azurite = request.getfixturevalue("azurite")
+        container = request.getfixturevalue("container")
+        for name, data in TREE.items():
+            container.upload_blob(name, data)
+        container.upload_blob("marked", b"", metadata={"hdi_isfolder": "true"})
+        entry = blob_workspace_entry(azurite, container.container_name, KEY_ENV)
+        request.node.container = container
+    else:
+        root = tmp_path / "localroot"
+        for name, data in TREE.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        (root / "marked").mkdir()
+        entry = {"type": "local", "root": str(root)}
+        request.node.root = root
+    ws.write_text(yaml.safe_dump({"datastores": {"data": entry}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    return request.param
+
+
+@pytest.fixture
+def mount(tmp_path, mountd_cli):
+    """mount(target, *flags) -> mountpoint; everything is unmounted afterwards."""
+    made = []
+
+    def do(target="data", *flags, expect_ok=True):
+        mp = tmp_path / f"mnt{len(made)}"
+        mp.mkdir()
+        r = mountd_cli("mount", target, mp, "--cache-dir", tmp_path / "cache", "--block-size", "64KiB",
+                       "--memory-cache", "1MiB", *flags)
+        if expect_ok:
+            assert r.code == 0, r
+            assert mounts.is_mounted(str(mp))
+        made.append(mp)
+        return mp if expect_ok else (mp, r)
+
+    yield do
+    for mp in made:
+        if mounts.is_mounted(str(mp)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def tree_bytes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, root)] = fh.read()
+    return out
+
+
+def test_every_byte_of_the_tree_through_the_mount(datastore, mount, mountd_cli):
+    mp = mount()
+    assert tree_bytes(mp) == TREE
+    assert os.path.isdir(mp / "marked") and os.listdir(mp / "marked") == []
+    st = os.stat(mp / "blocks" / "odd.bin")
+    assert st.st_size == len(TREE["blocks/odd.bin"]) and st.st_mode & 0o777 == 0o444
+    with pytest.raises(FileNotFoundError):
+        os.stat(mp / "no-such-file")
+    r = mountd_cli("unmount", mp)
+    assert r.code == 0, r
+    assert not mounts.is_mounted(str(mp))
+
+
+def test_pread_at_random_offsets_and_block_boundaries(datastore, mount):
+    mp = mount()
+    data = TREE["blocks/odd.bin"]
+    offsets = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK - 3, len(data) - 1, len(data), len(data) + 5]
+    rng = random.Random(7)
+    offsets += [rng.randrange(len(data)) for _ in range(100)]
+    fd = os.open(mp / "blocks" / "odd.bin", os.O_RDONLY)
+    try:
+        for off in offsets:
+            size = rng.choice([1, 7, 4096, BLOCK, BLOCK + 1, 3 * BLOCK])
+            assert os.pread(fd, size, off) == data[off:off + size], (off, size)
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_readers_of_one_file(datastore, mount):
+    mp = mount()
+    data = TREE["blocks/odd.bin"]
+    want = hashlib.sha256(data).hexdigest()
+    results, errors = [], []
+
+    def reader(seed):
+        try:
+            rng = random.Random(seed)
+            with open(mp / "blocks" / "odd.bin", "rb") as f:
+                if seed % 2:
+                    results.append(hashlib.sha256(f.read()).hexdigest())
+                else:
+                    for _ in range(50):
+                        off = rng.randrange(len(data))
+                        f.seek(off)
+                        assert f.read(5000) == data[off:off + 5000]
+                    results.append(want)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == [want] * 8
+
+
+def test_mount_a_subdirectory(datastore, mount):
+    mp = mount("data:blocks")
+    assert sorted(os.listdir(mp)) == ["exact.bin", "odd.bin"]
+    assert (mp / "exact.bin").read_bytes() == TREE["blocks/exact.bin"]
+
+
+def test_mount_is_read_only(datastore, mount):
+    mp = mount()
+    for attempt in (lambda: open(mp / "new.txt", "wb"), lambda: open(mp / "plain.txt", "ab"),
+                    lambda: os.mkdir(mp / "newdir"), lambda: os.unlink(mp / "plain.txt")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+
+
+def test_blob_rewritten_while_open_gives_an_error_never_mixed_bytes(azurite, container, tmp_path, monkeypatch,
+                                                                   mount):
+    old = os.urandom(8 * BLOCK)
+    container.upload_blob("changing.bin", old)
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name)}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    mp = mount("data", "--readahead-blocks", "0", "--no-disk-cache")
+    fd = os.open(mp / "changing.bin", os.O_RDONLY | os.O_DIRECT) if False else os.open(mp / "changing.bin",
+                                                                                         os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 0) == old[:100]
+        container.upload_blob("changing.bin", os.urandom(8 * BLOCK), overwrite=True)
+        try:
+            got = os.pread(fd, 100, 6 * BLOCK)
+        except OSError as e:
+            assert e.errno in (errno.ESTALE, errno.EIO)
+        else:
+            assert got == old[6 * BLOCK:6 * BLOCK + 100]  # the kernel may still hold old pages: old bytes only
+    finally:
+        os.close(fd)
+    log = runtime.log_path(str(mp))
+    assert "changed in storage while open" in open(log, encoding="utf-8").read()
+
+
+def test_zero_byte_and_listing_attributes(datastore, mount):
+    mp = mount()
+    assert (mp / "empty.bin").read_bytes() == b""
+    names = sorted(os.listdir(mp))
+    assert names == sorted({"plain.txt", "with space", "unicode", "pct", "hash", "plus", "empty.bin", "blocks",
+                            "deep", "marked"})
+
+
+def test_unmount_with_open_file_is_refused_then_lazy_works(datastore, mount, mountd_cli):
+    mp = mount()
+    f = open(mp / "plain.txt", "rb")
+    try:
+        r = mountd_cli("unmount", mp)
+        assert r.code == 1 and "busy" in r.err and len(r.err.strip().splitlines()) == 1, r
+        assert mounts.is_mounted(str(mp))
+        assert f.read() == b"plain"
+        r = mountd_cli("unmount", mp, "--lazy")
+        assert r.code == 0, r
+        assert not mounts.is_mounted(str(mp))
+    finally:
+        f.close()
+
+
+def test_worker_killed_leaves_no_dead_mount(datastore, mount):
+    mp = mount()
+    record = runtime.read_record(str(mp))
+    os.kill(record["pid"], signal.SIGKILL)
+    deadline = time.time() + 10
+    while mounts.is_mounted(str(mp)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not mounts.is_mounted(str(mp))
+    assert os.listdir(mp) == []  # an empty directory again, not "Transport endpoint is not connected"
+
+
+@pytest.mark.parametrize("case", ["missing", "not-empty", "file", "unknown-datastore", "bad-size", "already"])
+def test_mount_refuses_bad_input_with_exit_2(datastore, tmp_path, mount, mountd_cli, case):
+    target, mp = "data", tmp_path / "mp"
+    extra = []
+    if case == "missing":
+        mp = tmp_path / "absent"
+    elif case == "not-empty":
+        mp.mkdir()
+        (mp / "x").write_text("x")
+    elif case == "file":
+        mp.write_text("x")
+    elif case == "unknown-datastore":
+        mp.mkdir()
+        target = "nosuch"
+    elif case == "bad-size":
+        mp.mkdir()
+        extra = ["--memory-cache", "lots"]
+    else:
+        mp = mount()
+    r = mountd_cli("mount", target, mp, *extra)
+    assert r.code == 2, r
+    assert r.err.startswith("mountd: error: ") and len(r.err.strip().splitlines()) == 1, r
+    assert "Traceback" not in r.err
+    if case != "already":
+        assert not mounts.is_mounted(str(mp))
+
+
+def test_mount_of_unreachable_store_fails_cleanly(tmp_path, mountd_cli, monkeypatch):
+    from tests.support.azurite import free_port
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"dead": {
+        "type": "azure_blob", "account_name": "devstoreaccount1", "container_name": "cont",
+        "endpoint": f"http://127.0.0.1:{free_port()}/devstoreaccount1", "credential": {"account_key_env": KEY_ENV}}}}))
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = mountd_cli("--workspace", ws, "mount", "dead", mp, env={KEY_ENV: KEY})
+    assert r.code == 2 and "cannot reach" in r.err, r
+    assert not mounts.is_mounted(str(mp)) and os.listdir(mp) == []
+
+
+def test_unmount_of_something_not_mounted(tmp_path, mountd_cli):
+    r = mountd_cli("unmount", tmp_path)
+    assert r.code == 2 and "is not mounted" in r.err
+
+
+def test_disk_cache_serves_a_remount(datastore, tmp_path, mount, mountd_cli):
+    mp = mount()
+    assert (mp / "blocks" / "odd.bin").read_bytes() == TREE["blocks/odd.bin"]
+    time.sleep(0.5)  # the disk writer is asynchronous
+    assert mountd_cli("unmount", mp).code == 0
+    cache_files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != ".lock"]
+    assert cache_files, "the disk tier kept nothing"
+    mp2 = mount()
+    assert (mp2 / "blocks" / "odd.bin").read_bytes() == TREE["blocks/odd.bin"]
+
+
+def test_record_shows_the_mount(datastore, mount):
+    mp = mount()
+    record = runtime.read_record(str(mp))
+    assert record["datastore"] == "data" and record["mode"] == "ro" and runtime.pid_alive(record["pid"])
+    assert KEY not in json.dumps(record)

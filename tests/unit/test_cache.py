@@ -1,0 +1,254 @@
+"""Metadata cache, block cache (memory and disk tiers) and readahead, without
+FUSE or a server: a local directory store stands in for storage."""
+
+import errno
+import threading
+import time
+
+import pytest
+
+from mountd.cache.blocks import BlockCache, DiskTier
+from mountd.cache.meta import MetadataCache
+from mountd.cache.prefetch import ReadAhead
+from mountd.errors import NotFound
+from mountd.storage.local import LocalStore
+
+MiB = 1 << 20
+
+
+class CountingStore(LocalStore):
+    def __init__(self, root):
+        super().__init__(root)
+        self.calls = {"stat": 0, "list_dir": 0}
+
+    def stat(self, path):
+        self.calls["stat"] += 1
+        return super().stat(path)
+
+    def list_dir(self, path):
+        self.calls["list_dir"] += 1
+        return super().list_dir(path)
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "root"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "a.txt").write_bytes(b"aaa")
+    (root / "dir" / "b.txt").write_bytes(b"bbbb")
+    return CountingStore(str(root))
+
+
+# -- metadata --------------------------------------------------------------------------
+
+def test_stat_is_cached(store):
+    meta = MetadataCache(store, ttl=60, negative_ttl=60)
+    assert meta.stat("dir/a.txt").size == 3
+    assert meta.stat("dir/a.txt").size == 3
+    assert store.calls["stat"] == 1
+
+
+def test_listing_fills_children_and_answers_absent_siblings(store):
+    meta = MetadataCache(store, ttl=60, negative_ttl=60)
+    assert sorted(e.name for e in meta.list_dir("dir")) == ["a.txt", "b.txt"]
+    assert meta.stat("dir/b.txt").size == 4
+    with pytest.raises(NotFound):
+        meta.stat("dir/__init__.py")  # known absent from the listing: no request
+    assert store.calls["stat"] == 0
+    assert sorted(e.name for e in meta.list_dir("dir")) == ["a.txt", "b.txt"]
+    assert store.calls["list_dir"] == 1
+
+
+def test_negative_entries_expire(store, tmp_path):
+    meta = MetadataCache(store, ttl=60, negative_ttl=0.2)
+    with pytest.raises(NotFound):
+        meta.stat("dir/new.txt")
+    (tmp_path / "root" / "dir" / "new.txt").write_bytes(b"n")
+    with pytest.raises(NotFound):
+        meta.stat("dir/new.txt")  # still cached as absent
+    time.sleep(0.3)
+    assert meta.stat("dir/new.txt").size == 1
+
+
+def test_attributes_expire_after_ttl(store, tmp_path):
+    meta = MetadataCache(store, ttl=0.2, negative_ttl=0.2)
+    assert meta.stat("dir/a.txt").size == 3
+    (tmp_path / "root" / "dir" / "a.txt").write_bytes(b"longer")
+    assert meta.stat("dir/a.txt").size == 3
+    time.sleep(0.3)
+    assert meta.stat("dir/a.txt").size == 6
+
+
+def test_zero_negative_ttl_disables_negative_caching(store, tmp_path):
+    meta = MetadataCache(store, ttl=60, negative_ttl=0)
+    list(meta.list_dir("dir"))
+    (tmp_path / "root" / "dir" / "c.txt").write_bytes(b"c")
+    assert meta.stat("dir/c.txt").size == 1
+
+
+# -- block cache -----------------------------------------------------------------------
+
+def test_concurrent_gets_fetch_once():
+    cache = BlockCache(16 * MiB, None, threads=4)
+    calls = []
+    gate = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        gate.wait(5)
+        return b"x" * 100
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(("p", "e", 0), fetch)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [b"x" * 100] * 8
+    assert cache.stats.misses == 1
+
+
+def test_memory_tier_is_bounded_in_bytes():
+    cache = BlockCache(3 * MiB, None, threads=2)
+    for i in range(10):
+        cache.get(("p", "e", i), lambda: b"\0" * MiB)
+    assert cache.memory_used <= 3 * MiB
+    assert cache.stats.misses == 10
+    cache.get(("p", "e", 9), lambda: pytest.fail("block 9 should still be cached"))
+
+
+def test_failed_fetch_is_not_cached():
+    cache = BlockCache(MiB, None, threads=2)
+
+    def broken():
+        raise OSError(errno.EIO, "boom")
+    with pytest.raises(OSError):
+        cache.get(("p", "e", 0), broken)
+    assert cache.get(("p", "e", 0), lambda: b"ok") == b"ok"
+
+
+def test_prefetch_then_get_uses_the_prefetched_block():
+    cache = BlockCache(4 * MiB, None, threads=2)
+    assert cache.prefetch(("p", "e", 1), lambda: b"pre")
+    assert not cache.prefetch(("p", "e", 1), lambda: b"again")
+    deadline = time.time() + 5
+    while cache.in_flight() and time.time() < deadline:
+        time.sleep(0.01)
+    assert cache.get(("p", "e", 1), lambda: pytest.fail("fetched twice")) == b"pre"
+
+
+def test_different_etag_is_a_different_block():
+    cache = BlockCache(4 * MiB, None, threads=2)
+    assert cache.get(("p", "v1", 0), lambda: b"old") == b"old"
+    assert cache.get(("p", "v2", 0), lambda: b"new") == b"new"
+
+
+def test_disk_tier_respects_cap_and_evicts_oldest(tmp_path):
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=3 * MiB, reserved_free=0)
+    for i in range(5):
+        disk.put(("p", "e", i), bytes([i]) * MiB)
+    assert disk.used <= 3 * MiB
+    assert disk.get(("p", "e", 0)) is None and disk.get(("p", "e", 1)) is None
+    assert disk.get(("p", "e", 4)) == bytes([4]) * MiB
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "c").rglob("*") if f.is_file() and f.name != ".lock")
+    assert on_disk <= 3 * MiB
+
+
+def test_disk_tier_keeps_reserved_free_space(tmp_path, monkeypatch):
+    free = {"bytes": 5 * MiB}
+    monkeypatch.setattr(DiskTier, "_free_disk", lambda self: free["bytes"] - self.used)
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=100 * MiB, reserved_free=3 * MiB)
+    for i in range(6):
+        disk.put(("p", "e", i), b"\0" * MiB)
+    assert disk.used <= 2 * MiB  # 5 MiB free, 3 reserved
+
+
+def test_disk_tier_survives_enospc(tmp_path, monkeypatch):
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
+    disk.put(("p", "e", 0), b"a" * 1000)
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr("builtins.open", full_disk)
+    disk.put(("p", "e", 1), b"b" * 1000)  # must not raise
+    monkeypatch.undo()
+    assert disk.get(("p", "e", 1)) is None
+    assert disk.used == sum(disk._files.values())
+
+
+def test_disk_tier_is_adopted_by_the_next_mount(tmp_path):
+    first = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
+    first.put(("p", "e", 0), b"kept")
+    second = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
+    assert second.get(("p", "e", 0)) == b"kept" and second.used == 4
+
+
+def test_block_cache_reads_through_disk_tier(tmp_path):
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
+    cache = BlockCache(MiB, disk, threads=2)
+    cache.get(("p", "e", 0), lambda: b"from storage")
+    deadline = time.time() + 5
+    while disk.get(("p", "e", 0)) is None and time.time() < deadline:
+        time.sleep(0.01)  # the disk writer is asynchronous
+    fresh = BlockCache(MiB, disk, threads=2)
+    assert fresh.get(("p", "e", 0), lambda: pytest.fail("not from disk")) == b"from storage"
+    assert fresh.stats.disk_hits == 1
+
+
+def test_slow_disk_drops_blocks_instead_of_blocking(tmp_path, monkeypatch):
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=100 * MiB, reserved_free=0)
+    gate = threading.Event()
+    monkeypatch.setattr(disk, "put", lambda key, data: gate.wait(5))
+    cache = BlockCache(64 * MiB, disk, threads=2)
+    start = time.time()
+    for i in range(20):
+        cache.get(("p", "e", i), lambda: b"x")
+    assert time.time() - start < 2
+    assert cache._writer.dropped > 0
+    gate.set()
+
+
+# -- readahead ---------------------------------------------------------------------------
+
+def test_sequential_reads_ramp_up_readahead():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=100 * MiB)
+    windows, scheduled = [], []
+    for i in range(12):
+        scheduled.extend(ra.on_read(i * MiB // 2, MiB // 2))
+        windows.append(ra.window)
+    assert windows[0] == 1 and max(windows) == 8 and windows == sorted(windows)
+    assert len(scheduled) == len(set(scheduled))  # nothing asked for twice
+    assert scheduled[0] == 1
+
+
+def test_random_reads_stop_readahead():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=100 * MiB)
+    for i in range(6):
+        ra.on_read(i * MiB, MiB)
+    assert ra.window > 1
+    assert list(ra.on_read(70 * MiB, 4096)) == []
+    assert ra.window == 0
+    assert list(ra.on_read(20 * MiB, 4096)) == []
+
+
+def test_readahead_stops_at_end_of_file():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=3 * MiB)
+    got = []
+    for i in range(6):
+        got.extend(ra.on_read(i * MiB // 2, MiB // 2))
+    assert max(got) <= 2
+
+
+def test_slightly_out_of_order_reads_count_as_sequential():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=100 * MiB)
+    for off in (0, 2, 1, 4, 3, 6, 5):
+        ra.on_read(off * 256 * 1024, 256 * 1024)
+    assert ra.window > 1
+
+

@@ -1,0 +1,145 @@
+"""The filesystem core driven directly, with no mount: attributes, listings,
+reads at any offset, change detection, read-only rules."""
+
+import errno
+import os
+import stat
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mountd.cache.blocks import BlockCache
+from mountd.config.settings import CacheSettings
+from mountd.fs.core import FileSystemCore, FsError
+from mountd.storage.local import LocalStore
+
+BLOCK = 64 * 1024
+DATA = os.urandom(5 * BLOCK + 123)
+
+
+def make_core(root, **overrides):
+    values = dict(block_size=BLOCK, memory=16 * BLOCK, readahead_blocks=4, attribute_ttl=60, negative_ttl=60,
+                  disk=False)
+    cfg = CacheSettings(**{**values, **overrides})
+    return FileSystemCore(LocalStore(str(root)), cfg, BlockCache(cfg.memory, None, cfg.threads))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "big.bin").write_bytes(DATA)
+    (root / "empty").write_bytes(b"")
+    (root / "sub" / "small.txt").write_bytes(b"hello")
+    return root
+
+
+@pytest.fixture
+def core(tree):
+    c = make_core(tree)
+    yield c
+    c.close()
+
+
+def test_getattr(core):
+    root = core.getattr("/")
+    assert stat.S_ISDIR(root["st_mode"]) and root["st_mode"] & 0o777 == 0o555
+    big = core.getattr("/big.bin")
+    assert stat.S_ISREG(big["st_mode"]) and big["st_size"] == len(DATA) and big["st_mode"] & 0o777 == 0o444
+    assert core.getattr("/empty")["st_size"] == 0
+    with pytest.raises(FsError) as e:
+        core.getattr("/missing")
+    assert e.value.errno == errno.ENOENT
+
+
+def test_readdir(core):
+    assert {n for n, _ in core.readdir("/")} == {"big.bin", "empty", "sub"}
+    attrs = dict(core.readdir("/sub"))
+    assert stat.S_ISDIR(attrs["deeper"]["st_mode"]) and attrs["small.txt"]["st_size"] == 5
+    with pytest.raises(FsError) as e:
+        list(core.readdir("/big.bin"))
+    assert e.value.errno == errno.ENOTDIR
+
+
+def test_read_whole_and_across_blocks(core):
+    fh, keep = core.open("/big.bin", os.O_RDONLY)
+    assert keep is False
+    out = b"".join(core.read(fh, 100_000, off) for off in range(0, len(DATA), 100_000))
+    assert out == DATA
+    assert core.read(fh, 10, len(DATA)) == b""
+    assert core.read(fh, BLOCK * 2, BLOCK - 10) == DATA[BLOCK - 10:3 * BLOCK - 10]
+    core.release(fh)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(0, len(DATA) + 10), size=st.integers(0, 3 * BLOCK))
+def test_reads_match_source_at_any_offset(core, offset, size):
+    fh, _ = core.open("/big.bin", os.O_RDONLY)
+    try:
+        assert core.read(fh, size, offset) == DATA[offset:offset + size]
+    finally:
+        core.release(fh)
+
+
+def test_second_open_of_unchanged_file_keeps_kernel_cache(core):
+    fh1, keep1 = core.open("/sub/small.txt", os.O_RDONLY)
+    fh2, keep2 = core.open("/sub/small.txt", os.O_RDONLY)
+    assert (keep1, keep2) == (False, True)
+
+
+def test_file_changed_after_open_gives_estale(tree):
+    core = make_core(tree, readahead_blocks=0)
+    fh, _ = core.open("/big.bin", os.O_RDONLY)
+    assert core.read(fh, 10, 0) == DATA[:10]
+    (tree / "big.bin").write_bytes(os.urandom(len(DATA)))  # new inode/mtime: a new etag
+    with pytest.raises(FsError) as e:
+        core.read(fh, 10, 3 * BLOCK)
+    assert e.value.errno == errno.ESTALE
+    assert core.read_errors == 1
+    core.close()
+
+
+def test_write_open_is_refused_on_read_only(core):
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(FsError) as e:
+            core.open("/big.bin", flags)
+        assert e.value.errno == errno.EROFS
+
+
+def test_open_directory_and_missing(core):
+    with pytest.raises(FsError) as e:
+        core.open("/sub", os.O_RDONLY)
+    assert e.value.errno == errno.EISDIR
+    with pytest.raises(FsError) as e:
+        core.open("/nope", os.O_RDONLY)
+    assert e.value.errno == errno.ENOENT
+
+
+def test_prefix_mounts_a_subdirectory(tree):
+    cfg = CacheSettings(block_size=BLOCK, memory=16 * BLOCK, disk=False)
+    core = FileSystemCore(LocalStore(str(tree)), cfg, BlockCache(cfg.memory, None, 2), prefix="sub")
+    assert {n for n, _ in core.readdir("/")} == {"small.txt", "deeper"}
+    fh, _ = core.open("/small.txt", os.O_RDONLY)
+    assert core.read(fh, 100, 0) == b"hello"
+    core.close()
+
+
+def test_sequential_read_prefetches(tree):
+    core = make_core(tree)
+    fh, _ = core.open("/big.bin", os.O_RDONLY)
+    for off in range(0, 2 * BLOCK, 16 * 1024):
+        core.read(fh, 16 * 1024, off)
+    assert core.blocks.stats.prefetches >= 2
+    core.close()
+
+
+def test_bad_handle(core):
+    with pytest.raises(FsError) as e:
+        core.read(999, 10, 0)
+    assert e.value.errno == errno.EBADF
+
+
+def test_statfs_reports_space(core):
+    s = core.statfs()
+    assert s["f_bavail"] > 0 and s["f_bsize"] > 0
