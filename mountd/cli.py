@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs.required = True
 
+    # -- runs -------------------------------------------------------------------
+    p = subs.add_parser("run", help="stage, mount, run the command, upload, unmount", parents=[common])
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("--work-dir", metavar="DIR", help="where references and run state go "
+                   "(default: the manifest's work_dir, else ./mountd-runs/RUN_ID)")
+    p.set_defaults(func=c.run)
+    p.epilog = "Anything after `--` is the training command; it replaces the manifest's."
+
+    p = subs.add_parser("validate", help="check a manifest without touching anything", parents=[common])
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("--work-dir", metavar="DIR")
+    p.set_defaults(func=c.validate)
+
     # -- datastore --------------------------------------------------------------
     ds = subs.add_parser("datastore", help="register and inspect datastores", parents=[common])
     dsub = ds.add_subparsers(dest="datastore_command", metavar="ACTION", parser_class=_Parser)
@@ -173,7 +186,17 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     from mountd import logsetup
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `mountd run MANIFEST [options] -- COMMAND ...`: the command is split off
+    # first so that its own options are never taken for mountd's.
+    command = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.command_argv = command
+    if command is not None and getattr(args, "func", None).__name__ != "run":
+        build_parser().error("`--` COMMAND is only for `mountd run`")
     logsetup.setup(args.log_level, args.debug, args.log_format)
     try:
         return args.func(args)

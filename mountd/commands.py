@@ -194,3 +194,27 @@ def unmount(args) -> int:
     mounts.stop(args.mountpoint, lazy=args.lazy)
     print(f"unmounted {os.path.abspath(args.mountpoint)}")
     return EXIT_OK
+
+
+def _load_manifest(args):
+    from mountd.config.manifest import load_manifest
+    ws = _workspace(args)
+    return load_manifest(args.manifest, ws, work_dir=getattr(args, "work_dir", None))
+
+
+def validate(args) -> int:
+    manifest = _load_manifest(args)
+    print(f"{manifest.path}: valid (run {manifest.run_id}, node rank {manifest.node_rank}, work dir {manifest.work_dir})")
+    for ref in manifest.references.values():
+        rw = " read-write" if ref.read_write else ""
+        print(f"  {ref.env_name}: {ref.mode}{rw} {ref.datastore.name}:{ref.path_on_datastore or '/'} "
+              f"-> {ref.path_on_compute}")
+    if manifest.command:
+        print(f"  command: {' '.join(manifest.command)}")
+    return EXIT_OK
+
+
+def run(args) -> int:
+    from mountd.run import lifecycle
+    manifest = _load_manifest(args)
+    return lifecycle.run(manifest, args.command_argv or None, log_level=args.log_level, debug=args.debug)

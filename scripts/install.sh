@@ -15,8 +15,9 @@ need() { command -v "$1" >/dev/null 2>&1 || apt_packages+=("$2"); }
 need python3 python3
 need git git
 need curl curl
+need fusermount3 fuse3
 if [ "$WITH_TESTS" = 1 ]; then
-    need fusermount3 fuse3
+    need unshare util-linux
     need node nodejs
     need npm npm
 fi

@@ -25,6 +25,8 @@ from cachetools import LRUCache
 log = logging.getLogger(__name__)
 
 BlockKey = tuple  # (path, etag, index)
+WRITER_DEPTH = 2  # blocks waiting for the disk writer
+DEMAND_BLOCKS = 2  # blocks being fetched by readers themselves, outside the pool
 Fetch = Callable[[], bytes]
 
 
@@ -155,7 +157,7 @@ class _DiskWriter:
     behind, blocks are dropped rather than queued: the reader already has
     them, and a slow disk must not slow reads from storage."""
 
-    def __init__(self, disk: DiskTier, depth: int = 4):
+    def __init__(self, disk: DiskTier, depth: int):
         self.disk = disk
         self.dropped = 0
         self._queue: queue.Queue = queue.Queue(depth)
@@ -186,10 +188,14 @@ class _DiskWriter:
 
 
 class BlockCache:
-    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int):
-        self._memory: LRUCache = LRUCache(maxsize=memory_bytes, getsizeof=len)
+    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0):
+        # The memory cap covers every block buffer the worker holds: those in
+        # flight on the fetch threads and queued for the disk writer too, not
+        # only the ones in the LRU.
+        reserved = block_size * (threads + DEMAND_BLOCKS + (WRITER_DEPTH if disk else 0))
+        self._memory: LRUCache = LRUCache(maxsize=max(block_size, memory_bytes - reserved), getsizeof=len)
         self.disk = disk
-        self._writer = _DiskWriter(disk) if disk else None
+        self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
         self._inflight: dict[BlockKey, Future] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="block-fetch")

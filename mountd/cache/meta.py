@@ -29,19 +29,29 @@ class MetadataCache:
         self._absent: TTLCache = TTLCache(MAX_ENTRIES // 5, max(negative_ttl, 0.001))  # path -> True
         self._listings: TTLCache = TTLCache(MAX_LISTINGS, ttl)  # dir path -> frozenset of child names
         self.negative_enabled = negative_ttl > 0
+        self.list_parents = True  # answer a stat by listing its directory
+        self._dir_locks: TTLCache = TTLCache(MAX_LISTINGS, max(ttl, 1.0))  # dir path -> Lock
         self.requests = 0  # metadata calls that went to storage
 
     def stat(self, path: str) -> Entry:
-        with self._lock:
-            entry = self._entries.get(path)
-            if entry is not None:
-                return entry
-            if path in self._absent:
-                raise NotFound(path)
-            parent, name = posixpath.split(path)
-            names = self._listings.get(parent) if path else None
-            if names is not None and name not in names and self.negative_enabled:
-                raise NotFound(path)
+        cached = self._cached(path)
+        if cached is not None:
+            return cached
+        if path and self.list_parents:
+            # Like a directory cache: one listing of the parent answers this
+            # name and every sibling (a loader opening 2000 files of one
+            # directory makes one request, not 2000), absent names included.
+            parent = posixpath.dirname(path)
+            with self._dir_lock(parent):
+                if self._listing_fresh(parent) is None:
+                    try:
+                        for _ in self.list_dir(parent):
+                            pass
+                    except NotFound:
+                        pass  # no such directory: ask for the path itself below
+            cached = self._cached(path)
+            if cached is not None:
+                return cached
         try:
             self.requests += 1
             entry = self.store.stat(path)
@@ -53,6 +63,31 @@ class MetadataCache:
         with self._lock:
             self._entries[path] = entry
         return entry
+
+    def _cached(self, path: str) -> Entry | None:
+        """The entry if known; NotFound if known absent; None if unknown."""
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None:
+                return entry
+            if path in self._absent:
+                raise NotFound(path)
+            parent, name = posixpath.split(path)
+            names = self._listings.get(parent) if path else None
+            if names is not None and name not in names and self.negative_enabled:
+                raise NotFound(path)
+        return None
+
+    def _listing_fresh(self, path: str):
+        with self._lock:
+            return self._listings.get(path)
+
+    def _dir_lock(self, path: str) -> threading.Lock:
+        with self._lock:
+            lock = self._dir_locks.get(path)
+            if lock is None:
+                lock = self._dir_locks[path] = threading.Lock()
+            return lock
 
     def list_dir(self, path: str) -> Iterator[Entry]:
         """The children of `path`, from the cache while its listing is fresh,

@@ -11,6 +11,12 @@ from __future__ import annotations
 import threading
 
 
+# How far from the expected offset a read may land and still count as
+# sequential: the kernel reads ahead on its own (up to 16 MiB on our mounts),
+# in requests handled by several threads in any order.
+SLACK = 32 * 1024 * 1024
+
+
 class ReadAhead:
     def __init__(self, block_size: int, max_blocks: int, file_size: int):
         self.block_size = block_size
@@ -24,7 +30,7 @@ class ReadAhead:
     def on_read(self, offset: int, size: int) -> range:
         """Record a read; return the block indices to prefetch now."""
         with self._lock:
-            slack = 2 * self.block_size
+            slack = max(2 * self.block_size, SLACK)
             sequential = self._expected - slack <= offset <= self._expected + slack
             if sequential:
                 self._window = min(self.max_blocks, max(1, self._window * 2) if offset else 1)

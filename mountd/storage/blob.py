@@ -14,13 +14,14 @@ import hashlib
 import mimetypes
 import os
 import threading
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from email.utils import parsedate_to_datetime
 from typing import Iterator
+from urllib.parse import unquote
 
 import urllib3
 from azure.core import MatchConditions
-from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
+from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
@@ -47,9 +48,50 @@ def _entry(props, path: str | None = None) -> Entry:
         is_dir=is_marker(props.metadata),
         size=0 if is_marker(props.metadata) else props.size,
         mtime=props.last_modified.timestamp() if props.last_modified else 0.0,
-        etag=props.etag,
+        etag=_etag(props.etag),
         md5=bytes(md5) if md5 else None,
     )
+
+
+def _listing_page(reader: RangeReader, container: str, prefix: str, delimiter: str | None,
+                  marker: str | None, page: int) -> tuple[list, str | None]:
+    """One page of a container listing: ([Entry or ('prefix', name)], next marker)."""
+    query = {"restype": "container", "comp": "list", "include": "metadata", "maxresults": str(page)}
+    if prefix:
+        query["prefix"] = prefix
+    if delimiter:
+        query["delimiter"] = delimiter
+    if marker:
+        query["marker"] = marker
+    root = reader.get_xml(container, query)
+    items = []
+    blobs = root.find("Blobs")
+    for node in (blobs if blobs is not None else ()):
+        name_node = node.find("Name")
+        name = name_node.text or ""
+        if name_node.get("Encoded") == "true":
+            name = unquote(name)
+        if node.tag == "BlobPrefix":
+            items.append(("prefix", name))
+            continue
+        props = node.find("Properties")
+        meta = node.find("Metadata")
+        marker_blob = meta is not None and any(
+            c.tag.lower() == MARKER_KEY and (c.text or "").lower() == "true" for c in meta)
+        md5 = props.findtext("Content-MD5")
+        modified = props.findtext("Last-Modified")
+        items.append(Entry(
+            path=name, is_dir=marker_blob,
+            size=0 if marker_blob else int(props.findtext("Content-Length") or 0),
+            mtime=parsedate_to_datetime(modified).timestamp() if modified else 0.0,
+            etag=_etag(props.findtext("Etag")),
+            md5=base64.b64decode(md5) if md5 else None))
+    return items, root.findtext("NextMarker") or None
+
+
+def _etag(value: str | None) -> str | None:
+    """Etags without quotes: listings give them bare, HEAD quoted."""
+    return value.strip('"') if value else value
 
 
 class BlobStore(ObjectStore):
@@ -106,6 +148,19 @@ class BlobStore(ObjectStore):
             pages = self.container.list_blobs(name_starts_with=path + "/", results_per_page=1).by_page()
             return any(True for _ in next(pages, []))
 
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator:
+        marker = None
+        while True:
+            try:
+                items, marker = _listing_page(self._reader, self.container_name, prefix, delimiter, marker, LIST_PAGE)
+            except HttpError as e:
+                _raise_for(e.status, e.code, f"{prefix or '/'} in {self.description}")
+            except (OSError, urllib3.exceptions.HTTPError) as e:
+                raise Unreachable(f"cannot reach {self.description}: {e}") from None
+            yield from items
+            if not marker:
+                return
+
     def list_dir(self, path: str) -> Iterator[Entry]:
         path = normalize_path(path)
         prefix = path + "/" if path else ""
@@ -116,34 +171,30 @@ class BlobStore(ObjectStore):
         # its name ('a/x-1', 'a/x.txt' sort between 'a/x' and 'a/x/').
         pending: list[Entry] = []
         found = False
-        with self._errors(path):
-            items = self.container.walk_blobs(name_starts_with=prefix, delimiter="/",
-                                              include=["metadata"], results_per_page=LIST_PAGE)
-            for item in items:
-                found = True
-                name = item.name.rstrip("/")
-                while pending and not name.startswith(pending[0].path):
-                    yield pending.pop(0)
-                if isinstance(item, BlobPrefix) or is_marker(item.metadata):
-                    pending = [p for p in pending if p.path != name]
-                    if name and name != path and name not in seen_dirs:
-                        seen_dirs.add(name)
-                        yield Entry(path=name, is_dir=True) if isinstance(item, BlobPrefix) else _entry(item)
-                elif item.name != name or name == path:
-                    continue  # a blob named like a directory ('a/'): not addressable as a file
-                elif name not in seen_dirs:
-                    pending.append(_entry(item))
-            yield from pending
+        for item in self._pages(prefix, "/"):
+            found = True
+            is_prefix = isinstance(item, tuple)
+            raw_name = item[1] if is_prefix else item.path
+            name = raw_name.rstrip("/")
+            while pending and not name.startswith(pending[0].path):
+                yield pending.pop(0)
+            if is_prefix or item.is_dir:
+                pending = [p for p in pending if p.path != name]
+                if name and name != path and name not in seen_dirs:
+                    seen_dirs.add(name)
+                    yield Entry(path=name, is_dir=True) if is_prefix else item
+            elif raw_name != name or name == path:
+                continue  # a blob named like a directory ('a/'): not addressable as a file
+            elif name not in seen_dirs:
+                pending.append(item)
+        yield from pending
         if not found and path and not self.stat(path).is_dir:
             raise NotFound(f"{path} is not a directory in {self.description}")
 
     def walk(self, prefix: str = "") -> Iterator[Entry]:
-        with self._errors(prefix):
-            for props in self.container.list_blobs(name_starts_with=prefix or None, include=["metadata"],
-                                                   results_per_page=LIST_PAGE):
-                if props.name.endswith("/"):
-                    continue
-                yield _entry(props)
+        for item in self._pages(prefix, None):
+            if not isinstance(item, tuple) and not item.path.endswith("/"):
+                yield item
 
     # -- data -----------------------------------------------------------------
     def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:

@@ -60,13 +60,19 @@ def _temp_name(final: str) -> str:
     return os.path.join(head, f".{tail}.{os.getpid()}-{next(_serial)}.partial")
 
 
-def _check_target(final: str, overwrite: bool) -> bool:
-    """False if an existing file is to be kept; OSError if it cannot be replaced."""
-    if os.path.lexists(final):
-        if os.path.isdir(final) and not os.path.islink(final):
-            raise OSError(0, "a local directory is in the way")
-        return overwrite
-    return True
+def _check_target(final: str, entry: Entry, overwrite: bool) -> bool:
+    """False if an existing file is to be kept: always when it is unchanged
+    (same size, and the object's modification time, which a download sets),
+    else unless `overwrite`. OSError if it cannot be replaced."""
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return True
+    if os.path.isdir(final) and not os.path.islink(final):
+        raise OSError(0, "a local directory is in the way")
+    if st.st_size == entry.size and entry.mtime and abs(st.st_mtime - entry.mtime) < 1e-3:
+        return False
+    return overwrite
 
 
 class _Download:
@@ -139,8 +145,10 @@ class _Download:
 
 
 class _DownloadJob:
-    def __init__(self, store: ObjectStore, target_dir: str, overwrite: bool, progress: Progress):
+    def __init__(self, store: ObjectStore, target_dir: str, overwrite: bool, progress: Progress,
+                 relative_to: str = ""):
         self.store, self.target_dir, self.overwrite, self.progress = store, target_dir, overwrite, progress
+        self.strip = len(relative_to.rstrip("/")) + 1 if relative_to else 0
         self._made_dirs: set[str] = set()
         self.unfinished: set[_Download] = set()  # for clean-up after an abort
         self.lock = threading.Lock()
@@ -154,7 +162,7 @@ class _DownloadJob:
         """Runs on the listing thread: keep it light, so the workers are fed.
         Small files are checked, fetched and placed entirely by a worker."""
         try:
-            final = local_path_for(self.target_dir, entry.path)
+            final = local_path_for(self.target_dir, entry.path[self.strip:])
         except UnsafeName as e:
             self.progress.failed(entry.path, str(e))
             log.error("%s", e)
@@ -170,7 +178,7 @@ class _DownloadJob:
             pool.submit(self.small_file, entry, final)
             return
         try:
-            if not _check_target(final, self.overwrite):
+            if not _check_target(final, entry, self.overwrite):
                 self.progress.skipped()
                 return
             self.makedirs(os.path.dirname(final))
@@ -187,7 +195,7 @@ class _DownloadJob:
     def small_file(self, entry: Entry, final: str) -> None:
         tmp = None
         try:
-            if not _check_target(final, self.overwrite):
+            if not _check_target(final, entry, self.overwrite):
                 self.progress.skipped()
                 return
             self.progress.add_total(entry.size)
@@ -221,14 +229,16 @@ class _DownloadJob:
 
 
 def download(store: ObjectStore, target_dir: str, prefix: str = "", overwrite: bool = False,
-             workers: int = DEFAULT_WORKERS, show_progress: bool = True) -> TransferReport:
+             workers: int = DEFAULT_WORKERS, show_progress: bool = True, relative_to: str = "") -> TransferReport:
     """Download every object whose name starts with `prefix` (a plain string
-    prefix) to target_dir/<full name>. Existing files are skipped unless
-    `overwrite`. Per-file failures are in the report; listing failures raise."""
+    prefix) to target_dir/<full name>, or, with `relative_to` (a directory
+    the prefix lies in), to target_dir/<name below that directory>. Existing
+    files are skipped unless `overwrite`; unchanged ones always. Per-file
+    failures are in the report; listing failures raise."""
     target_dir = os.path.abspath(target_dir)
     os.makedirs(target_dir, exist_ok=True)
     progress = Progress(TransferReport("downloaded"), enabled=show_progress)
-    job = _DownloadJob(store, target_dir, overwrite, progress)
+    job = _DownloadJob(store, target_dir, overwrite, progress, relative_to)
     try:
         with BoundedPool(workers, "download") as pool:
             for entry in store.walk(prefix or ""):

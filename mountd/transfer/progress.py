@@ -37,7 +37,7 @@ class TransferReport:
         line = (f"{self.verb} {self.files} file{'s' if self.files != 1 else ''} "
                 f"({human_size(self.bytes)}) in {self.seconds:.1f} s ({human_size(rate)}/s)")
         if self.skipped:
-            line += f"; skipped {self.skipped} existing (use --overwrite to replace)"
+            line += f"; skipped {self.skipped} existing or unchanged (--overwrite replaces changed ones)"
         if self.failed:
             line += f"; {len(self.failed)} failed"
         return line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Iterable
 
 from mountd.errors import AlreadyExists, MountdError, UsageError
@@ -57,14 +58,19 @@ def plan_tree(src_dir: str, target_path: str | None) -> tuple[list[tuple[str, st
 
 def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool = False,
            workers: int = DEFAULT_WORKERS, show_progress: bool = True,
-           empty_dirs: Iterable[str] = (), refused: Iterable[tuple[str, str]] = ()) -> TransferReport:
-    """Upload (local path, remote path) pairs."""
+           empty_dirs: Iterable[str] = (), refused: Iterable[tuple[str, str]] = (),
+           cancel: threading.Event | None = None) -> TransferReport:
+    """Upload (local path, remote path) pairs. Setting `cancel` stops files not
+    yet started; they are reported as failed (not uploaded), never deleted."""
     progress = Progress(TransferReport("uploaded"), enabled=show_progress)
     for local, reason in refused:
         progress.failed(local, reason)
         log.error("not uploading %s: %s", local, reason)
 
     def one(local: str, remote: str) -> None:
+        if cancel is not None and cancel.is_set():
+            progress.failed(local, "not uploaded: aborted")
+            return
         try:
             size = os.path.getsize(local)
             progress.add_total(size)
@@ -98,9 +104,10 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
 
 
 def upload_tree(store: ObjectStore, src_dir: str, target_path: str | None = None, overwrite: bool = False,
-                workers: int = DEFAULT_WORKERS, show_progress: bool = True) -> TransferReport:
+                workers: int = DEFAULT_WORKERS, show_progress: bool = True,
+                cancel: threading.Event | None = None) -> TransferReport:
     files, empty_dirs, refused = plan_tree(src_dir, target_path)
-    return upload(store, files, overwrite, workers, show_progress, empty_dirs, refused)
+    return upload(store, files, overwrite, workers, show_progress, empty_dirs, refused, cancel)
 
 
 def plan_files(files: Iterable[str], relative_root: str | None, target_path: str | None) -> list[tuple[str, str]]:

@@ -292,3 +292,157 @@ def write_json(path: str, scenarios: list[Scenario], subject: str = "mountd", he
     with open(path, "w") as f:
         json.dump(report_dict(scenarios, subject, header), f, indent=2)
         f.write("\n")
+
+
+# --- reading through mounts (bench_mount) ---------------------------------------
+
+def drop_page_cache() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes
+    (needs root), so the next read really comes from below the page cache."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def run_timed_capture(argv: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[float, bytes]:
+    """Like run_timed, but returns (wall-clock seconds, the command's stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-15:]
+        raise ToolFailed(f"{os.path.basename(argv[0])} exited with {proc.returncode}:\n  " + "\n  ".join(tail))
+    return elapsed, proc.stdout
+
+
+def dd_read(path: str, block: str = "1M", timeout: float | None = None) -> tuple[float, int]:
+    """Time `dd if=path of=/dev/null bs=block`; returns (wall-clock seconds,
+    bytes dd says it copied)."""
+    import re
+    argv = ["dd", f"if={path}", "of=/dev/null", f"bs={block}"]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env={**os.environ, "LC_ALL": "C"}, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    elapsed = time.perf_counter() - start
+    err = proc.stderr.decode(errors="replace")
+    if proc.returncode != 0:
+        raise ToolFailed(f"dd of {path} exited with {proc.returncode}:\n  " + "\n  ".join(err.strip().splitlines()[-5:]))
+    m = re.search(r"^(\d+) bytes", err, re.MULTILINE)
+    if not m:
+        raise ToolFailed(f"dd of {path}: no byte count in its output: {err.strip()!r}")
+    return elapsed, int(m.group(1))
+
+
+def parallel_read(paths: list[str], workers: int = 8, block: int = MiB) -> tuple[float, int]:
+    """Read every file to its end in `block`-byte reads with `workers`
+    threads, each taking a disjoint contiguous share of `paths`; returns
+    (wall-clock seconds, total bytes read)."""
+    from concurrent.futures import ThreadPoolExecutor
+    shares = [paths[i * len(paths) // workers:(i + 1) * len(paths) // workers] for i in range(workers)]
+
+    def reader(share: list[str]) -> int:
+        view = memoryview(bytearray(block))
+        total = 0
+        for path in share:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(view):
+                    total += n
+        return total
+
+    with ThreadPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        totals = list(pool.map(reader, shares))
+        elapsed = time.perf_counter() - start
+    return elapsed, sum(totals)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status (e.g. 'VmHWM': '123456 kB')."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def proc_status_bytes(pid: int, key: str) -> int:
+    """A kB field of /proc/PID/status (VmHWM, VmRSS, ...) in bytes."""
+    return int(proc_status(pid)[key].split()[0]) * 1024
+
+
+def dir_bytes(path: str, apparent: bool = True) -> int:
+    """`du -sb` of a directory (apparent size), or with apparent=False the
+    bytes actually allocated on disk (`du -s --block-size=1`)."""
+    argv = ["du", "-sb", path] if apparent else ["du", "-s", "--block-size=1", path]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def _mountinfo_unescape(field: str) -> str:
+    import re
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this process's mount namespace (from
+    /proc/self/mountinfo, so nothing is stat'ed: a hung FUSE mount cannot block it)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [_mountinfo_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
+
+
+def is_mounted(path: str) -> bool:
+    return os.path.abspath(path) in mount_points()
+
+
+def mounts_under(root: str) -> list[str]:
+    """Mount points at or below `root`."""
+    root = os.path.abspath(root)
+    return [m for m in mount_points() if m == root or m.startswith(root + "/")]
+
+
+def wait_mounted(path: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
+    """Wait until `path` is a mount point; returns the seconds waited. Raises
+    ToolFailed on timeout or if `proc` exits first."""
+    start = time.perf_counter()
+    while not is_mounted(path):
+        if proc is not None and proc.poll() is not None:
+            raise ToolFailed(f"{os.path.basename(str(proc.args[0]))} exited with {proc.returncode} "
+                             f"before {path} was mounted")
+        if time.perf_counter() - start > timeout:
+            raise ToolFailed(f"{path} is not mounted after {timeout:.0f} s")
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def print_count_report(scenarios: list[Scenario], subject: str = "mountd", unit: str = "entries",
+                       out=sys.stdout) -> None:
+    """print_report for scenarios where the count matters, not the bytes (a
+    directory listing, say): median seconds, `unit`/s (Scenario.files per
+    second) and the speed ratio subject/tool = tool seconds / subject seconds
+    (>1: subject is faster), then every round's raw seconds and how each tool
+    was run."""
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    rate_head = f"{unit}/s"
+    p(f"{'scenario':<28} {'tool':<14} {'median s':>9} {rate_head:>9} {f'{subject}/tool':>12}")
+    p("-" * 76)
+    for sc in scenarios:
+        label = f"{sc.name} ({sc.files} {unit})"
+        subject_s = sc.median_seconds(subject) if subject in sc.seconds else None
+        for tool in sc.seconds:
+            secs = sc.median_seconds(tool)
+            ratio = "" if tool == subject or subject_s is None else f"{secs / subject_s:.2f}x"
+            rate = sc.files / secs if secs > 0 else float("inf")
+            p(f"{label:<28} {tool:<14} {secs:>9.2f} {rate:>9.0f} {ratio:>12}")
+            label = ""
+    p()
+    p("raw seconds per round:")
+    for sc in scenarios:
+        for tool, secs in sc.seconds.items():
+            p(f"  {sc.name:<10} {tool:<14} " + "  ".join(f"{s:7.2f}" for s in secs))
+    p()
+    p("how each tool was run:")
+    for sc in scenarios:
+        for tool, how in sc.tools.items():
+            p(f"  {sc.name:<10} {tool:<14} {how}")

@@ -43,9 +43,25 @@ def store(tmp_path):
 
 def test_stat_is_cached(store):
     meta = MetadataCache(store, ttl=60, negative_ttl=60)
+    meta.list_parents = False
     assert meta.stat("dir/a.txt").size == 3
     assert meta.stat("dir/a.txt").size == 3
     assert store.calls["stat"] == 1
+
+
+def test_stat_lists_the_parent_once_for_all_siblings(store):
+    meta = MetadataCache(store, ttl=60, negative_ttl=60)
+    threads = [threading.Thread(target=meta.stat, args=(f"dir/{n}",)) for n in ("a.txt", "b.txt") * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert meta.stat("dir/b.txt").size == 4
+    with pytest.raises(NotFound):
+        meta.stat("dir/absent.txt")
+    assert store.calls == {"stat": 0, "list_dir": 1}
+    with pytest.raises(NotFound):
+        meta.stat("nodir/x")  # no such directory: falls back to asking for the path
 
 
 def test_listing_fills_children_and_answers_absent_siblings(store):
@@ -61,6 +77,7 @@ def test_listing_fills_children_and_answers_absent_siblings(store):
 
 def test_negative_entries_expire(store, tmp_path):
     meta = MetadataCache(store, ttl=60, negative_ttl=0.2)
+    meta.list_parents = False
     with pytest.raises(NotFound):
         meta.stat("dir/new.txt")
     (tmp_path / "root" / "dir" / "new.txt").write_bytes(b"n")

@@ -1,0 +1,700 @@
+"""Reading through `mountd mount` next to `rclone mount` (and curl / the
+local page cache as references), against one local Azurite.
+
+Five measurements, each run for several rounds with the tools interleaved
+inside a round (the order rotates from round to round) so they share the
+machine's noise. Every mount is fresh (a new mount, and for the caching modes
+a new empty cache directory) and the page cache is dropped (`echo 3 >
+/proc/sys/vm/drop_caches`, needs root) before every cold measurement. Only
+the reading is timed, never the mounting.
+
+- a  cold sequential read of one --big-mib MiB blob `big/blob.bin` with
+     `dd bs=1M` through mountd (defaults, --memory-cache 256MiB), rclone mount
+     --vfs-cache-mode off and full, and a single `curl` of its SAS URL into
+     /dev/null;
+- b  second epoch: the same file read again right after (a) on the same mount
+     (no cache drop) through mountd and rclone full, next to a local copy
+     read from the page cache (read once to warm, then timed);
+- c  --small-count blobs of --small-kib KiB read by 8 threads, each reading a
+     disjoint share of the files to the end in 1 MiB reads (bytes checked,
+     and a sample of files' MD5 outside the timed part), through mountd and
+     rclone mount (off and full);
+- d  `ls -l MOUNT/list` of a directory of --list-count tiny blobs on a fresh
+     mount (cold first listing), mountd and rclone mount (off); the line
+     count is checked;
+- e  the mountd mount worker's peak RSS (VmHWM) after the cold read of (a),
+     against the memory cache + 150 MiB, and the disk cache's size after it.
+
+Run from the repository root as root (needs azurite-blob, rclone, curl,
+fusermount3 on PATH and mountd installed):
+
+    python -m tests.benchmarks.bench_mount                          # full size, 3 rounds
+    python -m tests.benchmarks.bench_mount --big-mib 128 --small-count 200 --list-count 2000 --repeat 1
+    python -m tests.benchmarks.bench_mount --only a,e --json results.json
+
+This is not a pytest test; it prints tables like bench_download (medians,
+MiB/s, mountd/tool ratios, every round's raw seconds, how each tool was run),
+the memory figures and the ratios the project's goals use; optionally JSON.
+Every mount it makes is unmounted at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, small_name, stored_md5,
+                                             upload_big, upload_small)
+from tests.benchmarks.common import (
+    MiB, Scenario, ToolFailed, blob_sas_url, dd_read, dir_bytes, drop_page_cache, file_md5, fmt_size,
+    fresh_dir, is_mounted, machine_info, mounts_under, parallel_read, print_count_report, print_report,
+    proc_status_bytes, remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle,
+    tool_version, wait_mounted, write_curl_config, write_rclone_config, write_workspace)
+from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
+
+CONTAINER = "bench"
+DATASTORE = "bench"
+KEY_ENV = "AZURITE_ACCOUNT_KEY"
+RCLONE_REMOTE = "az"
+LIST_PREFIX = "list/"
+LIST_BLOB = b"123456789\n"  # 10 bytes
+MEMORY_CACHE = "256MiB"
+MEMORY_CACHE_BYTES = 256 * MiB
+RSS_MARGIN = 150 * MiB
+READERS = 8
+MD5_SAMPLE = 16  # small files whose content is checked after each timed read
+MOUNT_TIMEOUT = 30.0
+RUN_TIMEOUT = 3600
+LETTERS = "abcde"
+MOUNTD_LOGS: set[str] = set()  # the mount workers' log files this run made (removed after a clean run)
+# Variables that would change mountd's defaults; the benchmark wants the defaults.
+MOUNTD_ENV_PREFIXES = ("DATASET_MOUNT_", "DATASET_RESERVED_", "RSLEX_", "MOUNTD_")
+
+
+def list_name(i: int) -> str:
+    return f"{LIST_PREFIX}e{i:06d}.txt"
+
+
+def default_disk_cap() -> int:
+    try:
+        from mountd.config.settings import CacheSettings
+        return CacheSettings().max_size
+    except Exception:  # noqa: BLE001 - mountd may be mid-edit; its documented default
+        return 10 * 1024 * MiB
+
+
+def mountd_records_dir() -> str:
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "mounts")
+    return "/run/mountd/mounts"
+
+
+def worker_record(mountpoint: str) -> dict:
+    """The record of the mountd worker holding `mountpoint` ("pid", "log", ...)."""
+    want = os.path.abspath(mountpoint)
+    for path in glob.glob(os.path.join(mountd_records_dir(), "*.json")):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if os.path.abspath(rec.get("mountpoint", "")) == want and rec.get("pid"):
+            return rec
+    raise ToolFailed(f"mountd: no record with mountpoint {want} under {mountd_records_dir()}")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def lazy_unmount(path: str) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+
+
+# --- setup ------------------------------------------------------------------------
+
+def blob_service(azurite: Azurite, pool: int = 32):
+    """A client whose connection pool is big enough for `pool` uploading threads."""
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+    from azure.storage.blob import BlobServiceClient
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool, pool_maxsize=pool)
+    session.mount("http://", adapter)
+    return BlobServiceClient.from_connection_string(
+        azurite.connection_string, connection_data_block_size=256 * 1024,
+        transport=RequestsTransport(session=session, session_owner=False))
+
+
+def upload_list(container, count: int, threads: int = 32) -> None:
+    def one(i: int) -> None:
+        container.upload_blob(list_name(i), LIST_BLOB, overwrite=True)
+
+    pool = ThreadPoolExecutor(threads)
+    try:
+        for _ in pool.map(one, range(count)):
+            pass
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- mounts --------------------------------------------------------------------------
+
+class Mount:
+    """One live mount of the container at `path`."""
+    tool = ""
+    path = ""
+    pid: int | None = None
+
+    def start(self) -> float:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class MountdMount(Mount):
+    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict):
+        self.tool, self.path, self.cache_dir, self.workspace, self.env = "mountd", path, cache_dir, workspace, env
+
+    @staticmethod
+    def how(cache: str = "EMPTY_DIR") -> str:
+        return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE} (otherwise defaults)"
+
+    def start(self) -> float:
+        argv = mountd_argv() + ["--workspace", self.workspace, "mount", DATASTORE, self.path,
+                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE]
+        secs = run_timed(argv, env=self.env, timeout=120)
+        rec = worker_record(self.path)
+        self.pid = int(rec["pid"])
+        if rec.get("log"):
+            MOUNTD_LOGS.add(rec["log"])
+        return secs
+
+    def stop(self) -> None:
+        if not is_mounted(self.path) and not pid_alive(self.pid):
+            return
+        try:
+            run_timed(mountd_argv() + ["--workspace", self.workspace, "unmount", self.path], env=self.env,
+                      timeout=90)
+        except (ToolFailed, subprocess.TimeoutExpired) as e:
+            print(f"warning: mountd unmount {self.path} failed ({e}); detaching lazily", file=sys.stderr)
+            lazy_unmount(self.path)
+        deadline = time.monotonic() + 30
+        while pid_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(self.pid):
+            print(f"warning: mountd worker {self.pid} still runs after unmount; killing it", file=sys.stderr)
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class RcloneMount(Mount):
+    def __init__(self, path: str, mode: str, cache_dir: str | None, conf: str, log: str):
+        self.tool, self.path, self.mode, self.cache_dir, self.conf, self.log = \
+            f"rclone-{mode}", path, mode, cache_dir, conf, log
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def how(mode: str) -> str:
+        return (f"rclone mount {RCLONE_REMOTE}:{CONTAINER} MNT --config CONF --read-only --vfs-cache-mode {mode}"
+                + (" --cache-dir EMPTY_DIR" if mode != "off" else "") + " (otherwise defaults)")
+
+    def start(self) -> float:
+        argv = ["rclone", "mount", f"{RCLONE_REMOTE}:{CONTAINER}", self.path, "--config", self.conf,
+                "--read-only", "--vfs-cache-mode", self.mode]
+        if self.cache_dir:
+            argv += ["--cache-dir", self.cache_dir]
+        start = time.perf_counter()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        self.pid = self.proc.pid
+        try:
+            wait_mounted(self.path, MOUNT_TIMEOUT, self.proc)
+        except ToolFailed as e:
+            with open(self.log, errors="replace") as f:
+                tail = f.read().strip().splitlines()[-10:]
+            raise ToolFailed(f"rclone mount: {e}\n  " + "\n  ".join(tail)) from None
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()  # rclone unmounts on SIGTERM
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.path):
+            lazy_unmount(self.path)
+        self.proc = None
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+@dataclass
+class MemoryRound:
+    round: int
+    vmhwm: int
+    vmrss: int
+    disk_apparent: int
+    disk_allocated: int
+
+
+@dataclass
+class Results:
+    a: Scenario | None = None
+    b: Scenario | None = None
+    c: Scenario | None = None
+    d: Scenario | None = None
+    memory: list[MemoryRound] = field(default_factory=list)
+    other_hwm: dict[str, list[int]] = field(default_factory=dict)  # rclone VmHWM after the cold read
+    startup: dict[str, list[float]] = field(default_factory=dict)  # "scenario tool" -> mount seconds
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: str, azurite: Azurite, only: str):
+        self.args, self.tmp, self.azurite, self.only = args, tmp, azurite, only
+        self.big_bytes = args.big_mib * MiB
+        self.small_bytes = args.small_count * args.small_kib * 1024
+        self.conf = os.path.join(tmp, "conf")
+        self.mnt_root = os.path.join(tmp, "mnt")
+        self.cache_root = os.path.join(tmp, "cache")
+        self.logs = os.path.join(tmp, "logs")
+        for d in (self.conf, self.mnt_root, self.cache_root, self.logs):
+            os.makedirs(d, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(MOUNTD_ENV_PREFIXES)}
+        self.env = {**env, KEY_ENV: KEY}
+        self.workspace = write_workspace(
+            os.path.join(self.conf, "workspace.yaml"),
+            {DATASTORE: blob_workspace_entry(azurite, CONTAINER, key_env=KEY_ENV)}, default=DATASTORE)
+        self.rclone_conf = write_rclone_config(os.path.join(self.conf, "rclone.conf"), RCLONE_REMOTE,
+                                               ACCOUNT, KEY, azurite.account_url)
+        self.local_big = os.path.join(tmp, "src", "blob.bin")
+        self.small_md5: dict[str, str] = {}
+        self.active: list[Mount] = []
+        self.res = Results()
+
+    # -- mounting
+
+    @contextmanager
+    def mounted(self, tool: str, label: str):
+        """A fresh mount (and fresh empty cache dir) for one measurement, always undone."""
+        mp = fresh_dir(os.path.join(self.mnt_root, f"{label}-{tool}"))
+        cache = None
+        if tool == "mountd":
+            cache = fresh_dir(os.path.join(self.cache_root, f"{label}-{tool}"))
+            m: Mount = MountdMount(mp, cache, self.workspace, self.env)
+        else:
+            mode = tool.split("-", 1)[1]
+            if mode != "off":
+                cache = fresh_dir(os.path.join(self.cache_root, f"{label}-{tool}"))
+            m = RcloneMount(mp, mode, cache, self.rclone_conf, os.path.join(self.logs, f"{label}-{tool}.log"))
+        self.active.append(m)
+        try:
+            self.res.startup.setdefault(f"{label} {tool}", []).append(m.start())
+            yield m, cache
+        finally:
+            m.stop()
+            self.active.remove(m)
+            if not is_mounted(mp):
+                os.rmdir(mp)
+            if cache:
+                remove_dir(cache)
+
+    def cleanup(self) -> list[str]:
+        """Undo every mount still live; returns the mount points that would not go."""
+        for m in list(self.active):
+            try:
+                m.stop()
+            except Exception as e:  # noqa: BLE001 - keep cleaning up
+                print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
+            self.active.remove(m)
+        for mp in mounts_under(self.tmp):
+            subprocess.run(mountd_argv() + ["--workspace", self.workspace, "unmount", "--lazy", mp], env=self.env, capture_output=True)
+            if is_mounted(mp):
+                lazy_unmount(mp)
+        return mounts_under(self.tmp)
+
+    # -- scenario definitions
+
+    def scenarios(self) -> None:
+        big_how = "; drop caches; dd if=MNT/big/blob.bin of=/dev/null bs=1M (timed)"
+        if "a" in self.only:
+            sc = self.res.a = Scenario("a-cold", 1, self.big_bytes)
+            sc.tools = {"mountd": MountdMount.how() + big_how,
+                        "rclone-off": RcloneMount.how("off") + big_how,
+                        "rclone-full": RcloneMount.how("full") + big_how,
+                        "curl": "drop caches; curl -s -S -f -K CONF (SAS URL of the blob, output /dev/null)"}
+        if "b" in self.only:
+            sc = self.res.b = Scenario("b-epoch2", 1, self.big_bytes)
+            again = "the mount of a-cold right after its read, no cache drop; dd if=MNT/big/blob.bin of=/dev/null bs=1M"
+            sc.tools = {"mountd": again, "rclone-full": again,
+                        "page-cache": "local copy of the blob; dd of=/dev/null bs=1M once to warm, then timed again"}
+        if "c" in self.only:
+            sc = self.res.c = Scenario("c-small", self.args.small_count, self.small_bytes)
+            how = (f"; drop caches; {READERS} threads, each reading a disjoint 1/{READERS} of MNT/small/* "
+                   "to the end in 1 MiB reads (timed)")
+            sc.tools = {"mountd": MountdMount.how() + how, "rclone-off": RcloneMount.how("off") + how,
+                        "rclone-full": RcloneMount.how("full") + how}
+        if "d" in self.only:
+            sc = self.res.d = Scenario("d-ls", self.args.list_count, self.args.list_count * len(LIST_BLOB))
+            how = "; drop caches; LC_ALL=C ls -l MNT/list (timed; stdout to a pipe, lines counted)"
+            sc.tools = {"mountd": MountdMount.how() + how, "rclone-off": RcloneMount.how("off") + how}
+
+    # -- one measurement each
+
+    def big_mount(self, tool: str, r: int) -> None:
+        """(a) cold read, then (e) memory/cache for mountd, then (b) the second read."""
+        res = self.res
+        with self.mounted(tool, "big") as (m, cache):
+            path = os.path.join(m.path, BIG_BLOB)
+            drop_page_cache()
+            secs, n = dd_read(path, timeout=RUN_TIMEOUT)
+            if n != self.big_bytes:
+                raise ToolFailed(f"{tool}: read {n} bytes of {BIG_BLOB}, expected {self.big_bytes}")
+            if res.a:
+                res.a.add(tool, secs)
+            self.progress(r, "a-cold", tool, secs, self.big_bytes)
+            if tool == "mountd":
+                settle()
+                res.memory.append(MemoryRound(r + 1, proc_status_bytes(m.pid, "VmHWM"),
+                                              proc_status_bytes(m.pid, "VmRSS"),
+                                              dir_bytes(cache), dir_bytes(cache, apparent=False)))
+            else:
+                res.other_hwm.setdefault(tool, []).append(proc_status_bytes(m.pid, "VmHWM"))
+            if res.b and tool in res.b.tools:
+                secs, n = dd_read(path, timeout=RUN_TIMEOUT)
+                if n != self.big_bytes:
+                    raise ToolFailed(f"{tool}: second read got {n} bytes, expected {self.big_bytes}")
+                res.b.add(tool, secs)
+                self.progress(r, "b-epoch2", tool, secs, self.big_bytes)
+            if not same_edges(path, self.local_big):
+                raise ToolFailed(f"{tool}: size or first/last MiB of {BIG_BLOB} differ from the source")
+
+    def big_curl(self, r: int) -> None:
+        url = blob_sas_url(self.azurite.account_url, ACCOUNT, KEY, CONTAINER, BIG_BLOB)
+        cfg = write_curl_config(os.path.join(self.conf, "big.curlrc"), [(url, "/dev/null")])
+        drop_page_cache()
+        secs, out = run_timed_capture(["curl", "-s", "-S", "-f", "-K", cfg, "-w", "%{size_download}"],
+                                      timeout=RUN_TIMEOUT)
+        if int(float(out.decode().strip() or 0)) != self.big_bytes:
+            raise ToolFailed(f"curl: downloaded {out.decode().strip()} bytes, expected {self.big_bytes}")
+        self.res.a.add("curl", secs)
+        self.progress(r, "a-cold", "curl", secs, self.big_bytes)
+
+    def big_local(self, r: int) -> None:
+        dd_read(self.local_big)  # warm
+        secs, n = dd_read(self.local_big)
+        if n != self.big_bytes:
+            raise ToolFailed(f"page-cache: read {n} bytes, expected {self.big_bytes}")
+        self.res.b.add("page-cache", secs)
+        self.progress(r, "b-epoch2", "page-cache", secs, self.big_bytes)
+
+    def small(self, tool: str, r: int) -> None:
+        with self.mounted(tool, "small") as (m, _):
+            names = sorted(self.small_md5)
+            paths = [os.path.join(m.path, name) for name in names]
+            drop_page_cache()
+            secs, n = parallel_read(paths, READERS)
+            if n != self.small_bytes:
+                raise ToolFailed(f"{tool}: {READERS} readers read {n} bytes, expected {self.small_bytes}")
+            step = max(1, len(names) // MD5_SAMPLE)
+            for name in names[::step]:
+                if file_md5(os.path.join(m.path, name)) != self.small_md5[name]:
+                    raise ToolFailed(f"{tool}: {name} differs from the source")
+            self.res.c.add(tool, secs)
+            self.progress(r, "c-small", tool, secs, self.small_bytes)
+
+    def listing(self, tool: str, r: int) -> None:
+        with self.mounted(tool, "list") as (m, _):
+            drop_page_cache()
+            secs, out = run_timed_capture(["ls", "-l", os.path.join(m.path, LIST_PREFIX.rstrip("/"))],
+                                          env={**os.environ, "LC_ALL": "C"}, timeout=RUN_TIMEOUT)
+            lines = out.decode(errors="replace").splitlines()
+            want = self.args.list_count + 1
+            if len(lines) != want or not lines[0].startswith("total"):
+                raise ToolFailed(f"{tool}: ls -l printed {len(lines)} lines, expected {want} (with 'total')")
+            self.res.d.add(tool, secs)
+            print(f"round {r + 1}/{self.args.repeat}  {'d-ls':<9} {tool:<12} {secs:8.2f} s "
+                  f"{self.args.list_count / secs:9.0f} entries/s", flush=True)
+
+    def progress(self, r: int, name: str, tool: str, secs: float, nbytes: int) -> None:
+        print(f"round {r + 1}/{self.args.repeat}  {name:<9} {tool:<12} {secs:8.2f} s "
+              f"{nbytes / MiB / secs:9.1f} MiB/s", flush=True)
+
+    # -- rounds
+
+    def plan(self) -> list[list[Callable[[int], None]]]:
+        """Per phase, the tools' measurements; each phase's order rotates per round."""
+        only, phases = self.only, []
+        big: list[Callable[[int], None]] = []
+        if only & set("abe"):
+            big.append(lambda r: self.big_mount("mountd", r))
+        if only & set("ab"):
+            big.append(lambda r: self.big_mount("rclone-full", r))
+        if "a" in only:
+            big.append(lambda r: self.big_mount("rclone-off", r))
+            big.append(self.big_curl)
+        if "b" in only:
+            big.append(self.big_local)
+        if big:
+            phases.append(big)
+        if "c" in only:
+            phases.append([lambda r, t=t: self.small(t, r) for t in ("mountd", "rclone-off", "rclone-full")])
+        if "d" in only:
+            phases.append([lambda r, t=t: self.listing(t, r) for t in ("mountd", "rclone-off")])
+        return phases
+
+    def run(self) -> None:
+        phases = self.plan()
+        for r in range(self.args.repeat):
+            for tools in phases:
+                shift = r % len(tools)
+                for run in tools[shift:] + tools[:shift]:
+                    settle()
+                    run(r)
+
+
+# --- report -----------------------------------------------------------------------------
+
+def ratio(x: float, y: float) -> float:
+    return x / y if y else float("nan")
+
+
+def goals(res: Results) -> list[tuple[str, str, str]]:
+    """(scenario, what, value) rows of the ratios the project's goals use."""
+    rows = []
+    if res.a:
+        a = res.a
+        rows.append(("(a) cold big read", "mountd / curl throughput",
+                     f"{ratio(a.median_rate('mountd'), a.median_rate('curl')):.2f}x"))
+        for t in ("rclone-off", "rclone-full"):
+            rows.append(("", f"mountd / {t} throughput", f"{ratio(a.median_rate('mountd'), a.median_rate(t)):.2f}x"))
+    if res.b:
+        b = res.b
+        rows.append(("(b) second epoch", "mountd 2nd / local page cache",
+                     f"{ratio(b.median_rate('mountd'), b.median_rate('page-cache')):.2f}x"))
+        rows.append(("", "mountd 2nd / rclone-full 2nd",
+                     f"{ratio(b.median_rate('mountd'), b.median_rate('rclone-full')):.2f}x"))
+    if res.c:
+        c = res.c
+        for i, t in enumerate(("rclone-off", "rclone-full")):
+            rows.append(("(c) small files, 8 readers" if i == 0 else "", f"mountd / {t} throughput",
+                         f"{ratio(c.median_rate('mountd'), c.median_rate(t)):.2f}x"))
+    if res.d:
+        d = res.d
+        rows.append(("(d) ls -l, cold", "rclone-off s / mountd s",
+                     f"{ratio(d.median_seconds('rclone-off'), d.median_seconds('mountd')):.2f}x"))
+    if res.memory:
+        peak = max(m.vmhwm for m in res.memory)
+        limit = MEMORY_CACHE_BYTES + RSS_MARGIN
+        rows.append(("(e) worker peak RSS", f"max VmHWM vs memory cache + {RSS_MARGIN // MiB} MiB",
+                     f"{peak / MiB:.0f} / {limit / MiB:.0f} MiB ({'ok' if peak <= limit else 'OVER'})"))
+    return rows
+
+
+def print_memory(res: Results, disk_cap: int, out=sys.stdout) -> None:
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    limit = MEMORY_CACHE_BYTES + RSS_MARGIN
+    p(f"(e) mountd mount worker after the cold read of a-cold (--memory-cache {MEMORY_CACHE}; "
+      f"target VmHWM <= {limit // MiB} MiB):")
+    p(f"  {'round':<6} {'VmHWM MiB':>10} {'VmRSS MiB':>10} {'disk cache MiB (du -sb)':>24} "
+      f"{'allocated MiB':>14} {'disk cap':>10}")
+    for m in res.memory:
+        p(f"  {m.round:<6} {m.vmhwm / MiB:>10.1f} {m.vmrss / MiB:>10.1f} {m.disk_apparent / MiB:>24.1f} "
+          f"{m.disk_allocated / MiB:>14.1f} {fmt_size(disk_cap):>10}")
+    peak = max(m.vmhwm for m in res.memory)
+    verdict = (f"within the target ({(limit - peak) / MiB:.0f} MiB to spare)" if peak <= limit
+               else f"OVER the target by {(peak - limit) / MiB:.0f} MiB")
+    p(f"  max VmHWM {peak / MiB:.1f} MiB: {verdict}")
+    if res.other_hwm:
+        p("  for comparison, VmHWM of rclone mount after the same read (median): " + ", ".join(
+            f"{t} {sorted(v)[len(v) // 2] / MiB:.0f} MiB" for t, v in res.other_hwm.items()))
+
+
+def print_all(res: Results, header: dict, disk_cap: int, out=sys.stdout) -> None:
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    byte_scenarios = [sc for sc in (res.a, res.b, res.c) if sc]
+    if byte_scenarios:
+        print_report(byte_scenarios, subject="mountd", header=header, out=out)
+    else:
+        for k, v in header.items():
+            p(f"{k}: {v}")
+    if res.d:
+        p()
+        print_count_report([res.d], subject="mountd", unit="entries", out=out)
+    if res.memory:
+        p()
+        print_memory(res, disk_cap, out)
+    if res.startup:
+        p()
+        p("mount start-up seconds per round (not part of any timing above):")
+        for k, v in res.startup.items():
+            p(f"  {k:<24} " + "  ".join(f"{s:7.2f}" for s in v))
+    p()
+    p("goal ratios (medians; >1x means mountd is better):")
+    for sc, what, val in goals(res):
+        p(f"  {sc:<28} {what:<40} {val}")
+
+
+def results_json(res: Results, header: dict, disk_cap: int) -> dict:
+    scenarios = [sc for sc in (res.a, res.b, res.c, res.d) if sc]
+    doc = report_dict(scenarios, subject="mountd", header=header)
+    for d in doc["scenarios"]:
+        if res.d and d["name"] == res.d.name:
+            d["median_entries_per_s"] = {t: res.d.files / res.d.median_seconds(t) for t in res.d.seconds}
+    doc["memory"] = {"memory_cache_bytes": MEMORY_CACHE_BYTES, "vmhwm_limit_bytes": MEMORY_CACHE_BYTES + RSS_MARGIN,
+                     "disk_cap_bytes": disk_cap, "rounds": [m.__dict__ for m in res.memory],
+                     "rclone_vmhwm_bytes": res.other_hwm}
+    doc["mount_startup_seconds"] = res.startup
+    doc["goals"] = [{"scenario": s, "what": w, "value": v} for s, w, v in goals(res)]
+    return doc
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_mount",
+                                description="Time reads through mountd mount next to rclone mount, curl and the "
+                                            "page cache, against Azurite.")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--big-mib", type=int, default=1024, help="size of the big blob in MiB (default 1024)")
+    p.add_argument("--small-count", type=int, default=2000, help="number of small blobs (default 2000)")
+    p.add_argument("--small-kib", type=int, default=256, help="size of each small blob in KiB (default 256)")
+    p.add_argument("--list-count", type=int, default=20000, help="blobs in the listed directory (default 20000)")
+    p.add_argument("--only", default=",".join(LETTERS), metavar="a,b,c,d,e",
+                   help="measurements to run (default all); b and e need a's cold read, which then runs for "
+                        "the tools they use")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
+    args = p.parse_args(argv)
+    if min(args.repeat, args.big_mib, args.small_count, args.small_kib, args.list_count) < 1:
+        p.error("--repeat, --big-mib, --small-count, --small-kib and --list-count must be positive")
+    letters = {x.strip().lower() for x in args.only.split(",") if x.strip()}
+    if not letters or letters - set(LETTERS):
+        p.error(f"--only takes letters from {','.join(LETTERS)}, got {args.only!r}")
+    args.only = letters
+    return args
+
+
+def require() -> None:
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark drops the page cache and mounts FUSE filesystems")
+    missing = [t for t in ("azurite-blob", "rclone", "curl", "fusermount3", "dd", "du", "ls") if not shutil.which(t)]
+    if missing:
+        sys.exit(f"missing on PATH: {', '.join(missing)}")
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require()
+    signal.signal(signal.SIGTERM, _sigterm)
+    tmp = tempfile.mkdtemp(prefix="mountd-bench-mount-", dir=args.tmp_dir)
+    azurite = Azurite(location=os.path.join(tmp, "azurite"))
+    bench = None
+    leftover: list[str] = []
+    ok = False
+    try:
+        for sub in ("azurite", "src"):
+            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+        print(f"starting Azurite, data under {tmp}", flush=True)
+        azurite.start()
+        container = blob_service(azurite).create_container(CONTAINER)
+        bench = Bench(args, tmp, azurite, args.only)
+        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+                  "rclone": tool_version(["rclone", "version"], words=2),
+                  "curl": tool_version(["curl", "--version"]), "rounds": args.repeat,
+                  "measurements": ",".join(sorted(args.only))}
+        if args.only & set("abe"):
+            print(f"uploading {BIG_BLOB} ({args.big_mib} MiB)", flush=True)
+            upload_big(container, bench.local_big, args.big_mib)
+            header["big blob has a stored MD5"] = stored_md5(container, BIG_BLOB)
+        if "c" in args.only:
+            print(f"uploading {args.small_count} x {args.small_kib} KiB under {SMALL_PREFIX}", flush=True)
+            bench.small_md5 = upload_small(container, args.small_count, args.small_kib, threads=32)
+            header["small blobs have a stored MD5"] = stored_md5(container, small_name(0))
+        if "d" in args.only:
+            start = time.perf_counter()
+            print(f"uploading {args.list_count} x {len(LIST_BLOB)} B under {LIST_PREFIX} (32 threads)", flush=True)
+            upload_list(container, args.list_count)
+            print(f"  took {time.perf_counter() - start:.0f} s", flush=True)
+        bench.scenarios()
+        settle()
+        bench.run()
+        header["times"] = ("wall clock of the read only (dd / 8 reader threads / ls / curl command), mount "
+                           "start-up excluded; page cache dropped before every cold read; median over rounds")
+        disk_cap = default_disk_cap()
+        print()
+        print_all(bench.res, header, disk_cap)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results_json(bench.res, header, disk_cap), f, indent=2)
+                f.write("\n")
+            print(f"\nwrote {args.json}")
+        ok = True
+        return 0
+    except ToolFailed as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        if MOUNTD_LOGS:
+            print("mountd worker logs: " + ", ".join(sorted(MOUNTD_LOGS)), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
+        try:
+            leftover = bench.cleanup() if bench else mounts_under(tmp)
+        finally:
+            azurite.stop()
+            if leftover:
+                print(f"WARNING: still mounted, left {tmp} in place: {', '.join(leftover)}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if ok and not leftover:
+                for log in MOUNTD_LOGS:
+                    try:
+                        os.unlink(log)
+                    except OSError:
+                        pass
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            with open("/proc/mounts") as f:
+                ours = [line.split()[1] for line in f if tmp in line]
+            if ours:
+                print(f"WARNING: /proc/mounts still lists {ours}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""`mountd run` end to end: real mounts, Azurite, a real child process;
+exit codes, uploads after success and failure, signals, PID 1, bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from mountd.run import mounts
+from tests.conftest import KEY, KEY_ENV
+from tests.support.azurite import blob_workspace_entry
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The child: checks what mountd promised (env vars, arguments, bytes), writes
+# outputs, exits with $EXIT_WITH.
+CHILD = r'''
+import hashlib, json, os, sys, time
+args = sys.argv[1:]
+env = {k: v for k, v in os.environ.items() if k.startswith("AZUREML_DATAREFERENCE_")}
+def digest(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+report = {"args": args, "env": env, "inputs": digest(env["AZUREML_DATAREFERENCE_inputs"]),
+          "staged": digest(env["AZUREML_DATAREFERENCE_staged"]), "run_id": os.environ.get("MOUNTD_RUN_ID"),
+          "epochs": os.environ.get("EPOCHS")}
+out = env["AZUREML_DATAREFERENCE_outputs"]
+os.makedirs(os.path.join(out, "sub"), exist_ok=True)
+open(os.path.join(out, "report.json"), "w").write(json.dumps(report))
+open(os.path.join(out, "sub", "model.bin"), "wb").write(b"\x01" * 300000)
+if os.environ.get("SLEEP_FOR"):
+    import signal
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    open(os.path.join(out, "started"), "w").write("1")
+    time.sleep(float(os.environ["SLEEP_FOR"]))
+sys.exit(int(os.environ.get("EXIT_WITH", "0")))
+'''
+
+INPUTS = {"a.txt": b"alpha", "dir/b.bin": os.urandom(200_000), "dir/deeper/c with space.txt": b"c"}
+
+
+@pytest.fixture
+def job(tmp_path, azurite, container, monkeypatch):
+    """A workspace with the Azurite container as `blob`, inputs uploaded, a
+    child script, and a function writing a manifest."""
+    for name, data in INPUTS.items():
+        container.upload_blob(f"datasets/in/{name}", data)
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"blob": blob_workspace_entry(azurite, container.container_name)}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+
+    def manifest(upload_when="always", **extra):
+        body = {
+            "run_id": "r1",
+            "data_references": {
+                "inputs": {"datastore": "blob", "path_on_datastore": "datasets/in", "mode": "mount"},
+                "staged": {"datastore": "blob", "path_on_datastore": "datasets/in", "mode": "download"},
+                "outputs": {"datastore": "blob", "path_on_datastore": "runs/{run_id}/out", "mode": "upload"},
+            },
+            "command": [sys.executable, str(script), "--data", "$AZUREML_DATAREFERENCE_inputs",
+                        "--out=${AZUREML_DATAREFERENCE_outputs}"],
+            "environment": {"EPOCHS": "2"},
+            "upload_when": upload_when,
+            "work_dir": str(tmp_path / "work"),
+            "cache": {"dir": str(tmp_path / "cache")},
+        }
+        body.update(extra)
+        path = tmp_path / "manifest.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return path
+    manifest.container = container
+    return manifest
+
+
+def run_cli(*args, env=None, timeout=180):
+    full = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "mountd", *map(str, args)], capture_output=True, text=True,
+                          env=full, timeout=timeout, cwd=REPO)
+
+
+def blobs(container, prefix):
+    return {b.name[len(prefix):]: container.download_blob(b.name).readall()
+            for b in container.list_blobs(name_starts_with=prefix)}
+
+
+def no_mounts_under(root):
+    with open("/proc/self/mountinfo") as f:
+        return not any(str(root) in line for line in f)
+
+
+def expected_digest():
+    return {k: hashlib.sha256(v).hexdigest() for k, v in INPUTS.items()}
+
+
+@pytest.mark.fuse
+def test_run_end_to_end(job, tmp_path):
+    r = run_cli("run", job())
+    assert r.returncode == 0, r.stderr
+    out = blobs(job.container, "runs/r1/out/")
+    report = json.loads(out["report.json"])
+    assert report["inputs"] == expected_digest() and report["staged"] == expected_digest()
+    assert report["env"]["AZUREML_DATAREFERENCE_inputs"] == str(tmp_path / "work" / "mounts" / "inputs")
+    assert report["args"] == ["--data", str(tmp_path / "work" / "mounts" / "inputs"),
+                              "--out=" + str(tmp_path / "work" / "uploads" / "outputs")]
+    assert report["run_id"] == "r1" and report["epochs"] == "2"
+    assert out["sub/model.bin"] == b"\x01" * 300000
+    assert no_mounts_under(tmp_path)
+    assert (tmp_path / "work" / "uploads" / "outputs" / "report.json").exists()  # local outputs are kept
+
+
+@pytest.mark.fuse
+def test_child_exit_code_passes_through_and_outputs_upload_anyway(job, tmp_path):
+    r = run_cli("run", job(), env={"EXIT_WITH": "7"})
+    assert r.returncode == 7, r.stderr
+    assert "report.json" in blobs(job.container, "runs/r1/out/")
+    assert no_mounts_under(tmp_path)
+
+
+@pytest.mark.fuse
+def test_on_success_keeps_outputs_local_after_failure(job, tmp_path):
+    r = run_cli("run", job(upload_when="on_success"), env={"EXIT_WITH": "5"})
+    assert r.returncode == 5
+    assert blobs(job.container, "runs/r1/out/") == {}
+    assert (tmp_path / "work" / "uploads" / "outputs" / "report.json").exists()
+
+
+def test_command_after_double_dash_overrides_and_fuse_fallback(job, tmp_path):
+    marker = tmp_path / "ran"
+    r = run_cli("run", job(), "--", sys.executable, "-c",
+                f"import os; open({str(marker)!r}, 'w').write(os.environ['AZUREML_DATAREFERENCE_inputs'])",
+                env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "downloaded instead" in r.stderr
+    inputs = marker.read_text()
+    assert open(os.path.join(inputs, "dir", "b.bin"), "rb").read() == INPUTS["dir/b.bin"]
+
+
+def test_staging_failure_does_not_run_the_child(job, tmp_path):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    body["data_references"]["staged"]["path_on_datastore"] = "datasets/missing"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("run", manifest, env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 3, r.stderr
+    assert "not starting the training process" in r.stderr and "datasets/missing" in r.stderr
+    assert not (tmp_path / "work" / "uploads" / "outputs" / "report.json").exists()
+
+
+def test_upload_failure_after_success_exits_3_and_keeps_outputs(job, tmp_path, azurite):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    body["datastores"] = {"gone": dict(blob_workspace_entry(azurite, "no-such-container"))}
+    body["data_references"]["outputs"]["datastore"] = "gone"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("run", manifest, env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 3, r.stderr
+    assert "upload outputs" in r.stderr
+    assert (tmp_path / "work" / "uploads" / "outputs" / "sub" / "model.bin").exists()
+    pending = json.loads((tmp_path / "work" / "pending-uploads.json").read_text())
+    assert [p["name"] for p in pending["references"]] == ["outputs"]
+
+
+@pytest.mark.fuse
+def test_sigterm_is_forwarded_and_outputs_still_upload(job, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(job())], cwd=REPO,
+                            env=dict(os.environ, SLEEP_FOR="60"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    started = tmp_path / "work" / "uploads" / "outputs" / "started"
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert started.exists()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "started" in blobs(job.container, "runs/r1/out/")
+    assert no_mounts_under(tmp_path)
+
+
+@pytest.mark.fuse
+def test_pid1_reaps_orphans_and_returns_the_code(job, tmp_path):
+    if not shutil.which("unshare"):
+        pytest.skip("unshare is not installed")
+    # The command leaves an orphan that exits while the command still runs;
+    # as PID 1 mountd must reap it, so no zombie is listed.
+    cmd = "(sleep 0.2 &); sleep 1; ps -eo stat= | grep -c '^Z' > $AZUREML_DATAREFERENCE_outputs/zombies; exit 4"
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "mountd", "run",
+                        str(job()), "--", "sh", "-c", cmd], capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert r.returncode == 4, r.stderr
+    assert blobs(job.container, "runs/r1/out/")["zombies"].strip() == b"0"
+
+
+BAD = {
+    "unknown datastore": {"data_references": {"x": {"datastore": "nope", "mode": "download"}}},
+    "unknown mode": {"data_references": {"x": {"datastore": "blob", "mode": "copy"}}},
+    "path escape": {"data_references": {"x": {"datastore": "blob", "mode": "upload",
+                                              "path_on_compute": "../../../etc/evil"}}},
+    "system path": {"data_references": {"x": {"datastore": "blob", "mode": "download",
+                                              "path_on_compute": "/etc/mountd-evil"}}},
+    "missing credential": "MISSING_KEY",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_manifests_exit_2_and_touch_nothing(case, tmp_path, azurite, container, monkeypatch):
+    ws = tmp_path / "ws.yaml"
+    entry = blob_workspace_entry(azurite, container.container_name)
+    if BAD[case] == "MISSING_KEY":
+        entry["credential"] = {"account_key_env": "MOUNTD_TEST_UNSET_KEY"}
+        body = {"data_references": {"x": {"datastore": "blob", "mode": "download"}}}
+    else:
+        body = BAD[case]
+    ws.write_text(yaml.safe_dump({"datastores": {"blob": entry}}))
+    body = dict(body, command=["true"], work_dir=str(tmp_path / "work"))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("--workspace", ws, "run", manifest, env={KEY_ENV: KEY})
+    assert r.returncode == 2, r
+    assert r.stderr.startswith("mountd: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "work").exists()
+    assert no_mounts_under(tmp_path)
+
+
+def test_bad_yaml_and_missing_manifest(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text("data_references: [\n")
+    r = run_cli("run", m)
+    assert r.returncode == 2 and "m.yaml:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("run", tmp_path / "absent.yaml")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_validate_has_no_side_effects(job, tmp_path):
+    r = run_cli("validate", job())
+    assert r.returncode == 0, r.stderr
+    assert "AZUREML_DATAREFERENCE_inputs: mount" in r.stdout
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.fuse
+def test_quickstart_manifest(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    r = run_cli("run", os.path.join(REPO, "configs", "quickstart.yaml"), "--work-dir", tmp_path / "work",
+                env=env)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout
+    runs = tmp_path / "data" / "mountd" / "workspacelocalstore" / "runs"
+    metrics = list(runs.glob("*/outputs/0/metrics.json"))
+    assert len(metrics) == 1 and json.loads(metrics[0].read_text())["epochs"] == 2
+    assert no_mounts_under(tmp_path)
