@@ -8,6 +8,11 @@ against mountd's workspace file:
     ds.download(target_path="/tmp/data", prefix="datasets/cifar")
     ws.get_default_datastore()
 
+    images = ds.path("datasets/cifar").as_mount()
+    outputs = ds.path("runs/{run_id}/outputs").as_upload(path_on_compute="./outputs")
+    RunManifest(command=["python", "train.py", "--data", images, "--out", outputs]).write("job.yaml")
+    # then: mountd run job.yaml
+
 A literal secret passed to a register call is kept in a private file
 (mode 0600) beside the workspace file and referenced from it, never written
 into the workspace file itself.
@@ -17,13 +22,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 from mountd.config import datastores as ds_config
 from mountd.config.datastores import DatastoreConfig
 from mountd.config.names import check_name
 from mountd.config.workspace import Workspace as _WorkspaceFile
-from mountd.errors import TransferFailed
-from mountd.storage import open_store
+from mountd.errors import TransferFailed, UsageError
+from mountd.storage import normalize_path, open_store
 from mountd.transfer import download as _download
 from mountd.transfer import upload as _upload
 
@@ -157,6 +163,22 @@ class Datastore:
     def __repr__(self) -> str:
         return f"Datastore(name={self.name!r}, type={self.datastore_type!r}, location={self._config.location!r})"
 
+    # -- references for a run (the seed's Estimator inputs) --------------------------------
+    def path(self, path_on_datastore: str | None = None, data_reference_name: str | None = None) -> "DataReference":
+        return DataReference(self, data_reference_name, path_on_datastore)
+
+    def as_mount(self, read_write: bool = False) -> "DataReference":
+        return DataReference(self).as_mount(read_write)
+
+    def as_download(self, path_on_compute: str | None = None, overwrite: bool = False) -> "DataReference":
+        return DataReference(self).as_download(path_on_compute, overwrite)
+
+    def as_upload(self, path_on_compute: str | None = None, overwrite: bool = False) -> "DataReference":
+        return DataReference(self).as_upload(path_on_compute, overwrite)
+
+    def __str__(self) -> str:
+        return str(DataReference(self))
+
     # -- data --------------------------------------------------------------------------
     def upload(self, src_dir: str, target_path: str | None = None, overwrite: bool = False,
                show_progress: bool = True) -> int:
@@ -204,3 +226,105 @@ def _store_secret(workspace: Workspace, name: str, kind: str, secret: str) -> st
         f.write(secret)
     os.replace(tmp, path)
     return path
+
+
+class DataReference:
+    """A reference to data in a datastore for a run: mounted, downloaded
+    before the run, or uploaded after it. Its string form is the variable
+    that names its local path on the node, `$AZUREML_DATAREFERENCE_<name>`,
+    so it can stand in a command line as the path itself."""
+
+    MODES = ("mount", "download", "upload")
+
+    def __init__(self, datastore: "Datastore", data_reference_name: str | None = None,
+                 path_on_datastore: str | None = None, mode: str = "mount", path_on_compute: str | None = None,
+                 overwrite: bool = False, read_write: bool = False):
+        if mode not in self.MODES:
+            raise UsageError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        path = normalize_path(path_on_datastore)
+        if data_reference_name is None:
+            # the seed's rule: the datastore's name for its root, else a fresh id
+            data_reference_name = datastore.name if not path else uuid.uuid4().hex
+        self.data_reference_name = check_name(data_reference_name, "data reference name")
+        self.datastore = datastore
+        self.path_on_datastore = path
+        self.mode = mode
+        self.path_on_compute = path_on_compute
+        self.overwrite = overwrite
+        self.read_write = read_write
+
+    def __str__(self) -> str:
+        return f"$AZUREML_DATAREFERENCE_{self.data_reference_name}"
+
+    def __repr__(self) -> str:
+        return (f"DataReference(name={self.data_reference_name!r}, datastore={self.datastore.name!r}, "
+                f"path={self.path_on_datastore!r}, mode={self.mode!r})")
+
+    def _with(self, mode: str, path_on_compute: str | None, overwrite: bool | None = None,
+              read_write: bool = False) -> "DataReference":
+        return DataReference(self.datastore, self.data_reference_name, self.path_on_datastore, mode,
+                             path_on_compute if path_on_compute is not None else self.path_on_compute,
+                             self.overwrite if overwrite is None else overwrite, read_write)
+
+    def path(self, path: str | None = None, data_reference_name: str | None = None) -> "DataReference":
+        return DataReference(self.datastore, data_reference_name, "/".join(
+            p for p in (self.path_on_datastore, normalize_path(path)) if p), self.mode)
+
+    def as_mount(self, read_write: bool = False) -> "DataReference":
+        return self._with("mount", None, read_write=read_write)
+
+    def as_download(self, path_on_compute: str | None = None, overwrite: bool = False) -> "DataReference":
+        return self._with("download", path_on_compute, overwrite)
+
+    def as_upload(self, path_on_compute: str | None = None, overwrite: bool = False) -> "DataReference":
+        return self._with("upload", path_on_compute, overwrite)
+
+    def to_manifest(self) -> dict:
+        body = {"datastore": self.datastore.name, "path_on_datastore": self.path_on_datastore, "mode": self.mode}
+        if self.path_on_compute:
+            body["path_on_compute"] = self.path_on_compute
+        if self.overwrite:
+            body["overwrite"] = True
+        if self.read_write:
+            body["read_write"] = True
+        return body
+
+
+class RunManifest:
+    """What `mountd run` reads: references, a command, its environment. The
+    command may hold DataReference objects; each stands for its local path."""
+
+    def __init__(self, references=(), command=(), environment: dict | None = None, run_id: str | None = None,
+                 upload_when: str = "always", cache: dict | None = None, work_dir: str | None = None):
+        self.references = list(references)
+        for arg in command:  # references used only as arguments count too
+            if isinstance(arg, DataReference) and all(arg is not r for r in self.references):
+                self.references.append(arg)
+        names = [r.data_reference_name.lower() for r in self.references]
+        if len(set(names)) != len(names):
+            raise UsageError("two data references have the same name")
+        self.command = [str(a) for a in command]
+        self.environment = dict(environment or {})
+        self.run_id, self.upload_when, self.cache, self.work_dir = run_id, upload_when, cache, work_dir
+
+    def to_dict(self) -> dict:
+        body = {}
+        if self.run_id:
+            body["run_id"] = self.run_id
+        body["data_references"] = {r.data_reference_name: r.to_manifest() for r in self.references}
+        if self.command:
+            body["command"] = self.command
+        if self.environment:
+            body["environment"] = {k: str(v) for k, v in self.environment.items()}
+        body["upload_when"] = self.upload_when
+        if self.cache:
+            body["cache"] = self.cache
+        if self.work_dir:
+            body["work_dir"] = self.work_dir
+        return body
+
+    def write(self, path: str) -> str:
+        import yaml
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, allow_unicode=True)
+        return path

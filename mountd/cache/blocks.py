@@ -189,16 +189,23 @@ class _DiskWriter:
 
 class BlockCache:
     def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0):
-        # The memory cap covers every block buffer the worker holds: those in
-        # flight on the fetch threads and queued for the disk writer too, not
-        # only the ones in the LRU.
-        reserved = block_size * (threads + DEMAND_BLOCKS + (WRITER_DEPTH if disk else 0))
-        self._memory: LRUCache = LRUCache(maxsize=max(block_size, memory_bytes - reserved), getsizeof=len)
+        # The memory cap covers every block buffer the worker holds: blocks
+        # being fetched (one per fetch thread), fetched by readers themselves,
+        # queued for the disk writer, and the LRU. Readahead may keep at most
+        # half the LRU's blocks waiting to be read, or it would evict them
+        # before their reader gets there.
+        size = max(block_size, 1)
+        spare = memory_bytes // size - DEMAND_BLOCKS - (WRITER_DEPTH if disk else 0)
+        fetchers = max(1, min(threads, spare // 2))
+        lru_blocks = max(1, spare - fetchers)
+        self.readahead_limit = max(1, lru_blocks // 2)
+        self._memory: LRUCache = LRUCache(maxsize=lru_blocks * size if block_size else memory_bytes,
+                                          getsizeof=len)
         self.disk = disk
         self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
         self._inflight: dict[BlockKey, Future] = {}
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="block-fetch")
+        self._pool = ThreadPoolExecutor(fetchers, thread_name_prefix="block-fetch")
         self.stats = CacheStats()
 
     @property

@@ -24,6 +24,9 @@ _SIZE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*")
 _SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
 MAX_SIZE = 1 << 50  # 1 PiB: anything larger is a typo
+# Blocks the memory cache must hold: two being read, two queued for the disk
+# cache, one being fetched and one cached (mountd.cache.blocks plans them).
+MIN_MEMORY_BLOCKS = 6
 
 
 def parse_size(value: object, what: str, allow_negative: bool = False) -> int:
@@ -57,7 +60,7 @@ def parse_duration(value: object, what: str, bare_unit: str = "s") -> float:
             raise UsageError(f"{what}: expected a duration such as 120s, 2m or 500ms, got {value!r}")
         number, unit = float(m.group(1)), m.group(2) or bare_unit
     seconds = number * _SECONDS[unit]
-    if seconds < 0 or seconds > 365 * 86400:
+    if not 0 <= seconds <= 365 * 86400:  # written this way round so NaN fails too
         raise UsageError(f"{what}: {value!r} is out of range")
     return seconds
 
@@ -177,9 +180,9 @@ def resolve(section: object = None, where: str = "cache", environ=None, **flags)
 def _checked(s: CacheSettings, where: str) -> CacheSettings:
     if not 64 * KiB <= s.block_size <= 256 * MiB:
         raise UsageError(f"{where}: block size must be between 64KiB and 256MiB, got {s.block_size}")
-    if s.memory < s.block_size:
-        raise UsageError(f"{where}: memory cache ({s.memory} bytes) must hold at least one block "
-                         f"({s.block_size} bytes)")
+    if s.memory < MIN_MEMORY_BLOCKS * s.block_size:
+        raise UsageError(f"{where}: memory cache ({s.memory} bytes) must hold at least {MIN_MEMORY_BLOCKS} "
+                         f"blocks of {s.block_size} bytes: raise it or lower the block size")
     return s
 
 

@@ -119,10 +119,8 @@ class FileSystemCore:
         return fh, keep
 
     def _readahead_blocks(self) -> int:
-        # Prefetched blocks live in the memory tier: never ask for more than
-        # half of it, or they would push each other out before being read.
-        fit = max(0, (self.settings.memory // 2) // self.settings.block_size)
-        return min(self.settings.readahead_blocks, fit)
+        # the block cache knows how many prefetched blocks its memory can hold
+        return min(self.settings.readahead_blocks, self.blocks.readahead_limit)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         handle = self._handles.get(fh)

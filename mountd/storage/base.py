@@ -91,6 +91,19 @@ class ObjectStore(ABC):
         view[:len(data)] = data
         return len(data)
 
+    def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
+        """Read a long range, handing it to `sink(offset, piece)` one buffer
+        at a time (a piece is valid only during the call); returns the bytes
+        read. Backends that can stream one request override this."""
+        done = 0
+        while done < length:
+            n = self.read_into(path, offset + done, buf[:min(len(buf), length - done)], etag)
+            if not n:
+                break
+            sink(offset + done, buf[:n])
+            done += n
+        return done
+
     @abstractmethod
     def write_file(self, path: str, local_path: str, overwrite: bool = True,
                    progress: ProgressCallback | None = None) -> Entry:

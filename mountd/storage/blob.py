@@ -214,6 +214,15 @@ class BlobStore(ObjectStore):
         except (OSError, urllib3.exceptions.HTTPError) as e:
             raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
 
+    def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
+        path = normalize_path(path)
+        try:
+            return self._reader.stream(f"{self.container_name}/{path}", offset, length, etag, buf, sink)
+        except HttpError as e:
+            _raise_for(e.status, e.code, f"{path} in {self.description}")
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
+
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         path = normalize_path(path)
         with self._errors(path):

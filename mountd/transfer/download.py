@@ -1,8 +1,8 @@
 """Bulk download: every object under a prefix to TARGET/<full object name>.
 
-Small files are fetched in one request each, many at a time; large files are
-split into ranged reads pinned to the etag listed, written in place with
-pwrite and hashed in order as the ranges arrive. Every file is written under a
+Small files are fetched in one request each, many at a time; a large file is
+read as a few long ranges in parallel, pinned to the etag listed and written
+in place as they stream in. Every file is written under a
 temporary name and renamed only once complete and verified (size, and MD5
 where storage keeps one), so a failure never leaves half a file under the
 real name.
@@ -23,7 +23,8 @@ from mountd.transfer.progress import Progress, TransferReport
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 16 * 1024 * 1024  # one ranged read of a large file: fewer, larger requests are faster
+CHUNK_SIZE = 16 * 1024 * 1024  # files up to this size take one request; the buffer each worker reads into
+STREAMS = 4  # long ranged reads in parallel per large file
 DEFAULT_WORKERS = 16
 
 
@@ -76,32 +77,30 @@ def _check_target(final: str, entry: Entry, overwrite: bool) -> bool:
 
 
 class _Download:
-    """One file on its way: a temp file filled by one or more ranged reads."""
+    """One large file on its way: a temporary file filled by a few long
+    ranged reads in parallel (as `rclone` does with its streams), each
+    written in place as it arrives."""
 
     def __init__(self, job: "_DownloadJob", entry: Entry, final: str):
         self.job, self.entry, self.final = job, entry, final
         self.tmp = _temp_name(final)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        part = max(CHUNK_SIZE, -(-entry.size // STREAMS))
+        self.parts = [(start, min(part, entry.size - start)) for start in range(0, entry.size, part)] or [(0, 0)]
         self.lock = threading.Lock()
-        self.chunks = max(1, -(-entry.size // CHUNK_SIZE))
-        self.remaining = self.chunks
-        self.md5 = hashlib.md5() if entry.md5 else None
-        self.hashed_upto = 0
-        self.held: dict[int, bytes] = {}  # ranges waiting for their turn to be hashed
+        self.remaining = len(self.parts)
         self.error: str | None = None
 
-    def fetch(self, offset: int) -> None:
-        length = min(CHUNK_SIZE, self.entry.size - offset)
+    def fetch(self, start: int, length: int) -> None:
+        def sink(offset: int, piece: memoryview) -> None:
+            os.pwrite(self.fd, piece, offset)
+            self.job.progress.bytes_moved(len(piece))
         try:
             if self.error is None and length > 0:
-                view = _chunk_buffer()[:length]
-                got = self.job.store.read_into(self.entry.path, offset, view, self.entry.etag)
+                got = self.job.store.read_stream(self.entry.path, start, length, self.entry.etag,
+                                                 _chunk_buffer(), sink)
                 if got != length:
-                    raise MountdError(f"short read: {got} of {length} bytes at {offset}")
-                os.pwrite(self.fd, view, offset)
-                self.job.progress.bytes_moved(length)
-                if self.md5 is not None:
-                    self._hash(offset, bytes(view))
+                    raise MountdError(f"short read: {got} of {length} bytes at {start}")
         except Exception as e:  # recorded per file; the transfer goes on
             with self.lock:
                 self.error = self.error or str(e)
@@ -111,25 +110,25 @@ class _Download:
         if last:
             self._finish()
 
-    def _hash(self, offset: int, data: bytes) -> None:
-        if self.md5 is None:
-            return
-        with self.lock:
-            self.held[offset] = data
-            while self.hashed_upto in self.held:
-                piece = self.held.pop(self.hashed_upto)
-                self.md5.update(piece)
-                self.hashed_upto += len(piece)
+    def _md5_of_file(self) -> bytes:
+        """Parts arrive out of order, so the file is hashed once complete
+        (from the page cache) rather than as it streams in."""
+        md5 = hashlib.md5()
+        view = _chunk_buffer()
+        with open(self.tmp, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                md5.update(view[:n])
+        return md5.digest()
 
     def _finish(self) -> None:
         with self.job.lock:
             self.job.unfinished.discard(self)
         try:
             os.close(self.fd)
-            if self.error is None and self.md5 is not None and self.md5.digest() != self.entry.md5:
-                self.error = "content MD5 does not match what storage holds"
             if self.error is None and os.path.getsize(self.tmp) != self.entry.size:
                 self.error = "size does not match what storage holds"
+            if self.error is None and self.entry.md5 is not None and self._md5_of_file() != self.entry.md5:
+                self.error = "content MD5 does not match what storage holds"
             if self.error is None:
                 if self.entry.mtime:
                     os.utime(self.tmp, (self.entry.mtime, self.entry.mtime))
@@ -189,8 +188,8 @@ class _DownloadJob:
         self.progress.add_total(entry.size)
         with self.lock:
             self.unfinished.add(download)
-        for index in range(download.chunks):
-            pool.submit(download.fetch, index * CHUNK_SIZE)
+        for start, length in download.parts:
+            pool.submit(download.fetch, start, length)
 
     def small_file(self, entry: Entry, final: str) -> None:
         tmp = None

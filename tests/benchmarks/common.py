@@ -263,6 +263,11 @@ def print_report(scenarios: list[Scenario], subject: str = "mountd", header: dic
             ratio = "" if tool == subject or subject_rate is None else f"{subject_rate / rate:.2f}x"
             p(f"{label:<28} {tool:<14} {sc.median_seconds(tool):>9.2f} {rate:>9.1f} {ratio:>12}")
             label = ""
+    _print_rounds_and_tools(p, scenarios)
+
+
+def _print_rounds_and_tools(p, scenarios: list[Scenario]) -> None:
+    """The raw per-round seconds and each tool's command line, after a table."""
     p()
     p("raw seconds per round:")
     for sc in scenarios:
@@ -436,13 +441,4 @@ def print_count_report(scenarios: list[Scenario], subject: str = "mountd", unit:
             rate = sc.files / secs if secs > 0 else float("inf")
             p(f"{label:<28} {tool:<14} {secs:>9.2f} {rate:>9.0f} {ratio:>12}")
             label = ""
-    p()
-    p("raw seconds per round:")
-    for sc in scenarios:
-        for tool, secs in sc.seconds.items():
-            p(f"  {sc.name:<10} {tool:<14} " + "  ".join(f"{s:7.2f}" for s in secs))
-    p()
-    p("how each tool was run:")
-    for sc in scenarios:
-        for tool, how in sc.tools.items():
-            p(f"  {sc.name:<10} {tool:<14} {how}")
+    _print_rounds_and_tools(p, scenarios)

@@ -87,3 +87,42 @@ def test_upload_failure_raises_with_names(tmp_path):
     (src / "outside").symlink_to("/etc/hostname")
     with pytest.raises(TransferFailed, match="outside"):
         ds.upload(str(src), show_progress=False)
+
+
+def test_data_references_follow_the_seed(tmp_path):
+    from mountd.api import DataReference, RunManifest
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    ds = ws.get_default_datastore()
+    assert str(ds) == "$AZUREML_DATAREFERENCE_workspacelocalstore"
+    assert str(ds.as_mount()) == "$AZUREML_DATAREFERENCE_workspacelocalstore"
+    bar = ds.path("./bar").as_download(path_on_compute="/tmp/bar")
+    assert bar.mode == "download" and bar.path_on_compute == "/tmp/bar" and bar.path_on_datastore == "bar"
+    assert len(bar.data_reference_name) == 32  # a fresh hex id when the path is not the root
+    assert ds.path("x").data_reference_name != ds.path("x").data_reference_name
+    named = ds.path("data", data_reference_name="images")
+    assert str(named) == "$AZUREML_DATAREFERENCE_images"
+    with pytest.raises(UsageError):
+        DataReference(ds, "bad name", mode="mount")
+    with pytest.raises(UsageError):
+        DataReference(ds, "ok", mode="copy")
+
+
+def test_run_manifest_written_by_the_api_runs(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from mountd.api import RunManifest
+    monkeypatch.setenv("MOUNTD_NO_FUSE", "1")  # mount falls back to download: no FUSE needed here
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "x.txt").write_text("payload")
+    store = Datastore.register_local(ws, "scratch", str(src))
+    inputs = store.path("data", data_reference_name="inputs").as_mount()
+    outputs = store.path("results", data_reference_name="outputs").as_upload()
+    script = "import os,shutil,sys; shutil.copy(os.path.join(sys.argv[1], 'x.txt'), sys.argv[2])"
+    manifest = RunManifest(command=[sys.executable, "-c", script, inputs, outputs], run_id="api1",
+                           work_dir=str(tmp_path / "work")).write(str(tmp_path / "job.yaml"))
+    r = subprocess.run([sys.executable, "-m", "mountd", "--workspace", str(tmp_path / "ws.yaml"), "run", manifest],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (src / "results" / "x.txt").read_text() == "payload"

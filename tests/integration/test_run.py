@@ -262,3 +262,37 @@ def test_quickstart_manifest(tmp_path):
     metrics = list(runs.glob("*/outputs/0/metrics.json"))
     assert len(metrics) == 1 and json.loads(metrics[0].read_text())["epochs"] == 2
     assert no_mounts_under(tmp_path)
+
+
+def test_second_signal_aborts_uploads_and_keeps_outputs(job, tmp_path):
+    # The child writes many outputs and exits on the first SIGTERM; the
+    # second SIGTERM lands while they upload.
+    script = tmp_path / "many.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "out = os.environ['AZUREML_DATAREFERENCE_outputs']\n"
+        "for i in range(600):\n"
+        "    open(os.path.join(out, f'o{i:04d}.bin'), 'wb').write(os.urandom(256 * 1024))\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+        "open(os.path.join(out, 'ready'), 'w').write('1')\n"
+        "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(job()), "--", sys.executable, str(script)],
+                            cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stderr=subprocess.PIPE, text=True)
+    outputs = tmp_path / "work" / "uploads" / "outputs"
+    deadline = time.time() + 60
+    while not (outputs / "ready").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:
+        if "training process exited" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait(60)
+    assert proc.returncode == 143, rest
+    uploaded = blobs(job.container, "runs/r1/out/")
+    assert len(uploaded) < 601, "the second signal did not stop the uploads"
+    assert len(list(outputs.iterdir())) == 601  # nothing local was removed
+    pending = json.loads((tmp_path / "work" / "pending-uploads.json").read_text())
+    assert [p["name"] for p in pending["references"]] == ["outputs"]

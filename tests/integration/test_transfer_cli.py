@@ -114,6 +114,19 @@ def test_unsafe_object_names_never_escape_target(tmp_path, workspace_file, conta
     assert sorted(read_tree(tmp_path / "nested")) == [os.path.join("dst", "ok", "fine.txt")]
 
 
+def test_md5_mismatch_of_a_multipart_download(tmp_path, workspace_file, container, monkeypatch):
+    from azure.storage.blob import ContentSettings
+
+    from mountd.api import Datastore, Workspace
+    monkeypatch.setattr(download_mod, "CHUNK_SIZE", 64 * 1024)
+    container.upload_blob("big.bin", os.urandom(300 * 1024))
+    container.get_blob_client("big.bin").set_http_headers(ContentSettings(content_md5=hashlib.md5(b"x").digest()))
+    ds = Datastore.get(Workspace.from_config(str(workspace_file)), "blobstore")
+    with pytest.raises(Exception, match="1 file"):
+        ds.download(str(tmp_path / "d"), show_progress=False)
+    assert os.listdir(tmp_path / "d") == []
+
+
 def test_md5_mismatch_fails_and_leaves_no_file(tmp_path, workspace_file, container, mountd_cli):
     from azure.storage.blob import ContentSettings
     # storage checks an MD5 given on upload, so spoil the stored one afterwards

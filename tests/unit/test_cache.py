@@ -269,3 +269,15 @@ def test_slightly_out_of_order_reads_count_as_sequential():
     assert ra.window > 1
 
 
+
+
+@pytest.mark.parametrize("memory_mib, disk", [(256, True), (512, True), (96, False), (96, True)])
+def test_every_block_buffer_fits_the_memory_cap(tmp_path, memory_mib, disk):
+    from mountd.cache.blocks import DEMAND_BLOCKS, WRITER_DEPTH
+    block = 16 * MiB
+    tier = DiskTier(str(tmp_path / "c"), 100 * MiB, 0) if disk else None
+    cache = BlockCache(memory_mib * MiB, tier, threads=8, block_size=block)
+    fetchers = cache._pool._max_workers
+    total = cache._memory.maxsize + block * (fetchers + DEMAND_BLOCKS + (WRITER_DEPTH if disk else 0))
+    assert total <= max(memory_mib * MiB, 4 * block)
+    assert 1 <= cache.readahead_limit <= max(1, cache._memory.maxsize // block // 2)

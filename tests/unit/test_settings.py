@@ -44,7 +44,7 @@ def test_precedence_section_then_environment_then_flags():
 @pytest.mark.parametrize("section, fragment", [
     ({"memroy": "1GB"}, "unknown cache setting 'memroy'"),
     ({"block_size": "1KB"}, "block size must be between"),
-    ({"memory": "1MiB", "block_size": "8MiB"}, "must hold at least one block"),
+    ({"memory": "64MiB", "block_size": "16MiB"}, "must hold at least 6 blocks"),
     ({"threads": 0}, "whole number from 1"),
     ({"dir": "relative"}, "absolute directory"),
     ({"disk": "yes"}, "true or false"),
@@ -59,3 +59,8 @@ def test_section_errors_name_the_setting(section, fragment):
 def test_bad_environment_variable_is_named():
     with pytest.raises(UsageError, match=r"\$DATASET_MOUNT_READ_BLOCK_SIZE"):
         s.resolve(None, environ={"DATASET_MOUNT_READ_BLOCK_SIZE": "huge"})
+
+
+def test_nan_duration_is_refused():
+    with pytest.raises(UsageError):
+        s.parse_duration(float("nan"), "x")
