@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BlockKey = tuple  # (path, etag, index)
 WRITER_DEPTH = 2  # blocks waiting for the disk writer
+WRITE_SIZE = 1024 * 1024  # bytes per write of a block to the disk tier
 DEMAND_BLOCKS = 2  # blocks being fetched by readers themselves, outside the pool
 Fetch = Callable[[], bytes]
 
@@ -111,7 +112,9 @@ class DiskTier:
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(data)
+                view = memoryview(data)
+                for start in range(0, size, WRITE_SIZE):  # large single writes cost the kernel far more
+                    f.write(view[start:start + WRITE_SIZE])
             os.replace(tmp, path)
         except OSError as e:
             with self._lock:

@@ -78,12 +78,12 @@ def _stage(state: RunState, ref: DataReference) -> None:
                                   f"{ref.datastore.name}") from None
         if is_file:
             parent = prefix.rpartition("/")[0]
-            report = download_mod.download(store, target, prefix, overwrite=ref.overwrite, show_progress=False,
-                                           relative_to=parent)
+            report = download_mod.download(store, target, prefix, overwrite=ref.overwrite, show_progress=True,
+                                           relative_to=parent, label=ref.name)
             state.paths[ref.name] = os.path.join(target, prefix.rpartition("/")[2])
         else:
             report = download_mod.download(store, target, prefix + "/" if prefix else "", overwrite=ref.overwrite,
-                                           show_progress=False, relative_to=prefix)
+                                           show_progress=True, relative_to=prefix, label=ref.name)
             state.paths[ref.name] = target
     log.info("staged %s: %s", ref.name, report.summary())
     if report.failed:

@@ -46,7 +46,7 @@ class TransferReport:
 class Progress:
     """Thread-safe counters shown as a tqdm bar when `stream` is a terminal."""
 
-    def __init__(self, report: TransferReport, enabled: bool = True, stream=None):
+    def __init__(self, report: TransferReport, enabled: bool = True, stream=None, label: str | None = None):
         self.report = report
         self.stream = stream or sys.stderr
         self._lock = threading.Lock()
@@ -56,7 +56,7 @@ class Progress:
         if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=report.verb.capitalize(), file=self.stream, dynamic_ncols=True,
+                             desc=label or report.verb.capitalize(), file=self.stream, dynamic_ncols=True,
                              leave=False)
 
     def add_total(self, nbytes: int) -> None:
