@@ -28,7 +28,7 @@ from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError, Unreachable
 from mountd.storage.azure_common import client_options, sdk_credential, translated
 from mountd.storage.azure_http import HttpError, RangeReader, Signer
-from mountd.storage.base import Entry, ObjectStore, ProgressCallback, join, normalize_path
+from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
 
 MARKER_KEY = "hdi_isfolder"
 SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request

@@ -90,7 +90,7 @@ def test_upload_failure_raises_with_names(tmp_path):
 
 
 def test_data_references_follow_the_seed(tmp_path):
-    from mountd.api import DataReference, RunManifest
+    from mountd.api import DataReference
     ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
     ds = ws.get_default_datastore()
     assert str(ds) == "$AZUREML_DATAREFERENCE_workspacelocalstore"

@@ -13,7 +13,6 @@ import time
 import pytest
 import yaml
 
-from mountd.run import mounts
 from tests.conftest import KEY, KEY_ENV
 from tests.support.azurite import blob_workspace_entry
 
