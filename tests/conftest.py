@@ -48,6 +48,7 @@ def _isolated_home(tmp_path, monkeypatch):
     """Every test gets its own config and data directories."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))  # mount records and worker logs
     monkeypatch.delenv("MOUNTD_WORKSPACE", raising=False)
 
 

@@ -18,6 +18,7 @@ from mountd.fs.core import FileSystemCore  # noqa: E402
 
 MAX_READ = 1024 * 1024  # bytes per FUSE read request
 MAX_READAHEAD = 16 * 1024 * 1024  # how far ahead the kernel may read on its own
+LOOP_ENDED_BY_SIGNAL = 8  # fuse_main's result when a signal stopped its loop
 
 
 def tune_kernel_readahead(mountpoint: str) -> bool:
@@ -99,4 +100,10 @@ def serve(core: FileSystemCore, mountpoint: str, fsname: str, read_only: bool = 
     if allow_other:
         options["allow_other"] = True
         options["default_permissions"] = True
-    mfusepy.FUSE(FuseOperations(core, on_ready), mountpoint, raw_fi=True, **options)
+    try:
+        mfusepy.FUSE(FuseOperations(core, on_ready), mountpoint, raw_fi=True, **options)
+    except RuntimeError as e:
+        # libfuse's main returns 8 when its loop ended on SIGINT/SIGTERM/SIGHUP:
+        # the mount was stopped on purpose and is gone; anything else failed.
+        if e.args != (LOOP_ENDED_BY_SIGNAL,):
+            raise

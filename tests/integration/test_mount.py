@@ -296,3 +296,20 @@ def test_record_shows_the_mount(datastore, mount):
     record = runtime.read_record(str(mp))
     assert record["datastore"] == "data" and record["mode"] == "ro" and runtime.pid_alive(record["pid"])
     assert KEY not in json.dumps(record)
+
+
+def test_foreground_mount_stops_cleanly_on_ctrl_c(datastore, tmp_path):
+    import sys
+    mp = tmp_path / "fg"
+    mp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "mount", "data", str(mp), "--foreground",
+                             "--no-disk-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not mounts.is_mounted(str(mp)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert mounts.is_mounted(str(mp))
+    assert (mp / "plain.txt").read_bytes() == b"plain"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert not mounts.is_mounted(str(mp)) and "error" not in err
