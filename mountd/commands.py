@@ -178,8 +178,8 @@ def mount(args) -> int:
     settings = settings_mod.resolve(ws.cache, f"{ws.path}", **_cache_flags(args))
     spec = mount_worker.make_spec(cfg, path, mountpoint, settings, read_only=True, allow_other=args.allow_other)
     if args.foreground:
-        from mountd.run.mount_worker import limit_malloc_arenas
-        limit_malloc_arenas()
+        from mountd.run.mount_worker import return_freed_blocks
+        return_freed_blocks()
         print(f"mounting {cfg.name}:{path or '/'} on {mountpoint} (Ctrl-C or 'mountd unmount' to stop)",
               flush=True)
         mount_worker.run(spec, on_ready=lambda: print("mounted", flush=True), debug=args.debug)
