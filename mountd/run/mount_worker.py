@@ -32,7 +32,7 @@ log = logging.getLogger("mountd.worker")
 
 def return_freed_blocks() -> None:
     """Return freed blocks to the system at once. glibc otherwise raises its
-    mmap threshold after the first big free, and 8 MiB blocks then stay in
+    mmap threshold after the first big free, and blocks then stay in
     per-thread heaps: the worker's memory would grow well past its cache cap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
