@@ -248,6 +248,53 @@ class BlockCache:
         self._pool.submit(self._load, key, fetch, future)
         return True
 
+    def prefetch_run(self, keys: list, stream) -> int:
+        """Start fetching consecutive blocks with one request: `stream(deliver)`
+        reads them in order and calls deliver(i, data) for keys[i]. Blocks
+        already cached or on their way are left out (the run is cut at the
+        first such block). Returns how many blocks were started."""
+        with self._lock:
+            run = []
+            for key in keys:
+                if key in self._inflight or key in self._memory:
+                    break
+                run.append(key)
+            futures = {key: Future() for key in run}
+            self._inflight.update(futures)
+            self.stats.prefetches += len(run)
+        if run:
+            self._pool.submit(self._load_run, run, futures, stream)
+        return len(run)
+
+    def _load_run(self, keys: list, futures: dict, stream) -> None:
+        done = set()
+
+        def deliver(index: int, data: bytes) -> None:
+            key = keys[index]
+            with self._lock:
+                self.stats.misses += 1
+                self.stats.bytes_from_storage += len(data)
+                if len(data) <= self._memory.maxsize:
+                    self._memory[key] = data
+                self._inflight.pop(key, None)
+            done.add(key)
+            futures[key].set_result(data)
+            if self._writer:
+                self._writer.submit(key, data)
+
+        try:
+            stream(deliver)
+            missing = [k for k in keys if k not in done]
+            if missing:
+                raise OSError(f"{len(missing)} block(s) of a run were not delivered")
+        except BaseException as e:
+            for key in keys:
+                if key not in done:
+                    with self._lock:
+                        self._inflight.pop(key, None)
+                    futures[key].set_exception(e)
+                    futures[key].exception()  # nobody may wait for a failed prefetch
+
     def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
         try:
             data = self.disk.get(key) if self.disk else None

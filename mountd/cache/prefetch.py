@@ -41,6 +41,11 @@ class ReadAhead:
             if not self._window:
                 return range(0)
             current = (offset + size - 1) // self.block_size
+            ahead = self._scheduled - current
+            if self._window > 2 and ahead > self._window // 2:
+                # enough is on its way: ask again in bigger runs, not block
+                # by block, so one request can fetch several blocks
+                return range(0)
             start = max(current + 1, self._scheduled + 1)
             stop = min(current + self._window, self.last_block) + 1
             if start >= stop:

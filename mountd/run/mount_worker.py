@@ -142,6 +142,9 @@ def main() -> int:
     spec = json.load(sys.stdin)
     logsetup.setup(spec.get("log_level", "info"), spec.get("debug", False), spec.get("log_format", "text"))
     return_freed_blocks()
+    # FUSE threads and fetch threads take turns on the interpreter lock; the
+    # default 5 ms turn starves the socket readers.
+    sys.setswitchinterval(0.001)
     ready_fd = spec.get("ready_fd")
 
     def report(line: str) -> None:

@@ -281,3 +281,46 @@ def test_every_block_buffer_fits_the_memory_cap(tmp_path, memory_mib, disk):
     total = cache._memory.maxsize + block * (fetchers + DEMAND_BLOCKS + (WRITER_DEPTH if disk else 0))
     assert total <= max(memory_mib * MiB, 4 * block)
     assert 1 <= cache.readahead_limit <= max(1, cache._memory.maxsize // block // 2)
+
+
+def _wait_idle(cache):
+    deadline = time.time() + 5
+    while cache.in_flight() and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def test_prefetch_run_fetches_consecutive_blocks_with_one_stream():
+    cache = BlockCache(16 * MiB, None, threads=2)
+    calls = []
+
+    def stream(deliver):
+        calls.append(1)
+        for i in range(3):
+            deliver(i, bytes([i]) * 10)
+    keys = [("p", "e", i) for i in (4, 5, 6)]
+    assert cache.prefetch_run(keys, stream) == 3
+    _wait_idle(cache)
+    for i, key in zip(range(3), keys):
+        assert cache.get(key, lambda: pytest.fail("not prefetched")) == bytes([i]) * 10
+    assert calls == [1]
+
+
+def test_prefetch_run_stops_at_a_block_already_there():
+    cache = BlockCache(16 * MiB, None, threads=2)
+    cache.get(("p", "e", 2), lambda: b"cached")
+    assert cache.prefetch_run([("p", "e", 1), ("p", "e", 2), ("p", "e", 3)], lambda deliver: deliver(0, b"one")) == 1
+    _wait_idle(cache)
+    assert cache.get(("p", "e", 1), lambda: b"refetched") == b"one"
+
+
+def test_failed_run_leaves_the_rest_to_be_fetched_again():
+    cache = BlockCache(16 * MiB, None, threads=2)
+
+    def stream(deliver):
+        deliver(0, b"first")
+        raise OSError("connection reset, retries spent")
+    keys = [("p", "e", i) for i in range(3)]
+    cache.prefetch_run(keys, stream)
+    _wait_idle(cache)
+    assert cache.get(keys[0], lambda: pytest.fail("lost")) == b"first"
+    assert cache.get(keys[2], lambda: b"again") == b"again"
