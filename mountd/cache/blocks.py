@@ -81,6 +81,10 @@ class DiskTier:
         digest = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()
         return f"{digest[:2]}/{digest[2:40]}"
 
+    def contains(self, key: BlockKey) -> bool:
+        with self._lock:
+            return self._name(key) in self._files
+
     def get(self, key: BlockKey) -> bytes | None:
         name = self._name(key)
         with self._lock:
@@ -237,63 +241,51 @@ class BlockCache:
             self._load(key, fetch, future)
         return future.result()
 
-    def prefetch(self, key: BlockKey, fetch: Fetch) -> bool:
-        """Start fetching a block in the background; False if already there."""
+    def prefetch_run(self, keys: list, stream, fetcher) -> int:
+        """Start fetching consecutive blocks, as far as possible with one
+        request: `stream(first, count, deliver)` reads keys[first:first+count]
+        in order and calls deliver(i, data) for each keys[i]; `fetcher(i)`
+        returns a fetch of keys[i] alone.
+        Leading blocks the disk tier holds are loaded from it one by one; the
+        run starts at the first block nobody has and stops before the next
+        one somebody has. Returns how many blocks were started."""
+        singles, run = [], []
         with self._lock:
-            if key in self._inflight or key in self._memory:
-                return False
-            future = Future()
-            self._inflight[key] = future
-            self.stats.prefetches += 1
-        self._pool.submit(self._load, key, fetch, future)
-        return True
-
-    def prefetch_run(self, keys: list, stream) -> int:
-        """Start fetching consecutive blocks with one request: `stream(deliver)`
-        reads them in order and calls deliver(i, data) for keys[i]. Blocks
-        already cached or on their way are left out (the run is cut at the
-        first such block). Returns how many blocks were started."""
-        with self._lock:
-            run = []
-            for key in keys:
+            for i, key in enumerate(keys):
                 if key in self._inflight or key in self._memory:
+                    if run:
+                        break
+                    continue
+                if not run and self.disk is not None and self.disk.contains(key):
+                    singles.append(i)
+                elif self.disk is not None and self.disk.contains(key):
                     break
-                run.append(key)
-            futures = {key: Future() for key in run}
-            self._inflight.update(futures)
-            self.stats.prefetches += len(run)
+                else:
+                    run.append(i)
+            futures = {i: Future() for i in singles + run}
+            self._inflight.update({keys[i]: f for i, f in futures.items()})
+            self.stats.prefetches += len(futures)
+        for i in singles:
+            self._pool.submit(self._load, keys[i], fetcher(i), futures[i])
         if run:
-            self._pool.submit(self._load_run, run, futures, stream)
-        return len(run)
+            self._pool.submit(self._load_run, keys, run, futures, stream)
+        return len(futures)
 
-    def _load_run(self, keys: list, futures: dict, stream) -> None:
+    def _load_run(self, keys: list, run: list, futures: dict, stream) -> None:
         done = set()
 
         def deliver(index: int, data: bytes) -> None:
-            key = keys[index]
-            with self._lock:
-                self.stats.misses += 1
-                self.stats.bytes_from_storage += len(data)
-                if len(data) <= self._memory.maxsize:
-                    self._memory[key] = data
-                self._inflight.pop(key, None)
-            done.add(key)
-            futures[key].set_result(data)
-            if self._writer:
-                self._writer.submit(key, data)
+            self._keep(keys[index], data, futures[index], from_disk=False)
+            done.add(index)
 
         try:
-            stream(deliver)
-            missing = [k for k in keys if k not in done]
-            if missing:
-                raise OSError(f"{len(missing)} block(s) of a run were not delivered")
+            stream(run[0], len(run), deliver)
+            if len(done) < len(run):
+                raise OSError(f"{len(run) - len(done)} block(s) of a run were not delivered")
         except BaseException as e:
-            for key in keys:
-                if key not in done:
-                    with self._lock:
-                        self._inflight.pop(key, None)
-                    futures[key].set_exception(e)
-                    futures[key].exception()  # nobody may wait for a failed prefetch
+            for i in run:
+                if i not in done:
+                    self._fail(keys[i], futures[i], e)
 
     def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
         try:
@@ -301,25 +293,32 @@ class BlockCache:
             from_disk = data is not None
             if data is None:
                 data = fetch()
-            with self._lock:
-                if from_disk:
-                    self.stats.disk_hits += 1
-                    self.stats.bytes_from_disk += len(data)
-                else:
-                    self.stats.misses += 1
-                    self.stats.bytes_from_storage += len(data)
-                if len(data) <= self._memory.maxsize:
-                    self._memory[key] = data
-                self._inflight.pop(key, None)
-            future.set_result(data)
-            if self._writer and not from_disk:
-                self._writer.submit(key, data)
+            self._keep(key, data, future, from_disk)
         except BaseException as e:
-            with self._lock:
-                self._inflight.pop(key, None)
-            future.set_exception(e)
-            # nobody may wait for a failed prefetch: mark it seen
-            future.exception()
+            self._fail(key, future, e)
+
+    def _keep(self, key: BlockKey, data: bytes, future: Future, from_disk: bool) -> None:
+        """A block has arrived: count it, cache it, hand it to its waiters,
+        and queue it for the disk tier if it did not come from there."""
+        with self._lock:
+            if from_disk:
+                self.stats.disk_hits += 1
+                self.stats.bytes_from_disk += len(data)
+            else:
+                self.stats.misses += 1
+                self.stats.bytes_from_storage += len(data)
+            if len(data) <= self._memory.maxsize:
+                self._memory[key] = data
+            self._inflight.pop(key, None)
+        future.set_result(data)
+        if self._writer and not from_disk:
+            self._writer.submit(key, data)
+
+    def _fail(self, key: BlockKey, future: Future, error: BaseException) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+        future.set_exception(error)
+        future.exception()  # nobody may wait for a failed prefetch: mark it seen
 
     def in_flight(self) -> int:
         with self._lock:

@@ -148,10 +148,9 @@ class FileSystemCore:
             log.error("read %s at %d: %s", entry.path, offset, e)
             raise FsError(errno.EIO) from None
         wanted = handle.readahead.on_read(offset, size)
-        if len(wanted) == 1:
-            self.blocks.prefetch(self._key(entry, wanted[0]), self._fetcher(entry, wanted[0]))
-        elif wanted:
-            self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted))
+        if wanted:
+            self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted),
+                                     lambda i: self._fetcher(entry, wanted[i]))
         start = offset - first * bs
         if len(pieces) == 1:
             data = bytes(memoryview(pieces[0])[start:start + size])
@@ -176,17 +175,18 @@ class FileSystemCore:
         return fetch
 
     def _streamer(self, entry: Entry, indices: range):
-        """Fetch consecutive blocks with one long ranged read: storage answers
-        one long request faster than many block-sized ones."""
+        """Fetch `count` consecutive blocks from indices[first] on with one
+        long ranged read: storage answers one long request faster than many
+        block-sized ones."""
         bs = self.settings.block_size
-        start = indices[0] * bs
-        length = min(len(indices) * bs, entry.size - start)
 
-        def stream(deliver) -> None:
+        def stream(first: int, count: int, deliver) -> None:
+            start = indices[first] * bs
+            length = min(count * bs, entry.size - start)
             buf = memoryview(bytearray(bs))
 
             def sink(offset: int, piece: memoryview) -> None:
-                deliver((offset - start) // bs, bytes(piece))
+                deliver(first + (offset - start) // bs, bytes(piece))
             got = self.store.read_stream(entry.path, start, length, entry.etag, buf, sink)
             if got != length:
                 raise Stale(f"{entry.path}: expected {length} bytes at {start}, storage gave {got}")

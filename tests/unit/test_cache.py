@@ -149,8 +149,8 @@ def test_failed_fetch_is_not_cached():
 
 def test_prefetch_then_get_uses_the_prefetched_block():
     cache = BlockCache(4 * MiB, None, threads=2)
-    assert cache.prefetch(("p", "e", 1), lambda: b"pre")
-    assert not cache.prefetch(("p", "e", 1), lambda: b"again")
+    assert cache.prefetch_run([("p", "e", 1)], lambda first, count, deliver: deliver(0, b"pre"), None) == 1
+    assert cache.prefetch_run([("p", "e", 1)], lambda first, count, deliver: deliver(0, b"again"), None) == 0
     deadline = time.time() + 5
     while cache.in_flight() and time.time() < deadline:
         time.sleep(0.01)
@@ -293,34 +293,61 @@ def test_prefetch_run_fetches_consecutive_blocks_with_one_stream():
     cache = BlockCache(16 * MiB, None, threads=2)
     calls = []
 
-    def stream(deliver):
-        calls.append(1)
-        for i in range(3):
+    def stream(first, count, deliver):
+        calls.append((first, count))
+        for i in range(first, first + count):
             deliver(i, bytes([i]) * 10)
     keys = [("p", "e", i) for i in (4, 5, 6)]
-    assert cache.prefetch_run(keys, stream) == 3
+    assert cache.prefetch_run(keys, stream, lambda i: pytest.fail("fetched alone")) == 3
     _wait_idle(cache)
     for i, key in zip(range(3), keys):
         assert cache.get(key, lambda: pytest.fail("not prefetched")) == bytes([i]) * 10
-    assert calls == [1]
+    assert calls == [(0, 3)]
 
 
 def test_prefetch_run_stops_at_a_block_already_there():
     cache = BlockCache(16 * MiB, None, threads=2)
     cache.get(("p", "e", 2), lambda: b"cached")
-    assert cache.prefetch_run([("p", "e", 1), ("p", "e", 2), ("p", "e", 3)], lambda deliver: deliver(0, b"one")) == 1
+    keys = [("p", "e", 0), ("p", "e", 1), ("p", "e", 2), ("p", "e", 3)]
+    cache.get(keys[0], lambda: b"cached too")
+    runs = []
+
+    def stream(first, count, deliver):
+        runs.append((first, count))
+        deliver(first, b"one")
+    assert cache.prefetch_run(keys, stream, None) == 1
     _wait_idle(cache)
+    assert runs == [(1, 1)]  # block 0 is skipped, the run is block 1, and it stops before block 2
     assert cache.get(("p", "e", 1), lambda: b"refetched") == b"one"
 
 
 def test_failed_run_leaves_the_rest_to_be_fetched_again():
     cache = BlockCache(16 * MiB, None, threads=2)
 
-    def stream(deliver):
+    def stream(first, count, deliver):
         deliver(0, b"first")
         raise OSError("connection reset, retries spent")
     keys = [("p", "e", i) for i in range(3)]
-    cache.prefetch_run(keys, stream)
+    cache.prefetch_run(keys, stream, None)
     _wait_idle(cache)
     assert cache.get(keys[0], lambda: pytest.fail("lost")) == b"first"
     assert cache.get(keys[2], lambda: b"again") == b"again"
+
+
+def test_prefetch_run_takes_blocks_the_disk_tier_holds_from_disk(tmp_path):
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
+    keys = [("p", "e", i) for i in range(4)]
+    disk.put(keys[0], b"disk0")
+    disk.put(keys[1], b"disk1")
+    cache = BlockCache(16 * MiB, disk, threads=2)
+    streamed = []
+
+    def stream(first, count, deliver):
+        streamed.append((first, count))
+        for i in range(first, first + count):
+            deliver(i, b"net%d" % i)
+    assert cache.prefetch_run(keys, stream, lambda i: lambda: pytest.fail("disk block fetched from storage")) == 4
+    _wait_idle(cache)
+    assert [cache.get(k, lambda: pytest.fail("not prefetched")) for k in keys] == [b"disk0", b"disk1", b"net2",
+                                                                                   b"net3"]
+    assert streamed == [(2, 2)] and cache.stats.disk_hits == 2
