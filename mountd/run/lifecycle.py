@@ -76,19 +76,24 @@ def _stage(state: RunState, ref: DataReference) -> None:
             except NotFound:
                 raise MountdError(f"data reference {ref.name}: {prefix} does not exist in datastore "
                                   f"{ref.datastore.name}") from None
-        if is_file:
-            parent = prefix.rpartition("/")[0]
-            report = download_mod.download(store, target, prefix, overwrite=ref.overwrite, show_progress=True,
-                                           relative_to=parent, label=ref.name)
-            state.paths[ref.name] = os.path.join(target, prefix.rpartition("/")[2])
-        else:
-            report = download_mod.download(store, target, prefix + "/" if prefix else "", overwrite=ref.overwrite,
-                                           show_progress=True, relative_to=prefix, label=ref.name)
-            state.paths[ref.name] = target
+        parent, _, name = prefix.rpartition("/")
+        if is_file:  # the file alone, into the target directory
+            walk, relative_to, local = prefix, parent, os.path.join(target, name)
+        else:  # everything below the directory, mirrored into the target
+            walk, relative_to, local = (prefix + "/" if prefix else ""), prefix, target
+        report = download_mod.download(store, target, walk, overwrite=ref.overwrite, show_progress=True,
+                                       relative_to=relative_to, label=ref.name)
+        state.paths[ref.name] = local
     log.info("staged %s: %s", ref.name, report.summary())
-    if report.failed:
-        state.failures.append(f"download {ref.name}: {len(report.failed)} file(s) failed, first "
-                              f"{report.failed[0][0]}: {report.failed[0][1]}")
+    _note_failed_files(state, "download", ref, report)
+
+
+def _note_failed_files(state: RunState, verb: str, ref: DataReference, report) -> bool:
+    if not report.failed:
+        return False
+    first, reason = report.failed[0]
+    state.failures.append(f"{verb} {ref.name}: {len(report.failed)} file(s) failed, first {first}: {reason}")
+    return True
 
 
 def stage_downloads(state: RunState, refs: list[DataReference]) -> None:
@@ -150,9 +155,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
             pending.append(ref)
             continue
         log.info("uploaded %s: %s", ref.name, report.summary())
-        if report.failed:
-            state.failures.append(f"upload {ref.name}: {len(report.failed)} file(s) failed, first "
-                                  f"{report.failed[0][0]}: {report.failed[0][1]}")
+        if _note_failed_files(state, "upload", ref, report):
             pending.append(ref)
     if pending:
         _record_pending(state.manifest, pending)

@@ -141,8 +141,7 @@ class _Download:
             self.error = e.strerror or str(e)
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
-        self.job.progress.failed(self.entry.path, self.error)
-        log.error("download of %s failed: %s", self.entry.path, self.error)
+        self.job.failed(self.entry, self.error)
 
 
 class _DownloadJob:
@@ -165,15 +164,14 @@ class _DownloadJob:
         try:
             final = local_path_for(self.target_dir, entry.path[self.strip:])
         except UnsafeName as e:
-            self.progress.failed(entry.path, str(e))
-            log.error("%s", e)
+            self.failed(entry, str(e))
             return
         if entry.is_dir:
             try:
                 self.makedirs(final)
                 self.progress.report.directories += 1
             except OSError as e:
-                self._failed(entry, e.strerror or str(e))
+                self.failed(entry, e.strerror or str(e))
             return
         if entry.size <= CHUNK_SIZE:
             pool.submit(self.small_file, entry, final)
@@ -185,7 +183,7 @@ class _DownloadJob:
             self.makedirs(os.path.dirname(final))
             download = _Download(self, entry, final)
         except OSError as e:
-            self._failed(entry, e.strerror or str(e))
+            self.failed(entry, e.strerror or str(e))
             return
         self.progress.add_total(entry.size)
         with self.lock:
@@ -219,12 +217,12 @@ class _DownloadJob:
             self.progress.bytes_moved(entry.size)
             self.progress.file_done()
         except (OSError, MountdError) as e:
-            self._failed(entry, getattr(e, "strerror", None) or str(e))
+            self.failed(entry, getattr(e, "strerror", None) or str(e))
         finally:
             if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _failed(self, entry: Entry, reason: str) -> None:
+    def failed(self, entry: Entry, reason: str) -> None:
         self.progress.failed(entry.path, reason)
         log.error("download of %s failed: %s", entry.path, reason)
 
