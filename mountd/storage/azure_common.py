@@ -7,15 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import requests
-from azure.core.exceptions import (
-    ClientAuthenticationError,
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
+from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 from azure.core.pipeline.transport import RequestsTransport
 
 from mountd.config.credentials import Credential
@@ -64,37 +56,37 @@ def sdk_credential(cred: Credential, account_name: str | None):
     return None  # anonymous
 
 
+def raise_for_status(status: int, code: str, what: str, where: str):
+    """The mountd error for a failed storage answer, by HTTP status and the
+    service's error code, for the SDK's calls and the lean data path alike.
+    `what` names the object, `where` the container or share."""
+    code = code or ""
+    if status == 412:
+        raise Stale(f"{what} changed in storage while it was being read")
+    if status == 404:
+        if code in ("ContainerNotFound", "ShareNotFound"):
+            raise ConfigError(f"{where} does not exist")
+        if code == "ParentNotFound":
+            raise NotFound(f"{what}: parent directory does not exist")
+        raise NotFound(f"{what} does not exist")
+    if status == 409:
+        if code == "DirectoryNotEmpty":
+            raise NotEmpty(f"{what} is not empty")
+        raise AlreadyExists(f"{what} already exists")
+    if status in (401, 403):
+        raise Unreachable(f"{where} refused the credentials ({code or status})")
+    raise StorageError(f"{what}: storage answered {status} {code}".rstrip())
+
+
 @contextlib.contextmanager
 def translated(what: str, where: str):
     """Turn SDK exceptions raised inside into mountd errors naming `what`."""
     try:
         yield
-    except ResourceModifiedError:
-        raise Stale(f"{what} changed in storage while it was being read") from None
-    except ResourceNotFoundError as e:
-        code = getattr(e, "error_code", None) or ""
-        if code in ("ContainerNotFound", "ShareNotFound"):
-            raise ConfigError(f"{where} does not exist") from None
-        if code == "ParentNotFound":
-            raise NotFound(f"{what}: parent directory does not exist") from None
-        raise NotFound(f"{what} does not exist") from None
-    except ResourceExistsError as e:
-        code = getattr(e, "error_code", None) or ""
-        if code == "DirectoryNotEmpty":
-            raise NotEmpty(f"{what} is not empty") from None
-        raise AlreadyExists(f"{what} already exists") from None
-    except ClientAuthenticationError as e:
-        code = getattr(e, "error_code", None) or e.status_code
-        raise Unreachable(f"{where} refused the credentials ({code})") from None
     except (ServiceRequestError, ServiceResponseError) as e:
         raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
     except HttpResponseError as e:
-        if e.status_code == 412:
-            raise Stale(f"{what} changed in storage while it was being read") from None
-        if e.status_code == 403:
-            raise Unreachable(f"{where} refused access ({getattr(e, 'error_code', None) or 403})") from None
-        code = getattr(e, "error_code", None) or ""
-        raise StorageError(f"{what}: storage answered {e.status_code} {code}".rstrip()) from None
+        raise_for_status(e.status_code, getattr(e, "error_code", None), what, where)
 
 
 def _first_line(e: Exception) -> str:

@@ -25,8 +25,8 @@ from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
-from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError, Unreachable
-from mountd.storage.azure_common import client_options, sdk_credential, translated
+from mountd.errors import AlreadyExists, NotEmpty, NotFound, StorageError, Unreachable
+from mountd.storage.azure_common import client_options, raise_for_status, sdk_credential, translated
 from mountd.storage.azure_http import HttpError, RangeReader, Signer
 from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
 
@@ -154,7 +154,7 @@ class BlobStore(ObjectStore):
             try:
                 items, marker = _listing_page(self._reader, self.container_name, prefix, delimiter, marker, LIST_PAGE)
             except HttpError as e:
-                _raise_for(e.status, e.code, f"{prefix or '/'} in {self.description}")
+                raise_for_status(e.status, e.code, f"{prefix or '/'} in {self.description}", self.description)
             except (OSError, urllib3.exceptions.HTTPError) as e:
                 raise Unreachable(f"cannot reach {self.description}: {e}") from None
             yield from items
@@ -210,7 +210,7 @@ class BlobStore(ObjectStore):
         try:
             return self._reader.read_into(f"{self.container_name}/{path}", offset, view, etag)
         except HttpError as e:
-            _raise_for(e.status, e.code, f"{path} in {self.description}")
+            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
         except (OSError, urllib3.exceptions.HTTPError) as e:
             raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
 
@@ -219,7 +219,7 @@ class BlobStore(ObjectStore):
         try:
             return self._reader.stream(f"{self.container_name}/{path}", offset, length, etag, buf, sink)
         except HttpError as e:
-            _raise_for(e.status, e.code, f"{path} in {self.description}")
+            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
         except (OSError, urllib3.exceptions.HTTPError) as e:
             raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
 
@@ -341,20 +341,6 @@ class BlobStore(ObjectStore):
         self._uploads.shutdown(wait=False, cancel_futures=True)
         self._reader.close()
         self.service.close()
-
-
-def _raise_for(status: int, code: str, what: str):
-    """Turn a failed data-path answer into mountd's error for it."""
-    if status == 412:
-        raise Stale(f"{what} changed in storage while it was being read")
-    if status == 404:
-        if code == "ContainerNotFound":
-            from mountd.errors import ConfigError
-            raise ConfigError(f"{what}: container does not exist")
-        raise NotFound(f"{what} does not exist")
-    if status in (401, 403):
-        raise Unreachable(f"{what}: storage refused the credentials ({code or status})")
-    raise StorageError(f"{what}: storage answered {status} {code}".rstrip())
 
 
 def _content_settings(path: str, md5: bytes) -> ContentSettings:
