@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from mountd.run import runtime
 
 log = logging.getLogger(__name__)
 
+_OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash as \ooo
 READY_TIMEOUT = 60.0  # seconds for a worker to open its store and mount
 EXIT_TIMEOUT = 30.0  # seconds for a worker to finish after its mount is detached
 
@@ -42,21 +44,24 @@ def fuse_problem() -> str | None:
     return None
 
 
+def mount_points() -> list[str]:
+    """Every mount point of this process's mount namespace, from
+    /proc/self/mountinfo: nothing is stat'ed, so a hung FUSE mount cannot
+    block the question."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        fields = (line.split() for line in f)
+        return [_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), x[4]) for x in fields if len(x) > 4]
+
+
 def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
+    # Resolve symbolic links in the parent only: stat'ing the mountpoint
+    # itself would wait on the filesystem mounted there.
+    path = os.path.abspath(path)
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == real:
-                    return True
+        return real in mount_points()
     except OSError:
-        pass
-    return False
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+        return False
 
 
 def check_mountpoint(mountpoint: str) -> str:

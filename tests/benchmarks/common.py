@@ -33,6 +33,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from mountd.run.mounts import is_mounted, mount_points  # noqa: F401 - re-exported for the benchmarks
+
 MiB = 1024 * 1024
 
 
@@ -383,22 +385,6 @@ def dir_bytes(path: str, apparent: bool = True) -> int:
     argv = ["du", "-sb", path] if apparent else ["du", "-s", "--block-size=1", path]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
-
-
-def _mountinfo_unescape(field: str) -> str:
-    import re
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_points() -> list[str]:
-    """Every mount point of this process's mount namespace (from
-    /proc/self/mountinfo, so nothing is stat'ed: a hung FUSE mount cannot block it)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [_mountinfo_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
-
-
-def is_mounted(path: str) -> bool:
-    return os.path.abspath(path) in mount_points()
 
 
 def mounts_under(root: str) -> list[str]:
