@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=c.run)
     p.epilog = "Anything after `--` is the training command; it replaces the manifest's."
 
+    p = subs.add_parser("resume", help="finish the uploads of an interrupted run or read-write mount",
+                        parents=[common])
+    p.add_argument("--work-dir", metavar="DIR", action="append",
+                   help="a run's work dir (repeatable; default: ./mountd-runs/* and the read-write "
+                        "mounts' work dirs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=c.resume)
+
     p = subs.add_parser("validate", help="check a manifest without touching anything", parents=[common])
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("--work-dir", metavar="DIR")
@@ -135,11 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=c.download)
 
     # -- mounts -----------------------------------------------------------------
-    p = subs.add_parser("mount", help="mount a datastore (read-only) through the caching filesystem",
+    p = subs.add_parser("mount", help="mount a datastore through the caching filesystem (read-only by default)",
                         parents=[common])
     p.add_argument("target", metavar="DATASTORE[:PATH]", help="datastore, optionally a directory in it")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     p.add_argument("--foreground", action="store_true", help="stay attached until unmounted (Ctrl-C)")
+    p.add_argument("--read-write", action="store_true",
+                   help="allow writes: files are staged locally and uploaded when closed")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="read-write: where staged files and the upload journal live "
+                        "(default: a directory per datastore path under mountd's data dir)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (with permission checks by the kernel)")
     g = p.add_argument_group("cache (defaults: the workspace's cache: section, then DATASET_MOUNT_* variables)")

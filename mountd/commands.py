@@ -176,7 +176,11 @@ def mount(args) -> int:
     path = normalize_path(path)
     mountpoint = mounts.check_mountpoint(args.mountpoint)
     settings = settings_mod.resolve(ws.cache, f"{ws.path}", **_cache_flags(args))
-    spec = mount_worker.make_spec(cfg, path, mountpoint, settings, read_only=True, allow_other=args.allow_other)
+    if args.work_dir and not args.read_write:
+        raise UsageError("--work-dir is for --read-write mounts")
+    spec = mount_worker.make_spec(cfg, path, mountpoint, settings, read_only=not args.read_write,
+                                  allow_other=args.allow_other, work_dir=args.work_dir,
+                                  credential_source={"workspace": ws.path})
     if args.foreground:
         from mountd.run.mount_worker import return_freed_blocks
         return_freed_blocks()
@@ -185,7 +189,8 @@ def mount(args) -> int:
         mount_worker.run(spec, on_ready=lambda: print("mounted", flush=True), debug=args.debug)
         return EXIT_OK
     mounts.start(spec, log_level=args.log_level, debug=args.debug)
-    print(f"mounted {cfg.name}:{path or '/'} on {mountpoint} (read-only)")
+    mode = f"read-write, work dir {spec['work_dir']}" if args.read_write else "read-only"
+    print(f"mounted {cfg.name}:{path or '/'} on {mountpoint} ({mode})")
     return EXIT_OK
 
 
@@ -218,3 +223,47 @@ def run(args) -> int:
     from mountd.run import lifecycle
     manifest = _load_manifest(args)
     return lifecycle.run(manifest, args.command_argv or None, log_level=args.log_level, debug=args.debug)
+
+
+def resume(args) -> int:
+    from mountd.run.lifecycle import RW_MOUNTS_DIR
+    from mountd.transfer.journal import Journal
+    from mountd.transfer.resume import resume as resume_dir
+
+    if args.work_dir:
+        dirs = []
+        for d in map(os.path.abspath, args.work_dir):
+            if not os.path.isdir(d):
+                raise UsageError(f"work dir {d} does not exist")
+            dirs += [d] + _subdirs(os.path.join(d, RW_MOUNTS_DIR))  # a run's read-write mounts too
+        dirs = [d for d in dirs if d == dirs[0] or Journal(d).pending()]
+    else:
+        dirs = [d for d in _default_work_dirs() if Journal(d).pending()]
+        if not dirs:
+            print("no pending uploads (looked in ./mountd-runs/* and the read-write mounts' work dirs)")
+            return EXIT_OK
+    failed = 0
+    for d in dirs:
+        report = resume_dir(d, show_progress=not args.no_progress)
+        print(f"{d}: {report.summary()}")
+        for name, reason in report.failed:
+            print(f"  not uploaded: {name}: {reason}")
+        failed += len(report.failed)
+    if failed:
+        raise TransferFailed(f"{failed} file(s) still not uploaded; their local copies are kept "
+                             "(run `mountd resume` again once storage answers)")
+    return EXIT_OK
+
+
+def _subdirs(base: str) -> list[str]:
+    try:
+        return sorted(os.path.join(base, n) for n in os.listdir(base) if os.path.isdir(os.path.join(base, n)))
+    except OSError:
+        return []
+
+
+def _default_work_dirs() -> list[str]:
+    from mountd.run.lifecycle import RW_MOUNTS_DIR
+    from mountd.run.mount_worker import mount_work_root
+    runs = [os.path.abspath(".")] + _subdirs(os.path.abspath("mountd-runs"))
+    return runs + [m for r in runs for m in _subdirs(os.path.join(r, RW_MOUNTS_DIR))] + _subdirs(mount_work_root())

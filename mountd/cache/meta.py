@@ -121,6 +121,13 @@ class MetadataCache:
             self._listings.pop(path, None)
             self._listings.pop(posixpath.dirname(path), None)
 
+    def clear(self) -> None:
+        """Forget everything (after a change too wide to follow name by name)."""
+        with self._lock:
+            self._entries.clear()
+            self._absent.clear()
+            self._listings.clear()
+
     def remember(self, entry: Entry) -> None:
         with self._lock:
             self._entries[entry.path] = entry

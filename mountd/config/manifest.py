@@ -100,6 +100,7 @@ class Manifest:
     # Where mountd may create, mount or delete: work dir, cache dir, the
     # workspace's allowed_roots.
     allowed_roots: tuple[str, ...] = ()
+    workspace_path: str | None = None  # the workspace file it was read with
 
     def reference_environment(self) -> dict[str, str]:
         """$AZUREML_DATAREFERENCE_<name> -> path_on_compute, for the child."""
@@ -345,7 +346,8 @@ class _Parser:
         return Manifest(path=abspath, run_id=run_id, node_rank=self.values["node_rank"], work_dir=work_dir,
                         references=references, command=command, environment=environment,
                         upload_when=upload_when, cache=cache,
-                        allowed_roots=tuple(dict.fromkeys(r.path for r in self.roots)))
+                        allowed_roots=tuple(dict.fromkeys(r.path for r in self.roots)),
+                        workspace_path=self.workspace.path)
 
     # -- top level --------------------------------------------------------------
     def _top(self, data: object) -> dict:

@@ -1,5 +1,6 @@
-"""Filesystem core: getattr, readdir, open, read, release and statfs over an
-ObjectStore through the metadata and block caches. No FUSE here: the glue in
+"""Filesystem core: the POSIX operations of a mount over an ObjectStore,
+reads through the metadata and block caches, writes (read-write mounts)
+through staged local copies (`writeback`). No FUSE here: the glue in
 `fuse_ops` translates calls, and tests drive this class directly.
 
 Paths arrive as FUSE gives them ("/a/b"); the store sees them under the
@@ -15,13 +16,15 @@ import os
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mountd.cache.blocks import BlockCache
 from mountd.cache.meta import MetadataCache
 from mountd.cache.prefetch import ReadAhead
 from mountd.config.settings import CacheSettings
-from mountd.errors import MountdError, NotFound, Stale
+from mountd.errors import AlreadyExists, MountdError, NotEmpty, NotFound, Stale
+from mountd.fs.writeback import StagedFile, WriteBack
 from mountd.storage.base import Entry, ObjectStore, join
 
 log = logging.getLogger(__name__)
@@ -36,14 +39,48 @@ class FsError(OSError):
 
 @dataclass
 class OpenFile:
-    entry: Entry
-    readahead: ReadAhead
+    entry: Entry | None  # what storage held at open; None for a file created here
+    readahead: ReadAhead | None
+    staged: StagedFile | None = None  # reads and writes go to the staged copy
+    append: bool = False
+    writable: bool = False  # only a writer's close uploads: a reader's must not publish its unfinished bytes
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+@contextmanager
+def errno_for(what: str):
+    """Storage errors as the errno an application expects; anything
+    unexpected is logged and becomes EIO."""
+    try:
+        yield
+    except FsError:
+        raise
+    except NotFound:
+        raise FsError(errno.ENOENT) from None
+    except AlreadyExists:
+        raise FsError(errno.EEXIST) from None
+    except NotEmpty:
+        raise FsError(errno.ENOTEMPTY) from None
+    except MountdError as e:
+        log.error("%s: %s", what, e)
+        raise FsError(errno.EIO) from None
+    except OSError as e:  # the staging disk: ENOSPC, EDQUOT, EIO reach the writer as they are
+        if e.errno is None:
+            raise
+        log.error("%s: %s", what, e)
+        raise FsError(e.errno) from None
 
 
 class FileSystemCore:
     def __init__(self, store: ObjectStore, settings: CacheSettings, blocks: BlockCache,
-                 prefix: str = "", read_only: bool = True, uid: int | None = None, gid: int | None = None):
+                 prefix: str = "", read_only: bool = True, uid: int | None = None, gid: int | None = None,
+                 writeback: WriteBack | None = None):
+        if not read_only and writeback is None:
+            raise ValueError("a read-write mount needs a WriteBack")
         self.store = store
+        self.writeback = writeback
         self.settings = settings
         self.prefix = prefix.strip("/")
         self.read_only = read_only
@@ -84,16 +121,31 @@ class FileSystemCore:
                 "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
 
     def getattr(self, path: str) -> dict:
+        staged = self.writeback.get(self._store_path(path)) if self.writeback else None
+        if staged is not None:
+            return self._staged_attributes(staged)
         return self.attributes(self._entry(path))
+
+    def _staged_attributes(self, sf: StagedFile) -> dict:
+        st = os.fstat(sf.fd)
+        attrs = self.attributes(Entry(sf.path, False, st.st_size, st.st_mtime))
+        attrs["st_mtime"] = attrs["st_ctime"] = attrs["st_atime"] = st.st_mtime_ns
+        return attrs
 
     def readdir(self, path: str):
         """(name, attributes) for each child, streamed as storage lists them."""
         entry = self._entry(path)
         if not entry.is_dir:
             raise FsError(errno.ENOTDIR)
+        store_path = self._store_path(path)
+        staged = {sf.path.rpartition("/")[2]: sf for sf in self.writeback.staged_under(store_path)} \
+            if self.writeback else {}
         try:
-            for child in self.meta.list_dir(self._store_path(path)):
-                yield child.name, self.attributes(child)
+            for child in self.meta.list_dir(store_path):
+                sf = staged.pop(child.name, None)
+                yield child.name, (self._staged_attributes(sf) if sf else self.attributes(child))
+            for name, sf in staged.items():  # created here, not in storage yet
+                yield name, self._staged_attributes(sf)
         except NotFound:
             raise FsError(errno.ENOENT) from None
         except MountdError as e:
@@ -105,8 +157,12 @@ class FileSystemCore:
         """(handle, keep_cache). keep_cache tells the kernel its cached pages
         of this file are still good: true when the object has not changed
         since it was last opened."""
-        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise FsError(errno.EROFS)
+        if flags & WRITE_FLAGS:
+            if self.read_only:
+                raise FsError(errno.EROFS)
+            return self._open_staged(path, flags, create=False), False
+        if self.writeback and self.writeback.get(self._store_path(path)):
+            return self._open_staged(path, flags, create=False), False
         entry = self._entry(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR)
@@ -118,6 +174,43 @@ class FileSystemCore:
             self._opened_etags[entry.path] = entry.etag
         return fh, keep
 
+    def create(self, path: str, flags: int) -> int:
+        """A new file; it reaches storage when closed. If storage has the
+        name after all (the kernel's view was stale), O_EXCL fails and
+        otherwise the file is opened as it is."""
+        if self.read_only:
+            raise FsError(errno.EROFS)
+        return self._open_staged(path, flags, create=True)
+
+    def _open_staged(self, path: str, flags: int, create: bool) -> int:
+        store_path = self._store_path(path)
+        with errno_for(f"open {path}"):
+            entry = None
+            if self.writeback.get(store_path) is None:
+                try:
+                    entry = self.meta.stat(store_path)
+                except NotFound:
+                    if not create:
+                        raise
+                    self._parent_dir(path)
+                if entry is not None and entry.is_dir:
+                    raise FsError(errno.EISDIR)
+                if entry is not None and create and flags & os.O_EXCL:
+                    raise FsError(errno.EEXIST)
+            sf = self.writeback.open(store_path, entry, truncate=bool(flags & os.O_TRUNC))
+        if create:
+            self.meta.forget(store_path)  # it may be cached as absent
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = OpenFile(entry, None, sf, append=bool(flags & os.O_APPEND),
+                                         writable=create or bool(flags & WRITE_FLAGS))
+        return fh
+
+    def _parent_dir(self, path: str) -> None:
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        if not self._entry(parent).is_dir:
+            raise FsError(errno.ENOTDIR)
+
     def _readahead_blocks(self) -> int:
         # the block cache knows how many prefetched blocks its memory can hold
         return min(self.settings.readahead_blocks, self.blocks.readahead_limit)
@@ -126,6 +219,11 @@ class FileSystemCore:
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
+        if handle.staged is not None:
+            with errno_for(f"read {handle.staged.path}"):
+                data = self.writeback.read(handle.staged, size, offset)
+            self.bytes_served += len(data)
+            return data
         entry = handle.entry
         if offset >= entry.size or size <= 0:
             return b""
@@ -195,9 +293,199 @@ class FileSystemCore:
     def _block(self, entry: Entry, index: int) -> bytes:
         return self.blocks.get(self._key(entry, index), self._fetcher(entry, index))
 
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        handle = self._handle(fh)
+        if handle.staged is None:
+            raise FsError(errno.EBADF)
+        with errno_for(f"write {handle.staged.path}"):
+            return self.writeback.write(handle.staged, data, offset, append=handle.append)
+
+    def _handle(self, fh: int) -> OpenFile:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return handle
+
+    def flush(self, fh: int) -> None:
+        """close() and fsync(): a changed file goes to storage now; its errors
+        (EIO) reach the application here."""
+        handle = self._handle(fh)
+        if handle.staged is not None and handle.writable:
+            self._upload(handle.staged)
+
+    def _upload(self, sf: StagedFile) -> None:
+        entry = self.writeback.flush(sf)  # raises WriteError(EIO)
+        if entry is not None:
+            self.meta.remember(entry)
+
     def release(self, fh: int) -> None:
         with self._lock:
-            self._handles.pop(fh, None)
+            handle = self._handles.pop(fh, None)
+        if handle is not None and handle.staged is not None:
+            self.writeback.release(handle.staged)
+
+    # -- namespace changes (read-write mounts) -------------------------------------------------
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self._writable()
+        sf = self._handle(fh).staged if fh is not None else self.writeback.get(self._store_path(path))
+        if sf is not None:
+            with errno_for(f"truncate {path}"):
+                self.writeback.truncate(sf, length)
+            return
+        # not open here: open, truncate, close, as `truncate -s` does
+        handle = self._open_staged(path, os.O_WRONLY | (os.O_TRUNC if length == 0 else 0), create=False)
+        try:
+            sf = self._handles[handle].staged
+            with errno_for(f"truncate {path}"):
+                self.writeback.truncate(sf, length)
+            self.flush(handle)
+        finally:
+            self.release(handle)
+
+    def unlink(self, path: str) -> None:
+        self._writable()
+        store_path = self._store_path(path)
+        with errno_for(f"delete {path}"):
+            entry = None if self.writeback.get(store_path) else self._entry(path)
+            if entry is not None and entry.is_dir:
+                raise FsError(errno.EISDIR)
+            local_only = self.writeback.unlink(store_path)
+            if not local_only:
+                try:
+                    self.store.delete(store_path)
+                except NotFound:
+                    if entry is not None:
+                        raise
+        self.meta.forget(store_path)
+
+    def mkdir(self, path: str) -> None:
+        self._writable()
+        store_path = self._store_path(path)
+        with errno_for(f"mkdir {path}"):
+            if self._exists(path):
+                raise FsError(errno.EEXIST)
+            self._parent_dir(path)
+            self.store.mkdir(store_path)
+        self.meta.forget(store_path)
+
+    def _exists(self, path: str) -> bool:
+        if self.writeback and self.writeback.get(self._store_path(path)):
+            return True
+        try:
+            self._entry(path)
+            return True
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+
+    def rmdir(self, path: str) -> None:
+        self._writable()
+        store_path = self._store_path(path)
+        if not store_path:
+            raise FsError(errno.EBUSY)
+        with errno_for(f"rmdir {path}"):
+            if not self._entry(path).is_dir:
+                raise FsError(errno.ENOTDIR)
+            if self.writeback.any_under(store_path):
+                raise FsError(errno.ENOTEMPTY)
+            self.store.rmdir(store_path)
+        self.meta.forget(store_path)
+
+    def rename(self, old: str, new: str) -> None:
+        """A file, or a directory with everything in it. On storage with
+        virtual directories (blob) each object is copied and deleted in turn:
+        not atomic, and a failure part way leaves both names populated."""
+        self._writable()
+        src, dst = self._store_path(old), self._store_path(new)
+        if not src or not dst:
+            raise FsError(errno.EBUSY)
+        if dst == src:
+            return
+        if dst.startswith(src + "/"):
+            raise FsError(errno.EINVAL)
+        with errno_for(f"rename {old} to {new}"):
+            for sf in self.writeback.under(src):
+                self._upload(sf)  # storage holds the newest bytes before they move
+            source = self._entry(old)
+            self._parent_dir(new)
+            try:
+                target = self._entry(new)
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                target = None
+            if target is not None:
+                if source.is_dir and not target.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if target.is_dir and not source.is_dir:
+                    raise FsError(errno.EISDIR)
+                if target.is_dir:
+                    if any(True for _ in self.meta.list_dir(dst)) or self.writeback.any_under(dst):
+                        raise FsError(errno.ENOTEMPTY)
+                    self.store.rmdir(dst)
+            if self.writeback.get(dst):
+                self.writeback.unlink(dst)  # replaced: its handles keep the old bytes
+            if source.is_dir and self.store.virtual_directories:
+                self._rename_tree(src, dst)
+            else:
+                self.store.rename(src, dst)
+            self.writeback.rename(src, dst)
+        for p in (src, dst):
+            self.meta.forget(p)
+        if source.is_dir:
+            self.meta.clear()  # cached entries below the old name are all wrong now
+
+    def _rename_tree(self, src: str, dst: str) -> None:
+        """Blob: a directory is its objects; move each, then the markers."""
+        dirs = []
+        for entry in self.store.walk(src + "/"):
+            if entry.is_dir:
+                dirs.append(entry.path)
+            else:
+                self.store.rename(entry.path, dst + entry.path[len(src):])
+        self.store.mkdir(dst)
+        for d in sorted(dirs, reverse=True):
+            self.store.mkdir(dst + d[len(src):])
+            self.store.rmdir(d)
+        try:
+            self.store.rmdir(src)
+        except NotFound:
+            pass
+
+    def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
+        """Sets the times of a file being written (storage sets its own
+        modification time when the file is uploaded); accepted and without
+        effect otherwise, so `touch` and `cp -p` work."""
+        self._writable()
+        sf = self.writeback.get(self._store_path(path))
+        if sf is not None:
+            with errno_for(f"utimens {path}"):
+                self.writeback.touch(sf, times_ns)
+        else:
+            self._entry(path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        """Storage keeps no permissions: accepted (tools like `shutil.copy`
+        and `cp -p` set them) and without effect; the mode bits stay fixed."""
+        self._writable()
+        if not (self.writeback and self.writeback.get(self._store_path(path))):
+            self._entry(path)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        """Owners are the mount's: a change to anyone else is refused."""
+        self._writable()
+        if uid not in (-1, self.uid) or gid not in (-1, self.gid):
+            raise FsError(errno.EPERM)
+        self.chmod(path, 0)
+
+    def close_writes(self) -> int:
+        """At unmount: upload what is still unflushed; the number left pending."""
+        return self.writeback.close() if self.writeback else 0
 
     def open_handles(self) -> int:
         return len(self._handles)
@@ -211,5 +499,9 @@ class FileSystemCore:
                 "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_namemax": 1024}
 
     def close(self) -> None:
+        left = self.close_writes()
+        if left:
+            log.error("%d written file(s) could not be uploaded at unmount; they are kept with their journal "
+                      "jobs, and `mountd resume` uploads them", left)
         self.blocks.close()
         self.store.close()

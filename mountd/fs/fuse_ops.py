@@ -6,6 +6,7 @@ options (large reads, attribute timeouts, page-cache reuse).
 
 from __future__ import annotations
 
+import errno
 import os
 
 # libfuse 3 first: mfusepy would otherwise pick libfuse 2 when both exist,
@@ -78,12 +79,72 @@ class FuseOperations(mfusepy.Operations):
         fi.keep_cache = 1 if keep else 0
         return 0
 
+    def create(self, path, mode, fi):
+        fi.fh = self.core.create(path, fi.flags)
+        return 0
+
     def read(self, path, size, offset, fi):
         return self.core.read(fi.fh, size, offset)
+
+    def write(self, path, data, offset, fi):
+        return self.core.write(fi.fh, data, offset)
+
+    def flush(self, path, fi):
+        self.core.flush(fi.fh)
+        return 0
+
+    def fsync(self, path, datasync, fi):
+        self.core.flush(fi.fh)
+        return 0
 
     def release(self, path, fi):
         self.core.release(fi.fh)
         return 0
+
+    def truncate(self, path, length, fi=None):
+        self.core.truncate(path, length, fi.fh if fi is not None else None)
+        return 0
+
+    def unlink(self, path):
+        self.core.unlink(path)
+        return 0
+
+    def mkdir(self, path, mode):
+        self.core.mkdir(path)
+        return 0
+
+    def rmdir(self, path):
+        self.core.rmdir(path)
+        return 0
+
+    def rename(self, old, new):
+        self.core.rename(old, new)
+        return 0
+
+    def utimens(self, path, times=None):
+        self.core.utimens(path, times)
+        return 0
+
+    def chmod(self, path, mode):
+        self.core.chmod(path, mode)
+        return 0
+
+    def chown(self, path, uid, gid):
+        self.core.chown(path, uid, gid)
+        return 0
+
+    # Storage has no links, device nodes or extended attributes.
+    def symlink(self, target, source):
+        raise OSError(errno.ENOTSUP, "symbolic links are not supported")
+
+    def link(self, target, source):
+        raise OSError(errno.ENOTSUP, "hard links are not supported")
+
+    def mknod(self, path, mode, dev):
+        raise OSError(errno.ENOTSUP, "device nodes are not supported")
+
+    def setxattr(self, path, name, value, options, position=0):
+        raise OSError(errno.ENOTSUP, "extended attributes are not supported")
 
     def statfs(self, path):
         return self.core.statfs()

@@ -10,11 +10,9 @@ unmount themselves if this process dies.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,6 +23,8 @@ from mountd.run import mount_worker, mounts
 from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
+from mountd.transfer.journal import Journal, datastore_record
+from mountd.transfer.resume import resume
 
 log = logging.getLogger("mountd.run")
 
@@ -114,7 +114,9 @@ def start_mounts(state: RunState, refs: list[DataReference], log_level: str, deb
     for ref in refs:
         os.makedirs(ref.path_on_compute, exist_ok=True)
         spec = mount_worker.make_spec(ref.datastore, ref.path_on_datastore, ref.path_on_compute,
-                                      state.manifest.cache, read_only=not ref.read_write)
+                                      state.manifest.cache, read_only=not ref.read_write,
+                                      work_dir=rw_mount_dir(state.manifest, ref),
+                                      credential_source=credential_source(state.manifest))
         state.workers.append(mounts.start(spec, supervised=True, log_level=log_level, debug=debug))
         state.paths[ref.name] = ref.path_on_compute
         log.info("mounted %s: %s:%s on %s", ref.name, ref.datastore.name, ref.path_on_datastore or "/",
@@ -134,42 +136,59 @@ def stop_mounts(state: RunState) -> None:
     state.workers.clear()
 
 
+RW_MOUNTS_DIR = "read-write-mounts"  # under a run's work dir: one work dir per read-write mount
+
+
+def rw_mount_dir(manifest: Manifest, ref: DataReference) -> str:
+    return os.path.join(manifest.work_dir, RW_MOUNTS_DIR, ref.name)
+
+
+def credential_source(manifest: Manifest) -> dict:
+    """Where a datastore's credential can be read again (for the journal)."""
+    return {"manifest": manifest.path, "workspace": manifest.workspace_path}
+
+
 def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mod.SignalState) -> None:
-    pending = []
+    """Upload each `upload` reference, journaled: the job is on disk before the
+    first byte goes up and leaves it only once storage holds every file."""
+    manifest = state.manifest
+    journal = Journal(manifest.work_dir)
     for ref in refs:
-        if signals.abort_uploads.is_set():
-            pending.append(ref)
-            continue
         if not os.path.isdir(ref.path_on_compute):
             log.warning("upload %s: %s does not exist; nothing to upload", ref.name, ref.path_on_compute)
             continue
         try:
+            files, empty_dirs, refused = upload_mod.plan_tree(ref.path_on_compute, ref.path_on_datastore)
+            job = journal.add(datastore_record(ref.datastore, credential_source(manifest)), files, empty_dirs,
+                              ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
+            if signals.abort_uploads.is_set():
+                state.failures.append(f"upload {ref.name}: aborted; {len(files)} file(s) pending")
+                continue
             with open_store(ref.datastore) as store:
                 store.check()
-                report = upload_mod.upload_tree(store, ref.path_on_compute, ref.path_on_datastore,
-                                                overwrite=ref.overwrite, show_progress=False,
-                                                cancel=signals.abort_uploads)
+                report = upload_mod.upload(store, job.remaining(), ref.overwrite, show_progress=False,
+                                           empty_dirs=empty_dirs, refused=refused, cancel=signals.abort_uploads,
+                                           job=job)
         except MountdError as e:
             state.failures.append(f"upload {ref.name}: {e}")
             log.error("upload of %s failed: %s (the files stay in %s)", ref.name, e, ref.path_on_compute)
-            pending.append(ref)
             continue
         log.info("uploaded %s: %s", ref.name, report.summary())
-        if _note_failed_files(state, "upload", ref, report):
-            pending.append(ref)
+        _note_failed_files(state, "upload", ref, report)
+    pending = journal.pending(manifest.run_id)
     if pending:
-        _record_pending(state.manifest, pending)
+        log.warning("%d upload job(s) not finished; the local files are kept and `mountd resume --work-dir %s` "
+                    "finishes them", len(pending), manifest.work_dir)
 
 
-def _record_pending(manifest: Manifest, refs: list[DataReference]) -> None:
-    path = os.path.join(manifest.work_dir, "pending-uploads.json")
-    body = {"run_id": manifest.run_id, "manifest": manifest.path, "written": time.time(),
-            "references": [{"name": r.name, "datastore": r.datastore.name, "path_on_datastore": r.path_on_datastore,
-                            "path_on_compute": r.path_on_compute} for r in refs]}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(body, f, indent=2)
-    os.replace(path + ".tmp", path)
-    log.warning("outputs not uploaded are kept locally; recorded in %s", path)
+def resume_pending(manifest: Manifest) -> None:
+    """Finish uploads an earlier attempt of this run left in its work dir."""
+    if not Journal(manifest.work_dir).pending(manifest.run_id):
+        return
+    log.info("work dir %s holds unfinished uploads of run %s: finishing them first",
+             manifest.work_dir, manifest.run_id)
+    report = resume(manifest.work_dir, manifest.run_id)
+    (log.warning if report.failed else log.info)("%s", report.summary())
 
 
 def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "info", debug: bool = False) -> int:
@@ -194,6 +213,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     signals = child_mod.SignalState()
     signals.install()
     os.makedirs(manifest.work_dir, exist_ok=True)
+    resume_pending(manifest)
     code = None
     try:
         for ref in upload_refs:

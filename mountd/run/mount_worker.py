@@ -42,10 +42,34 @@ def return_freed_blocks() -> None:
         pass
 
 
+def mount_work_root() -> str:
+    """Where read-write mounts started by `mountd mount` keep their staged
+    files and upload journals, one directory per datastore path."""
+    base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not base:
+        from mountd.config.workspace import data_dir
+        base = data_dir()
+    return os.path.join(base, "mounts")
+
+
+def default_work_dir(cfg: datastores.DatastoreConfig, path: str) -> str:
+    key = hashlib.sha256(f"{cfg.location}\0{path}".encode()).hexdigest()[:16]
+    return os.path.join(mount_work_root(), f"{cfg.name}-{key}")
+
+
 def make_spec(cfg: datastores.DatastoreConfig, path: str, mountpoint: str, settings: CacheSettings,
-              read_only: bool = True, allow_other: bool = False) -> dict:
-    return {"datastore": {"name": cfg.name, **cfg.to_dict()}, "path": path, "mountpoint": mountpoint,
+              read_only: bool = True, allow_other: bool = False, work_dir: str | None = None,
+              credential_source: dict | None = None) -> dict:
+    """The job of one mount worker. A read-write mount stages writes and
+    keeps its upload journal in `work_dir`; the journal names the datastore
+    without secrets, an inline credential by the file it came from."""
+    from mountd.transfer.journal import datastore_record
+    spec = {"datastore": {"name": cfg.name, **cfg.to_dict()}, "path": path, "mountpoint": mountpoint,
             "settings": asdict(settings), "read_only": read_only, "allow_other": allow_other}
+    if not read_only:
+        spec["work_dir"] = os.path.abspath(work_dir or default_work_dir(cfg, path))
+        spec["journal_datastore"] = datastore_record(cfg, credential_source)
+    return spec
 
 
 class _DiskCacheDir:
@@ -99,8 +123,10 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     if settings.disk:
         cache_dir = _DiskCacheDir(settings.directory, f"{cfg.location}\0{prefix}")
         disk = DiskTier(cache_dir.path, settings.max_size, settings.reserved_free)
-    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads, settings.block_size), prefix=prefix,
-                          read_only=spec.get("read_only", True))
+    read_only = spec.get("read_only", True)
+    writeback = None if read_only else _writeback(store, spec)
+    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads, settings.block_size),
+                          prefix=prefix, read_only=read_only, writeback=writeback)
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
               "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
               "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint)}
@@ -121,6 +147,24 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
         if cache_dir:
             cache_dir.close()
         log.info("unmounted %s", mountpoint)
+
+
+def _writeback(store, spec: dict):
+    """The write path of a read-write mount, after finishing what an earlier
+    mount of this work dir left unuploaded."""
+    from mountd.fs.writeback import WriteBack, orphans
+    from mountd.transfer.resume import resume
+
+    work_dir = spec["work_dir"]
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    report = resume(work_dir)
+    if report.jobs:
+        (log.warning if report.failed else log.info)("%s: %s", work_dir, report.summary())
+    left = orphans(work_dir)
+    if left:
+        log.warning("%d file(s) were open for writing when an earlier mount of %s ended and were never "
+                    "closed; not uploaded, kept in %s", len(left), spec["mountpoint"], os.path.dirname(left[0]))
+    return WriteBack(store, work_dir, spec["journal_datastore"], origin=f"mount {spec['mountpoint']}")
 
 
 def _watch_supervisor(fd: int, mountpoint: str) -> None:

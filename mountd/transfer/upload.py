@@ -14,6 +14,7 @@ from typing import Iterable
 
 from mountd.errors import AlreadyExists, MountdError, UsageError
 from mountd.storage.base import ObjectStore, join, normalize_path
+from mountd.transfer.journal import Job
 from mountd.transfer.pool import BoundedPool
 from mountd.transfer.progress import Progress, TransferReport
 
@@ -56,13 +57,37 @@ def plan_tree(src_dir: str, target_path: str | None) -> tuple[list[tuple[str, st
     return files, empty_dirs, refused
 
 
+def upload_file(store: ObjectStore, local: str, remote: str, overwrite: bool, progress=None) -> bool:
+    """Upload one file and check what landed: storage must hold as many
+    bytes as the file has, with the MD5 of the bytes sent where storage keeps
+    one, and the file must not have changed while it was read (else it is
+    sent again). True if uploaded, False if skipped (exists, no overwrite)."""
+    for _ in range(3):
+        before = os.stat(local)
+        try:
+            entry = store.write_file(remote, local, overwrite=overwrite, progress=progress)
+        except AlreadyExists:
+            return False
+        after = os.stat(local)
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            log.warning("%s changed while it was uploaded; sending it again", local)
+            overwrite = True  # the first attempt's object is ours to replace
+            continue
+        if entry.size != after.st_size:
+            raise MountdError(f"storage holds {entry.size} bytes of {remote}, expected {after.st_size}")
+        return True
+    raise MountdError(f"{local} keeps changing while it is uploaded")
+
+
 def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool = False,
            workers: int = DEFAULT_WORKERS, show_progress: bool = True,
            empty_dirs: Iterable[str] = (), refused: Iterable[tuple[str, str]] = (),
-           cancel: threading.Event | None = None) -> TransferReport:
+           cancel: threading.Event | None = None, job: Job | None = None, label: str | None = None) -> TransferReport:
     """Upload (local path, remote path) pairs. Setting `cancel` stops files not
-    yet started; they are reported as failed (not uploaded), never deleted."""
-    progress = Progress(TransferReport("uploaded"), enabled=show_progress)
+    yet started; they are reported as failed (not uploaded), never deleted.
+    With a journal `job`, each file storage confirms is recorded in it, and the
+    job is finished once all its files and directories are confirmed."""
+    progress = Progress(TransferReport("uploaded"), enabled=show_progress, label=label)
     for local, reason in refused:
         progress.failed(local, reason)
         log.error("not uploading %s: %s", local, reason)
@@ -72,14 +97,13 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
             progress.failed(local, "not uploaded: aborted")
             return
         try:
-            size = os.path.getsize(local)
-            progress.add_total(size)
-            entry = store.write_file(remote, local, overwrite=overwrite, progress=progress.bytes_moved)
-            if entry.size != size:
-                raise MountdError(f"storage holds {entry.size} bytes, expected {size}")
-            progress.file_done()
-        except AlreadyExists:
-            progress.skipped()
+            progress.add_total(os.path.getsize(local))
+            if upload_file(store, local, remote, overwrite, progress.bytes_moved):
+                progress.file_done()
+            else:
+                progress.skipped()
+            if job is not None:
+                job.confirm(remote)
         except (MountdError, OSError) as e:
             reason = getattr(e, "strerror", None) or str(e)
             progress.failed(local, reason)
@@ -88,6 +112,7 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
             log.debug("upload of %s failed", local, exc_info=True)
             progress.failed(local, f"internal error: {type(e).__name__}: {e}")
 
+    failed_before = len(progress.report.failed)
     try:
         with BoundedPool(workers, "upload") as pool:
             for local, remote in pairs:
@@ -100,6 +125,8 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
                 progress.failed(remote, str(e))
     finally:
         report = progress.close()
+    if job is not None and len(report.failed) == failed_before and not job.remaining():
+        job.finish()
     return report
 
 

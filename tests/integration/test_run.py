@@ -169,8 +169,9 @@ def test_upload_failure_after_success_exits_3_and_keeps_outputs(job, tmp_path, a
     assert r.returncode == 3, r.stderr
     assert "upload outputs" in r.stderr
     assert (tmp_path / "work" / "uploads" / "outputs" / "sub" / "model.bin").exists()
-    pending = json.loads((tmp_path / "work" / "pending-uploads.json").read_text())
-    assert [p["name"] for p in pending["references"]] == ["outputs"]
+    jobs = [json.loads(p.read_text()) for p in (tmp_path / "work" / "journal").glob("*.json")]
+    assert [j["origin"] for j in jobs] == ["upload reference outputs"]
+    assert {os.path.basename(remote) for _, remote in jobs[0]["files"]} >= {"model.bin"}
 
 
 @pytest.mark.fuse
@@ -293,5 +294,84 @@ def test_second_signal_aborts_uploads_and_keeps_outputs(job, tmp_path):
     uploaded = blobs(job.container, "runs/r1/out/")
     assert len(uploaded) < 601, "the second signal did not stop the uploads"
     assert len(list(outputs.iterdir())) == 601  # nothing local was removed
-    pending = json.loads((tmp_path / "work" / "pending-uploads.json").read_text())
-    assert [p["name"] for p in pending["references"]] == ["outputs"]
+    jobs = [json.loads(p.read_text()) for p in (tmp_path / "work" / "journal").glob("*.json")]
+    assert [j["origin"] for j in jobs] == ["upload reference outputs"] and len(jobs[0]["files"]) == 601
+    done = (tmp_path / "work" / "journal" / (jobs[0]["id"] + ".done")).read_text().splitlines()
+    assert len(done) == len(uploaded)  # every object in storage is confirmed in the journal, no more
+
+
+def _write_outputs_script(tmp_path, count, size):
+    script = tmp_path / "outputs.py"
+    script.write_text(
+        "import os\n"
+        "out = os.environ['AZUREML_DATAREFERENCE_outputs']\n"
+        f"for i in range({count}):\n"
+        f"    open(os.path.join(out, f'o{{i:04d}}.bin'), 'wb').write(os.urandom({size}))\n")
+    return script
+
+
+def test_kill_9_during_uploads_then_resume_uploads_everything(job, tmp_path):
+    script = _write_outputs_script(tmp_path, 400, 1024 * 1024)
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(job()), "--", sys.executable, str(script)],
+                            cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "work" / "journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once some, not all, outputs are in storage
+        done = list(journal.glob("*.done"))
+        if done and len(done[0].read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(30)
+    outputs = tmp_path / "work" / "uploads" / "outputs"
+    local = {p.name: p.read_bytes() for p in outputs.iterdir()}
+    assert len(local) == 400  # nothing local was removed
+    assert len(blobs(job.container, "runs/r1/out/")) < 400, "uploads finished before the kill: nothing tested"
+    r = run_cli("resume", "--work-dir", tmp_path / "work", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "1 finished" in r.stdout
+    assert blobs(job.container, "runs/r1/out/") == local
+    assert not list(journal.glob("*.json"))
+    r = run_cli("resume", "--work-dir", tmp_path / "work", "--no-progress")
+    assert r.returncode == 0 and "no pending uploads" in r.stdout
+
+
+def test_run_finishes_an_earlier_attempts_uploads_first(job, tmp_path, azurite):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    body["datastores"] = {"blob": dict(blob_workspace_entry(azurite, "not-yet-there"))}
+    body["data_references"] = {"outputs": body["data_references"]["outputs"]}
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("run", manifest, "--", sys.executable, "-c", "import os; open(os.path.join("
+                "os.environ['AZUREML_DATAREFERENCE_outputs'], 'first.txt'), 'w').write('first')",
+                env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 3, r.stderr
+    assert "mountd resume --work-dir" in r.stderr
+    from azure.storage.blob import BlobServiceClient
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    late = service.create_container("not-yet-there")
+    try:
+        r = run_cli("run", manifest, "--", sys.executable, "-c", "pass")
+        assert r.returncode == 0, r.stderr
+        assert "unfinished uploads of run r1" in r.stderr
+        assert late.download_blob("runs/r1/out/first.txt").readall() == b"first"
+        assert not list((tmp_path / "work" / "journal").glob("*.json"))
+    finally:
+        late.delete_container()
+
+
+@pytest.mark.fuse
+def test_read_write_mount_reference_lands_in_storage(job, tmp_path):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    body["data_references"]["scratch"] = {"datastore": "blob", "path_on_datastore": "runs/{run_id}/live",
+                                          "mode": "mount", "read_write": True}
+    manifest.write_text(yaml.safe_dump(body))
+    job.container.upload_blob("runs/r1/live/.keep", b"")
+    r = run_cli("run", manifest, "--", sys.executable, "-c",
+                "import os; d = os.environ['AZUREML_DATAREFERENCE_scratch']; os.makedirs(d + '/ckpt');"
+                "open(d + '/ckpt/epoch1.pt', 'wb').write(b'weights' * 100000);"
+                "os.rename(d + '/ckpt/epoch1.pt', d + '/ckpt/last.pt')")
+    assert r.returncode == 0, r.stderr
+    assert blobs(job.container, "runs/r1/live/ckpt/") == {"last.pt": b"weights" * 100000}
+    assert no_mounts_under(str(tmp_path))

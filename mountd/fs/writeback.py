@@ -1,0 +1,275 @@
+"""The write path of a read-write mount: files being written live as staged
+copies on local disk and go to storage, journaled, when they are closed or
+fsynced.
+
+A staged copy is made when a file is created or opened for writing (filled
+from storage first unless the open truncates), shared by every handle of the
+file on this mount, and read by them too, so the mount sees its own writes at
+once. Flushing a changed copy records a journal job (durable before the first
+byte goes up), uploads the whole file (block upload for large ones), checks
+what landed and marks the job done. The copy is dropped once the last handle
+is closed and storage holds its bytes; if the upload failed the copy and the
+job stay for the next flush, the unmount, or `mountd resume`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from mountd.errors import MountdError
+from mountd.storage.base import Entry, ObjectStore
+from mountd.transfer.journal import Journal
+from mountd.transfer.upload import upload_file
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+class WriteError(OSError):
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(code, message or os.strerror(code))
+
+
+@dataclass(eq=False)
+class StagedFile:
+    path: str  # store path
+    local: str  # the staged copy
+    fd: int
+    opens: int = 0
+    version: int = 0  # bumped by every change
+    uploaded: int = -1  # the version storage holds (-1: none yet)
+    unlinked: bool = False
+    in_storage: bool = False  # storage holds some version of this path
+    job: object = None  # the journal job of a failed upload, reused by the next try
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def dirty(self) -> bool:
+        return self.version != self.uploaded and not self.unlinked
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def changed(self) -> None:
+        self.version += 1
+
+
+class WriteBack:
+    """Staged copies and their uploads for one mount."""
+
+    def __init__(self, store: ObjectStore, work_dir: str, datastore: dict, origin: str):
+        self.store = store
+        self.journal = Journal(work_dir)
+        self.staging = os.path.join(os.path.abspath(work_dir), "staged")
+        os.makedirs(self.staging, mode=0o700, exist_ok=True)
+        # Held while the mount lives: `mountd resume` leaves these copies to us.
+        self._lock_file = open(os.path.join(self.staging, ".lock"), "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise MountdError(f"work dir {work_dir} is in use by another read-write mount") from None
+        self.datastore = datastore
+        self.origin = origin
+        self._files: dict[str, StagedFile] = {}
+        self._lock = threading.Lock()
+        self.uploads = 0
+        self.upload_errors = 0
+
+    # -- staged copies -----------------------------------------------------------------
+    def get(self, path: str) -> StagedFile | None:
+        with self._lock:
+            return self._files.get(path)
+
+    def staged_under(self, directory: str) -> list[StagedFile]:
+        """Staged files directly in `directory` (store path)."""
+        with self._lock:
+            return [sf for p, sf in self._files.items() if p.rpartition("/")[0] == directory]
+
+    def any_under(self, directory: str) -> bool:
+        prefix = directory + "/" if directory else ""
+        with self._lock:
+            return any(p.startswith(prefix) for p in self._files)
+
+    def open(self, path: str, entry: Entry | None, truncate: bool) -> StagedFile:
+        """The staged copy of `path`, made if needed: empty for a new file or
+        a truncating open, else filled with `entry`'s bytes from storage.
+        Counts one more open handle."""
+        with self._lock:
+            sf = self._files.get(path)
+            if sf is not None:
+                sf.opens += 1
+        if sf is not None:
+            if truncate and sf.size():
+                self.truncate(sf, 0)
+            return sf
+        local = os.path.join(self.staging, uuid.uuid4().hex)
+        fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fresh = StagedFile(path, local, fd, opens=1, in_storage=entry is not None)
+        try:
+            if entry is not None and not truncate and entry.size:
+                self._fill(fresh, entry)
+            if entry is None or (truncate and entry.size):
+                fresh.changed()  # a new file, or one emptied: storage must learn of it
+            else:
+                fresh.uploaded = fresh.version  # storage holds these bytes already
+        except BaseException:
+            os.close(fd)
+            os.unlink(local)
+            raise
+        with self._lock:
+            sf = self._files.get(path)
+            if sf is None:
+                self._files[path] = fresh
+                return fresh
+            sf.opens += 1  # another thread staged it meanwhile: use theirs
+        os.close(fd)
+        os.unlink(local)
+        return sf
+
+    def _fill(self, sf: StagedFile, entry: Entry) -> None:
+        buf = memoryview(bytearray(min(COPY_CHUNK, entry.size)))
+
+        def sink(offset: int, piece: memoryview) -> None:
+            os.pwrite(sf.fd, piece, offset)
+        got = self.store.read_stream(entry.path, 0, entry.size, entry.etag, buf, sink)
+        if got != entry.size:
+            raise MountdError(f"{entry.path}: storage gave {got} of {entry.size} bytes")
+
+    def read(self, sf: StagedFile, size: int, offset: int) -> bytes:
+        return os.pread(sf.fd, size, offset)
+
+    def write(self, sf: StagedFile, data: bytes, offset: int, append: bool = False) -> int:
+        with sf.lock:
+            if append:
+                offset = sf.size()
+            written = os.pwrite(sf.fd, data, offset)
+            sf.changed()
+        return written
+
+    def truncate(self, sf: StagedFile, length: int) -> None:
+        with sf.lock:
+            os.ftruncate(sf.fd, length)
+            sf.changed()
+
+    def touch(self, sf: StagedFile, times_ns: tuple[int, int] | None) -> None:
+        if times_ns is None:
+            os.utime(sf.fd)
+        else:
+            os.utime(sf.fd, ns=times_ns)
+
+    # -- to storage --------------------------------------------------------------------
+    def flush(self, sf: StagedFile) -> Entry | None:
+        """Upload the copy if it changed since storage last had it; the new
+        entry, or None if there was nothing to do. Raises WriteError(EIO)
+        if storage did not take it (the copy and its journal job stay)."""
+        with sf.lock:
+            if not sf.dirty:
+                return None
+            version = sf.version
+            os.fsync(sf.fd)  # acknowledged data must survive a crash of this node too
+        job = sf.job or self.journal.add(self.datastore, [(sf.local, sf.path)], overwrite=True,
+                                         origin=f"{self.origin}: {sf.path}", staged=True)
+        sf.job = job
+        try:
+            upload_file(self.store, sf.local, sf.path, overwrite=True)
+            entry = self.store.stat(sf.path)
+        except (MountdError, OSError) as e:
+            self.upload_errors += 1
+            log.error("upload of %s failed: %s; the written data is kept in %s and uploaded on the next "
+                      "close, at unmount or by `mountd resume`", sf.path, e, sf.local)
+            raise WriteError(errno.EIO) from None
+        job.confirm(sf.path)
+        job.finish(keep_local=True)  # the copy is still ours: dropped on release
+        sf.job = None
+        self.uploads += 1
+        with sf.lock:
+            sf.in_storage = True
+            if sf.version == version:
+                sf.uploaded = version
+        return entry
+
+    def release(self, sf: StagedFile) -> None:
+        """One handle fewer; the last one drops a copy storage holds."""
+        with self._lock:
+            sf.opens -= 1
+            if sf.opens > 0 or sf.dirty:
+                return
+            if self._files.get(sf.path) is sf:
+                del self._files[sf.path]
+        self._discard(sf)
+
+    def _discard(self, sf: StagedFile) -> None:
+        os.close(sf.fd)
+        try:
+            os.unlink(sf.local)
+        except FileNotFoundError:
+            pass
+
+    def under(self, path: str) -> list[StagedFile]:
+        """The staged copies of `path` and of everything below it."""
+        with self._lock:
+            return [sf for p, sf in self._files.items() if p == path or p.startswith(path + "/")]
+
+    def rename(self, old: str, new: str) -> None:
+        """Re-key staged copies after storage renamed `old` (a file or a
+        directory) to `new`. The caller flushed them first, so no journal
+        job names the old path."""
+        with self._lock:
+            moves = [(p, sf) for p, sf in self._files.items() if p == old or p.startswith(old + "/")]
+            for p, sf in moves:
+                del self._files[p]
+                sf.path = new + p[len(old):]
+                self._files[sf.path] = sf
+
+    def unlink(self, path: str) -> bool:
+        """Forget the staged copy of a deleted file (open handles keep
+        reading it); True if there was one and storage never held the path."""
+        with self._lock:
+            sf = self._files.pop(path, None)
+        if sf is None:
+            return False
+        with sf.lock:
+            sf.unlinked = True
+        if sf.opens <= 0:
+            self._discard(sf)
+        return not sf.in_storage
+
+    def close(self) -> int:
+        """At unmount: upload what is still dirty; returns how many copies
+        could not be uploaded (kept, with their journal jobs)."""
+        with self._lock:
+            files = list(self._files.values())
+        left = 0
+        for sf in files:
+            try:
+                self.flush(sf)
+            except WriteError:
+                left += 1
+                continue
+            if not sf.dirty:
+                self._discard(sf)
+        self._lock_file.close()
+        return left
+
+
+def orphans(work_dir: str) -> list[str]:
+    """Staged copies no journal job names: files a crashed mount had open and
+    never closed. Kept (never uploaded: their writer did not finish them)."""
+    staging = os.path.join(os.path.abspath(work_dir), "staged")
+    try:
+        names = [n for n in os.listdir(staging) if n != ".lock"]
+    except FileNotFoundError:
+        return []
+    named = {os.path.basename(local) for job in Journal(work_dir).pending() for local, _ in job.files}
+    return [os.path.join(staging, n) for n in names if n not in named]
+
+
+__all__ = ["WriteBack", "StagedFile", "WriteError", "orphans"]

@@ -1,0 +1,178 @@
+"""Upload journal: what must reach storage, written to disk before the first
+byte goes up and forgotten only once storage has confirmed every file.
+
+One job per upload (an `upload` reference after the run, a file closed on a
+read-write mount), under `<work dir>/journal/`:
+
+    <id>.json   the job: datastore (never a secret), the (local, remote) files,
+                empty directories, overwrite; written once, fsynced
+    <id>.done   remote paths storage has confirmed, a line each, appended
+
+A crash loses at most the tail of `.done`; those files are checked again on
+resume (an object already holding the same bytes counts as done), never lost.
+The local files are never deleted by the journal, except mountd's own staged
+copies (`staged: true`), and those only after their upload is confirmed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from mountd.config import credentials
+from mountd.config.datastores import DatastoreConfig
+
+JOURNAL_DIR = "journal"
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """Write a whole file so that after a crash it is either absent or
+    complete: temporary name, fsync, rename, fsync of the directory."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    sync_dir(os.path.dirname(path))
+
+
+def sync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def datastore_record(cfg: DatastoreConfig, source: dict | None = None) -> dict:
+    """The datastore as the journal keeps it: its definition with credential
+    references only. An inline secret is left out; resume reads it again from
+    `source` (the manifest or workspace the user put it in)."""
+    body = {"name": cfg.name, **cfg.to_dict()}
+    if credentials.has_inline_secret(cfg.credential):
+        body.pop("credential", None)
+        body["credential_from"] = dict(source or {})
+    return body
+
+
+@dataclass
+class Job:
+    id: str
+    path: str  # the job file
+    datastore: dict
+    files: list[tuple[str, str]]  # (local path, remote path)
+    dirs: list[str] = field(default_factory=list)
+    overwrite: bool = True
+    origin: str = ""  # what asked for it, for messages: "upload reference outputs"
+    run_id: str | None = None
+    staged: bool = False  # local files are mountd's staged copies
+    created: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def done_path(self) -> str:
+        return self.path[:-len(".json")] + ".done"
+
+    def confirmed(self) -> set[str]:
+        try:
+            with open(self.done_path, encoding="utf-8") as f:
+                return {line.rstrip("\n") for line in f if line.endswith("\n")}
+        except FileNotFoundError:
+            return set()
+
+    def confirm(self, remote: str) -> None:
+        """Record that storage holds `remote`. Not fsynced: losing the line
+        in a crash costs one re-check on resume, not data."""
+        line = (remote + "\n").encode("utf-8")
+        with self._lock:
+            fd = os.open(self.done_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def remaining(self) -> list[tuple[str, str]]:
+        done = self.confirmed()
+        return [(local, remote) for local, remote in self.files if remote not in done]
+
+    def finish(self, keep_local: bool = False) -> None:
+        """Storage holds everything: forget the job, and delete its staged
+        copies unless `keep_local` (a live mount still uses them)."""
+        if self.staged and not keep_local:
+            for local, _ in self.files:
+                try:
+                    os.unlink(local)
+                except FileNotFoundError:
+                    pass
+        for p in (self.done_path, self.path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+class Journal:
+    """The jobs of one work directory."""
+
+    def __init__(self, work_dir: str):
+        self.dir = os.path.join(os.path.abspath(work_dir), JOURNAL_DIR)
+
+    def add(self, datastore: dict, files: list[tuple[str, str]], dirs: list[str] = (), overwrite: bool = True,
+            origin: str = "", run_id: str | None = None, staged: bool = False) -> Job:
+        """Record a job durably; returns it. Call before uploading anything."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        job_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        job = Job(job_id, os.path.join(self.dir, job_id + ".json"), datastore, [tuple(p) for p in files],
+                  list(dirs), overwrite, origin, run_id, staged, time.time())
+        body = {"id": job.id, "origin": origin, "run_id": run_id, "created": job.created, "staged": staged,
+                "overwrite": overwrite, "datastore": datastore, "files": [list(p) for p in job.files],
+                "dirs": job.dirs}
+        write_durably(job.path, json.dumps(body, indent=1).encode("utf-8"))
+        return job
+
+    def pending(self, run_id: str | None = None) -> list[Job]:
+        """Unfinished jobs, oldest first; with `run_id`, only that run's."""
+        try:
+            names = sorted(n for n in os.listdir(self.dir) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        jobs = []
+        for name in names:
+            path = os.path.join(self.dir, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    body = json.load(f)
+            except (OSError, ValueError):
+                continue  # written durably, so only a foreign file gets here
+            if run_id is not None and body.get("run_id") not in (None, run_id):
+                continue
+            jobs.append(Job(body["id"], path, body["datastore"], [tuple(p) for p in body["files"]],
+                            body.get("dirs", []), body.get("overwrite", True), body.get("origin", ""),
+                            body.get("run_id"), body.get("staged", False), body.get("created", 0.0)))
+        return jobs
+
+
+def in_use(job: Job) -> bool:
+    """True if a live read-write mount holds the staging directory of this
+    job's copies: that mount uploads them itself."""
+    if not job.staged or not job.files:
+        return False
+    lock = os.path.join(os.path.dirname(job.files[0][0]), ".lock")
+    try:
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False

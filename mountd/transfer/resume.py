@@ -1,0 +1,104 @@
+"""Finishing the uploads of an interrupted run: every unfinished job of a
+work directory's journal is uploaded again from its local files, and
+forgotten once storage confirms it (`mountd resume`, and `mountd run`, the
+daemon and read-write mount workers at start)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from mountd.config import datastores
+from mountd.config.datastores import DatastoreConfig
+from mountd.errors import ConfigError, MountdError
+from mountd.transfer.journal import Job, Journal, in_use
+from mountd.transfer.progress import human_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResumeReport:
+    jobs: int = 0  # jobs found unfinished
+    finished: int = 0  # jobs now complete in storage
+    files: int = 0  # files uploaded or confirmed now
+    bytes: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (local file or job, reason)
+
+    def summary(self) -> str:
+        if not self.jobs:
+            return "no pending uploads"
+        line = (f"resumed {self.jobs} pending upload job(s): {self.finished} finished, "
+                f"{self.files} file(s) ({human_size(self.bytes)}) uploaded")
+        if self.failed:
+            line += f"; {len(self.failed)} failed (local files kept)"
+        return line
+
+
+def job_datastore(job: Job) -> DatastoreConfig:
+    """The datastore a job uploads to. A credential the journal could not keep
+    (inline in a manifest or workspace) is read again from that file."""
+    body = dict(job.datastore)
+    name = body.pop("name")
+    source = body.pop("credential_from", None)
+    if source is None:
+        return datastores.parse(name, body, f"journal {job.path}")
+    from mountd.config.workspace import Workspace
+    workspace = Workspace.load(source.get("workspace"))
+    if source.get("manifest"):
+        from mountd.config.manifest import load_manifest
+        try:
+            manifest = load_manifest(source["manifest"], workspace)
+        except MountdError as e:
+            raise ConfigError(f"journal {job.path}: the credential of datastore {name} is in "
+                              f"{source['manifest']}, which cannot be read now: {e}") from None
+        for ref in manifest.references.values():
+            if ref.datastore.name.lower() == name.lower():
+                return ref.datastore
+    return workspace.get(name)
+
+
+def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False) -> ResumeReport:
+    """Upload what the journal of `work_dir` still holds; with `run_id`, only
+    that run's jobs. Local files stay wherever a job is not finished."""
+    from mountd.storage import open_store
+    from mountd.transfer.upload import DEFAULT_WORKERS, upload
+
+    report = ResumeReport()
+    for job in Journal(work_dir).pending(run_id):
+        if in_use(job):
+            log.info("%s: left to the read-write mount that holds it", job.origin or job.id)
+            continue
+        report.jobs += 1
+        todo = job.remaining()
+        missing = [(local, remote) for local, remote in todo if not os.path.isfile(local)]
+        if missing:
+            for local, _ in missing:
+                report.failed.append((local, "local file is gone; cannot upload it"))
+            log.error("%s: %d file(s) to upload no longer exist locally, first %s; the job stays in %s",
+                      job.origin or job.id, len(missing), missing[0][0], job.path)
+            todo = [p for p in todo if p not in missing]
+        try:
+            cfg = job_datastore(job)
+            with open_store(cfg) as store:
+                store.check()
+                result = upload(store, todo, overwrite=job.overwrite, workers=DEFAULT_WORKERS,
+                                show_progress=show_progress, empty_dirs=job.dirs,
+                                job=job, label=job.origin or None)
+        except MountdError as e:
+            report.failed.append((job.origin or job.id, str(e)))
+            log.error("%s: could not resume: %s (local files kept; the job stays in %s)",
+                      job.origin or job.id, e, job.path)
+            continue
+        report.files += result.files + result.skipped
+        report.bytes += result.bytes
+        report.failed.extend(result.failed)
+        if not os.path.exists(job.path):
+            report.finished += 1
+            log.info("%s: pending upload finished (%s)", job.origin or job.id, result.summary())
+        else:
+            log.error("%s: %d file(s) still not uploaded, first %s: %s (local files kept; the job stays in %s)",
+                      job.origin or job.id, len(result.failed), *(result.failed[0] if result.failed else ("?", "?")),
+                      job.path)
+    return report
