@@ -239,9 +239,14 @@ class BlobStore(ObjectStore):
         if size <= SINGLE_PUT_MAX:
             with open(local_path, "rb") as f:
                 data = f.read()
+            md5 = hashlib.md5(data).digest()
             with self._errors(path):
+                # Content-MD5 makes storage check the bytes that arrived against
+                # the file's (a mismatch fails the request); the stored MD5
+                # property comes from the content settings.
                 blob.upload_blob(data, overwrite=overwrite, length=len(data),
-                                 content_settings=_content_settings(path, hashlib.md5(data).digest()))
+                                 content_settings=_content_settings(path, md5),
+                                 headers={"Content-MD5": base64.b64encode(md5).decode()})
             if progress:
                 progress(len(data))
             return self.stat(path)
