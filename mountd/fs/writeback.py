@@ -175,9 +175,16 @@ class WriteBack:
                 return None
             version = sf.version
             os.fsync(sf.fd)  # acknowledged data must survive a crash of this node too
-        job = sf.job or self.journal.add(self.datastore, [(sf.local, sf.path)], overwrite=True,
-                                         origin=f"{self.origin}: {sf.path}", staged=True)
-        sf.job = job
+        job = sf.job
+        if job is None:
+            try:
+                job = sf.job = self.journal.add(self.datastore, [(sf.local, sf.path)], overwrite=True,
+                                                origin=f"{self.origin}: {sf.path}", staged=True)
+            except OSError as e:
+                # No room even for the job record: upload anyway rather than
+                # hold the disk full. A crash now leaves the copy in staged/,
+                # reported by the next mount, not lost.
+                log.warning("cannot journal the upload of %s (%s); uploading it unjournaled", sf.path, e.strerror)
         try:
             upload_file(self.store, sf.local, sf.path, overwrite=True)
             entry = self.store.stat(sf.path)
@@ -186,9 +193,9 @@ class WriteBack:
             log.error("upload of %s failed: %s; the written data is kept in %s and uploaded on the next "
                       "close, at unmount or by `mountd resume`", sf.path, e, sf.local)
             raise WriteError(errno.EIO) from None
-        job.confirm(sf.path)
-        job.finish(keep_local=True)  # the copy is still ours: dropped on release
-        sf.job = None
+        if job is not None:  # one file, confirmed: the job ends (the copy is still ours, dropped on release)
+            job.finish(keep_local=True)
+            sf.job = None
         self.uploads += 1
         with sf.lock:
             sf.in_storage = True
@@ -254,9 +261,12 @@ class WriteBack:
             except WriteError:
                 left += 1
                 continue
-            if not sf.dirty:
-                self._discard(sf)
-        self._lock_file.close()
+            with self._lock:
+                if self._files.get(sf.path) is sf:
+                    del self._files[sf.path]
+            self._discard(sf)
+        if not self._lock_file.closed:
+            self._lock_file.close()
         return left
 
 

@@ -39,7 +39,7 @@ class LocalStore(ObjectStore):
         return os.path.join(self.root, path) if path else self.root
 
     def _oserror(self, e: OSError, path: str) -> Exception:
-        if e.errno == errno.ENOENT:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):  # ENOTDIR: a parent is a file, so no such path
             return NotFound(f"{path or '/'} does not exist in {self.description}")
         if e.errno == errno.ENOTEMPTY:
             return NotEmpty(f"{path} is not empty in {self.description}")

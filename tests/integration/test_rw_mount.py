@@ -389,3 +389,26 @@ def test_work_dir_is_only_for_read_write_mounts(storage, tmp_path, mountd_cli):
     r = mountd_cli("mount", "data", mp, "--work-dir", tmp_path / "w")
     assert r.code == 2 and r.err.startswith("mountd: error: --work-dir is for --read-write")
     assert not mounts.is_mounted(str(mp)) and not (tmp_path / "w").exists()
+
+
+def test_a_full_work_dir_disk_gives_the_writer_enospc(storage, rw_mount, tmp_path, mountd_cli):
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True, text=True)
+    if r.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {r.stderr}")
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr}")
+    try:
+        mp = rw_mount(work_dir=small / "work")
+        with pytest.raises(OSError) as e:
+            with open(mp / "big.bin", "wb") as f:
+                for _ in range(8):
+                    f.write(os.urandom(MiB))
+                    f.flush()
+        assert e.value.errno == errno.ENOSPC
+        (mp / "small.txt").write_bytes(b"x")  # once space is back (the big copy was dropped), writes work
+        unmount(mountd_cli, mp)
+        assert storage.files().get("small.txt") == b"x"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
