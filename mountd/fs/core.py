@@ -396,10 +396,11 @@ class FileSystemCore:
             self.store.rmdir(store_path)
         self.meta.forget(store_path)
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, no_replace: bool = False) -> None:
         """A file, or a directory with everything in it. On storage with
         virtual directories (blob) each object is copied and deleted in turn:
-        not atomic, and a failure part way leaves both names populated."""
+        not atomic, and a failure part way leaves both names populated.
+        `no_replace` (RENAME_NOREPLACE) fails with EEXIST if `new` exists."""
         self._writable()
         src, dst = self._store_path(old), self._store_path(new)
         if not src or not dst:
@@ -419,6 +420,8 @@ class FileSystemCore:
                 if e.errno != errno.ENOENT:
                     raise
                 target = None
+            if no_replace and (target is not None or self.writeback.get(dst)):
+                raise FsError(errno.EEXIST)
             if target is not None:
                 if source.is_dir and not target.is_dir:
                     raise FsError(errno.ENOTDIR)

@@ -20,6 +20,16 @@ from mountd.fs.core import FileSystemCore  # noqa: E402
 MAX_READ = 1024 * 1024  # bytes per FUSE read request
 MAX_READAHEAD = 16 * 1024 * 1024  # how far ahead the kernel may read on its own
 LOOP_ENDED_BY_SIGNAL = 8  # fuse_main's result when a signal stopped its loop
+RENAME_NOREPLACE = 1  # renameat2 flag (linux/fs.h)
+
+
+class _Fuse(mfusepy.FUSE):
+    """mfusepy's FUSE, passing renameat2's flags on (it drops them, so
+    `mv --no-clobber` would silently replace)."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(old.decode(self.encoding, self.errors),
+                                      new.decode(self.encoding, self.errors), flags)
 
 
 def tune_kernel_readahead(mountpoint: str) -> bool:
@@ -117,8 +127,10 @@ class FuseOperations(mfusepy.Operations):
         self.core.rmdir(path)
         return 0
 
-    def rename(self, old, new):
-        self.core.rename(old, new)
+    def rename(self, old, new, flags=0):
+        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: storage cannot swap atomically
+            raise OSError(errno.EINVAL, "rename flags not supported")
+        self.core.rename(old, new, no_replace=bool(flags & RENAME_NOREPLACE))
         return 0
 
     def utimens(self, path, times=None):
@@ -162,7 +174,7 @@ def serve(core: FileSystemCore, mountpoint: str, fsname: str, read_only: bool = 
         options["allow_other"] = True
         options["default_permissions"] = True
     try:
-        mfusepy.FUSE(FuseOperations(core, on_ready), mountpoint, raw_fi=True, **options)
+        _Fuse(FuseOperations(core, on_ready), mountpoint, raw_fi=True, **options)
     except RuntimeError as e:
         # libfuse's main returns 8 when its loop ended on SIGINT/SIGTERM/SIGHUP:
         # the mount was stopped on purpose and is gone; anything else failed.

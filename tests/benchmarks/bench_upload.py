@@ -352,7 +352,7 @@ class Bench:
                 print(f"writing a {a.write_mib} MiB file for the mount writes", flush=True)
                 self.write_src = os.path.join(self.dirs["src"], "write.bin")
                 self.write_md5 = write_random_file(self.write_src, a.write_mib)
-            dd = f"; dd if=SRC of=MNT/rw-rN-TOOL.bin bs=1M conv=fsync"
+            dd = "; dd if=SRC of=MNT/rw-rN-TOOL.bin bs=1M conv=fsync"
             tools = {SUBJECT: RwMountdMount.how() + dd}
             tools.update({t: RwRcloneMount.how(extra) + dd for t, extra in RCLONE_MOUNTS.items()})
             self.res.rw_close = Scenario("rw-close", 1, self.write_bytes)

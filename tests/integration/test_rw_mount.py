@@ -412,3 +412,21 @@ def test_a_full_work_dir_disk_gives_the_writer_enospc(storage, rw_mount, tmp_pat
         assert storage.files().get("small.txt") == b"x"
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_rename_noreplace_and_exchange(storage, rw_mount):
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    at_fdcwd, noreplace, exchange = -100, 1, 2
+    mp = rw_mount()
+    (mp / "a").write_bytes(b"a")
+    (mp / "b").write_bytes(b"b")
+
+    def renameat2(old, new, flags):
+        if libc.renameat2(at_fdcwd, str(old).encode(), at_fdcwd, str(new).encode(), flags) != 0:
+            return ctypes.get_errno()
+        return 0
+    assert renameat2(mp / "a", mp / "b", noreplace) == errno.EEXIST
+    assert renameat2(mp / "a", mp / "b", exchange) == errno.EINVAL
+    assert renameat2(mp / "a", mp / "c", noreplace) == 0
+    assert storage.files() == {"b": b"b", "c": b"a"}
