@@ -43,6 +43,17 @@ def container(azurite, monkeypatch):
     service.close()
 
 
+@pytest.fixture(scope="module")
+def fuse_available():
+    """Skip (fail under CI) where FUSE mounts cannot be made."""
+    from mountd.run import mounts
+    problem = mounts.fuse_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE is required in CI: {problem}")
+        pytest.skip(problem)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Every test gets its own config and data directories."""

@@ -228,7 +228,8 @@ class RwMountdMount(MountdMount):
 
     @staticmethod
     def how(cache: str = "EMPTY_DIR") -> str:
-        return f"mountd mount {DATASTORE} MNT --read-write --work-dir EMPTY_DIR --cache-dir {cache} (otherwise defaults)"
+        return (f"mountd mount {DATASTORE} MNT --read-write --work-dir EMPTY_DIR --cache-dir {cache} "
+                "(otherwise defaults)")
 
     def start(self) -> float:
         argv = mountd_argv() + ["--workspace", self.workspace, "mount", DATASTORE, self.path, "--read-write",

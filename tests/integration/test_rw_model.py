@@ -16,11 +16,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from mountd.run import mounts
 from tests.conftest import KEY, KEY_ENV
 from tests.support.azurite import blob_workspace_entry
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
 # Few names, so operations meet each other's results often.
 FILES = ["a", "b", "d1/a", "d1/d2/b"]
@@ -32,12 +31,7 @@ sizes = st.one_of(st.sampled_from([0, 1, 100]), st.integers(0, 4000))
 
 
 @pytest.fixture(scope="module")
-def rw_world(azurite, tmp_path_factory):
-    problem = mounts.fuse_problem()
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"FUSE is required in CI: {problem}")
-        pytest.skip(problem)
+def rw_world(azurite, tmp_path_factory, fuse_available):
     from azure.storage.blob import BlobServiceClient
     base = tmp_path_factory.mktemp("model")
     service = BlobServiceClient.from_connection_string(azurite.connection_string)

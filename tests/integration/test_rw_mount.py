@@ -19,18 +19,9 @@ from mountd.run import mounts, runtime
 from tests.conftest import KEY, KEY_ENV
 from tests.support.azurite import blob_workspace_entry
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fuse_available():
-    problem = mounts.fuse_problem()
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"FUSE is required in CI: {problem}")
-        pytest.skip(problem)
 
 
 class Storage:
@@ -69,23 +60,28 @@ class Storage:
         return {os.path.relpath(d, self.root) for d, _, _ in os.walk(self.root) if d != str(self.root)}
 
 
-@pytest.fixture(params=["blob", "local"])
-def storage(request, tmp_path, monkeypatch):
+def blob_datastore(tmp_path, monkeypatch, azurite, container) -> dict:
+    """Make the container the workspace's datastore `data`."""
+    entry = blob_workspace_entry(azurite, container.container_name, KEY_ENV)
     ws = tmp_path / "ws.yaml"
-    if request.param == "blob":
-        azurite = request.getfixturevalue("azurite")
-        container = request.getfixturevalue("container")
-        entry = blob_workspace_entry(azurite, container.container_name, KEY_ENV)
-        st = Storage("blob", container=container)
-    else:
-        root = tmp_path / "localroot"
-        root.mkdir()
-        entry = {"type": "local", "root": str(root)}
-        st = Storage("local", root=root)
     ws.write_text(yaml.safe_dump({"datastores": {"data": entry}}))
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
     monkeypatch.setenv(KEY_ENV, KEY)
-    return st
+    return entry
+
+
+@pytest.fixture(params=["blob", "local"])
+def storage(request, tmp_path, monkeypatch):
+    if request.param == "blob":
+        container = request.getfixturevalue("container")
+        blob_datastore(tmp_path, monkeypatch, request.getfixturevalue("azurite"), container)
+        return Storage("blob", container=container)
+    root = tmp_path / "localroot"
+    root.mkdir()
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"data": {"type": "local", "root": str(root)}}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    return Storage("local", root=root)
 
 
 @pytest.fixture
@@ -271,11 +267,7 @@ def test_what_storage_cannot_do_fails_clearly(storage, rw_mount):
 
 def test_upload_failure_gives_eio_keeps_data_and_resume_finishes(azurite, container, tmp_path, monkeypatch,
                                                                   rw_mount, mountd_cli):
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name,
-                                                                               KEY_ENV)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
+    blob_datastore(tmp_path, monkeypatch, azurite, container)
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     body = os.urandom(3 * MiB)
@@ -310,11 +302,7 @@ def test_upload_failure_gives_eio_keeps_data_and_resume_finishes(azurite, contai
 
 def test_kill_9_during_flush_then_resume_uploads_the_closed_file(azurite, container, tmp_path, monkeypatch,
                                                                   rw_mount, mountd_cli):
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name,
-                                                                               KEY_ENV)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
+    blob_datastore(tmp_path, monkeypatch, azurite, container)
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     pid = runtime.read_record(str(mp))["pid"]
@@ -346,11 +334,7 @@ def _close_quietly(f):
 
 def test_a_new_mount_of_the_work_dir_finishes_pending_uploads(azurite, container, tmp_path, monkeypatch,
                                                                rw_mount, mountd_cli):
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name,
-                                                                               KEY_ENV)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
+    blob_datastore(tmp_path, monkeypatch, azurite, container)
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     from azure.storage.blob import BlobServiceClient
