@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import mimetypes
 import os
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from typing import Iterator
 from urllib.parse import unquote
@@ -25,9 +24,10 @@ from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
-from mountd.errors import AlreadyExists, NotEmpty, NotFound, StorageError, Unreachable
-from mountd.storage.azure_common import client_options, raise_for_status, sdk_credential, translated
-from mountd.storage.azure_http import HttpError, RangeReader, Signer
+from mountd.errors import AlreadyExists, NotEmpty, NotFound, Unreachable
+from mountd.storage.azure_common import (client_options, content_type, raise_for_status, sdk_credential, translated,
+                                         upload_pieces)
+from mountd.storage.azure_http import HttpError, RangeReader, Signer, translated_reads
 from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
 
 MARKER_KEY = "hdi_isfolder"
@@ -207,21 +207,13 @@ class BlobStore(ObjectStore):
 
     def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
         path = normalize_path(path)
-        try:
+        with translated_reads(f"{path} in {self.description}", self.description):
             return self._reader.read_into(f"{self.container_name}/{path}", offset, view, etag)
-        except HttpError as e:
-            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
-        except (OSError, urllib3.exceptions.HTTPError) as e:
-            raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
 
     def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
         path = normalize_path(path)
-        try:
+        with translated_reads(f"{path} in {self.description}", self.description):
             return self._reader.stream(f"{self.container_name}/{path}", offset, length, etag, buf, sink)
-        except HttpError as e:
-            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
-        except (OSError, urllib3.exceptions.HTTPError) as e:
-            raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
 
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         path = normalize_path(path)
@@ -254,44 +246,16 @@ class BlobStore(ObjectStore):
         return self._upload_blocks(blob, path, local_path, overwrite, progress)
 
     def _upload_blocks(self, blob, path, local_path, overwrite, progress) -> Entry:
-        md5 = hashlib.md5()
-        block_ids: list[str] = []
-        futures = []
-        failed = threading.Event()
-
-        def stage(block_id: str, data: bytes):
-            try:
-                if failed.is_set():
-                    return
-                with self._errors(path):
-                    blob.stage_block(block_id, data, length=len(data))
-                if progress:
-                    progress(len(data))
-            except BaseException:
-                failed.set()
-                raise
-            finally:
-                self._upload_slots.release()
+        def stage(index: int, _offset: int, data: bytes) -> None:
+            with self._errors(path):
+                blob.stage_block(_block_id(index), data, length=len(data))
 
         with open(local_path, "rb") as f:
-            index = 0
-            while not failed.is_set():
-                data = f.read(BLOCK_SIZE)
-                if not data:
-                    break
-                md5.update(data)
-                block_id = base64.b64encode(f"{index:08d}".encode()).decode()
-                block_ids.append(block_id)
-                self._upload_slots.acquire()
-                futures.append(self._uploads.submit(stage, block_id, data))
-                index += 1
-        wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in futures:
-            fut.result()  # re-raise the first failure
+            md5, count = upload_pieces(self._uploads, self._upload_slots, f, BLOCK_SIZE, stage, progress)
         conditions = {} if overwrite else dict(match_condition=MatchConditions.IfMissing)
         with self._errors(path):
-            blob.commit_block_list(block_ids, content_settings=_content_settings(path, md5.digest()),
-                                   **conditions)
+            blob.commit_block_list([_block_id(i) for i in range(count)],
+                                   content_settings=_content_settings(path, md5), **conditions)
         return self.stat(path)
 
     def delete(self, path: str) -> None:
@@ -343,6 +307,9 @@ class BlobStore(ObjectStore):
         self.service.close()
 
 
+def _block_id(index: int) -> str:
+    return base64.b64encode(f"{index:08d}".encode()).decode()
+
+
 def _content_settings(path: str, md5: bytes) -> ContentSettings:
-    content_type, _ = mimetypes.guess_type(path)
-    return ContentSettings(content_type=content_type or "application/octet-stream", content_md5=md5)
+    return ContentSettings(content_type=content_type(path), content_md5=md5)
