@@ -52,7 +52,8 @@ def container(azurite, monkeypatch):
 def fileshare():
     """The Azure Files emulator, in this process, on a free port."""
     from tests.emulators.fileshare import FileShareEmulator
-    with FileShareEmulator(page_limit=SHARE_PAGE_LIMIT) as emulator:
+    # Reads refuse conditional headers, as the real service's do.
+    with FileShareEmulator(page_limit=SHARE_PAGE_LIMIT, conditional_reads=False) as emulator:
         yield emulator
 
 

@@ -81,6 +81,8 @@ Supported operations
   case-insensitively, like the rest of the namespace.
 * Conditional headers If-Match, If-None-Match, If-Modified-Since and
   If-Unmodified-Since on file reads and writes (412 ConditionNotMet, 304).
+  With ``conditional_reads=False`` reads refuse them with 400
+  ConditionHeadersNotSupported, as the real service does.
 * Errors use the service's XML body and ``x-ms-error-code`` header.
 
 Not supported (501 NotImplemented unless noted): leases, share snapshots,
@@ -1431,9 +1433,12 @@ class Emulator:
     """Routes parsed requests to operations on a FileStore."""
 
     def __init__(self, store: FileStore, account: str = ACCOUNT_NAME, key: str = ACCOUNT_KEY,
-                 page_limit: int = MAX_LIST_RESULTS):
+                 page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True):
         self.store = store
         self.account = account
+        # The real service refuses conditional headers on file reads (400
+        # ConditionHeadersNotSupported); False emulates that.
+        self.conditional_reads = conditional_reads
         # The service may end a listing page early, before maxresults, with a
         # NextMarker; a small limit makes clients follow markers in any test.
         self.page_limit = page_limit
@@ -1663,7 +1668,14 @@ class Emulator:
                                       Conditions.from_headers(request.headers))
         return Response(201, {**entity_headers(meta), **smb_headers(meta), "x-ms-request-server-encrypted": "true"})
 
+    def _refuse_read_conditions(self, request: Request) -> None:
+        if not self.conditional_reads and any(
+                request.header(name) for name in ("If-Match", "If-None-Match", "If-Modified-Since",
+                                                  "If-Unmodified-Since")):
+            raise _error("ConditionHeadersNotSupported", 400, "Condition headers are not supported.")
+
     def get_file_properties(self, request: Request) -> Response:
+        self._refuse_read_conditions(request)
         meta = self.store.get_file(request.share, request.parts)
         Conditions.from_headers(request.headers).check(meta["etag"], meta["mtime"], is_read=True)
         headers = file_headers(meta, request)
@@ -1672,6 +1684,7 @@ class Emulator:
         return Response(200, headers, head_length=meta["size"])
 
     def download_file(self, request: Request) -> Response:
+        self._refuse_read_conditions(request)
         byte_range = parse_byte_range(request, for_write=False)
         want_md5 = parse_bool_header(request, "x-ms-range-get-content-md5")
         conditions = Conditions.from_headers(request.headers)
@@ -2147,8 +2160,9 @@ class FileShareEmulator:
     ``stop()``; a directory passed in is left in place."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, location: Optional[str] = None,
-                 verbose: bool = False, page_limit: int = MAX_LIST_RESULTS):
+                 verbose: bool = False, page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True):
         self.page_limit = page_limit
+        self.conditional_reads = conditional_reads
         self.host = host
         self._requested_port = port
         self._owns_location = location is None
@@ -2159,7 +2173,8 @@ class FileShareEmulator:
 
     def start(self) -> "FileShareEmulator":
         store = FileStore(self.location)
-        self._server = _Server((self.host, self._requested_port), Emulator(store, page_limit=self.page_limit),
+        self._server = _Server((self.host, self._requested_port), Emulator(store, page_limit=self.page_limit,
+                                                                        conditional_reads=self.conditional_reads),
                                self.verbose)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fileshare-emulator", daemon=True)
