@@ -35,8 +35,8 @@ class BlobRemote:
     def files(self, prefix: str = "") -> dict[str, bytes]:
         """Every file under directory `prefix` ('' for all), by name below it."""
         start = prefix.rstrip("/") + "/" if prefix else ""
-        return {b.name[len(start):]: self.get(b.name) for b in self.client.list_blobs(name_starts_with=start)
-                if not (b.metadata or {}).get("hdi_isfolder")}
+        blobs = self.client.list_blobs(name_starts_with=start, include=["metadata"])
+        return {b.name[len(start):]: self.get(b.name) for b in blobs if not (b.metadata or {}).get("hdi_isfolder")}
 
 
 class ShareRemote:
