@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from typing import Iterator
 from urllib.parse import unquote
@@ -25,10 +23,11 @@ from azure.storage.blob import BlobServiceClient, ContentSettings
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Unreachable
-from mountd.storage.azure_common import (client_options, content_type, raise_for_status, sdk_credential, translated,
+from mountd.storage.azure_common import (client_options, content_type, raise_for_status, sdk_credential,
                                          upload_pieces)
-from mountd.storage.azure_http import HttpError, RangeReader, Signer, translated_reads
-from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
+from mountd.storage.azure_http import HttpError, RangeReader, Signer
+from mountd.storage.azure_store import AzureStore
+from mountd.storage.base import Entry, ProgressCallback, normalize_path
 
 MARKER_KEY = "hdi_isfolder"
 SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
@@ -94,40 +93,28 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else value
 
 
-class BlobStore(ObjectStore):
+class BlobStore(AzureStore):
     virtual_directories = True
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
         if credential.kind == "connection_string":
-            self.service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
+            service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
         else:
-            self.service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
-                                             **client_options())
-        self.container = self.service.get_container_client(cfg.container_name)
+            service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
+                                        **client_options())
+        account_url = service.url.split("?")[0]
+        super().__init__(service, cfg.container_name, RangeReader(account_url, Signer.from_sdk_client(service)),
+                         f"blob container {cfg.container_name!r} at {account_url}", UPLOAD_CONCURRENCY,
+                         "blob-upload")
+        self.container = service.get_container_client(cfg.container_name)
         self.container_name = cfg.container_name
-        self._reader = RangeReader(self.service.url.split("?")[0], Signer.from_sdk_client(self.service))
-        self.description = f"blob container {cfg.container_name!r} at {self.service.url.split('?')[0]}"
-        self._uploads = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="blob-upload")
-        self._upload_slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY * 2)
-
-    def _errors(self, path: str):
-        return translated(f"{path or '/'!s} in {self.description}", self.description)
 
     # -- metadata -------------------------------------------------------------
-    def check(self) -> None:
-        # A short retry budget: an endpoint that is down at start is a
-        # configuration problem to report now, not an outage to sit out.
-        with self._errors(""):
-            self.container.get_container_properties(retry_total=2, retry_connect=2, retry_read=2, retry_status=2)
+    def _target_properties(self, **options) -> None:
+        self.container.get_container_properties(**options)
 
-    def create(self) -> bool:
-        """Create the container; False if it already existed."""
-        try:
-            with self._errors(""):
-                self.container.create_container()
-        except AlreadyExists:
-            return False
-        return True
+    def _create_target(self) -> None:
+        self.container.create_container()
 
     def stat(self, path: str) -> Entry:
         path = normalize_path(path)
@@ -197,24 +184,6 @@ class BlobStore(ObjectStore):
                 yield item
 
     # -- data -----------------------------------------------------------------
-    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        got = self.read_into(path, offset, memoryview(buf), etag)
-        # a bytearray is returned as is: copying 8 MiB blocks doubles peak memory
-        return buf if got == length else buf[:got]
-
-    def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
-        path = normalize_path(path)
-        with translated_reads(f"{path} in {self.description}", self.description):
-            return self._reader.read_into(f"{self.container_name}/{path}", offset, view, etag)
-
-    def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
-        path = normalize_path(path)
-        with translated_reads(f"{path} in {self.description}", self.description):
-            return self._reader.stream(f"{self.container_name}/{path}", offset, length, etag, buf, sink)
-
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         path = normalize_path(path)
         with self._errors(path):
@@ -300,11 +269,6 @@ class BlobStore(ObjectStore):
                                        source_etag=props.etag,
                                        source_match_condition=MatchConditions.IfNotModified)
             source.delete_blob(etag=props.etag, match_condition=MatchConditions.IfNotModified)
-
-    def close(self) -> None:
-        self._uploads.shutdown(wait=False, cancel_futures=True)
-        self._reader.close()
-        self.service.close()
 
 
 def _block_id(index: int) -> str:

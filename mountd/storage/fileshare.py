@@ -30,7 +30,6 @@ import hashlib
 import io
 import os
 import posixpath
-import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
@@ -42,10 +41,10 @@ from azure.storage.fileshare import ContentSettings, ShareServiceClient
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotFound, StorageError, UsageError
-from mountd.storage.azure_common import (client_options, content_type, sdk_credential, translated,
-                                         upload_pieces)
-from mountd.storage.azure_http import RangeReader, Signer, translated_reads
-from mountd.storage.base import Entry, ObjectStore, ProgressCallback, join, normalize_path
+from mountd.storage.azure_common import client_options, content_type, sdk_credential, upload_pieces
+from mountd.storage.azure_http import RangeReader, Signer
+from mountd.storage.azure_store import AzureStore
+from mountd.storage.base import Entry, ProgressCallback, join, normalize_path
 
 RANGE_SIZE = 4 * 1024 * 1024  # the service's maximum for one Put Range
 UPLOAD_CONCURRENCY = 8  # ranges in flight per large file
@@ -95,7 +94,7 @@ def _listing_page(root, directory: str) -> tuple[list[Entry], str | None]:
     return items, root.findtext("NextMarker") or None
 
 
-class FileShareStore(ObjectStore):
+class FileShareStore(AzureStore):
     virtual_directories = False
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
@@ -111,44 +110,27 @@ class FileShareStore(ObjectStore):
             options["token_intent"] = "backup"
             lean_headers["x-ms-file-request-intent"] = "backup"
         if credential.kind == "connection_string":
-            self.service = ShareServiceClient.from_connection_string(credential.secret, **options)
+            service = ShareServiceClient.from_connection_string(credential.secret, **options)
         elif credential.kind == "sas_token":
             # A SAS given as a string travels in the URL, so the source of a
             # rename carries it too (an AzureSasCredential would not).
-            self.service = ShareServiceClient(cfg.account_url(), credential.secret.lstrip("?"), **options)
+            service = ShareServiceClient(cfg.account_url(), credential.secret.lstrip("?"), **options)
         else:
-            self.service = ShareServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
-                                              **options)
+            service = ShareServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name), **options)
+        account_url = service.url.split("?")[0].rstrip("/")
+        reader = RangeReader(account_url, Signer.from_sdk_client(service), api_version=API_VERSION,
+                             conditional=False, headers=lean_headers)
+        super().__init__(service, cfg.share_name, reader, f"file share {cfg.share_name!r} at {account_url}",
+                         UPLOAD_CONCURRENCY, "share-upload")
         self.share_name = cfg.share_name
-        self.share = self.service.get_share_client(cfg.share_name)
-        account_url = self.service.url.split("?")[0]
-        self._reader = RangeReader(account_url, Signer.from_sdk_client(self.service), api_version=API_VERSION,
-                                   conditional=False, headers=lean_headers)
-        self.description = f"file share {cfg.share_name!r} at {account_url.rstrip('/')}"
-        self._uploads = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="share-upload")
-        self._upload_slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY * 2)
-
-    def _errors(self, path: str):
-        return translated(f"{path or '/'} in {self.description}", self.description)
-
-    def _reads(self, path: str):
-        return translated_reads(f"{path or '/'} in {self.description}", self.description)
+        self.share = service.get_share_client(cfg.share_name)
 
     # -- metadata -------------------------------------------------------------
-    def check(self) -> None:
-        # A short retry budget: an endpoint that is down at start is a
-        # configuration problem to report now, not an outage to sit out.
-        with self._errors(""):
-            self.share.get_share_properties(retry_total=2, retry_connect=2, retry_read=2, retry_status=2)
+    def _target_properties(self, **options) -> None:
+        self.share.get_share_properties(**options)
 
-    def create(self) -> bool:
-        """Create the share; False if it already existed."""
-        try:
-            with self._errors(""):
-                self.share.create_share()
-        except AlreadyExists:
-            return False
-        return True
+    def _create_target(self) -> None:
+        self.share.create_share()
 
     def stat(self, path: str) -> Entry:
         path = normalize_path(path)
@@ -229,21 +211,6 @@ class FileShareStore(ObjectStore):
             pool.shutdown(wait=False, cancel_futures=True)
 
     # -- data -----------------------------------------------------------------
-    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        buf = bytearray(max(length, 0))
-        got = self.read_into(path, offset, memoryview(buf), etag) if length > 0 else 0
-        return buf if got == length else buf[:got]  # no copy of a full buffer
-
-    def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
-        path = normalize_path(path)
-        with self._reads(path):
-            return self._reader.read_into(f"{self.share_name}/{path}", offset, view, etag)
-
-    def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
-        path = normalize_path(path)
-        with self._reads(path):
-            return self._reader.stream(f"{self.share_name}/{path}", offset, length, etag, buf, sink)
-
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         return self._write(normalize_path(path), len(data), io.BytesIO(data), overwrite, None)
 
@@ -372,7 +339,3 @@ class FileShareStore(ObjectStore):
         with self._errors(src):
             move(dst, overwrite=True)
 
-    def close(self) -> None:
-        self._uploads.shutdown(wait=False, cancel_futures=True)
-        self._reader.close()
-        self.service.close()
