@@ -1,5 +1,6 @@
-"""Shared fixtures: a real Azurite blob service, fresh containers, workspace
-files pointing at them, and a runner for the command line."""
+"""Shared fixtures: a real Azurite blob service and the Files emulator, fresh
+containers and shares, a `remote` of either kind for tests that hold for
+both, workspace files pointing at them, and a runner for the command line."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import pytest
 import yaml
 
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
+from tests.support.remotes import BlobRemote, ShareRemote
 
-KEY_ENV = "AZURITE_ACCOUNT_KEY"
+KEY_ENV = "AZURITE_ACCOUNT_KEY"  # the Files emulator's key is the same well-known one
+# The Files emulator ends listing pages after this many entries (the service
+# may too), so every test that lists a larger directory follows markers.
+SHARE_PAGE_LIMIT = 250
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +57,50 @@ def fuse_available():
         if os.environ.get("CI"):
             pytest.fail(f"FUSE is required in CI: {problem}")
         pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def fileshare():
+    """The Azure Files emulator, in this process, on a free port."""
+    from tests.emulators.fileshare import FileShareEmulator
+    # Reads refuse conditional headers, as the real service's do.
+    with FileShareEmulator(page_limit=SHARE_PAGE_LIMIT, conditional_reads=False) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def share(fileshare, monkeypatch):
+    """A new, empty file share; its account key is in $AZURITE_ACCOUNT_KEY."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.fileshare import ShareServiceClient
+    service = ShareServiceClient.from_connection_string(fileshare.connection_string)
+    client = service.create_share(f"t{uuid.uuid4().hex[:16]}")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    yield client
+    try:
+        client.delete_share()
+    except ResourceNotFoundError:
+        pass
+    service.close()
+
+
+@pytest.fixture(params=["blob", "file"])
+def remote(request):
+    """A new container (Azurite) or share (Files emulator), for behaviour the
+    two kinds share."""
+    if request.param == "blob":
+        return BlobRemote(request.getfixturevalue("azurite"), request.getfixturevalue("container"))
+    return ShareRemote(request.getfixturevalue("fileshare"), request.getfixturevalue("share"))
+
+
+@pytest.fixture
+def store_workspace(tmp_path, remote):
+    """A workspace file whose default datastore `store` is the `remote`."""
+    path = tmp_path / "workspace.yaml"
+    path.write_text(yaml.safe_dump({"default_datastore": "store",
+                                    "datastores": {"store": remote.entry(KEY_ENV)}}))
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -118,10 +118,13 @@ def parse(name: object, raw: object, where: str) -> DatastoreConfig:
         return DatastoreConfig(name=name, type=kind, root=os.path.expanduser(raw["root"]))
 
     target_key = "container_name" if kind == "azure_blob" else "share_name"
-    if not _CONTAINER.fullmatch(raw[target_key]) and raw[target_key] != "$root":
+    if not _CONTAINER.fullmatch(raw[target_key]) and (kind, raw[target_key]) != ("azure_blob", "$root"):
         raise ConfigError(f"{where}: invalid {target_key} {raw[target_key]!r}: 3-63 lowercase "
                           "letters, digits and single hyphens, starting and ending with a letter or digit")
     spec = credentials.validate_spec(raw.get("credential"), where)
+    if kind == "azure_file" and spec.get("anonymous"):
+        raise ConfigError(f"{where}: Azure Files has no anonymous access; give an account key, "
+                          "SAS token or connection string")
     if not raw.get("account_name") and not raw.get("endpoint") and not spec.get("connection_string_env") \
             and not spec.get("connection_string_file") and not spec.get("connection_string"):
         raise ConfigError(f"{where}: account_name is required (or an endpoint or connection string)")

@@ -23,8 +23,11 @@ def open_store(cfg: DatastoreConfig, create: bool = False) -> ObjectStore:
     if cfg.type == "azure_blob":
         from mountd.storage.blob import BlobStore
         store = BlobStore(cfg, cred)
+    elif cfg.type == "azure_file":
+        from mountd.storage.fileshare import FileShareStore
+        store = FileShareStore(cfg, cred)
     else:
-        raise ConfigError(f"datastore {cfg.name!r}: file share datastores are not supported yet")
+        raise ConfigError(f"datastore {cfg.name!r}: unknown type {cfg.type!r}")
     if create:
         store.create()
     return store

@@ -5,6 +5,11 @@ into mountd's errors."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import mimetypes
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Executor, wait
+from typing import BinaryIO, Callable
 
 import requests
 from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
@@ -56,6 +61,12 @@ def sdk_credential(cred: Credential, account_name: str | None):
     return None  # anonymous
 
 
+def content_type(path: str) -> str:
+    """The content type stored with an uploaded file, from its extension."""
+    guessed, _ = mimetypes.guess_type(path)
+    return guessed or "application/octet-stream"
+
+
 def raise_for_status(status: int, code: str, what: str, where: str):
     """The mountd error for a failed storage answer, by HTTP status and the
     service's error code, for the SDK's calls and the lean data path alike.
@@ -87,6 +98,46 @@ def translated(what: str, where: str):
         raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
     except HttpResponseError as e:
         raise_for_status(e.status_code, getattr(e, "error_code", None), what, where)
+
+
+def upload_pieces(pool: Executor, slots: threading.BoundedSemaphore, source: BinaryIO, piece_size: int,
+                  send: Callable[[int, int, bytes], None], progress=None) -> tuple[bytes, int]:
+    """Read `source` in pieces of `piece_size` and hand each to
+    `send(index, offset, data)` on `pool`, as many at once as `slots` allows
+    (the reader waits for a slot, so memory stays bounded). Stops reading at
+    the first failure and re-raises it once the pieces in flight are done.
+    Returns (MD5 of everything read, number of pieces)."""
+    md5 = hashlib.md5()
+    futures = []
+    failed = threading.Event()
+
+    def one(index: int, offset: int, data: bytes) -> None:
+        try:
+            if failed.is_set():
+                return
+            send(index, offset, data)
+            if progress:
+                progress(len(data))
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            slots.release()
+
+    offset = index = 0
+    while not failed.is_set():
+        data = source.read(piece_size)
+        if not data:
+            break
+        md5.update(data)
+        slots.acquire()
+        futures.append(pool.submit(one, index, offset, data))
+        offset += len(data)
+        index += 1
+    wait(futures, return_when=FIRST_EXCEPTION)
+    for fut in futures:
+        fut.result()  # re-raise the first failure
+    return md5.digest(), index
 
 
 def _first_line(e: Exception) -> str:

@@ -14,6 +14,7 @@ and is used only for reads and listings; everything else goes through the SDK.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import random
@@ -25,7 +26,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 
-from mountd.storage.azure_common import CONNECTION_TIMEOUT, POOL_SIZE, READ_TIMEOUT
+from mountd.errors import StorageError
+from mountd.storage.azure_common import CONNECTION_TIMEOUT, POOL_SIZE, READ_TIMEOUT, raise_for_status
 from mountd.storage.retry import MAX_RETRY_AFTER
 
 API_VERSION = "2021-08-06"
@@ -95,12 +97,22 @@ class Signer:
 
 class RangeReader:
     """Ranged GETs of objects, and listings, under one account URL, many
-    threads at once."""
+    threads at once.
 
-    def __init__(self, account_url: str, signer: Signer):
+    A read pinned to an etag sends If-Match (blob). The File service refuses
+    conditional headers on reads, so with `conditional=False` the etag each
+    response carries is compared instead, before its body is used. Either
+    way a read that has to resume after a broken connection is pinned to the
+    version its first response came from."""
+
+    def __init__(self, account_url: str, signer: Signer, api_version: str = API_VERSION,
+                 conditional: bool = True, headers: dict | None = None):
         parts = urlsplit(account_url)
         self.base_path = parts.path.rstrip("/")
         self.signer = signer
+        self.api_version = api_version
+        self.conditional = conditional
+        self.headers = dict(headers or {})  # sent (and signed) with every request
         self.pool = urllib3.connection_from_url(
             f"{parts.scheme}://{parts.netloc}", maxsize=POOL_SIZE, block=False, retries=False,
             timeout=urllib3.Timeout(connect=CONNECTION_TIMEOUT, read=READ_TIMEOUT))
@@ -150,8 +162,9 @@ class RangeReader:
         attempt = 0
         path = self.base_path + "/" + quote(object_path, safe="/~")
         while got < length:
-            headers = {"x-ms-range": f"bytes={offset + got}-{offset + length - 1}", "x-ms-version": API_VERSION}
-            if etag:
+            headers = {**self.headers, "x-ms-range": f"bytes={offset + got}-{offset + length - 1}",
+                       "x-ms-version": self.api_version}
+            if etag and self.conditional:
                 headers["If-Match"] = etag
             query = self.signer.sign("GET", path, headers)
             url = path + ("?" + query if query else "")
@@ -173,6 +186,11 @@ class RangeReader:
                         attempt = self._backoff(attempt, retry_after, HttpError(status, code))
                         continue
                     raise HttpError(status, code)
+                served = (response.headers.get("ETag") or "").strip('"')
+                if etag and not self.conditional and served and served != etag.strip('"'):
+                    response.close()  # the body is of another version: never read it
+                    raise HttpError(412, "ConditionNotMet")
+                etag = etag or served or None  # a resumed read must continue the same version
                 before = got
                 try:
                     got = fill(response, got)
@@ -194,7 +212,7 @@ class RangeReader:
         path = self.base_path + "/" + quote(resource_path, safe="/~")
         attempt = 0
         while True:
-            headers = {"x-ms-version": API_VERSION}
+            headers = {**self.headers, "x-ms-version": self.api_version}
             sas = self.signer.sign("GET", path, headers, query)
             url = path + "?" + urlencode(query, quote_via=quote) + ("&" + sas if sas else "")
             try:
@@ -224,6 +242,18 @@ class RangeReader:
 
     def close(self) -> None:
         self.pool.close()
+
+
+@contextlib.contextmanager
+def translated_reads(what: str, where: str):
+    """Turn this module's failures inside into mountd errors naming `what`
+    (the object) and `where` (its container or share)."""
+    try:
+        yield
+    except HttpError as e:
+        raise_for_status(e.status, e.code, what, where)
+    except (OSError, urllib3.exceptions.HTTPError) as e:
+        raise StorageError(f"{what}: reading failed: {e}") from None
 
 
 def _raw(response):

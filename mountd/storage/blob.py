@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import mimetypes
 import os
-import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
 from typing import Iterator
 from urllib.parse import unquote
@@ -25,10 +22,12 @@ from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
-from mountd.errors import AlreadyExists, NotEmpty, NotFound, StorageError, Unreachable
-from mountd.storage.azure_common import client_options, raise_for_status, sdk_credential, translated
+from mountd.errors import AlreadyExists, NotEmpty, NotFound, Unreachable
+from mountd.storage.azure_common import (client_options, content_type, raise_for_status, sdk_credential,
+                                         upload_pieces)
 from mountd.storage.azure_http import HttpError, RangeReader, Signer
-from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
+from mountd.storage.azure_store import AzureStore
+from mountd.storage.base import Entry, ProgressCallback, normalize_path
 
 MARKER_KEY = "hdi_isfolder"
 SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
@@ -94,40 +93,28 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else value
 
 
-class BlobStore(ObjectStore):
+class BlobStore(AzureStore):
     virtual_directories = True
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
         if credential.kind == "connection_string":
-            self.service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
+            service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
         else:
-            self.service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
-                                             **client_options())
-        self.container = self.service.get_container_client(cfg.container_name)
+            service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
+                                        **client_options())
+        account_url = service.url.split("?")[0]
+        super().__init__(service, cfg.container_name, RangeReader(account_url, Signer.from_sdk_client(service)),
+                         f"blob container {cfg.container_name!r} at {account_url}", UPLOAD_CONCURRENCY,
+                         "blob-upload")
+        self.container = service.get_container_client(cfg.container_name)
         self.container_name = cfg.container_name
-        self._reader = RangeReader(self.service.url.split("?")[0], Signer.from_sdk_client(self.service))
-        self.description = f"blob container {cfg.container_name!r} at {self.service.url.split('?')[0]}"
-        self._uploads = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="blob-upload")
-        self._upload_slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY * 2)
-
-    def _errors(self, path: str):
-        return translated(f"{path or '/'!s} in {self.description}", self.description)
 
     # -- metadata -------------------------------------------------------------
-    def check(self) -> None:
-        # A short retry budget: an endpoint that is down at start is a
-        # configuration problem to report now, not an outage to sit out.
-        with self._errors(""):
-            self.container.get_container_properties(retry_total=2, retry_connect=2, retry_read=2, retry_status=2)
+    def _target_properties(self, **options) -> None:
+        self.container.get_container_properties(**options)
 
-    def create(self) -> bool:
-        """Create the container; False if it already existed."""
-        try:
-            with self._errors(""):
-                self.container.create_container()
-        except AlreadyExists:
-            return False
-        return True
+    def _create_target(self) -> None:
+        self.container.create_container()
 
     def stat(self, path: str) -> Entry:
         path = normalize_path(path)
@@ -197,32 +184,6 @@ class BlobStore(ObjectStore):
                 yield item
 
     # -- data -----------------------------------------------------------------
-    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        got = self.read_into(path, offset, memoryview(buf), etag)
-        # a bytearray is returned as is: copying 8 MiB blocks doubles peak memory
-        return buf if got == length else buf[:got]
-
-    def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
-        path = normalize_path(path)
-        try:
-            return self._reader.read_into(f"{self.container_name}/{path}", offset, view, etag)
-        except HttpError as e:
-            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
-        except (OSError, urllib3.exceptions.HTTPError) as e:
-            raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
-
-    def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
-        path = normalize_path(path)
-        try:
-            return self._reader.stream(f"{self.container_name}/{path}", offset, length, etag, buf, sink)
-        except HttpError as e:
-            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
-        except (OSError, urllib3.exceptions.HTTPError) as e:
-            raise StorageError(f"{path} in {self.description}: reading failed: {e}") from None
-
     def write_bytes(self, path: str, data: bytes, overwrite: bool = True) -> Entry:
         path = normalize_path(path)
         with self._errors(path):
@@ -259,44 +220,16 @@ class BlobStore(ObjectStore):
         return self._upload_blocks(blob, path, local_path, overwrite, progress)
 
     def _upload_blocks(self, blob, path, local_path, overwrite, progress) -> Entry:
-        md5 = hashlib.md5()
-        block_ids: list[str] = []
-        futures = []
-        failed = threading.Event()
-
-        def stage(block_id: str, data: bytes):
-            try:
-                if failed.is_set():
-                    return
-                with self._errors(path):
-                    blob.stage_block(block_id, data, length=len(data))
-                if progress:
-                    progress(len(data))
-            except BaseException:
-                failed.set()
-                raise
-            finally:
-                self._upload_slots.release()
+        def stage(index: int, _offset: int, data: bytes) -> None:
+            with self._errors(path):
+                blob.stage_block(_block_id(index), data, length=len(data))
 
         with open(local_path, "rb") as f:
-            index = 0
-            while not failed.is_set():
-                data = f.read(BLOCK_SIZE)
-                if not data:
-                    break
-                md5.update(data)
-                block_id = base64.b64encode(f"{index:08d}".encode()).decode()
-                block_ids.append(block_id)
-                self._upload_slots.acquire()
-                futures.append(self._uploads.submit(stage, block_id, data))
-                index += 1
-        wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in futures:
-            fut.result()  # re-raise the first failure
+            md5, count = upload_pieces(self._uploads, self._upload_slots, f, BLOCK_SIZE, stage, progress)
         conditions = {} if overwrite else dict(match_condition=MatchConditions.IfMissing)
         with self._errors(path):
-            blob.commit_block_list(block_ids, content_settings=_content_settings(path, md5.digest()),
-                                   **conditions)
+            blob.commit_block_list([_block_id(i) for i in range(count)],
+                                   content_settings=_content_settings(path, md5), **conditions)
         return self.stat(path)
 
     def delete(self, path: str) -> None:
@@ -342,12 +275,10 @@ class BlobStore(ObjectStore):
                                        source_match_condition=MatchConditions.IfNotModified)
             source.delete_blob(etag=props.etag, match_condition=MatchConditions.IfNotModified)
 
-    def close(self) -> None:
-        self._uploads.shutdown(wait=False, cancel_futures=True)
-        self._reader.close()
-        self.service.close()
+
+def _block_id(index: int) -> str:
+    return base64.b64encode(f"{index:08d}".encode()).decode()
 
 
 def _content_settings(path: str, md5: bytes) -> ContentSettings:
-    content_type, _ = mimetypes.guess_type(path)
-    return ContentSettings(content_type=content_type or "application/octet-stream", content_md5=md5)
+    return ContentSettings(content_type=content_type(path), content_md5=md5)

@@ -68,7 +68,8 @@ Supported operations
 * Directory: Create, Get Properties, Delete (DirectoryNotEmpty), Set Metadata,
   Set Properties, List Directories and Files (prefix, marker/NextMarker,
   maxresults, include=Timestamps,ETag,Attributes,PermissionKey,
-  ``x-ms-file-extended-info``), Rename, List Handles (always empty), Force
+  ``x-ms-file-extended-info``; ``page_limit``/``--page-limit`` ends pages
+  early, as the service may), Rename, List Handles (always empty), Force
   Close Handles (closes nothing).
 * File: Create, Get (full or ranged via ``x-ms-range``/``Range``, optional
   ``x-ms-range-get-content-md5``), Get Properties (HEAD), Set Properties /
@@ -80,6 +81,8 @@ Supported operations
   case-insensitively, like the rest of the namespace.
 * Conditional headers If-Match, If-None-Match, If-Modified-Since and
   If-Unmodified-Since on file reads and writes (412 ConditionNotMet, 304).
+  With ``conditional_reads=False`` reads refuse them with 400
+  ConditionHeadersNotSupported, as the real service does.
 * Errors use the service's XML body and ``x-ms-error-code`` header.
 
 Not supported (501 NotImplemented unless noted): leases, share snapshots,
@@ -1429,9 +1432,16 @@ def file_headers(meta: dict, request: Request) -> dict[str, str]:
 class Emulator:
     """Routes parsed requests to operations on a FileStore."""
 
-    def __init__(self, store: FileStore, account: str = ACCOUNT_NAME, key: str = ACCOUNT_KEY):
+    def __init__(self, store: FileStore, account: str = ACCOUNT_NAME, key: str = ACCOUNT_KEY,
+                 page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True):
         self.store = store
         self.account = account
+        # The real service refuses conditional headers on file reads (400
+        # ConditionHeadersNotSupported); False emulates that.
+        self.conditional_reads = conditional_reads
+        # The service may end a listing page early, before maxresults, with a
+        # NextMarker; a small limit makes clients follow markers in any test.
+        self.page_limit = page_limit
         self.authenticator = Authenticator(account, key)
 
     # ----- routing ---------------------------------------------------------
@@ -1616,7 +1626,7 @@ class Emulator:
     def list_directory(self, request: Request) -> Response:
         prefix = request.query.get("prefix", "")
         marker = request.query.get("marker")
-        max_results = _max_results(request)
+        max_results = min(_max_results(request), self.page_limit)
         include = _list_includes(request)
         extended = parse_bool_header(request, "x-ms-file-extended-info") or bool(include)
         directory, children = self.store.list_directory(request.share, request.parts)
@@ -1658,7 +1668,14 @@ class Emulator:
                                       Conditions.from_headers(request.headers))
         return Response(201, {**entity_headers(meta), **smb_headers(meta), "x-ms-request-server-encrypted": "true"})
 
+    def _refuse_read_conditions(self, request: Request) -> None:
+        if not self.conditional_reads and any(
+                request.header(name) for name in ("If-Match", "If-None-Match", "If-Modified-Since",
+                                                  "If-Unmodified-Since")):
+            raise _error("ConditionHeadersNotSupported", 400, "Condition headers are not supported.")
+
     def get_file_properties(self, request: Request) -> Response:
+        self._refuse_read_conditions(request)
         meta = self.store.get_file(request.share, request.parts)
         Conditions.from_headers(request.headers).check(meta["etag"], meta["mtime"], is_read=True)
         headers = file_headers(meta, request)
@@ -1667,6 +1684,7 @@ class Emulator:
         return Response(200, headers, head_length=meta["size"])
 
     def download_file(self, request: Request) -> Response:
+        self._refuse_read_conditions(request)
         byte_range = parse_byte_range(request, for_write=False)
         want_md5 = parse_bool_header(request, "x-ms-range-get-content-md5")
         conditions = Conditions.from_headers(request.headers)
@@ -1955,6 +1973,9 @@ def _unexpected_error(error: Exception) -> StorageError:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm the
+    # body waits for the client's delayed ACK (40 ms per small response).
+    disable_nagle_algorithm = True
     server: "_Server"
 
     def version_string(self) -> str:
@@ -2109,6 +2130,13 @@ class _Server(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-response (a reader abandoning a body it
+        # does not want) is normal traffic, not an emulator fault.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
     def process_request(self, request, client_address) -> None:
         with self._connections_lock:
             self._connections.add(request)
@@ -2135,7 +2163,9 @@ class FileShareEmulator:
     ``stop()``; a directory passed in is left in place."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, location: Optional[str] = None,
-                 verbose: bool = False):
+                 verbose: bool = False, page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True):
+        self.page_limit = page_limit
+        self.conditional_reads = conditional_reads
         self.host = host
         self._requested_port = port
         self._owns_location = location is None
@@ -2146,7 +2176,9 @@ class FileShareEmulator:
 
     def start(self) -> "FileShareEmulator":
         store = FileStore(self.location)
-        self._server = _Server((self.host, self._requested_port), Emulator(store), self.verbose)
+        self._server = _Server((self.host, self._requested_port), Emulator(store, page_limit=self.page_limit,
+                                                                        conditional_reads=self.conditional_reads),
+                               self.verbose)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fileshare-emulator", daemon=True)
         self._thread.start()
@@ -2200,9 +2232,12 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=10004, help="0 picks a free port")
     parser.add_argument("--location", default=None, help="data directory (default: a temporary directory)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument("--page-limit", type=int, default=MAX_LIST_RESULTS,
+                        help="most entries in one directory listing page (the service may return fewer "
+                             "than asked)")
     args = parser.parse_args(list(argv) if argv is not None else None)
 
-    emulator = FileShareEmulator(args.host, args.port, args.location, args.verbose)
+    emulator = FileShareEmulator(args.host, args.port, args.location, args.verbose, page_limit=args.page_limit)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

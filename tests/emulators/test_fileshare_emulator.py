@@ -404,6 +404,20 @@ def test_conditional_download(share):
     assert stale.value.error_code == "ConditionNotMet"
 
 
+def test_conditional_reads_refused_like_the_service():
+    with FileShareEmulator(conditional_reads=False) as strict:
+        service = ShareServiceClient.from_connection_string(strict.connection_string, retry_total=0)
+        client = service.create_share("strict").get_file_client("f.txt")
+        client.upload_file(b"content")
+        etag = client.get_file_properties().etag
+        for headers in ({"If-Match": etag}, {"If-None-Match": '"0x1"'}):
+            with pytest.raises(HttpResponseError) as refused:
+                client.download_file(headers=headers).readall()
+            assert refused.value.status_code == 400
+            assert refused.value.error_code == "ConditionHeadersNotSupported"
+        assert client.download_file().readall() == b"content"  # plain reads still work
+
+
 # --------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------

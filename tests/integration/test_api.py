@@ -50,6 +50,34 @@ def test_seed_workflow_with_blob_container(tmp_path, azurite, container, monkeyp
                                                         show_progress=False) == 1
 
 
+def test_seed_workflow_with_file_share(tmp_path, fileshare, monkeypatch):
+    from azure.storage.fileshare import ShareServiceClient
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "cfg" / "workspace.yaml"))
+    ws = Workspace.from_config()
+    ds = Datastore.register_azure_file_share(workspace=ws,
+                                             datastore_name="your_datastore",
+                                             file_share_name="seed-share",
+                                             account_name="devstoreaccount1",
+                                             account_key=KEY,
+                                             endpoint=fileshare.account_url,
+                                             create_if_not_exists=True)
+    share = ShareServiceClient.from_connection_string(fileshare.connection_string).get_share_client("seed-share")
+    try:
+        assert ds.datastore_type == "AzureFile"
+        assert KEY not in (tmp_path / "cfg" / "workspace.yaml").read_text()
+        src = tmp_path / "src"
+        (src / "sub").mkdir(parents=True)
+        (src / "a.txt").write_bytes(b"a")
+        (src / "sub" / "b.txt").write_bytes(b"b")
+        assert ds.upload(src_dir=str(src), target_path="your target path", overwrite=True) == 2
+        assert share.get_file_client("your target path/sub/b.txt").download_file().readall() == b"b"
+        ds = Datastore.get(Workspace.from_config(), "YOUR_DATASTORE")
+        assert ds.download(target_path=str(tmp_path / "dl"), prefix="your target path", show_progress=False) == 2
+        assert (tmp_path / "dl" / "your target path" / "a.txt").read_bytes() == b"a"
+    finally:
+        share.delete_share()
+
+
 def test_default_local_datastore_needs_no_account(tmp_path):
     ws = Workspace.from_config(str(tmp_path / "none.yaml"))
     ds = ws.get_default_datastore()

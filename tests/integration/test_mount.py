@@ -1,6 +1,7 @@
-"""Real FUSE mounts through `mountd mount`, over Azurite and a local
-datastore: every byte through the mount, offsets and block boundaries,
-concurrent readers, markers, change detection, unmount and its failures."""
+"""Real FUSE mounts through `mountd mount`, over Azurite (blob), the Files
+emulator (file share) and a local datastore: every byte through the mount,
+offsets and block boundaries, concurrent readers, markers and empty
+directories, change detection, unmount and its failures."""
 
 import errno
 import hashlib
@@ -17,7 +18,7 @@ import yaml
 
 from mountd.run import mounts, runtime
 from tests.conftest import KEY, KEY_ENV
-from tests.support.azurite import blob_workspace_entry
+from tests.support.remotes import BlobRemote, ShareRemote
 
 pytestmark = pytest.mark.fuse
 
@@ -45,18 +46,20 @@ def _fuse_available():
         pytest.skip(problem)
 
 
-@pytest.fixture(params=["blob", "local"])
+@pytest.fixture(params=["blob", "file", "local"])
 def datastore(request, tmp_path, monkeypatch):
-    """A workspace whose datastore `data` holds TREE; yields its path."""
+    """A workspace whose datastore `data` holds TREE and the empty directory
+    `marked` (a marker blob on blob storage); yields its kind."""
     ws = tmp_path / "ws.yaml"
-    if request.param == "blob":
-        azurite = request.getfixturevalue("azurite")
-        container = request.getfixturevalue("container")
+    if request.param in ("blob", "file"):
+        if request.param == "blob":
+            remote = BlobRemote(request.getfixturevalue("azurite"), request.getfixturevalue("container"))
+        else:
+            remote = ShareRemote(request.getfixturevalue("fileshare"), request.getfixturevalue("share"))
         for name, data in TREE.items():
-            container.upload_blob(name, data)
-        container.upload_blob("marked", b"", metadata={"hdi_isfolder": "true"})
-        entry = blob_workspace_entry(azurite, container.container_name, KEY_ENV)
-        request.node.container = container
+            remote.put(name, data)
+        remote.mkdir("marked")
+        entry = remote.entry(KEY_ENV)
     else:
         root = tmp_path / "localroot"
         for name, data in TREE.items():
@@ -175,19 +178,17 @@ def test_mount_is_read_only(datastore, mount):
         assert e.value.errno == errno.EROFS
 
 
-def test_blob_rewritten_while_open_gives_an_error_never_mixed_bytes(azurite, container, tmp_path, monkeypatch,
-                                                                   mount):
+def test_file_rewritten_while_open_gives_an_error_never_mixed_bytes(remote, tmp_path, monkeypatch, mount):
     old = os.urandom(8 * BLOCK)
-    container.upload_blob("changing.bin", old)
+    remote.put("changing.bin", old)
     ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name)}}))
+    ws.write_text(yaml.safe_dump({"datastores": {"data": remote.entry(KEY_ENV)}}))
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
     mp = mount("data", "--readahead-blocks", "0", "--no-disk-cache")
     fd = os.open(mp / "changing.bin", os.O_RDONLY)
     try:
         assert os.pread(fd, 100, 0) == old[:100]
-        container.upload_blob("changing.bin", os.urandom(8 * BLOCK), overwrite=True)
+        remote.put("changing.bin", os.urandom(8 * BLOCK))  # a file share's file is rewritten in place
         try:
             got = os.pread(fd, 100, 6 * BLOCK)
         except OSError as e:

@@ -1,5 +1,8 @@
-"""`mountd run` end to end: real mounts, Azurite, a real child process;
-exit codes, uploads after success and failure, signals, PID 1, bad input."""
+"""`mountd run` end to end: real mounts, Azurite and the Files emulator, a
+real child process; exit codes, uploads after success and failure, signals,
+PID 1, bad input, and a manifest mixing blob and file share references.
+Tests taking `job` run with the references in a blob container and in a
+file share."""
 
 import hashlib
 import json
@@ -50,13 +53,14 @@ INPUTS = {"a.txt": b"alpha", "dir/b.bin": os.urandom(200_000), "dir/deeper/c wit
 
 
 @pytest.fixture
-def job(tmp_path, azurite, container, monkeypatch):
-    """A workspace with the Azurite container as `blob`, inputs uploaded, a
-    child script, and a function writing a manifest."""
+def job(tmp_path, remote, monkeypatch):
+    """A workspace whose datastore `blob` is the container or share of
+    `remote`, inputs uploaded, a child script, and a function writing a
+    manifest."""
     for name, data in INPUTS.items():
-        container.upload_blob(f"datasets/in/{name}", data)
+        remote.put(f"datasets/in/{name}", data)
     ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"blob": blob_workspace_entry(azurite, container.container_name)}}))
+    ws.write_text(yaml.safe_dump({"datastores": {"blob": remote.entry(KEY_ENV)}}))
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
     monkeypatch.setenv(KEY_ENV, KEY)
     script = tmp_path / "child.py"
@@ -81,7 +85,7 @@ def job(tmp_path, azurite, container, monkeypatch):
         path = tmp_path / "manifest.yaml"
         path.write_text(yaml.safe_dump(body))
         return path
-    manifest.container = container
+    manifest.remote = remote
     return manifest
 
 
@@ -89,11 +93,6 @@ def run_cli(*args, env=None, timeout=180):
     full = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "mountd", *map(str, args)], capture_output=True, text=True,
                           env=full, timeout=timeout, cwd=REPO)
-
-
-def blobs(container, prefix):
-    return {b.name[len(prefix):]: container.download_blob(b.name).readall()
-            for b in container.list_blobs(name_starts_with=prefix)}
 
 
 def no_mounts_under(root):
@@ -109,7 +108,7 @@ def expected_digest():
 def test_run_end_to_end(job, tmp_path):
     r = run_cli("run", job())
     assert r.returncode == 0, r.stderr
-    out = blobs(job.container, "runs/r1/out/")
+    out = job.remote.files("runs/r1/out")
     report = json.loads(out["report.json"])
     assert report["inputs"] == expected_digest() and report["staged"] == expected_digest()
     assert report["env"]["AZUREML_DATAREFERENCE_inputs"] == str(tmp_path / "work" / "mounts" / "inputs")
@@ -125,7 +124,7 @@ def test_run_end_to_end(job, tmp_path):
 def test_child_exit_code_passes_through_and_outputs_upload_anyway(job, tmp_path):
     r = run_cli("run", job(), env={"EXIT_WITH": "7"})
     assert r.returncode == 7, r.stderr
-    assert "report.json" in blobs(job.container, "runs/r1/out/")
+    assert "report.json" in job.remote.files("runs/r1/out")
     assert no_mounts_under(tmp_path)
 
 
@@ -133,7 +132,7 @@ def test_child_exit_code_passes_through_and_outputs_upload_anyway(job, tmp_path)
 def test_on_success_keeps_outputs_local_after_failure(job, tmp_path):
     r = run_cli("run", job(upload_when="on_success"), env={"EXIT_WITH": "5"})
     assert r.returncode == 5
-    assert blobs(job.container, "runs/r1/out/") == {}
+    assert job.remote.files("runs/r1/out") == {}
     assert (tmp_path / "work" / "uploads" / "outputs" / "report.json").exists()
 
 
@@ -187,7 +186,7 @@ def test_sigterm_is_forwarded_and_outputs_still_upload(job, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "started" in blobs(job.container, "runs/r1/out/")
+    assert "started" in job.remote.files("runs/r1/out")
     assert no_mounts_under(tmp_path)
 
 
@@ -201,7 +200,73 @@ def test_pid1_reaps_orphans_and_returns_the_code(job, tmp_path):
     r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "mountd", "run",
                         str(job()), "--", "sh", "-c", cmd], capture_output=True, text=True, cwd=REPO, timeout=180)
     assert r.returncode == 4, r.stderr
-    assert blobs(job.container, "runs/r1/out/")["zombies"].strip() == b"0"
+    assert job.remote.files("runs/r1/out")["zombies"].strip() == b"0"
+
+
+MIXED_CHILD = r'''
+import hashlib, json, os, sys
+def digest(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+refs = {k[len("AZUREML_DATAREFERENCE_"):]: v for k, v in os.environ.items() if k.startswith("AZUREML_DATAREFERENCE_")}
+report = {name: digest(path) for name, path in refs.items() if name in ("share_mount", "blob_mount", "share_dl",
+                                                                      "blob_dl")}
+report["mounted_dirs"] = sorted(os.listdir(refs["share_mount"]))
+for name in ("share_out", "blob_out"):
+    os.makedirs(os.path.join(refs[name], "empty dir"), exist_ok=True)
+    os.makedirs(os.path.join(refs[name], "model"), exist_ok=True)
+    open(os.path.join(refs[name], "model", "weights.bin"), "wb").write(bytes(range(256)) * 40000)
+    open(os.path.join(refs[name], "report.json"), "w").write(json.dumps(report))
+'''
+
+
+@pytest.mark.fuse
+def test_manifest_mixing_blob_and_file_share_references(tmp_path, azurite, container, fileshare, share, monkeypatch):
+    from tests.support.remotes import BlobRemote, ShareRemote
+    blob, files = BlobRemote(azurite, container), ShareRemote(fileshare, share)
+    for remote in (blob, files):
+        for name, data in INPUTS.items():
+            remote.put(f"datasets/in/{name}", data)
+    files.mkdir("datasets/in/empty")  # a real, empty directory of the share
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"blob": blob.entry(KEY_ENV), "files": files.entry(KEY_ENV)}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    script = tmp_path / "child.py"
+    script.write_text(MIXED_CHILD)
+    manifest = tmp_path / "mixed.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "run_id": "mix1",
+        "data_references": {
+            "share_mount": {"datastore": "files", "path_on_datastore": "datasets/in", "mode": "mount"},
+            # an http URI under the share's endpoint resolves to its datastore
+            "share_dl": {"uri": f"{fileshare.account_url}/{files.name}/datasets/in", "mode": "download"},
+            "blob_mount": {"datastore": "blob", "path_on_datastore": "datasets/in", "mode": "mount"},
+            "blob_dl": {"datastore": "blob", "path_on_datastore": "datasets/in", "mode": "download"},
+            "share_out": {"datastore": "files", "path_on_datastore": "runs/{run_id}", "mode": "upload"},
+            "blob_out": {"datastore": "blob", "path_on_datastore": "runs/{run_id}", "mode": "upload"},
+        },
+        "command": [sys.executable, str(script)],
+        "work_dir": str(tmp_path / "work"),
+        "cache": {"dir": str(tmp_path / "cache")},
+    }))
+    r = run_cli("run", manifest)
+    assert r.returncode == 0, r.stderr
+    weights = bytes(range(256)) * 40000
+    for remote in (files, blob):
+        out = remote.files("runs/mix1")
+        report = json.loads(out["report.json"])
+        for name in ("share_mount", "blob_mount", "share_dl", "blob_dl"):
+            assert report[name] == expected_digest(), name
+        assert report["mounted_dirs"] == ["a.txt", "dir", "empty"]
+        assert out["model/weights.bin"] == weights
+    assert files.dirs("runs/mix1") == {"runs/mix1/empty dir", "runs/mix1/model"}  # real directories
+    assert (tmp_path / "work" / "downloads" / "share_dl" / "empty").is_dir()
+    assert no_mounts_under(tmp_path)
 
 
 BAD = {
@@ -291,7 +356,7 @@ def test_second_signal_aborts_uploads_and_keeps_outputs(job, tmp_path):
     rest = proc.stderr.read()
     proc.wait(60)
     assert proc.returncode == 143, rest
-    uploaded = blobs(job.container, "runs/r1/out/")
+    uploaded = job.remote.files("runs/r1/out")
     assert len(uploaded) < 601, "the second signal did not stop the uploads"
     assert len(list(outputs.iterdir())) == 601  # nothing local was removed
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "work" / "journal").glob("*.json")]

@@ -1,6 +1,7 @@
-"""`mountd upload` / `mountd download` end to end against Azurite, run as a
-user runs them: awkward names, block boundaries, overwrite rules, markers,
-unsafe names, MD5 verification, errors and secrecy."""
+"""`mountd upload` / `mountd download` end to end against Azurite and the
+Files emulator, run as a user runs them: awkward names, block boundaries,
+overwrite rules, markers, unsafe names, MD5 verification, errors and
+secrecy. Tests taking `remote`/`store_workspace` run against both kinds."""
 
 import hashlib
 import os
@@ -41,60 +42,62 @@ def read_tree(root):
     return out
 
 
-def test_round_trip_awkward_tree_byte_for_byte(tmp_path, workspace_file, mountd_cli):
+def test_round_trip_awkward_tree_byte_for_byte(tmp_path, store_workspace, remote, mountd_cli):
     src = tmp_path / "src"
     make_tree(src, AWKWARD)
     (src / "an empty dir").mkdir()
-    up = mountd_cli("--workspace", workspace_file, "upload", "blobstore", src, "--target-path", "run/1")
+    up = mountd_cli("--workspace", store_workspace, "upload", "store", src, "--target-path", "run/1")
     assert up.code == 0, up
     assert f"uploaded {len(AWKWARD)} files" in up.out
+    assert remote.files("run/1") == AWKWARD
     dst = tmp_path / "dst"
-    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst, "--prefix", "run/1")
+    down = mountd_cli("--workspace", store_workspace, "download", "store", dst, "--prefix", "run/1")
     assert down.code == 0, down
     assert read_tree(dst / "run" / "1") == read_tree(src)
-    assert (dst / "run" / "1" / "an empty dir").is_dir()  # marker blob became a directory
+    # a marker blob, or a real directory of the share, became a directory
+    assert (dst / "run" / "1" / "an empty dir").is_dir()
     # no temporary files left behind
     assert not [n for n in read_tree(dst) if n.endswith(".partial")]
 
 
 @pytest.mark.parametrize("size_name", ["chunk-1", "chunk", "chunk+1", "3chunks+5"])
-def test_sizes_around_chunk_boundaries(tmp_path, workspace_file, container, monkeypatch, size_name):
+def test_sizes_around_chunk_boundaries(tmp_path, store_workspace, remote, monkeypatch, size_name):
     from mountd.api import Datastore, Workspace
     chunk = 64 * 1024
     monkeypatch.setattr(download_mod, "CHUNK_SIZE", chunk)
     size = {"chunk-1": chunk - 1, "chunk": chunk, "chunk+1": chunk + 1, "3chunks+5": 3 * chunk + 5}[size_name]
     data = os.urandom(size)
-    container.upload_blob("sized/blob.bin", data)
-    ds = Datastore.get(Workspace.from_config(str(workspace_file)), "blobstore")
+    remote.put("sized/blob.bin", data)
+    ds = Datastore.get(Workspace.from_config(str(store_workspace)), "store")
     assert ds.download(str(tmp_path / "out"), prefix="sized/", show_progress=False) == 1
     assert (tmp_path / "out" / "sized" / "blob.bin").read_bytes() == data
 
 
-def test_overwrite_semantics(tmp_path, workspace_file, container, mountd_cli):
+def test_overwrite_semantics(tmp_path, store_workspace, remote, mountd_cli):
     src = tmp_path / "src"
     make_tree(src, {"a.txt": b"v1", "b.txt": b"v1"})
-    assert mountd_cli("--workspace", workspace_file, "upload", "blobstore", src).code == 0
+    assert mountd_cli("--workspace", store_workspace, "upload", "store", src).code == 0
     (src / "a.txt").write_bytes(b"v2")
-    again = mountd_cli("--workspace", workspace_file, "upload", "blobstore", src)
+    again = mountd_cli("--workspace", store_workspace, "upload", "store", src)
     assert again.code == 0 and "skipped 2 existing" in again.out
-    assert container.download_blob("a.txt").readall() == b"v1"
-    forced = mountd_cli("--workspace", workspace_file, "upload", "blobstore", src, "--overwrite")
+    assert remote.get("a.txt") == b"v1"
+    forced = mountd_cli("--workspace", store_workspace, "upload", "store", src, "--overwrite")
     assert forced.code == 0 and "uploaded 2 files" in forced.out
-    assert container.download_blob("a.txt").readall() == b"v2"
+    assert remote.get("a.txt") == b"v2"
 
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "a.txt").write_bytes(b"local")
-    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst)
+    down = mountd_cli("--workspace", store_workspace, "download", "store", dst)
     assert down.code == 0 and "skipped 1 existing" in down.out
     assert (dst / "a.txt").read_bytes() == b"local" and (dst / "b.txt").read_bytes() == b"v1"
-    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", dst, "--overwrite")
+    down = mountd_cli("--workspace", store_workspace, "download", "store", dst, "--overwrite")
     assert down.code == 0 and (dst / "a.txt").read_bytes() == b"v2"
 
 
-def test_no_progress_is_silent(tmp_path, workspace_file, container, mountd_cli):
-    container.upload_blob("x", b"1")
-    down = mountd_cli("--workspace", workspace_file, "download", "blobstore", tmp_path / "d", "--no-progress")
+def test_no_progress_is_silent(tmp_path, store_workspace, remote, mountd_cli):
+    remote.put("x", b"1")
+    down = mountd_cli("--workspace", store_workspace, "download", "store", tmp_path / "d", "--no-progress")
     assert (down.code, down.out, down.err) == (0, "", "")
 
 
@@ -181,6 +184,36 @@ def test_register_list_show_set_default_remove(tmp_path, azurite, container, mou
     assert "* workspacelocalstore" in mountd_cli("datastore", "list", env=env).out
 
 
+def test_register_file_share_end_to_end(tmp_path, fileshare, mountd_cli):
+    ws = tmp_path / "ws.yaml"
+    env = {KEY_ENV: KEY, "MOUNTD_WORKSPACE": str(ws)}
+    common = ["--account-name", "devstoreaccount1", "--endpoint", fileshare.account_url, "--account-key-env", KEY_ENV]
+    r = mountd_cli("datastore", "register-file-share", "files", "--share-name", "made-by-cli", *common, env=env)
+    assert r.code == 2 and r.err.startswith("mountd: error: ") and "does not exist" in r.err, r
+    r = mountd_cli("datastore", "register-file-share", "files", "--share-name", "made-by-cli",
+                   "--create-if-not-exists", "--set-default", *common, env=env)
+    assert r.code == 0 and "AzureFile" in r.out, r
+    from azure.storage.fileshare import ShareServiceClient
+    service = ShareServiceClient.from_connection_string(fileshare.connection_string)
+    share = service.get_share_client("made-by-cli")
+    share.get_share_properties()  # exists now
+    try:
+        listing = mountd_cli("datastore", "list", env=env)
+        assert "* files" in listing.out and "AzureFile" in listing.out and "/made-by-cli" in listing.out
+        shown = mountd_cli("datastore", "show", "files", "--json", env=env)
+        assert f"account_key from ${KEY_ENV}" in shown.out and '"share_name": "made-by-cli"' in shown.out
+        src = tmp_path / "src"
+        make_tree(src, {"a/b.txt": b"b"})
+        (src / "empty").mkdir()
+        assert mountd_cli("upload", "files", src, env=env).code == 0
+        assert share.get_file_client("a/b.txt").download_file().readall() == b"b"
+        share.get_directory_client("empty").get_directory_properties()  # a real, empty directory
+        for result in [r, listing, shown]:
+            assert KEY not in result.out + result.err and KEY not in ws.read_text()
+    finally:
+        share.delete_share()
+
+
 @pytest.mark.parametrize("args, env, fragment", [
     (["download", "nosuchstore", "/tmp/x"], {}, "unknown datastore 'nosuchstore'"),
     (["datastore", "register-local", "bad-name", "--root", "/tmp"], {}, "invalid datastore name 'bad-name'"),
@@ -191,6 +224,10 @@ def test_register_list_show_set_default_remove(tmp_path, azurite, container, mou
     (["download", "blobstore", "/tmp/x", "--workers", "0"], {}, "expected 1 to 1024"),
     (["datastore", "register-blob", "x", "--container-name", "c", "--account-name", "a",
       "--account-key-env", "A", "--sas-token-env", "B"], {}, "not allowed with argument"),
+    (["datastore", "register-file-share", "x", "--share-name", "files", "--account-name", "acct",
+      "--anonymous"], {}, "Azure Files has no anonymous access"),
+    (["datastore", "register-file-share", "x", "--share-name", "Bad_Share", "--account-name", "acct",
+      "--account-key-env", KEY_ENV], {}, "invalid share_name 'Bad_Share'"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, workspace_file, mountd_cli, args, env, fragment):
     full_env = {"MOUNTD_WORKSPACE": str(workspace_file)}

@@ -1,0 +1,106 @@
+"""One face for a blob container (Azurite) and a file share (the Files
+emulator), so a test can run against either: the workspace entry of a
+datastore over it, and the real SDK to put and inspect data behind mountd's
+back."""
+
+from __future__ import annotations
+
+import posixpath
+
+from azure.core.exceptions import ResourceExistsError
+
+from tests.support.azurite import ACCOUNT, blob_workspace_entry
+
+
+class BlobRemote:
+    kind = "blob"
+
+    def __init__(self, azurite, container):
+        self.azurite, self.client = azurite, container
+        self.name = container.container_name
+
+    def entry(self, key_env: str) -> dict:
+        return blob_workspace_entry(self.azurite, self.name, key_env)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.client.upload_blob(name, data, overwrite=True)
+
+    def mkdir(self, name: str) -> None:
+        """An empty directory: a marker blob."""
+        self.client.upload_blob(name, b"", metadata={"hdi_isfolder": "true"})
+
+    def get(self, name: str) -> bytes:
+        return self.client.download_blob(name).readall()
+
+    def files(self, prefix: str = "") -> dict[str, bytes]:
+        """Every file under directory `prefix` ('' for all), by name below it."""
+        start = prefix.rstrip("/") + "/" if prefix else ""
+        blobs = self.client.list_blobs(name_starts_with=start, include=["metadata"])
+        return {b.name[len(start):]: self.get(b.name) for b in blobs if not (b.metadata or {}).get("hdi_isfolder")}
+
+
+class ShareRemote:
+    kind = "file"
+
+    def __init__(self, emulator, share):
+        self.emulator, self.client = emulator, share
+        self.name = share.share_name
+
+    def entry(self, key_env: str) -> dict:
+        return share_workspace_entry(self.emulator, self.name, key_env)
+
+    def mkdir(self, name: str) -> None:
+        """A real directory, and its parents."""
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            try:
+                self.client.get_directory_client("/".join(parts[:i])).create_directory()
+            except ResourceExistsError:
+                pass
+
+    def put(self, name: str, data: bytes) -> None:
+        if posixpath.dirname(name):
+            self.mkdir(posixpath.dirname(name))
+        self.client.get_file_client(name).upload_file(data)
+
+    def get(self, name: str) -> bytes:
+        return self.client.get_file_client(name).download_file().readall()
+
+    def files(self, prefix: str = "") -> dict[str, bytes]:
+        out = {}
+        base = prefix.strip("/")
+        stack = [base]
+        while stack:
+            directory = stack.pop()
+            try:
+                items = list(self.client.get_directory_client(directory).list_directories_and_files())
+            except Exception:  # noqa: BLE001 - no such directory: nothing under it
+                if directory == base:
+                    return {}
+                raise
+            for item in items:
+                path = f"{directory}/{item.name}" if directory else item.name
+                if item.is_directory:
+                    stack.append(path)
+                else:
+                    out[path[len(base) + 1:] if base else path] = self.get(path)
+        return out
+
+    def dirs(self, prefix: str = "") -> set[str]:
+        """Every directory under `prefix`, empty ones included."""
+        found, stack = set(), [prefix.strip("/")]
+        while stack:
+            directory = stack.pop()
+            for item in self.client.get_directory_client(directory).list_directories_and_files():
+                if item.is_directory:
+                    path = f"{directory}/{item.name}" if directory else item.name
+                    found.add(path)
+                    stack.append(path)
+        return found
+
+
+def share_workspace_entry(emulator, share: str, key_env: str = "AZURITE_ACCOUNT_KEY") -> dict:
+    """A workspace-file datastore mapping for a share of the Files emulator
+    (the emulator's account and key are Azurite's well-known ones)."""
+    return {"type": "azure_file", "account_name": ACCOUNT, "share_name": share,
+            "endpoint": emulator.account_url, "credential": {"account_key_env": key_env}}
