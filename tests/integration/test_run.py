@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import KEY, KEY_ENV
+from mountd.storage.fileshare import is_temporary
 from tests.support.azurite import blob_workspace_entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -391,20 +392,23 @@ def test_kill_9_during_uploads_then_resume_uploads_everything(job, tmp_path):
     outputs = tmp_path / "work" / "uploads" / "outputs"
     local = {p.name: p.read_bytes() for p in outputs.iterdir()}
     assert len(local) == 400  # nothing local was removed
-    assert len(blobs(job.container, "runs/r1/out/")) < 400, "uploads finished before the kill: nothing tested"
+    assert len(job.remote.files("runs/r1/out")) < 400, "uploads finished before the kill: nothing tested"
     r = run_cli("resume", "--work-dir", tmp_path / "work", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "1 finished" in r.stdout
-    assert blobs(job.container, "runs/r1/out/") == local
+    stored = job.remote.files("runs/r1/out")
+    # a file share keeps the hidden temporary files of uploads killed midway (README: Azure File shares)
+    assert {n: b for n, b in stored.items() if not is_temporary(n)} == local
     assert not list(journal.glob("*.json"))
     r = run_cli("resume", "--work-dir", tmp_path / "work", "--no-progress")
     assert r.returncode == 0 and "no pending uploads" in r.stdout
 
 
-def test_run_finishes_an_earlier_attempts_uploads_first(job, tmp_path, azurite):
+def test_run_finishes_an_earlier_attempts_uploads_first(job, tmp_path):
     manifest = job()
     body = yaml.safe_load(manifest.read_text())
-    body["datastores"] = {"blob": dict(blob_workspace_entry(azurite, "not-yet-there"))}
+    late = job.remote.sibling("not-yet-there")  # a container or share that does not exist yet
+    body["datastores"] = {"blob": late.entry(KEY_ENV)}
     body["data_references"] = {"outputs": body["data_references"]["outputs"]}
     manifest.write_text(yaml.safe_dump(body))
     r = run_cli("run", manifest, "--", sys.executable, "-c", "import os; open(os.path.join("
@@ -412,17 +416,15 @@ def test_run_finishes_an_earlier_attempts_uploads_first(job, tmp_path, azurite):
                 env={"MOUNTD_NO_FUSE": "1"})
     assert r.returncode == 3, r.stderr
     assert "mountd resume --work-dir" in r.stderr
-    from azure.storage.blob import BlobServiceClient
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
-    late = service.create_container("not-yet-there")
+    late.create()
     try:
         r = run_cli("run", manifest, "--", sys.executable, "-c", "pass")
         assert r.returncode == 0, r.stderr
         assert "unfinished uploads of run r1" in r.stderr
-        assert late.download_blob("runs/r1/out/first.txt").readall() == b"first"
+        assert late.files("runs/r1/out") == {"first.txt": b"first"}
         assert not list((tmp_path / "work" / "journal").glob("*.json"))
     finally:
-        late.delete_container()
+        late.delete()
 
 
 @pytest.mark.fuse
@@ -432,11 +434,11 @@ def test_read_write_mount_reference_lands_in_storage(job, tmp_path):
     body["data_references"]["scratch"] = {"datastore": "blob", "path_on_datastore": "runs/{run_id}/live",
                                           "mode": "mount", "read_write": True}
     manifest.write_text(yaml.safe_dump(body))
-    job.container.upload_blob("runs/r1/live/.keep", b"")
+    job.remote.put("runs/r1/live/.keep", b"")
     r = run_cli("run", manifest, "--", sys.executable, "-c",
                 "import os; d = os.environ['AZUREML_DATAREFERENCE_scratch']; os.makedirs(d + '/ckpt');"
                 "open(d + '/ckpt/epoch1.pt', 'wb').write(b'weights' * 100000);"
                 "os.rename(d + '/ckpt/epoch1.pt', d + '/ckpt/last.pt')")
     assert r.returncode == 0, r.stderr
-    assert blobs(job.container, "runs/r1/live/ckpt/") == {"last.pt": b"weights" * 100000}
+    assert job.remote.files("runs/r1/live/ckpt") == {"last.pt": b"weights" * 100000}
     assert no_mounts_under(str(tmp_path))

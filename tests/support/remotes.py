@@ -25,6 +25,17 @@ class BlobRemote:
     def put(self, name: str, data: bytes) -> None:
         self.client.upload_blob(name, data, overwrite=True)
 
+    def sibling(self, name: str) -> "BlobRemote":
+        """Another container of the same Azurite, not created yet."""
+        from azure.storage.blob import ContainerClient
+        return BlobRemote(self.azurite, ContainerClient.from_connection_string(self.azurite.connection_string, name))
+
+    def create(self) -> None:
+        self.client.create_container()
+
+    def delete(self) -> None:
+        self.client.delete_container()
+
     def mkdir(self, name: str) -> None:
         """An empty directory: a marker blob."""
         self.client.upload_blob(name, b"", metadata={"hdi_isfolder": "true"})
@@ -65,6 +76,17 @@ class ShareRemote:
 
     def get(self, name: str) -> bytes:
         return self.client.get_file_client(name).download_file().readall()
+
+    def sibling(self, name: str) -> "ShareRemote":
+        """Another share of the same emulator, not created yet."""
+        from azure.storage.fileshare import ShareClient
+        return ShareRemote(self.emulator, ShareClient.from_connection_string(self.emulator.connection_string, name))
+
+    def create(self) -> None:
+        self.client.create_share()
+
+    def delete(self) -> None:
+        self.client.delete_share()
 
     def files(self, prefix: str = "") -> dict[str, bytes]:
         out = {}
