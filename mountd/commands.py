@@ -218,3 +218,23 @@ def run(args) -> int:
     from mountd.run import lifecycle
     manifest = _load_manifest(args)
     return lifecycle.run(manifest, args.command_argv or None, log_level=args.log_level, debug=args.debug)
+
+
+def daemon(args) -> int:
+    from mountd.run import daemon as daemon_mod
+    stop_timeout = args.stop_timeout or daemon_mod.stop_timeout_from_environment()
+    manifest = _load_manifest(args)
+    return daemon_mod.run(manifest, log_level=args.log_level, log_format=args.log_format, debug=args.debug,
+                          stop_timeout=stop_timeout)
+
+
+def status(args) -> int:
+    from mountd.run import status as status_mod
+    report = status_mod.gather()
+    if args.json:
+        print(status_mod.as_json(report))
+    elif args.prometheus:
+        print(status_mod.as_prometheus(report), end="")
+    else:
+        print(status_mod.as_text(report))
+    return EXIT_OK
