@@ -21,6 +21,8 @@ import time
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 2.0  # seconds
+
 
 class Notifier:
     def __init__(self, environ=None):
@@ -58,6 +60,9 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # A datagram to a full queue waits for room: bounded,
+                    # so a stalled service manager never stalls the daemon.
+                    self._sock.settimeout(SEND_TIMEOUT)
                 self._sock.sendto(text.encode("utf-8", "replace"), self.address)
                 return True
             except OSError as e:
