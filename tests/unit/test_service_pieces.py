@@ -166,3 +166,14 @@ def test_status_formats():
     assert text.count("# TYPE mountd_mount_up gauge") == 1
     lines = status.as_text({"daemons": [], "mounts": [mount]}).splitlines()
     assert "hit ratio 50.0%" in lines[1] and "2 open file(s)" in lines[2]
+
+
+def test_credential_files_may_live_in_the_systemd_credentials_directory(tmp_path, monkeypatch):
+    from mountd.config import credentials
+    (tmp_path / "storage-key").write_text(KEY + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cred = credentials.resolve({"account_key_file": "${CREDENTIALS_DIRECTORY}/storage-key"}, "ds")
+    assert cred.kind == "account_key" and cred.secret == KEY
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(credentials.ConfigError, match="cannot read account_key file"):
+        credentials.resolve({"account_key_file": "${CREDENTIALS_DIRECTORY}/storage-key"}, "ds")
