@@ -120,11 +120,16 @@ class Daemon:
         self.plan = lifecycle.plan(self.manifest)  # UsageError before anything is touched
         self._register()
         self.signals.install()
+        started = False
         try:
-            os.makedirs(self.manifest.work_dir, exist_ok=True)
-            started = self._start()
-            if started:
-                self._hold()
+            try:
+                os.makedirs(self.manifest.work_dir, exist_ok=True)
+                started = self._start()
+                if started:
+                    self._hold()
+            except BaseException:
+                self._stop(started)  # unmount and upload what can be, then let the error be reported
+                raise
             return self._stop(started)
         finally:
             self.signals.restore()

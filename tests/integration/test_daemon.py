@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from mountd.run import mounts
-from tests.conftest import KEY, KEY_ENV
-from tests.support.azurite import blob_workspace_entry
+from tests.conftest import KEY
+from tests.support.azurite import blob_workspace_entry, blobs, job_workspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INPUTS = {"a.txt": b"alpha", "dir/b.bin": os.urandom(300_000)}
@@ -75,12 +75,7 @@ class FakeSystemd:
 def service(tmp_path, azurite, container, monkeypatch):
     """Inputs in Azurite, a workspace, and start(manifest_changes, env) ->
     (process, fake systemd, paths). Everything is stopped afterwards."""
-    for name, data in INPUTS.items():
-        container.upload_blob(f"datasets/in/{name}", data)
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"blob": blob_workspace_entry(azurite, container.container_name)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
+    job_workspace(tmp_path, azurite, container, monkeypatch, INPUTS)
     work = tmp_path / "work"
     paths = {"mount": work / "mounts" / "inputs", "staged": work / "downloads" / "staged",
              "outputs": work / "uploads" / "outputs", "work": work, "stderr": tmp_path / "daemon.stderr"}
@@ -171,11 +166,6 @@ def wait_until(predicate, timeout=60.0, step=0.2):
             return value
         time.sleep(step)
     return predicate()
-
-
-def blobs(container, prefix):
-    return {b.name[len(prefix):]: container.download_blob(b.name).readall()
-            for b in container.list_blobs(name_starts_with=prefix)}
 
 
 @pytest.mark.fuse

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import KEY, KEY_ENV
-from tests.support.azurite import blob_workspace_entry
+from tests.support.azurite import blob_workspace_entry, blobs, job_workspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,12 +53,7 @@ INPUTS = {"a.txt": b"alpha", "dir/b.bin": os.urandom(200_000), "dir/deeper/c wit
 def job(tmp_path, azurite, container, monkeypatch):
     """A workspace with the Azurite container as `blob`, inputs uploaded, a
     child script, and a function writing a manifest."""
-    for name, data in INPUTS.items():
-        container.upload_blob(f"datasets/in/{name}", data)
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"blob": blob_workspace_entry(azurite, container.container_name)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
+    job_workspace(tmp_path, azurite, container, monkeypatch, INPUTS)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
 
@@ -89,11 +84,6 @@ def run_cli(*args, env=None, timeout=180):
     full = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "mountd", *map(str, args)], capture_output=True, text=True,
                           env=full, timeout=timeout, cwd=REPO)
-
-
-def blobs(container, prefix):
-    return {b.name[len(prefix):]: container.download_blob(b.name).readall()
-            for b in container.list_blobs(name_starts_with=prefix)}
 
 
 def no_mounts_under(root):

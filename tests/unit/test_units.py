@@ -74,3 +74,22 @@ def test_job_unit_settings():
     s = _service("mountd-job@.service")
     assert s["ExecStart"].split()[1] == "run" and s["KillMode"] == "mixed"
     assert s["ProtectSystem"] == "strict" and "/mnt/mountd" in s["ReadWritePaths"]
+
+
+def test_container_manifest_validates_and_spreads_outputs_by_node():
+    manifest = os.path.join(REPO, "configs", "container", "manifest.yaml")
+    env = dict(os.environ, STORAGE_KEY="not-used-by-validate", NODE_RANK="3")
+    r = subprocess.run([sys.executable, "-m", "mountd", "validate", manifest], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "upload training:runs/exp42/outputs/3 ->" in r.stdout
+
+
+def test_cluster_examples_parse():
+    import yaml
+    with open(os.path.join(REPO, "configs", "cluster", "kubernetes-indexed-job.yaml"), encoding="utf-8") as f:
+        job = yaml.safe_load(f)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"] for e in container["env"]} >= {"NODE_RANK", "STORAGE_KEY"}
+    script = os.path.join(REPO, "configs", "cluster", "slurm-train.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0

@@ -2,7 +2,7 @@
 # One mountd per node under Slurm: one task per node, each wrapping its
 # training process in `mountd run`. SLURM_PROCID (0..N-1) is the node rank,
 # so {node_rank} in the manifest gives each node its own output path.
-#   sbatch configs/examples/slurm-train.sh
+#   sbatch configs/cluster/slurm-train.sh
 #SBATCH --job-name=exp42
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
