@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=c.resume)
 
+    p = subs.add_parser("daemon", help="stage and mount a manifest's data and hold it until stopped "
+                        "(a systemd Type=notify service)", parents=[common])
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("--work-dir", metavar="DIR", help="where references and run state go")
+    p.add_argument("--stop-timeout", type=_seconds, metavar="SECONDS",
+                   help="time for unmounting and uploads after SIGTERM; what is not uploaded by then is kept "
+                        "and recorded (default: $DATASET_UNMOUNT_TIMEOUT_SECONDS, else 600)")
+    p.set_defaults(func=c.daemon)
+
+    p = subs.add_parser("status", help="what running daemons and mounts are doing", parents=[common])
+    x = p.add_mutually_exclusive_group()
+    x.add_argument("--json", action="store_true", help="as JSON")
+    x.add_argument("--prometheus", action="store_true", help="in Prometheus text format")
+    p.set_defaults(func=c.status)
+
     p = subs.add_parser("validate", help="check a manifest without touching anything", parents=[common])
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("--work-dir", metavar="DIR")
@@ -184,6 +199,16 @@ def _count(low: int, high: int):
             raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {value}")
         return value
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected 1 to 86400 seconds, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:

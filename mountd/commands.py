@@ -267,3 +267,23 @@ def _default_work_dirs() -> list[str]:
     from mountd.run.mount_worker import mount_work_root
     runs = [os.path.abspath(".")] + _subdirs(os.path.abspath("mountd-runs"))
     return runs + [m for r in runs for m in _subdirs(os.path.join(r, RW_MOUNTS_DIR))] + _subdirs(mount_work_root())
+
+
+def daemon(args) -> int:
+    from mountd.run import daemon as daemon_mod
+    stop_timeout = args.stop_timeout or daemon_mod.stop_timeout_from_environment()
+    manifest = _load_manifest(args)
+    return daemon_mod.run(manifest, log_level=args.log_level, log_format=args.log_format, debug=args.debug,
+                          stop_timeout=stop_timeout)
+
+
+def status(args) -> int:
+    from mountd.run import status as status_mod
+    report = status_mod.gather()
+    if args.json:
+        print(status_mod.as_json(report))
+    elif args.prometheus:
+        print(status_mod.as_prometheus(report), end="")
+    else:
+        print(status_mod.as_text(report))
+    return EXIT_OK

@@ -8,6 +8,11 @@ import re
 _PATTERNS = [
     # SAS signature and connection-string keys
     (re.compile(r"(?i)([?&;]?\bsig=)[^&\s;'\"]+"), r"\1REDACTED"),
+    # the same, URL-encoded once (a SAS URL inside another URL's query)
+    (re.compile(r"(?i)((?<![a-z])sig%3D)(?:[^&%\s;'\"]|%(?!26)[0-9a-f]{2})+"), r"\1REDACTED"),
+    # a secret as a mapping value, as repr() or JSON show a credential spec
+    (re.compile(r"""(?i)(['"](?:account_key|sas_token|connection_string|client_secret|password)['"]\s*:\s*['"])"""
+                r"""[^'"]+"""), r"\1REDACTED"),
     (re.compile(r"(?i)(AccountKey=)[^;\s'\"]+"), r"\1REDACTED"),
     (re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"), r"\1REDACTED"),
     (re.compile(r"(?i)(Authorization:?\s*['\"]?\s*(?:SharedKey|Bearer)\s+)[^\s'\",]+"), r"\1REDACTED"),

@@ -18,6 +18,7 @@ need curl curl
 need fusermount3 fuse3
 if [ "$WITH_TESTS" = 1 ]; then
     need unshare util-linux
+    need systemd-analyze systemd  # the unit files are checked with `systemd-analyze verify`
     need node nodejs
     need npm npm
 fi

@@ -324,6 +324,18 @@ class BlockCache:
         with self._lock:
             return len(self._inflight)
 
+    def counters(self) -> dict:
+        """Hits, misses, traffic and use against the caps, for `mountd
+        status`. Read without the lock: each is a plain int, and a status
+        line may be a block behind."""
+        s = self.stats
+        return {"hit_ratio": round(s.hit_ratio, 4), "memory_hits": s.memory_hits, "disk_hits": s.disk_hits,
+                "misses": s.misses, "bytes_from_storage": s.bytes_from_storage,
+                "bytes_from_disk": s.bytes_from_disk, "prefetched_blocks": s.prefetches,
+                "memory_used": self.memory_used, "memory_max": self.memory_max,
+                "disk_used": self.disk.used if self.disk else 0,
+                "disk_max": self.disk.max_bytes if self.disk else 0}
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._writer:

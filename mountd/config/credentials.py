@@ -97,7 +97,8 @@ def resolve(spec: dict | None, where: str) -> Credential:
                 raise ConfigError(f"{where}: environment variable {ref} ({kind}) is not set")
         else:
             try:
-                with open(os.path.expanduser(ref), encoding="utf-8") as f:
+                # ${CREDENTIALS_DIRECTORY}: where systemd's LoadCredential= puts them
+                with open(os.path.expandvars(os.path.expanduser(ref)), encoding="utf-8") as f:
                     value = f.read()
             except OSError as e:
                 raise ConfigError(f"{where}: cannot read {kind} file {ref}: {e.strerror}") from None

@@ -493,6 +493,11 @@ class FileSystemCore:
     def open_handles(self) -> int:
         return len(self._handles)
 
+    def counters(self) -> dict:
+        """The mount's numbers for `mountd status` (no locks taken)."""
+        return {"bytes_served": self.bytes_served, "read_errors": self.read_errors,
+                "open_files": len(self._handles), "cache": self.blocks.counters()}
+
     def statfs(self) -> dict:
         # Object storage has no fixed size; report a large, honest-looking
         # capacity so tools that check free space before writing do not refuse.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,9 +25,11 @@ from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
 from mountd.transfer.journal import Journal, datastore_record
+from mountd.transfer.progress import Progress, TransferReport
 from mountd.transfer.resume import resume
 
 log = logging.getLogger("mountd.run")
+
 
 _REF = re.compile(r"\$\{(AZUREML_DATAREFERENCE_[A-Za-z0-9_]+)\}|\$(AZUREML_DATAREFERENCE_[A-Za-z0-9_]+)")
 
@@ -37,6 +40,15 @@ class RunState:
     paths: dict[str, str] = field(default_factory=dict)  # reference name -> local path the job sees
     workers: list = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    staging: dict[str, Progress] = field(default_factory=dict)  # reference name -> its download, live
+
+
+@dataclass
+class Plan:
+    """The references sorted by what happens to them."""
+    mounts: list[DataReference]
+    downloads: list[DataReference]  # including mounts downloaded because FUSE is missing
+    uploads: list[DataReference]
 
 
 def substitute(args: list[str], values: dict[str, str]) -> list[str]:
@@ -62,6 +74,32 @@ def check_local_paths(manifest: Manifest, fuse_ok: bool) -> None:
                 raise UsageError(f"data reference {ref.name}: mountpoint {path} is not empty")
 
 
+def plan(manifest: Manifest) -> Plan:
+    """Sort the references, falling back to download for read-only mounts
+    where FUSE is unavailable; UsageError (before anything is touched) for
+    local paths in the way or a read-write mount without FUSE."""
+    refs = list(manifest.references.values())
+    fuse_problem = mounts.fuse_problem() if any(r.mode == "mount" for r in refs) else None
+    check_local_paths(manifest, fuse_problem is None)
+    result = Plan([r for r in refs if r.mode == "mount"], [r for r in refs if r.mode == "download"],
+                  [r for r in refs if r.mode == "upload"])
+    if fuse_problem and result.mounts:
+        rw = [r.name for r in result.mounts if r.read_write]
+        if rw:
+            raise UsageError(f"data reference {rw[0]} is a read-write mount, and FUSE is not available: {fuse_problem}")
+        log.warning("FUSE is not available (%s): mount references are downloaded instead", fuse_problem)
+        result.downloads += result.mounts
+        result.mounts = []
+    return result
+
+
+def prepare_uploads(state: RunState, refs: list[DataReference]) -> None:
+    """Create the directories outputs are written to."""
+    for ref in refs:
+        os.makedirs(ref.path_on_compute, exist_ok=True)
+        state.paths[ref.name] = ref.path_on_compute
+
+
 def _stage(state: RunState, ref: DataReference) -> None:
     """Download one reference; its path is the directory mirroring
     path_on_datastore, or the file itself when it names a file."""
@@ -81,8 +119,10 @@ def _stage(state: RunState, ref: DataReference) -> None:
             walk, relative_to, local = prefix, parent, os.path.join(target, name)
         else:  # everything below the directory, mirrored into the target
             walk, relative_to, local = (prefix + "/" if prefix else ""), prefix, target
-        report = download_mod.download(store, target, walk, overwrite=ref.overwrite, show_progress=True,
-                                       relative_to=relative_to, label=ref.name)
+        progress = Progress(TransferReport("downloaded"), label=ref.name)
+        state.staging[ref.name] = progress
+        report = download_mod.download(store, target, walk, overwrite=ref.overwrite, relative_to=relative_to,
+                                       progress=progress)
         state.paths[ref.name] = local
     log.info("staged %s: %s", ref.name, report.summary())
     _note_failed_files(state, "download", ref, report)
@@ -110,14 +150,16 @@ def stage_downloads(state: RunState, refs: list[DataReference]) -> None:
                 log.error("staging %s failed: %s", ref.name, e)
 
 
-def start_mounts(state: RunState, refs: list[DataReference], log_level: str, debug: bool) -> None:
+def start_mounts(state: RunState, refs: list[DataReference], log_level: str, debug: bool,
+                 log_format: str = "text", log_to_stderr: bool = False) -> None:
     for ref in refs:
         os.makedirs(ref.path_on_compute, exist_ok=True)
         spec = mount_worker.make_spec(ref.datastore, ref.path_on_datastore, ref.path_on_compute,
                                       state.manifest.cache, read_only=not ref.read_write,
                                       work_dir=rw_mount_dir(state.manifest, ref),
                                       credential_source=credential_source(state.manifest))
-        state.workers.append(mounts.start(spec, supervised=True, log_level=log_level, debug=debug))
+        state.workers.append(mounts.start(spec, supervised=True, log_level=log_level, debug=debug,
+                                          log_format=log_format, log_to_stderr=log_to_stderr))
         state.paths[ref.name] = ref.path_on_compute
         log.info("mounted %s: %s:%s on %s", ref.name, ref.datastore.name, ref.path_on_datastore or "/",
                  ref.path_on_compute)
@@ -181,14 +223,17 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
                     "finishes them", len(pending), manifest.work_dir)
 
 
-def resume_pending(manifest: Manifest) -> None:
-    """Finish uploads an earlier attempt of this run left in its work dir."""
+def resume_pending(manifest: Manifest, cancel: threading.Event | None = None) -> list[str]:
+    """Finish the uploads an earlier attempt of this run left unfinished in
+    its work dir's journal (`cancel` stops them; they stay journaled).
+    Returns what still failed, a line each."""
     if not Journal(manifest.work_dir).pending(manifest.run_id):
-        return
+        return []
     log.info("work dir %s holds unfinished uploads of run %s: finishing them first",
              manifest.work_dir, manifest.run_id)
-    report = resume(manifest.work_dir, manifest.run_id)
+    report = resume(manifest.work_dir, manifest.run_id, cancel=cancel)
     (log.warning if report.failed else log.info)("%s", report.summary())
+    return [f"resume {name}: {reason}" for name, reason in report.failed]
 
 
 def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "info", debug: bool = False) -> int:
@@ -196,18 +241,8 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     if not command:
         raise UsageError("no command: give one in the manifest (command:) or after `--`")
     refs = list(manifest.references.values())
-    fuse_problem = mounts.fuse_problem() if any(r.mode == "mount" for r in refs) else None
-    check_local_paths(manifest, fuse_problem is None)
-    mount_refs = [r for r in refs if r.mode == "mount"]
-    download_refs = [r for r in refs if r.mode == "download"]
-    upload_refs = [r for r in refs if r.mode == "upload"]
-    if fuse_problem and mount_refs:
-        rw = [r.name for r in mount_refs if r.read_write]
-        if rw:
-            raise UsageError(f"data reference {rw[0]} is a read-write mount, and FUSE is not available: {fuse_problem}")
-        log.warning("FUSE is not available (%s): mount references are downloaded instead", fuse_problem)
-        download_refs += mount_refs
-        mount_refs = []
+    todo = plan(manifest)
+    upload_refs = todo.uploads
 
     state = RunState(manifest)
     signals = child_mod.SignalState()
@@ -216,12 +251,10 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     resume_pending(manifest)
     code = None
     try:
-        for ref in upload_refs:
-            os.makedirs(ref.path_on_compute, exist_ok=True)
-            state.paths[ref.name] = ref.path_on_compute
-        stage_downloads(state, download_refs)
+        prepare_uploads(state, upload_refs)
+        stage_downloads(state, todo.downloads)
         if not state.failures:
-            start_mounts(state, mount_refs, log_level, debug)
+            start_mounts(state, todo.mounts, log_level, debug)
         if state.failures:
             log.error("not starting the training process: %s", "; ".join(state.failures))
         else:

@@ -20,12 +20,13 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict
 
 from mountd.config import datastores
 from mountd.config.settings import CacheSettings
 from mountd.errors import EXIT_USAGE, MountdError
-from mountd.run import runtime
+from mountd.run import control, runtime
 
 log = logging.getLogger("mountd.worker")
 
@@ -129,12 +130,20 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
                           prefix=prefix, read_only=read_only, writeback=writeback)
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
               "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
-              "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint)}
+              "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint),
+              "owner": spec.get("owner"), "started": time.time()}
+    server = None
 
     def ready():
+        nonlocal server
         # Runs inside FUSE's init: anything touching the mountpoint must wait
         # until init has returned, hence the thread.
         threading.Thread(target=tune_kernel_readahead, args=(mountpoint,), daemon=True).start()
+        try:
+            server = control.ControlServer(runtime.control_path(mountpoint),
+                                           lambda: dict(record, **core.counters()))
+        except OSError as e:  # the mount works without it; only `mountd status` loses its numbers
+            log.warning("no control socket for %s: %s", mountpoint, e)
         runtime.write_record(mountpoint, record)
         log.info("mounted %s:%s on %s (%s)", cfg.name, prefix or "/", mountpoint, record["mode"])
         on_ready()
@@ -143,6 +152,8 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
         serve(core, mountpoint, fsname=f"mountd:{cfg.name}", read_only=spec.get("read_only", True),
               allow_other=spec.get("allow_other", False), on_ready=ready, debug=debug)
     finally:
+        if server is not None:
+            server.close()
         runtime.remove_record(mountpoint)
         if cache_dir:
             cache_dir.close()

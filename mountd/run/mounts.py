@@ -90,28 +90,33 @@ class Worker:
     pid: int
     process: subprocess.Popen | None = None  # None when we are not its parent
     supervisor_fd: int | None = None  # our end of the supervisor pipe
+    spec: dict | None = None  # what it was started with, to start it again
 
 
 def start(spec: dict, supervised: bool = False, log_level: str = "info", debug: bool = False,
-          timeout: float = READY_TIMEOUT) -> Worker:
+          timeout: float = READY_TIMEOUT, log_format: str = "text", log_to_stderr: bool = False) -> Worker:
     """Start a worker for `spec` and wait until its mount is live. Supervised
-    workers unmount themselves when this process exits or dies."""
+    workers unmount themselves when this process exits or dies. The worker
+    logs to its file in the runtime directory, or with `log_to_stderr` to
+    ours (under systemd: the journal)."""
     mountpoint = spec["mountpoint"]
     ready_r, ready_w = os.pipe()
     fds = [ready_w]
     sup_r = sup_w = None
-    job = dict(spec, ready_fd=ready_w, log_level=log_level, debug=debug)
+    job = dict(spec, ready_fd=ready_w, log_level=log_level, debug=debug, log_format=log_format,
+               owner=os.getpid() if supervised else None)
     if supervised:
         sup_r, sup_w = os.pipe()
         fds.append(sup_r)
         job["supervisor_fd"] = sup_r
-    log_file = open(runtime.log_path(mountpoint), "ab")
+    log_file = None if log_to_stderr else open(runtime.log_path(mountpoint), "ab")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mountd.run.mount_worker"], stdin=subprocess.PIPE,
-                                stdout=log_file, stderr=log_file, pass_fds=fds, close_fds=True,
-                                start_new_session=not supervised)
+                                stdout=log_file, stderr=log_file, pass_fds=fds,
+                                close_fds=True, start_new_session=not supervised)
     finally:
-        log_file.close()
+        if log_file:
+            log_file.close()
         os.close(ready_w)
         if sup_r is not None:
             os.close(sup_r)
@@ -130,11 +135,12 @@ def start(spec: dict, supervised: bool = False, log_level: str = "info", debug: 
         if answer.startswith("error "):
             code, _, message = answer[6:].partition(": ")
             raise UsageError(message) if code == "2" else MountdError(message)
+        where = "its log lines above" if log_to_stderr else runtime.log_path(mountpoint)
         raise MountdError(f"mount worker for {mountpoint} did not come up ({answer or 'no answer'}); "
-                          f"see {runtime.log_path(mountpoint)}")
+                          f"see {where}")
     if sup_w is not None:
         os.set_inheritable(sup_w, False)
-    return Worker(mountpoint, proc.pid, proc, sup_w)
+    return Worker(mountpoint, proc.pid, proc, sup_w, spec)
 
 
 def _read_line(fd: int, timeout: float, proc: subprocess.Popen) -> str:

@@ -1,6 +1,14 @@
-"""Where running mounts record themselves: one JSON file per mount worker
-under the runtime directory ($RUNTIME_DIRECTORY, /run/mountd for root, else
-$XDG_RUNTIME_DIR/mountd, else /tmp/mountd-UID)."""
+"""Where running mounts and daemons record themselves, under the runtime
+directory ($RUNTIME_DIRECTORY, /run/mountd for root, else
+$XDG_RUNTIME_DIR/mountd, else /tmp/mountd-UID):
+
+    mounts/<id>.json  .sock  .log    one per mount worker (record, control socket, log)
+    daemons/<id>.json .sock          one per `mountd daemon` (keyed by manifest path)
+
+A systemd instance gets its own runtime directory below /run/mountd
+(RuntimeDirectory=mountd/%i), so `mountd status` also looks one level down.
+Records whose process is gone (killed, crashed) are pruned when read.
+"""
 
 from __future__ import annotations
 
@@ -39,16 +47,16 @@ def record_path(mountpoint: str) -> str:
     return os.path.join(mounts_dir(), mount_id(mountpoint) + ".json")
 
 
+def control_path(mountpoint: str) -> str:
+    return os.path.join(mounts_dir(), mount_id(mountpoint) + ".sock")
+
+
 def log_path(mountpoint: str) -> str:
     return os.path.join(mounts_dir(), mount_id(mountpoint) + ".log")
 
 
 def write_record(mountpoint: str, record: dict) -> None:
-    path = record_path(mountpoint)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    write_json(record_path(mountpoint), record)
 
 
 def read_record(mountpoint: str) -> dict | None:
@@ -60,22 +68,85 @@ def read_record(mountpoint: str) -> dict | None:
 
 
 def remove_record(mountpoint: str) -> None:
-    try:
-        os.unlink(record_path(mountpoint))
-    except FileNotFoundError:
-        pass
+    remove_files(record_path(mountpoint)[:-len(".json")])
 
 
-def all_records() -> list[dict]:
+def remove_files(stem: str) -> None:
+    """A record and its control socket (`stem` + .json, .sock)."""
+    for suffix in (".json", ".sock"):
+        try:
+            os.unlink(stem + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def daemons_dir() -> str:
+    path = os.path.join(runtime_dir(), "daemons")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def daemon_stem(manifest_path: str) -> str:
+    """Record and socket path of the daemon serving a manifest, less the suffix."""
+    key = hashlib.sha1(os.path.abspath(manifest_path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(daemons_dir(), key)
+
+
+def write_json(path: str, body: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(body, f)
+    os.replace(tmp, path)
+
+
+def search_dirs() -> list[str]:
+    """The runtime directory and those of systemd instances below it."""
+    base = runtime_dir()
+    out = [base]
+    for entry in sorted(os.scandir(base), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False) and entry.name not in ("mounts", "daemons") and (
+                os.path.isdir(os.path.join(entry.path, "mounts")) or os.path.isdir(os.path.join(entry.path, "daemons"))):
+            out.append(entry.path)
+    return out
+
+
+def live_records(kind: str) -> list[dict]:
+    """Records of running processes ("mounts" or "daemons") in every search
+    directory; each gains "control" (its socket). Records of processes that
+    are gone are deleted on the way, with their sockets."""
     out = []
-    for name in sorted(os.listdir(mounts_dir())):
-        if name.endswith(".json"):
+    for base in search_dirs():
+        directory = os.path.join(base, kind)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            stem = os.path.join(directory, name[:-len(".json")])
             try:
-                with open(os.path.join(mounts_dir(), name), encoding="utf-8") as f:
-                    out.append(json.load(f))
+                with open(stem + ".json", encoding="utf-8") as f:
+                    record = json.load(f)
             except (OSError, ValueError):
                 continue
+            if not is_mountd(record.get("pid")):
+                remove_files(stem)
+                continue
+            record["control"] = stem + ".sock"
+            out.append(record)
     return out
+
+
+def is_mountd(pid) -> bool:
+    """Whether `pid` is a live mountd process (not a recycled pid)."""
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mountd" in f.read()
+    except OSError:
+        return True  # alive, and not ours to read: leave its record alone
 
 
 def pid_alive(pid: int) -> bool:

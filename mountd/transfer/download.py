@@ -229,15 +229,16 @@ class _DownloadJob:
 
 def download(store: ObjectStore, target_dir: str, prefix: str = "", overwrite: bool = False,
              workers: int = DEFAULT_WORKERS, show_progress: bool = True, relative_to: str = "",
-             label: str | None = None) -> TransferReport:
+             label: str | None = None, progress: Progress | None = None) -> TransferReport:
     """Download every object whose name starts with `prefix` (a plain string
     prefix) to target_dir/<full name>, or, with `relative_to` (a directory
     the prefix lies in), to target_dir/<name below that directory>. Existing
     files are skipped unless `overwrite`; unchanged ones always. Per-file
-    failures are in the report; listing failures raise."""
+    failures are in the report; listing failures raise. A caller that
+    watches the transfer passes its own `progress`."""
     target_dir = os.path.abspath(target_dir)
     os.makedirs(target_dir, exist_ok=True)
-    progress = Progress(TransferReport("downloaded"), enabled=show_progress, label=label)
+    progress = progress or Progress(TransferReport("downloaded"), enabled=show_progress, label=label)
     job = _DownloadJob(store, target_dir, overwrite, progress, relative_to)
     try:
         with BoundedPool(workers, "download") as pool:

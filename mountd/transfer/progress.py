@@ -52,6 +52,7 @@ class Progress:
         self._lock = threading.Lock()
         self._start = time.monotonic()
         self._total_files = 0
+        self.total_bytes = 0  # both grow as the listing streams in
         self._bar = None
         if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
             from tqdm import tqdm
@@ -59,9 +60,14 @@ class Progress:
                              desc=label or report.verb.capitalize(), file=self.stream, dynamic_ncols=True,
                              leave=False)
 
+    @property
+    def total_files(self) -> int:
+        return self._total_files
+
     def add_total(self, nbytes: int) -> None:
         with self._lock:
             self._total_files += 1
+            self.total_bytes += nbytes
             if self._bar is not None:
                 self._bar.total += nbytes
                 self._bar.refresh()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 from mountd.config import datastores
@@ -59,9 +60,11 @@ def job_datastore(job: Job) -> DatastoreConfig:
     return workspace.get(name)
 
 
-def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False) -> ResumeReport:
+def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False,
+           cancel: threading.Event | None = None) -> ResumeReport:
     """Upload what the journal of `work_dir` still holds; with `run_id`, only
-    that run's jobs. Local files stay wherever a job is not finished."""
+    that run's jobs. Local files stay wherever a job is not finished;
+    setting `cancel` stops files not yet started."""
     from mountd.storage import open_store
     from mountd.transfer.upload import DEFAULT_WORKERS, upload
 
@@ -85,7 +88,7 @@ def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False
                 store.check()
                 result = upload(store, todo, overwrite=job.overwrite, workers=DEFAULT_WORKERS,
                                 show_progress=show_progress, empty_dirs=job.dirs,
-                                job=job, label=job.origin or None)
+                                job=job, label=job.origin or None, cancel=cancel)
         except MountdError as e:
             report.failed.append((job.origin or job.id, str(e)))
             log.error("%s: could not resume: %s (local files kept; the job stays in %s)",

@@ -442,3 +442,37 @@ def test_read_write_mount_reference_lands_in_storage(job, tmp_path):
     assert r.returncode == 0, r.stderr
     assert job.remote.files("runs/r1/live/ckpt") == {"last.pt": b"weights" * 100000}
     assert no_mounts_under(str(tmp_path))
+
+
+@pytest.mark.fuse
+def test_pid1_sigterm_forwards_reaps_and_uploads(job, tmp_path):
+    """As a container's entrypoint (PID 1 of a fresh PID namespace), `docker
+    stop`'s SIGTERM reaches the command, orphans are reaped, the outputs are
+    uploaded after the command exits, and the command's code comes back."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare is not installed")
+    out = "$AZUREML_DATAREFERENCE_outputs"
+    script = (f"trap 'sleep 0.3; ps -eo stat= | grep -c \"^Z\" > {out}/zombies; echo term > {out}/term; exit 143' TERM; "
+              f"(sleep 0.1 &); ls $AZUREML_DATAREFERENCE_inputs > {out}/listing; echo 1 > {out}/started; "
+              "sleep 60 & wait")
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "mountd", "run",
+                             str(job()), "--", "sh", "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "work" / "uploads" / "outputs" / "started"
+    deadline = time.time() + 90
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert started.exists()
+    # mountd is the child unshare forked: PID 1 inside, an ordinary pid here
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        [init] = [int(p) for p in f.read().split()]
+    with open(f"/proc/{init}/status") as f:
+        [nspid] = [line.split()[1:] for line in f if line.startswith("NSpid:")]
+    assert nspid == [str(init), "1"]
+    os.kill(init, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    uploaded = job.remote.files("runs/r1/out")
+    assert uploaded["term"] == b"term\n" and uploaded["zombies"].strip() == b"0"
+    assert b"a.txt" in uploaded["listing"]
+    assert "passed signal SIGTERM to the training process" in err
+    assert no_mounts_under(tmp_path)

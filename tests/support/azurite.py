@@ -11,6 +11,8 @@ import subprocess
 import tempfile
 import time
 
+import yaml
+
 ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Azurite).
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -74,6 +76,24 @@ def blob_workspace_entry(azurite: Azurite, container: str, key_env: str = "AZURI
     """A workspace-file datastore mapping for a container of this Azurite."""
     return {"type": "azure_blob", "account_name": ACCOUNT, "container_name": container,
             "endpoint": azurite.account_url, "credential": {"account_key_env": key_env}}
+
+
+def job_workspace(directory, azurite: Azurite, container, monkeypatch, inputs: dict, prefix: str = "datasets/in/"):
+    """Upload `inputs` (name -> bytes) under `prefix`, and make a workspace
+    file with the container as datastore `blob` the one mountd uses."""
+    for name, data in inputs.items():
+        container.upload_blob(f"{prefix}{name}", data)
+    ws = directory / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"blob": blob_workspace_entry(azurite, container.container_name)}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv("AZURITE_ACCOUNT_KEY", KEY)
+    return ws
+
+
+def blobs(container, prefix: str) -> dict:
+    """name below prefix -> bytes, for every blob under prefix."""
+    return {b.name[len(prefix):]: container.download_blob(b.name).readall()
+            for b in container.list_blobs(name_starts_with=prefix)}
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use

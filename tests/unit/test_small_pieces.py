@@ -45,15 +45,43 @@ def test_local_path_for_keeps_awkward_but_safe_names(tmp_path):
     "https://a.blob.core.windows.net/c/b?sv=2021-08-06&se=2030&sig=abcDEF%2B123%3D&sp=r",
     f"the key is {KEY}.",
     "Authorization: SharedKey devstoreaccount1:c2lnbmF0dXJl",
+    "redirect=https%3A%2F%2Fa.blob.core.windows.net%2Fc%3Fsv%3D1%26sig%3DabcDEF%252B1%26sp%3Dr",
+    f"{{'account_key': '{KEY[:30]}', 'account_key_env': 'X'}}",
+    '{"sas_token": "sv=2021&sp=r&sig=abcDEF"}',
 ])
 def test_redact_removes_secrets(text):
     out = redact(text)
-    assert KEY not in out and "abcDEF" not in out and "c2lnbmF0dXJl" not in out
+    assert KEY[:30] not in out and "abcDEF" not in out and "c2lnbmF0dXJl" not in out
     assert "REDACTED" in out
 
 
 def test_redact_leaves_plain_text():
     assert redact("downloaded 3 files from data/x") == "downloaded 3 files from data/x"
+    assert redact("{'account_key_env': 'STORAGE_KEY'} design%3Dx") == "{'account_key_env': 'STORAGE_KEY'} design%3Dx"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_are_one_per_event_and_scrub_exceptions(fmt, capsys):
+    import json
+    import logging
+
+    from mountd import logsetup
+    logsetup.setup("info", fmt=fmt)
+    try:
+        raise RuntimeError(f"GET https://a.blob.core.windows.net/c?sv=1&sig=abcDEF failed; AccountKey={KEY}")
+    except RuntimeError:
+        logging.getLogger("mountd.test").exception("upload of %s failed", "outputs")
+    logging.getLogger("mountd.test").debug("not shown at info")
+    err = capsys.readouterr().err
+    assert "abcDEF" not in err and KEY not in err and "REDACTED" in err and "not shown" not in err
+    if fmt == "json":
+        [line] = err.splitlines()  # the traceback stays inside the one JSON line
+        record = json.loads(line)
+        assert record["level"] == "error" and record["message"].startswith("upload of outputs failed")
+        assert "Traceback" in record["message"]
+    else:
+        assert err.startswith("mountd: error: upload of outputs failed")
+    logsetup.setup("warning")
 
 
 class _Resp:
