@@ -106,7 +106,7 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     before the mount is live if anything is wrong."""
     from mountd.cache.blocks import BlockCache, DiskTier
     from mountd.fs.core import FileSystemCore
-    from mountd.fs.fuse_ops import serve, tune_kernel_readahead
+    from mountd.fs.fuse_ops import serve
     from mountd.storage import normalize_path, open_store
 
     cfg = datastores.parse(spec["datastore"]["name"],
@@ -136,9 +136,11 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
 
     def ready():
         nonlocal server
-        # Runs inside FUSE's init: anything touching the mountpoint must wait
-        # until init has returned, hence the thread.
-        threading.Thread(target=tune_kernel_readahead, args=(mountpoint,), daemon=True).start()
+        # Runs inside FUSE's init, before the kernel lists the mount: the
+        # thread waits for it in mountinfo. Never stat the mountpoint from
+        # here: a worker killed while one of its threads waits on its own
+        # mount cannot exit, and its dead mount stays.
+        threading.Thread(target=_tune_readahead, args=(mountpoint,), daemon=True).start()
         try:
             server = control.ControlServer(runtime.control_path(mountpoint),
                                            lambda: dict(record, **core.counters()))
@@ -158,6 +160,18 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
         if cache_dir:
             cache_dir.close()
         log.info("unmounted %s", mountpoint)
+
+
+def _tune_readahead(mountpoint: str) -> None:
+    from mountd.fs.fuse_ops import tune_kernel_readahead
+    from mountd.run.mounts import mount_device
+    real = os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
+    for _ in range(100):
+        device = mount_device(real)
+        if device:
+            tune_kernel_readahead(device)
+            return
+        time.sleep(0.05)
 
 
 def _writeback(store, spec: dict):

@@ -44,13 +44,23 @@ def fuse_problem() -> str | None:
     return None
 
 
-def mount_points() -> list[str]:
-    """Every mount point of this process's mount namespace, from
-    /proc/self/mountinfo: nothing is stat'ed, so a hung FUSE mount cannot
-    block the question."""
+def _mountinfo() -> list[tuple[str, str]]:
+    """(mount point, "major:minor") of every mount of this process's mount
+    namespace, from /proc/self/mountinfo: nothing is stat'ed, so a hung FUSE
+    mount cannot block the question."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         fields = (line.split() for line in f)
-        return [_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), x[4]) for x in fields if len(x) > 4]
+        return [(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), x[4]), x[2]) for x in fields if len(x) > 4]
+
+
+def mount_points() -> list[str]:
+    return [point for point, _ in _mountinfo()]
+
+
+def mount_device(path: str) -> str | None:
+    """The "major:minor" of the mount at `path` (the last one mounted there)."""
+    found = [dev for point, dev in _mountinfo() if point == path]
+    return found[-1] if found else None
 
 
 def is_mounted(path: str) -> bool:
