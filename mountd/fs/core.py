@@ -495,8 +495,11 @@ class FileSystemCore:
 
     def counters(self) -> dict:
         """The mount's numbers for `mountd status` (no locks taken)."""
-        return {"bytes_served": self.bytes_served, "read_errors": self.read_errors,
-                "open_files": len(self._handles), "cache": self.blocks.counters()}
+        out = {"bytes_served": self.bytes_served, "read_errors": self.read_errors,
+               "open_files": len(self._handles), "cache": self.blocks.counters()}
+        if self.writeback:
+            out["writes"] = self.writeback.counters()
+        return out
 
     def statfs(self) -> dict:
         # Object storage has no fixed size; report a large, honest-looking

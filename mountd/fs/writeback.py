@@ -83,6 +83,14 @@ class WriteBack:
         self.uploads = 0
         self.upload_errors = 0
 
+    def counters(self) -> dict:
+        """For `mountd status`: files staged here, those not yet in storage,
+        uploads done and failed."""
+        with self._lock:
+            files = list(self._files.values())
+        return {"staged_files": len(files), "pending_uploads": sum(1 for sf in files if sf.dirty),
+                "uploads": self.uploads, "upload_errors": self.upload_errors, "work_dir": os.path.dirname(self.staging)}
+
     # -- staged copies -----------------------------------------------------------------
     def get(self, path: str) -> StagedFile | None:
         with self._lock:

@@ -77,6 +77,10 @@ def as_text(status: dict) -> str:
                   f"  memory cache {human_size(c['memory_used'])} of {human_size(c['memory_max'])}; disk cache "
                   f"{human_size(c['disk_used'])} of {human_size(c['disk_max'])}; {m['open_files']} open file(s), "
                   f"{m['read_errors']} read error(s)"]
+        w = m.get("writes")
+        if w:
+            lines.append(f"  writes: {w['uploads']} file(s) uploaded, {w['upload_errors']} failed upload(s), "
+                         f"{w['pending_uploads']} not yet in storage, {w['staged_files']} staged in {w['work_dir']}")
     return "\n".join(lines)
 
 
@@ -118,6 +122,8 @@ _MOUNT_COUNTERS = (  # (metric, key in cache or mount, help)
     ("mountd_mount_bytes_from_disk_cache_total", "cache", "bytes_from_disk", "Bytes read from the disk cache."),
     ("mountd_mount_cache_misses_total", "cache", "misses", "Blocks fetched from storage."),
     ("mountd_mount_read_errors_total", None, "read_errors", "Reads answered with an error."),
+    ("mountd_mount_uploads_total", "writes", "uploads", "Files a read-write mount uploaded."),
+    ("mountd_mount_upload_errors_total", "writes", "upload_errors", "Uploads of a read-write mount that failed."),
 )
 _MOUNT_GAUGES = (
     ("mountd_mount_cache_hit_ratio", "cache", "hit_ratio", "Share of block lookups served by a cache."),
@@ -126,6 +132,9 @@ _MOUNT_GAUGES = (
     ("mountd_mount_disk_cache_bytes", "cache", "disk_used", "Bytes in the disk cache."),
     ("mountd_mount_disk_cache_max_bytes", "cache", "disk_max", "Cap of the disk cache."),
     ("mountd_mount_open_files", None, "open_files", "Files open on the mount."),
+    ("mountd_mount_staged_files", "writes", "staged_files", "Files of a read-write mount staged locally."),
+    ("mountd_mount_pending_uploads", "writes", "pending_uploads",
+     "Written files of a read-write mount not yet in storage."),
 )
 
 
@@ -142,7 +151,7 @@ def as_prometheus(status: dict) -> str:
                   dict(labels, tier=tier), m["cache"][f"{tier}_hits"])
         for kind, table in (("counter", _MOUNT_COUNTERS), ("gauge", _MOUNT_GAUGES)):
             for name, section, key, help_text in table:
-                source = m[section] if section else m
+                source = m.get(section, {}) if section else m
                 x.add(name, kind, help_text, labels, source.get(key))
     for d in status["daemons"]:
         base = {"manifest": d.get("manifest"), "run_id": d.get("run_id")}
