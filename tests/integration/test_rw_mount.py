@@ -417,17 +417,23 @@ def test_rename_noreplace_and_exchange(storage, rw_mount):
 
 
 def test_status_shows_what_a_read_write_mount_has_not_uploaded_yet(storage, rw_mount, mountd_cli):
+    import sys
     mp = rw_mount()
-    f = open(mp / "open.bin", "wb")
-    f.write(b"unfinished")
-    f.flush()
     (mp / "done.bin").write_bytes(b"done")
-    r = mountd_cli("status", "--json")
-    assert r.code == 0, r
-    (m,) = [m for m in json.loads(r.out)["mounts"] if m["mountpoint"] == str(mp)]
-    assert m["mode"] == "rw"
-    # (done.bin's copy may still be staged: the kernel releases a closed file after close returns)
-    assert m["writes"]["uploads"] == 1 and m["writes"]["pending_uploads"] == 1 and m["writes"]["staged_files"] >= 1
-    r = mountd_cli("status", "--prometheus")
-    assert f'mountd_mount_pending_uploads{{mountpoint="{mp}"' in r.out
-    f.close()
+    # A writer in a process of its own: a close of any copy of its descriptor
+    # (as in a fork of this process) would upload it.
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'wb'); f.write(b'x');"
+                               "f.flush(); print('ready', flush=True); sys.stdin.read()", str(mp / "open.bin")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        r = mountd_cli("status", "--json")
+        assert r.code == 0, r
+        (m,) = [m for m in json.loads(r.out)["mounts"] if m["mountpoint"] == str(mp)]
+        assert m["mode"] == "rw"
+        assert m["writes"]["uploads"] == 1 and m["writes"]["pending_uploads"] == 1
+        r = mountd_cli("status", "--prometheus")
+        assert f'mountd_mount_pending_uploads{{mountpoint="{mp}"' in r.out
+    finally:
+        writer.communicate("", timeout=30)
+    assert storage.files()["open.bin"] == b"x"
