@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import random
 import threading
 import time
 from email.utils import formatdate
@@ -25,11 +24,10 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 
-from mountd.storage.azure_common import CONNECTION_TIMEOUT, POOL_SIZE, READ_TIMEOUT
-from mountd.storage.retry import MAX_RETRY_AFTER
+from mountd.storage.azure_common import POOL_SIZE
+from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy
 
 API_VERSION = "2021-08-06"
-RETRIES = 6
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 TOKEN_SCOPE = "https://storage.azure.com/.default"
 
@@ -97,13 +95,14 @@ class RangeReader:
     """Ranged GETs of objects, and listings, under one account URL, many
     threads at once."""
 
-    def __init__(self, account_url: str, signer: Signer):
+    def __init__(self, account_url: str, signer: Signer, retry: StoragePolicy | None = None):
         parts = urlsplit(account_url)
         self.base_path = parts.path.rstrip("/")
         self.signer = signer
+        self.retry = retry or policy()
         self.pool = urllib3.connection_from_url(
             f"{parts.scheme}://{parts.netloc}", maxsize=POOL_SIZE, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=CONNECTION_TIMEOUT, read=READ_TIMEOUT))
+            timeout=urllib3.Timeout(connect=self.retry.connect_timeout, read=self.retry.read_timeout))
 
     def read_into(self, object_path: str, offset: int, view: memoryview, etag: str | None) -> int:
         """Fill `view` from `offset` of the object at `object_path`
@@ -210,16 +209,14 @@ class RangeReader:
                 continue
             raise HttpError(response.status, code)
 
-    @staticmethod
-    def _backoff(attempt: int, retry_after: float | None, error: Exception) -> int:
+    def _backoff(self, attempt: int, retry_after: float | None, error: Exception) -> int:
         attempt += 1
-        if attempt > RETRIES:
+        if attempt > self.retry.retries:
             raise error
         if retry_after is not None:
             time.sleep(min(retry_after, MAX_RETRY_AFTER))
         else:
-            ceiling = min(0.5 * 2 ** (attempt - 1), 20.0)
-            time.sleep(random.uniform(ceiling / 2, ceiling))
+            time.sleep(self.retry.backoff_time(attempt))
         return attempt
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ verify what it got.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import mimetypes
 import os
@@ -25,10 +26,11 @@ from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
-from mountd.errors import AlreadyExists, NotEmpty, NotFound, StorageError, Unreachable
+from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError, Unreachable
 from mountd.storage.azure_common import client_options, raise_for_status, sdk_credential, translated
 from mountd.storage.azure_http import HttpError, RangeReader, Signer
 from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
+from mountd.storage.retry import RETRIES_SEEN, policy
 
 MARKER_KEY = "hdi_isfolder"
 SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
@@ -98,14 +100,15 @@ class BlobStore(ObjectStore):
     virtual_directories = True
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
+        self.retry = policy()
         if credential.kind == "connection_string":
-            self.service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
+            self.service = BlobServiceClient.from_connection_string(credential.secret, **client_options(self.retry))
         else:
             self.service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
-                                             **client_options())
+                                             **client_options(self.retry))
         self.container = self.service.get_container_client(cfg.container_name)
         self.container_name = cfg.container_name
-        self._reader = RangeReader(self.service.url.split("?")[0], Signer.from_sdk_client(self.service))
+        self._reader = RangeReader(self.service.url.split("?")[0], Signer.from_sdk_client(self.service), self.retry)
         self.description = f"blob container {cfg.container_name!r} at {self.service.url.split('?')[0]}"
         self._uploads = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="blob-upload")
         self._upload_slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY * 2)
@@ -117,8 +120,9 @@ class BlobStore(ObjectStore):
     def check(self) -> None:
         # A short retry budget: an endpoint that is down at start is a
         # configuration problem to report now, not an outage to sit out.
+        n = min(2, self.retry.retries)
         with self._errors(""):
-            self.container.get_container_properties(retry_total=2, retry_connect=2, retry_read=2, retry_status=2)
+            self.container.get_container_properties(retry_total=n, retry_connect=n, retry_read=n, retry_status=n)
 
     def create(self) -> bool:
         """Create the container; False if it already existed."""
@@ -239,9 +243,11 @@ class BlobStore(ObjectStore):
         if size <= SINGLE_PUT_MAX:
             with open(local_path, "rb") as f:
                 data = f.read()
-            with self._errors(path):
-                blob.upload_blob(data, overwrite=overwrite, length=len(data),
-                                 content_settings=_content_settings(path, hashlib.md5(data).digest()))
+            md5 = hashlib.md5(data).digest()
+            with self._ours_if_answer_lost(path, overwrite, md5, len(data)):
+                with self._errors(path):
+                    blob.upload_blob(data, overwrite=overwrite, length=len(data),
+                                     content_settings=_content_settings(path, md5))
             if progress:
                 progress(len(data))
             return self.stat(path)
@@ -289,10 +295,35 @@ class BlobStore(ObjectStore):
         for fut in futures:
             fut.result()  # re-raise the first failure
         conditions = {} if overwrite else dict(match_condition=MatchConditions.IfMissing)
-        with self._errors(path):
-            blob.commit_block_list(block_ids, content_settings=_content_settings(path, md5.digest()),
-                                   **conditions)
+        size = os.path.getsize(local_path)
+        with self._ours_if_answer_lost(path, overwrite, md5.digest(), size):
+            with self._errors(path):
+                blob.commit_block_list(block_ids, content_settings=_content_settings(path, md5.digest()),
+                                       **conditions)
         return self.stat(path)
+
+    @contextlib.contextmanager
+    def _ours_if_answer_lost(self, path: str, overwrite: bool, md5: bytes, size: int):
+        """A write that must not replace an existing blob, retried after its
+        answer was lost (a reset or timeout once storage had the request),
+        finds the blob it wrote itself: "already exists" (409) on a put,
+        "condition not met" (412) on a commit. When the call was retried and
+        the blob there has exactly our size and MD5, it is ours; otherwise
+        it stays AlreadyExists (an existing blob is skipped, not replaced)."""
+        retries_before = RETRIES_SEEN.count
+        try:
+            yield
+        except (AlreadyExists, Stale):
+            if overwrite:
+                raise
+            if RETRIES_SEEN.count == retries_before:
+                raise AlreadyExists(f"{path} already exists in {self.description}") from None
+            try:
+                there = self.stat(path)
+            except NotFound:
+                there = None
+            if there is None or there.is_dir or there.size != size or there.md5 != md5:
+                raise AlreadyExists(f"{path} already exists in {self.description}") from None
 
     def delete(self, path: str) -> None:
         path = normalize_path(path)
