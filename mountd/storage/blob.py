@@ -180,6 +180,9 @@ class BlobStore(ObjectStore):
             is_prefix = isinstance(item, tuple)
             raw_name = item[1] if is_prefix else item.path
             name = raw_name.rstrip("/")
+            child = name[len(prefix):]
+            if not name.startswith(prefix) or not child or "/" in child or child in (".", ".."):
+                continue  # not a child that could be asked for by this name (a broken or hostile listing)
             while pending and not name.startswith(pending[0].path):
                 yield pending.pop(0)
             if is_prefix or item.is_dir:
