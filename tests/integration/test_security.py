@@ -325,3 +325,60 @@ def test_mount_of_hostile_listing_shows_no_path_tricks(hostile, tmp_path, mounte
                 pass  # a name storage cannot serve back: an error, never a crash
     assert (mp / "fine" / "ok.txt").read_bytes() == b"ok"  # the worker is still serving
     assert escaped_files(tmp_path, "/tmp") == []
+
+
+# -- mount workers keep only what they need ------------------------------------------------
+SUPERVISOR = r'''
+import sys, time
+from mountd.config import datastores
+from mountd.config.settings import CacheSettings
+from mountd.run import mount_worker, mounts
+cfg = datastores.parse("loc", {"type": "local", "root": sys.argv[1]}, "test")
+spec = mount_worker.make_spec(cfg, "", sys.argv[2], CacheSettings(disk=False))
+worker = mounts.start(spec, supervised=True)
+print(worker.pid, flush=True)
+time.sleep(600)
+'''
+
+
+def _caps(pid: int) -> list[dict]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
+        out.append({k: int(v.strip(), 16) for k, v in fields.items()})
+    return out
+
+
+def test_mount_worker_keeps_only_the_capabilities_it_needs(tmp_path):
+    from mountd.run import privileges
+    if mounts.fuse_problem():
+        pytest.skip(mounts.fuse_problem())
+    root, mp = tmp_path / "root", tmp_path / "mp"
+    root.mkdir()
+    mp.mkdir()
+    (root / "f.txt").write_text("data")
+    # a supervisor that dies without a word: its worker must still unmount itself, with what it kept
+    sup = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(root), str(mp)], stdout=subprocess.PIPE, text=True)
+    pid = int(sup.stdout.readline())
+    try:
+        assert (mp / "f.txt").read_text() == "data"
+        keep = privileges.keep_mask()
+        tasks = _caps(pid)
+        assert len(tasks) > 1  # FUSE and cache threads too: each inherited the reduced set
+        for caps in tasks:
+            assert caps["CapEff"] & ~keep == 0 and caps["CapPrm"] & ~keep == 0, caps
+            assert caps["CapBnd"] & ~keep == 0 and caps["CapInh"] == 0, caps
+            if os.geteuid() == 0:
+                assert caps["CapEff"] == keep  # mounting and unmounting still work
+    finally:
+        sup.kill()
+        sup.wait()
+    deadline = time.monotonic() + 15
+    while mounts.is_mounted(str(mp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not mounts.is_mounted(str(mp))
+    deadline = time.monotonic() + 15
+    while runtime.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not runtime.pid_alive(pid)
