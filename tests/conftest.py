@@ -132,6 +132,8 @@ def fault_proxy():
 
 def pytest_terminal_summary(terminalreporter):
     """The reliability figures of this run, from the fault and bad-input tests."""
+    for line in faultproxy.NOTES:
+        terminalreporter.write_line(line)
     t = faultproxy.TOTALS
     if not t:
         return

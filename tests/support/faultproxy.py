@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 # Everything every proxy of this process injected and relayed, and what the
 # tests verified: the figures printed at the end of a test run.
 TOTALS: Counter = Counter()
+NOTES: list[str] = []  # other figures worth a line at the end (throughput of the load test)
 
 MAX_HEAD = 64 * 1024
 PIECE = 64 * 1024  # bytes relayed per send
