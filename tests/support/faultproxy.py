@@ -192,6 +192,10 @@ class FaultProxy:
         if mode == "reset":
             self._reset_all()
 
+    def cut(self) -> None:
+        """Reset every open connection now (requests in flight break)."""
+        self._reset_all()
+
     def restore(self) -> None:
         self._outage = None
         self._outage_over.set()
