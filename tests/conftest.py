@@ -86,6 +86,16 @@ def mountd_cli(tmp_path):
 
 
 @pytest.fixture
+def blob_datastore(tmp_path, azurite, container, monkeypatch):
+    """The test container as datastore `data` of the workspace in $MOUNTD_WORKSPACE."""
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name)}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    return container
+
+
+@pytest.fixture
 def mounter(tmp_path, mountd_cli):
     """mounter(target, *flags) -> a fresh mountpoint under tmp_path with
     `mountd mount` done; whatever is still mounted is detached afterwards."""

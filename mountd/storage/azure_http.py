@@ -176,6 +176,8 @@ class RangeReader:
                 try:
                     got = fill(response, got)
                 except (OSError, urllib3.exceptions.HTTPError) as e:
+                    if got > before:
+                        attempt = 0  # it was moving: a long stream gets a fresh budget for each break
                     attempt = self._backoff(attempt, None, e)
                     continue  # resume from where the body broke off
                 total = response.headers.get("Content-Range", "").rpartition("/")[2]

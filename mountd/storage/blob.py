@@ -118,11 +118,12 @@ class BlobStore(ObjectStore):
 
     # -- metadata -------------------------------------------------------------
     def check(self) -> None:
-        # A short retry budget: an endpoint that is down at start is a
-        # configuration problem to report now, not an outage to sit out.
-        n = min(2, self.retry.retries)
+        # A short budget for connecting: an endpoint that refuses connections
+        # at start is a configuration problem to report now, not an outage
+        # to sit out. Answers that break or stall, and 5xx, get the full
+        # budget: on a flaky network the check must not be what fails a job.
         with self._errors(""):
-            self.container.get_container_properties(retry_total=n, retry_connect=n, retry_read=n, retry_status=n)
+            self.container.get_container_properties(retry_connect=min(3, self.retry.retries))
 
     def create(self) -> bool:
         """Create the container; False if it already existed."""

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from mountd.run import runtime
-from tests.conftest import KEY, KEY_ENV
 from tests.support.azurite import blob_workspace_entry
 from tests.support.faultproxy import verified
 
@@ -22,12 +21,8 @@ SMALL = ["--block-size", "64KiB", "--memory-cache", "1MiB", "--no-disk-cache"]
 
 
 @pytest.fixture
-def store(tmp_path, azurite, container, monkeypatch):
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
-    return container
+def store(blob_datastore):
+    return blob_datastore
 
 
 def read_until_error(fd, size: int, chunk: int, during=None) -> tuple[bytes, int | None]:

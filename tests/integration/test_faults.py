@@ -25,12 +25,15 @@ import yaml
 
 from mountd.run import mounts, runtime
 from tests.conftest import KEY, KEY_ENV
+from tests.integration.test_mount import tree_bytes as tree
 from tests.support.azurite import blob_workspace_entry
 from tests.support.faultproxy import verified
 
 # Short timeouts and backoff: a stall longer than the read timeout is a
-# stalled connection to give up on; retries come quickly.
-FAST = {"MOUNTD_STORAGE_READ_TIMEOUT": "1s", "MOUNTD_STORAGE_CONNECT_TIMEOUT": "2s",
+# stalled connection to give up on; retries come quickly. Ten retries: with
+# 30% of requests faulty, one request in 4 000 fails 7 times in a row (the
+# default budget of 6 retries), one in 500 000 fails 11 times.
+FAST = {"MOUNTD_STORAGE_READ_TIMEOUT": "1s", "MOUNTD_STORAGE_CONNECT_TIMEOUT": "2s", "MOUNTD_STORAGE_RETRIES": "10",
         "MOUNTD_STORAGE_BACKOFF": "50ms", "MOUNTD_STORAGE_BACKOFF_MAX": "400ms"}
 # What "done" asks to survive: 20% of requests reset part-way, 10% stalled.
 HARSH = dict(reset=0.2, stall=0.1, stall_seconds=1.5)
@@ -46,16 +49,6 @@ def dataset(rng: random.Random, small: int, big: int) -> dict:
     files["data/empty.bin"] = b""
     files["data/big.bin"] = rng.randbytes(big)
     return files
-
-
-def tree(root) -> dict:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, root)] = f.read()
-    return out
 
 
 def assert_same(got: dict, want: dict) -> None:

@@ -14,23 +14,17 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from mountd.run import runtime
-from tests.conftest import KEY, KEY_ENV
-from tests.support.azurite import blob_workspace_entry
 from tests.support.faultproxy import verified
 
 KiB, MiB = 1024, 1024 * 1024
 
 
 @pytest.fixture
-def blob_data(tmp_path, azurite, container, monkeypatch):
+def blob_data(blob_datastore):
     """put(files) stores blobs in the test container, datastore `data`."""
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name)}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
+    container = blob_datastore
 
     def put(files: dict) -> dict:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

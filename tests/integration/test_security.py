@@ -5,7 +5,6 @@ privileges they do not need; uploads that never follow a link out of the
 outputs; downloads that never write outside their target, even when storage
 lists hostile names."""
 
-import json
 import os
 import re
 import shutil
@@ -111,7 +110,8 @@ def test_secrets_never_on_argv_in_logs_or_in_files(credential, tmp_path, azurite
             "outputs": {"datastore": "store", "path_on_datastore": "out", "mode": "upload"}},
         "command": [sys.executable, str(tmp_path / "child.py"), "$AZUREML_DATAREFERENCE_inputs",
                     "$AZUREML_DATAREFERENCE_staged", "$AZUREML_DATAREFERENCE_outputs"]}))
-    env = dict(os.environ, MOUNTD_WORKSPACE=str(ws), MOUNTD_STORAGE_READ_TIMEOUT="1s", MOUNTD_STORAGE_BACKOFF="20ms")
+    env = dict(os.environ, MOUNTD_WORKSPACE=str(ws), MOUNTD_STORAGE_READ_TIMEOUT="1s", MOUNTD_STORAGE_BACKOFF="20ms",
+               MOUNTD_STORAGE_RETRIES="10")
     env[SAS_ENV if credential == "sas_token" else KEY_ENV] = secret
     proc = subprocess.Popen([sys.executable, "-m", "mountd", "--debug", "run", str(manifest)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -118,26 +118,23 @@ def _body_pieces(reader, headers: dict, no_body: bool = False):
                 raise _Closed()
             size = int(size_line.split(b";")[0].strip() or b"0", 16)
             yield size_line
-            left = size + 2  # data and its CRLF
-            while left:
-                data = reader.read(min(left, PIECE))
-                if not data:
-                    raise _Closed()
-                left -= len(data)
-                yield data
+            yield from _exactly(reader, size + 2)  # data and its CRLF
             if size == 0:
                 return  # (trailers are not used by storage services)
     elif "content-length" in headers:
-        left = int(headers["content-length"])
-        while left:
-            data = reader.read(min(left, PIECE))
-            if not data:
-                raise _Closed()
-            left -= len(data)
-            yield data
+        yield from _exactly(reader, int(headers["content-length"]))
     else:
         while data := reader.read(PIECE):
             yield data
+
+
+def _exactly(reader, left: int):
+    while left:
+        data = reader.read(min(left, PIECE))
+        if not data:
+            raise _Closed()
+        left -= len(data)
+        yield data
 
 
 class FaultProxy:
