@@ -112,7 +112,10 @@ def test_disk_cache_stays_under_its_cap(blob_data, tmp_path, mounter):
         read_all(mp, files)
         read_all(mp, files)
         time.sleep(0.3)  # the disk writer is asynchronous
-    assert max(sizes.samples) <= 1 * MiB, max(sizes.samples)
+    # A walk of the cache is no snapshot: a block evicted after it was
+    # counted and its successor written before the walk ends are both
+    # counted. Two blocks of slack cover that; a cap not kept would not fit.
+    assert max(sizes.samples) <= 1 * MiB + 2 * 64 * KiB, max(sizes.samples)
     assert du(cache) > 256 * KiB  # it was used, up to the cap
 
 
@@ -230,4 +233,5 @@ def test_no_descriptor_or_thread_leak_over_10000_open_close(blob_data, tmp_path,
     threads_before = int(_status(pid)["Threads"])
     cycle(10_000)
     assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2
-    assert int(_status(pid)["Threads"]) <= threads_before + 2
+    # libfuse grows its pool of request threads on demand, keeping up to 10 idle
+    assert int(_status(pid)["Threads"]) <= threads_before + 10
