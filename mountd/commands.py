@@ -134,6 +134,8 @@ def upload(args) -> int:
 def download(args) -> int:
     ws = _workspace(args)
     cfg = ws.get(args.datastore)
+    if os.path.exists(args.target_dir) and not os.path.isdir(args.target_dir):
+        raise UsageError(f"target {os.path.abspath(args.target_dir)} is not a directory")
     with open_store(cfg) as store:
         store.check()
         report = download_mod.download(store, args.target_dir, args.prefix or "", overwrite=args.overwrite,

@@ -11,6 +11,14 @@ EXIT_USAGE = 2  # bad input: arguments, workspace, manifest, credentials, endpoi
 EXIT_TRANSFER = 3  # input was fine but some data did not reach its destination
 
 
+def shorten(value: object, limit: int = 60, bare: bool = False) -> str:
+    """A value for a message: its repr (or itself, when `bare` and a
+    string), cut at `limit` characters so a huge value cannot make a huge
+    error line."""
+    text = value if bare and isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class MountdError(Exception):
     """An error with a message fit to show the user as is."""
 

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import yaml
 
+from tests.support import faultproxy
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
 from tests.support.remotes import BlobRemote, ShareRemote
 
@@ -142,6 +143,76 @@ def mountd_cli(tmp_path):
                               text=True, env=full_env, input=input, timeout=timeout)
         return CliResult(proc)
     return run
+
+
+@pytest.fixture
+def blob_datastore(tmp_path, azurite, container, monkeypatch):
+    """The test container as datastore `data` of the workspace in $MOUNTD_WORKSPACE."""
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"data": blob_workspace_entry(azurite, container.container_name)}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    return container
+
+
+@pytest.fixture
+def mounter(tmp_path, mountd_cli):
+    """mounter(target, *flags) -> a fresh mountpoint under tmp_path with
+    `mountd mount` done; whatever is still mounted is detached afterwards."""
+    from mountd.run import mounts
+    problem = mounts.fuse_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE is required in CI: {problem}")
+        pytest.skip(problem)
+    made = []
+
+    def do(target, *flags, expect_ok=True, env=None):
+        mp = tmp_path / f"mnt{len(made)}"
+        mp.mkdir()
+        r = mountd_cli("mount", target, mp, *flags, env=env)
+        if expect_ok:
+            assert r.code == 0, r
+            assert mounts.is_mounted(str(mp))
+        made.append(mp)
+        return mp if expect_ok else (mp, r)
+
+    yield do
+    for mp in made:
+        if mounts.is_mounted(str(mp)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@pytest.fixture
+def fault_proxy():
+    """fault_proxy(port, seed=..., **rates) -> a started FaultProxy in front of
+    a server on 127.0.0.1:port (Azurite, the Files emulator); stopped, and
+    its counts added to the session's figures, afterwards."""
+    started = []
+
+    def make(port: int, seed: int = 0, **rates) -> faultproxy.FaultProxy:
+        proxy = faultproxy.FaultProxy(("127.0.0.1", port), seed=seed, **rates).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures of this run, from the fault and bad-input tests."""
+    for line in faultproxy.NOTES:
+        terminalreporter.write_line(line)
+    t = faultproxy.TOTALS
+    if not t:
+        return
+    kinds = ", ".join(f"{t[k]} {k.replace('_', ' ')}" for k in ("reset", "stall", "error_503", "error_500", "outage")
+                      if t[k])
+    terminalreporter.write_line(
+        f"reliability: {sum(t[k] for k in ('reset', 'stall', 'error_503', 'error_500', 'outage'))} faults injected "
+        f"({kinds or 'none'}) in {t['requests']} proxied requests; {t['bytes_verified']} bytes verified "
+        f"({t['files_verified']} files); {t['bad_inputs']} bad inputs tried")
 
 
 __all__ = ["ACCOUNT", "KEY", "KEY_ENV"]

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from mountd.config import credentials
 from mountd.config.names import check_name
-from mountd.errors import ConfigError
+from mountd.errors import ConfigError, shorten
 
 TYPES = ("azure_blob", "azure_file", "local")
 # The names the seed's `datastore_type` reports, per type.
@@ -101,10 +101,10 @@ def parse(name: object, raw: object, where: str) -> DatastoreConfig:
         raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
     kind = raw.get("type")
     if kind not in TYPES:
-        raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}, got {kind!r}")
+        raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}, got {shorten(kind)}")
     unknown = set(raw) - _FIELDS[kind]
     if unknown:
-        raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r} for type {kind}")
+        raise ConfigError(f"{where}: unknown field {shorten(sorted(unknown)[0])} for type {kind}")
     for key in _FIELDS[kind] - {"type", "credential"}:
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -114,12 +114,12 @@ def parse(name: object, raw: object, where: str) -> DatastoreConfig:
             raise ConfigError(f"{where}: {key} is required for type {kind}")
     if kind == "local":
         if not os.path.isabs(os.path.expanduser(raw["root"])):
-            raise ConfigError(f"{where}: root must be an absolute path, got {raw['root']!r}")
+            raise ConfigError(f"{where}: root must be an absolute path, got {shorten(raw['root'])}")
         return DatastoreConfig(name=name, type=kind, root=os.path.expanduser(raw["root"]))
 
     target_key = "container_name" if kind == "azure_blob" else "share_name"
     if not _CONTAINER.fullmatch(raw[target_key]) and (kind, raw[target_key]) != ("azure_blob", "$root"):
-        raise ConfigError(f"{where}: invalid {target_key} {raw[target_key]!r}: 3-63 lowercase "
+        raise ConfigError(f"{where}: invalid {target_key} {shorten(raw[target_key])}: 3-63 lowercase "
                           "letters, digits and single hyphens, starting and ending with a letter or digit")
     spec = credentials.validate_spec(raw.get("credential"), where)
     if kind == "azure_file" and spec.get("anonymous"):
@@ -131,7 +131,7 @@ def parse(name: object, raw: object, where: str) -> DatastoreConfig:
     if raw.get("endpoint"):
         url = urlparse(raw["endpoint"])
         if url.scheme not in ("http", "https") or not url.netloc:
-            raise ConfigError(f"{where}: endpoint must be an http(s) URL, got {raw['endpoint']!r}")
+            raise ConfigError(f"{where}: endpoint must be an http(s) URL, got {shorten(raw['endpoint'])}")
         if url.query:
             raise ConfigError(f"{where}: endpoint must not carry a query string; "
                               "put a SAS token in the credential")

@@ -32,7 +32,9 @@ from mountd.config.datastores import DatastoreConfig
 from mountd.config.names import check_name
 from mountd.config.settings import CacheSettings
 from mountd.config.workspace import Workspace
+from mountd.config.yamlio import UniqueKeyLoader
 from mountd.errors import ConfigError, UsageError
+from mountd.errors import shorten as _short
 from mountd.storage.base import normalize_path
 
 MODES = ("mount", "download", "upload")
@@ -68,7 +70,6 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NULL_TAG = "tag:yaml.org,2002:null"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
@@ -156,25 +157,13 @@ class _DuplicateKey(Exception):
         self.path, self.line = path, line
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one)."""
+class _Loader(UniqueKeyLoader):
+    """Refuses duplicate keys, naming the whole key path."""
 
     node_paths: dict[int, tuple] = {}  # id(mapping node) -> its key path, for messages
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:
-                continue  # `<<: *base` then overriding a key is the point of merging
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable: the base class reports it
-            if duplicate:
-                raise _DuplicateKey(self.node_paths.get(id(node), ()) + (key,), key_node.start_mark.line + 1)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def duplicate(self, node, key, line: int):
+        raise _DuplicateKey(self.node_paths.get(id(node), ()) + (key,), line)
 
 
 class _Source:
@@ -836,11 +825,6 @@ def _kind(value: object) -> str:
     names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
              dict: "a mapping", bytes: "binary data"}
     return names.get(type(value), type(value).__name__)
-
-
-def _short(value: object, limit: int = 60, bare: bool = False) -> str:
-    text = value if bare and isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _one_line(message: str) -> str:

@@ -97,8 +97,8 @@ _SECTION = {
     "reserved_free": ("reserved_free", lambda v, w: parse_size(v, w)),
     "memory": ("memory", lambda v, w: parse_size(v, w)),
     "block_size": ("block_size", lambda v, w: parse_size(v, w)),
-    "readahead_blocks": ("readahead_blocks", lambda v, w: _count(v, w, 0, 256)),
-    "threads": ("threads", lambda v, w: _count(v, w, 1, 128)),
+    "readahead_blocks": ("readahead_blocks", lambda v, w: parse_count(v, w, 0, 256)),
+    "threads": ("threads", lambda v, w: parse_count(v, w, 1, 128)),
     "attribute_ttl": ("attribute_ttl", lambda v, w: parse_duration(v, w)),
     "negative_ttl": ("negative_ttl", lambda v, w: parse_duration(v, w)),
     "disk": ("disk", lambda v, w: _bool(v, w)),
@@ -110,11 +110,11 @@ _ENV = {
     "DATASET_MOUNT_CACHE_SIZE": ("max_size", lambda v, w: parse_size(v, w)),
     "DATASET_MOUNT_ATTRIBUTE_CACHE_TTL": ("attribute_ttl", lambda v, w: parse_duration(v, w, bare_unit="ms")),
     "DATASET_MOUNT_READ_BLOCK_SIZE": ("block_size", lambda v, w: parse_size(v, w)),
-    "DATASET_MOUNT_READ_THREADS": ("threads", lambda v, w: _count(v, w, 1, 128)),
-    "DATASET_MOUNT_READ_BUFFER_BLOCK_COUNT": ("readahead_blocks", lambda v, w: _count(v, w, 0, 256)),
+    "DATASET_MOUNT_READ_THREADS": ("threads", lambda v, w: parse_count(v, w, 1, 128)),
+    "DATASET_MOUNT_READ_BUFFER_BLOCK_COUNT": ("readahead_blocks", lambda v, w: parse_count(v, w, 0, 256)),
     "DATASET_MOUNT_MEMORY_CACHE_SIZE": ("memory", lambda v, w: parse_size(v, w)),
     "DATASET_RESERVED_FREE_DISK_SPACE": ("reserved_free", lambda v, w: parse_size(v, w)),
-    "RSLEX_DOWNLOADER_THREADS": ("threads", lambda v, w: _count(v, w, 1, 128)),
+    "RSLEX_DOWNLOADER_THREADS": ("threads", lambda v, w: parse_count(v, w, 1, 128)),
 }
 
 
@@ -124,7 +124,7 @@ def _path(value, what) -> str:
     return os.path.expanduser(value)
 
 
-def _count(value, what, low, high) -> int:
+def parse_count(value, what, low, high) -> int:
     try:
         number = int(str(value).strip()) if not isinstance(value, bool) else None
     except ValueError:

@@ -1,10 +1,41 @@
-"""Reading YAML files with errors that name the file, line and column."""
+"""Reading YAML files with errors that name the file, line and column, and
+refusing duplicate keys (PyYAML would silently keep the last one)."""
 
 from __future__ import annotations
 
 import yaml
 
-from mountd.errors import ConfigError
+from mountd.errors import ConfigError, shorten
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key: object, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue  # `<<: *base` then overriding a key is the point of merging
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                self.duplicate(node, key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def duplicate(self, node, key, line: int):
+        raise DuplicateKey(key, line)
 
 
 def load_yaml(path: str, what: str = "file"):
@@ -16,7 +47,9 @@ def load_yaml(path: str, what: str = "file"):
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key {shorten(e.key)}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path

@@ -234,11 +234,13 @@ class FileSystemCore:
             pieces = [self._block(entry, i) for i in range(first, last + 1)]
         except Stale:
             self.read_errors += 1
+            self.meta.forget(entry.path)  # so that reopening it finds the new version at once
             log.error("%s changed in storage while open (etag %s); reopen it to read the new version",
                       entry.path, entry.etag)
             raise FsError(errno.ESTALE) from None
         except NotFound:
             self.read_errors += 1
+            self.meta.forget(entry.path)
             log.error("%s was deleted from storage while open", entry.path)
             raise FsError(errno.ESTALE) from None
         except MountdError as e:

@@ -210,6 +210,8 @@ def main() -> int:
 
     spec = json.load(sys.stdin)
     logsetup.setup(spec.get("log_level", "info"), spec.get("debug", False), spec.get("log_format", "text"))
+    from mountd.run import privileges
+    privileges.drop()  # before any thread starts: threads inherit the reduced set
     return_freed_blocks()
     # FUSE threads and fetch threads take turns on the interpreter lock; the
     # default 5 ms turn starves the socket readers.

@@ -18,7 +18,7 @@ import os
 import tempfile
 
 
-def runtime_dir() -> str:
+def runtime_dir(create: bool = True) -> str:
     if os.environ.get("RUNTIME_DIRECTORY"):
         base = os.environ["RUNTIME_DIRECTORY"].split(":")[0]
     elif os.geteuid() == 0:
@@ -27,13 +27,15 @@ def runtime_dir() -> str:
         base = os.path.join(os.environ["XDG_RUNTIME_DIR"], "mountd")
     else:
         base = os.path.join(tempfile.gettempdir(), f"mountd-{os.geteuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
+    if create:
+        os.makedirs(base, mode=0o700, exist_ok=True)
     return base
 
 
-def mounts_dir() -> str:
-    path = os.path.join(runtime_dir(), "mounts")
-    os.makedirs(path, mode=0o700, exist_ok=True)
+def mounts_dir(create: bool = True) -> str:
+    path = os.path.join(runtime_dir(create), "mounts")
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
     return path
 
 
@@ -43,8 +45,8 @@ def mount_id(mountpoint: str) -> str:
     return hashlib.sha1(os.path.abspath(mountpoint).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def record_path(mountpoint: str) -> str:
-    return os.path.join(mounts_dir(), mount_id(mountpoint) + ".json")
+def record_path(mountpoint: str, create: bool = True) -> str:
+    return os.path.join(mounts_dir(create), mount_id(mountpoint) + ".json")
 
 
 def control_path(mountpoint: str) -> str:
@@ -61,7 +63,7 @@ def write_record(mountpoint: str, record: dict) -> None:
 
 def read_record(mountpoint: str) -> dict | None:
     try:
-        with open(record_path(mountpoint), encoding="utf-8") as f:
+        with open(record_path(mountpoint, create=False), encoding="utf-8") as f:  # a question writes nothing
             return json.load(f)
     except (OSError, ValueError):
         return None

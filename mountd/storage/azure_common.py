@@ -18,30 +18,32 @@ from azure.core.pipeline.transport import RequestsTransport
 from mountd.config.credentials import Credential
 from mountd.redact import redact
 from mountd.errors import AlreadyExists, ConfigError, NotEmpty, NotFound, Stale, StorageError, Unreachable
-from mountd.storage.retry import BackoffRetry
+from mountd.storage.retry import BackoffRetry, StoragePolicy, policy
 
 # The SDK reads response bodies in pieces of this size; its 4 KiB default
 # costs over half the download throughput in Python.
 DATA_BLOCK_SIZE = 256 * 1024
-CONNECTION_TIMEOUT = 10  # seconds to connect
-READ_TIMEOUT = 60  # seconds without a byte before a read is abandoned and retried
 # Connections kept per host; above the number of threads that talk at once,
 # so none is thrown away and reopened under load.
 POOL_SIZE = 64
 
 
-def make_transport() -> RequestsTransport:
+def make_transport(p: StoragePolicy | None = None) -> RequestsTransport:
+    """Connect and read timeouts bound every SDK call (the read timeout is
+    the longest wait for a byte, not for a whole answer)."""
+    p = p or policy()
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return RequestsTransport(session=session, session_owner=True,
-                             connection_timeout=CONNECTION_TIMEOUT, read_timeout=READ_TIMEOUT,
+                             connection_timeout=p.connect_timeout, read_timeout=p.read_timeout,
                              connection_data_block_size=DATA_BLOCK_SIZE)
 
 
-def client_options(**extra) -> dict:
-    return dict(transport=make_transport(), retry_policy=BackoffRetry(),
+def client_options(p: StoragePolicy | None = None, **extra) -> dict:
+    p = p or policy()
+    return dict(transport=make_transport(p), retry_policy=BackoffRetry.from_policy(p),
                 connection_data_block_size=DATA_BLOCK_SIZE, **extra)
 
 

@@ -17,7 +17,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import random
 import threading
 import time
 from email.utils import formatdate
@@ -27,11 +26,10 @@ from urllib.parse import quote, urlencode, urlsplit
 import urllib3
 
 from mountd.errors import StorageError
-from mountd.storage.azure_common import CONNECTION_TIMEOUT, POOL_SIZE, READ_TIMEOUT, raise_for_status
-from mountd.storage.retry import MAX_RETRY_AFTER
+from mountd.storage.azure_common import POOL_SIZE, raise_for_status
+from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy
 
 API_VERSION = "2021-08-06"
-RETRIES = 6
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 TOKEN_SCOPE = "https://storage.azure.com/.default"
 
@@ -106,16 +104,17 @@ class RangeReader:
     version its first response came from."""
 
     def __init__(self, account_url: str, signer: Signer, api_version: str = API_VERSION,
-                 conditional: bool = True, headers: dict | None = None):
+                 conditional: bool = True, headers: dict | None = None, retry: StoragePolicy | None = None):
         parts = urlsplit(account_url)
         self.base_path = parts.path.rstrip("/")
         self.signer = signer
+        self.retry = retry or policy()
         self.api_version = api_version
         self.conditional = conditional
         self.headers = dict(headers or {})  # sent (and signed) with every request
         self.pool = urllib3.connection_from_url(
             f"{parts.scheme}://{parts.netloc}", maxsize=POOL_SIZE, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=CONNECTION_TIMEOUT, read=READ_TIMEOUT))
+            timeout=urllib3.Timeout(connect=self.retry.connect_timeout, read=self.retry.read_timeout))
 
     def read_into(self, object_path: str, offset: int, view: memoryview, etag: str | None) -> int:
         """Fill `view` from `offset` of the object at `object_path`
@@ -195,6 +194,8 @@ class RangeReader:
                 try:
                     got = fill(response, got)
                 except (OSError, urllib3.exceptions.HTTPError) as e:
+                    if got > before:
+                        attempt = 0  # it was moving: a long stream gets a fresh budget for each break
                     attempt = self._backoff(attempt, None, e)
                     continue  # resume from where the body broke off
                 total = response.headers.get("Content-Range", "").rpartition("/")[2]
@@ -228,16 +229,14 @@ class RangeReader:
                 continue
             raise HttpError(response.status, code)
 
-    @staticmethod
-    def _backoff(attempt: int, retry_after: float | None, error: Exception) -> int:
+    def _backoff(self, attempt: int, retry_after: float | None, error: Exception) -> int:
         attempt += 1
-        if attempt > RETRIES:
+        if attempt > self.retry.retries:
             raise error
         if retry_after is not None:
             time.sleep(min(retry_after, MAX_RETRY_AFTER))
         else:
-            ceiling = min(0.5 * 2 ** (attempt - 1), 20.0)
-            time.sleep(random.uniform(ceiling / 2, ceiling))
+            time.sleep(self.retry.backoff_time(attempt))
         return attempt
 
     def close(self) -> None:

@@ -11,10 +11,8 @@ from mountd.errors import AlreadyExists
 from mountd.storage.azure_common import translated
 from mountd.storage.azure_http import RangeReader, translated_reads
 from mountd.storage.base import ObjectStore, normalize_path
+from mountd.storage.retry import policy
 
-# A short retry budget for `check`: an endpoint that is down at start is a
-# configuration problem to report now, not an outage to sit out.
-CHECK_RETRIES = dict(retry_total=2, retry_connect=2, retry_read=2, retry_status=2)
 
 
 class AzureStore(ObjectStore):
@@ -46,8 +44,12 @@ class AzureStore(ObjectStore):
         return translated_reads(f"{path or '/'} in {self.description}", self.description)
 
     def check(self) -> None:
+        # A short budget for connecting: an endpoint that refuses connections
+        # at start is a configuration problem to report now, not an outage
+        # to sit out. Answers that break or stall, and 5xx, get the full
+        # budget: on a flaky network the check must not be what fails a job.
         with self._errors(""):
-            self._target_properties(**CHECK_RETRIES)
+            self._target_properties(retry_connect=min(3, policy().retries))
 
     def create(self) -> bool:
         """Create the container or share; False if it already existed."""

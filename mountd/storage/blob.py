@@ -10,6 +10,7 @@ verify what it got.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 from email.utils import parsedate_to_datetime
@@ -22,12 +23,13 @@ from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
-from mountd.errors import AlreadyExists, NotEmpty, NotFound, Unreachable
+from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, Unreachable
 from mountd.storage.azure_common import (client_options, content_type, raise_for_status, sdk_credential,
                                          upload_pieces)
 from mountd.storage.azure_http import HttpError, RangeReader, Signer
 from mountd.storage.azure_store import AzureStore
 from mountd.storage.base import Entry, ProgressCallback, normalize_path
+from mountd.storage.retry import RETRIES_SEEN, policy
 
 MARKER_KEY = "hdi_isfolder"
 SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
@@ -97,13 +99,15 @@ class BlobStore(AzureStore):
     virtual_directories = True
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
+        retry = policy()
         if credential.kind == "connection_string":
-            service = BlobServiceClient.from_connection_string(credential.secret, **client_options())
+            service = BlobServiceClient.from_connection_string(credential.secret, **client_options(retry))
         else:
             service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
-                                        **client_options())
+                                        **client_options(retry))
         account_url = service.url.split("?")[0]
-        super().__init__(service, cfg.container_name, RangeReader(account_url, Signer.from_sdk_client(service)),
+        super().__init__(service, cfg.container_name,
+                         RangeReader(account_url, Signer.from_sdk_client(service), retry=retry),
                          f"blob container {cfg.container_name!r} at {account_url}", UPLOAD_CONCURRENCY,
                          "blob-upload")
         self.container = service.get_container_client(cfg.container_name)
@@ -163,6 +167,9 @@ class BlobStore(AzureStore):
             is_prefix = isinstance(item, tuple)
             raw_name = item[1] if is_prefix else item.path
             name = raw_name.rstrip("/")
+            child = name[len(prefix):]
+            if not name.startswith(prefix) or not child or "/" in child or child in (".", ".."):
+                continue  # not a child that could be asked for by this name (a broken or hostile listing)
             while pending and not name.startswith(pending[0].path):
                 yield pending.pop(0)
             if is_prefix or item.is_dir:
@@ -201,7 +208,7 @@ class BlobStore(AzureStore):
             with open(local_path, "rb") as f:
                 data = f.read()
             md5 = hashlib.md5(data).digest()
-            with self._errors(path):
+            with self._ours_if_answer_lost(path, overwrite, md5, len(data)), self._errors(path):
                 # Content-MD5 makes storage check the bytes that arrived against
                 # the file's (a mismatch fails the request); the stored MD5
                 # property comes from the content settings.
@@ -227,10 +234,33 @@ class BlobStore(AzureStore):
         with open(local_path, "rb") as f:
             md5, count = upload_pieces(self._uploads, self._upload_slots, f, BLOCK_SIZE, stage, progress)
         conditions = {} if overwrite else dict(match_condition=MatchConditions.IfMissing)
-        with self._errors(path):
+        with self._ours_if_answer_lost(path, overwrite, md5, os.path.getsize(local_path)), self._errors(path):
             blob.commit_block_list([_block_id(i) for i in range(count)],
                                    content_settings=_content_settings(path, md5), **conditions)
         return self.stat(path)
+
+    @contextlib.contextmanager
+    def _ours_if_answer_lost(self, path: str, overwrite: bool, md5: bytes, size: int):
+        """A write that must not replace an existing blob, retried after its
+        answer was lost (a reset or timeout once storage had the request),
+        finds the blob it wrote itself: "already exists" (409) on a put,
+        "condition not met" (412) on a commit. When the call was retried and
+        the blob there has exactly our size and MD5, it is ours; otherwise
+        it stays AlreadyExists (an existing blob is skipped, not replaced)."""
+        retries_before = RETRIES_SEEN.count
+        try:
+            yield
+        except (AlreadyExists, Stale):
+            if overwrite:
+                raise
+            if RETRIES_SEEN.count == retries_before:
+                raise AlreadyExists(f"{path} already exists in {self.description}") from None
+            try:
+                there = self.stat(path)
+            except NotFound:
+                there = None
+            if there is None or there.is_dir or there.size != size or there.md5 != md5:
+                raise AlreadyExists(f"{path} already exists in {self.description}") from None
 
     def delete(self, path: str) -> None:
         path = normalize_path(path)

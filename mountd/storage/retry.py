@@ -1,18 +1,88 @@
-"""Retry policy for the Azure SDKs: quick exponential backoff with jitter that
-honours a throttling answer's Retry-After.
+"""Retry policy and timeouts for storage calls: quick exponential backoff with
+jitter that honours a throttling answer's Retry-After, shared by the Azure
+SDKs and the lean data path.
 
 The SDK's own storage policy waits 15 s before its first retry and ignores
 Retry-After; a training node wants a connection reset retried in well under a
 second and a 503 "server busy" retried when the service says so.
+
+The budget (retries, backoff, timeouts) can be set from the environment, so
+an operator can make a node give up sooner or sit out longer outages, and
+tests can make an outage surface in seconds:
+
+    MOUNTD_STORAGE_RETRIES          retries after the first try (default 6)
+    MOUNTD_STORAGE_BACKOFF          first backoff (default 0.5s), doubling
+    MOUNTD_STORAGE_BACKOFF_MAX      longest backoff (default 20s)
+    MOUNTD_STORAGE_CONNECT_TIMEOUT  to open a connection (default 10s)
+    MOUNTD_STORAGE_READ_TIMEOUT     without a byte before a request is abandoned and retried (default 60s)
 """
 
 from __future__ import annotations
 
+import os
 import random
+import threading
+from dataclasses import dataclass
 
 from azure.storage.blob._shared.policies import StorageRetryPolicy
 
+from mountd.config.settings import parse_count, parse_duration
+from mountd.errors import UsageError
+
 MAX_RETRY_AFTER = 60.0  # seconds; a longer answer is capped rather than obeyed
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    retries: int = 6
+    backoff: float = 0.5  # seconds before the first retry (the ceiling of its jitter)
+    backoff_max: float = 20.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def backoff_time(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1, 2, ...): "equal
+        jitter" below a doubling ceiling, so retries spread and never reach 0."""
+        ceiling = min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+_ENV = {  # variable -> (field, kind)
+    "MOUNTD_STORAGE_RETRIES": ("retries", "count"),
+    "MOUNTD_STORAGE_BACKOFF": ("backoff", "duration"),
+    "MOUNTD_STORAGE_BACKOFF_MAX": ("backoff_max", "duration"),
+    "MOUNTD_STORAGE_CONNECT_TIMEOUT": ("connect_timeout", "duration"),
+    "MOUNTD_STORAGE_READ_TIMEOUT": ("read_timeout", "duration"),
+}
+
+
+def policy(environ=None) -> StoragePolicy:
+    """The policy in force: defaults overridden by MOUNTD_STORAGE_* variables.
+    A malformed value is a UsageError naming the variable."""
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for var, (name, kind) in _ENV.items():
+        value = environ.get(var)
+        if value in (None, ""):
+            continue
+        if kind == "count":
+            changes[name] = parse_count(value, f"${var}", 0, 100)
+        else:
+            seconds = parse_duration(value, f"${var}")
+            if seconds <= 0 and name != "backoff":
+                raise UsageError(f"${var}: must be more than 0, got {value!r}")
+            changes[name] = seconds
+    return StoragePolicy(**changes)
+
+
+class _RetriesSeen(threading.local):
+    count = 0
+
+
+# SDK retries made so far by the current thread: a caller can tell whether
+# the call it just made was sent more than once (and so whether a "already
+# exists" answer may be about its own first attempt).
+RETRIES_SEEN = _RetriesSeen()
 
 
 class BackoffRetry(StorageRetryPolicy):
@@ -23,6 +93,16 @@ class BackoffRetry(StorageRetryPolicy):
         kwargs.setdefault("retry_read", retries)
         kwargs.setdefault("retry_status", retries)
         super().__init__(retry_total=retries, **kwargs)
+
+    @classmethod
+    def from_policy(cls, p: StoragePolicy) -> "BackoffRetry":
+        return cls(retries=p.retries, initial=p.backoff, maximum=p.backoff_max)
+
+    def increment(self, settings, request, response=None, error=None) -> bool:
+        again = super().increment(settings, request, response=response, error=error)
+        if again:
+            RETRIES_SEEN.count += 1
+        return again
 
     def get_backoff_time(self, settings) -> float:
         history = settings.get("history") or []
@@ -36,5 +116,4 @@ class BackoffRetry(StorageRetryPolicy):
                     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
                 except ValueError:
                     pass  # an HTTP-date; fall back to our own backoff
-        backoff = min(self.initial * (2 ** settings["count"]), self.maximum)
-        return random.uniform(backoff / 2, backoff)  # "equal jitter": spread, never zero
+        return StoragePolicy(backoff=self.initial, backoff_max=self.maximum).backoff_time(settings["count"] + 1)

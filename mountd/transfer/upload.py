@@ -32,7 +32,8 @@ def plan_tree(src_dir: str, target_path: str | None) -> tuple[list[tuple[str, st
     """(files as (local, remote) pairs, empty directories' remote paths,
     refused entries as (local, reason)) for a tree."""
     if not os.path.isdir(src_dir):
-        raise UsageError(f"source directory {src_dir} does not exist")
+        problem = "is not a directory" if os.path.exists(src_dir) else "does not exist"
+        raise UsageError(f"source directory {src_dir} {problem}")
     target = normalize_path(target_path)
     files, empty_dirs, refused = [], [], []
     for dirpath, dirnames, filenames in os.walk(src_dir):

@@ -75,25 +75,12 @@ def datastore(request, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def mount(tmp_path, mountd_cli):
-    """mount(target, *flags) -> mountpoint; everything is unmounted afterwards."""
-    made = []
-
+def mount(tmp_path, mounter):
+    """mount(target, *flags) -> mountpoint, with small blocks and caches."""
     def do(target="data", *flags, expect_ok=True):
-        mp = tmp_path / f"mnt{len(made)}"
-        mp.mkdir()
-        r = mountd_cli("mount", target, mp, "--cache-dir", tmp_path / "cache", "--block-size", "64KiB",
-                       "--memory-cache", "1MiB", *flags)
-        if expect_ok:
-            assert r.code == 0, r
-            assert mounts.is_mounted(str(mp))
-        made.append(mp)
-        return mp if expect_ok else (mp, r)
-
-    yield do
-    for mp in made:
-        if mounts.is_mounted(str(mp)):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        return mounter(target, "--cache-dir", tmp_path / "cache", "--block-size", "64KiB", "--memory-cache", "1MiB",
+                       *flags, expect_ok=expect_ok)
+    return do
 
 
 def tree_bytes(root):

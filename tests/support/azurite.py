@@ -72,6 +72,34 @@ class Azurite:
         shutil.rmtree(self.location, ignore_errors=True)
 
 
+def bulk_put(azurite: Azurite, container: str, files: dict, threads: int = 16) -> None:
+    """Store many small blobs fast: signed PUTs over one connection pool,
+    a fraction of the SDK's CPU per blob (for load tests of thousands)."""
+    import concurrent.futures
+
+    import urllib3
+
+    from mountd.storage.azure_http import API_VERSION, Signer
+    from urllib.parse import quote
+
+    signer = Signer(ACCOUNT, KEY)
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", azurite.port, maxsize=threads)
+
+    def put(item):
+        name, data = item
+        path = f"/{ACCOUNT}/{container}/{quote(name, safe='/')}"
+        headers = {"x-ms-blob-type": "BlockBlob", "x-ms-version": API_VERSION, "Content-Length": str(len(data))}
+        signer.sign("PUT", path, headers)
+        r = pool.urlopen("PUT", path, body=data, headers=headers)
+        if r.status != 201:
+            raise RuntimeError(f"storing {name}: {r.status} {r.data[:200]!r}")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(put, files.items()))
+    finally:
+        pool.close()
+
+
 def blob_workspace_entry(azurite: Azurite, container: str, key_env: str = "AZURITE_ACCOUNT_KEY") -> dict:
     """A workspace-file datastore mapping for a container of this Azurite."""
     return {"type": "azure_blob", "account_name": ACCOUNT, "container_name": container,
