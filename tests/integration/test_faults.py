@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from mountd.run import mounts, runtime
+from mountd.transfer.journal import Journal
 from tests.conftest import KEY, KEY_ENV
 from tests.integration.test_mount import tree_bytes as tree
 from tests.support.azurite import blob_workspace_entry
@@ -251,14 +252,16 @@ def test_outage_during_uploads_fails_clearly_and_keeps_outputs(flaky, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err
     assert "upload" in err and "outputs" in err and "Traceback" not in err, err
-    pending = json.loads((tmp_path / "work" / "pending-uploads.json").read_text())
-    assert [r["name"] for r in pending["references"]] == ["outputs"]
+    (job,) = Journal(tmp_path / "work").pending()
+    assert job.origin == "upload reference outputs" and job.remaining() == [(str(out / "result.bin"),
+                                                                              "runs/o1/result.bin")]
     assert (out / "result.bin").read_bytes() == b"r" * 100000  # kept locally
     flaky.restore()
-    r = subprocess.run([sys.executable, "-m", "mountd", "upload", "flaky", str(out), "--target-path", "runs/o1"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "mountd", "resume", "--work-dir", str(tmp_path / "work"),
+                        "--no-progress"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert flaky.container.download_blob("runs/o1/result.bin").readall() == b"r" * 100000
+    assert not Journal(tmp_path / "work").pending()
 
 
 def test_unmount_during_an_outage_completes(flaky, tmp_path, mounter, mountd_cli, monkeypatch):
