@@ -616,22 +616,66 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    require()
+def run_session(tmp_prefix: str, tmp_dir: str | None, body) -> int:
+    """One benchmark run against an Azurite of its own in a fresh temporary
+    directory: `body(tmp, azurite, keep)` does the work, calling `keep(bench)`
+    as soon as it has something whose `cleanup()` unmounts what it mounted.
+    Failures, Ctrl-C and SIGTERM end in the same clean-up; returns the exit
+    code."""
     signal.signal(signal.SIGTERM, _sigterm)
-    tmp = tempfile.mkdtemp(prefix="mountd-bench-mount-", dir=args.tmp_dir)
+    tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=tmp_dir)
     azurite = Azurite(location=os.path.join(tmp, "azurite"))
-    bench = None
+    held = []
     leftover: list[str] = []
     ok = False
     try:
-        for sub in ("azurite", "src"):
-            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+        os.makedirs(os.path.join(tmp, "azurite"), exist_ok=True)
         print(f"starting Azurite, data under {tmp}", flush=True)
         azurite.start()
+        body(tmp, azurite, held.append)
+        ok = True
+        return 0
+    except ToolFailed as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        if MOUNTD_LOGS:
+            print("mountd worker logs: " + ", ".join(sorted(MOUNTD_LOGS)), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
+        try:
+            leftover = held[0].cleanup() if held else mounts_under(tmp)
+        finally:
+            azurite.stop()
+            if leftover:
+                print(f"WARNING: still mounted, left {tmp} in place: {', '.join(leftover)}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if ok and not leftover:
+                for log in MOUNTD_LOGS:
+                    try:
+                        os.unlink(log)
+                    except OSError:
+                        pass
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            with open("/proc/mounts") as f:
+                ours = [line.split()[1] for line in f if tmp in line]
+            if ours:
+                print(f"WARNING: /proc/mounts still lists {ours}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require()
+
+    def body(tmp, azurite, keep):
+        os.makedirs(os.path.join(tmp, "src"), exist_ok=True)
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, args.only)
+        keep(bench)
         header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
                   "rclone": tool_version(["rclone", "version"], words=2),
                   "curl": tool_version(["curl", "--version"]), "rounds": args.repeat,
@@ -662,38 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(results_json(bench.res, header, disk_cap), f, indent=2)
                 f.write("\n")
             print(f"\nwrote {args.json}")
-        ok = True
-        return 0
-    except ToolFailed as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        if MOUNTD_LOGS:
-            print("mountd worker logs: " + ", ".join(sorted(MOUNTD_LOGS)), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
-        try:
-            leftover = bench.cleanup() if bench else mounts_under(tmp)
-        finally:
-            azurite.stop()
-            if leftover:
-                print(f"WARNING: still mounted, left {tmp} in place: {', '.join(leftover)}", file=sys.stderr)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if ok and not leftover:
-                for log in MOUNTD_LOGS:
-                    try:
-                        os.unlink(log)
-                    except OSError:
-                        pass
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            with open("/proc/mounts") as f:
-                ours = [line.split()[1] for line in f if tmp in line]
-            if ours:
-                print(f"WARNING: /proc/mounts still lists {ours}", file=sys.stderr)
+
+    return run_session("mountd-bench-mount-", args.tmp_dir, body)
 
 
 if __name__ == "__main__":

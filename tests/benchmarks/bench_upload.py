@@ -74,10 +74,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -85,7 +83,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tests.benchmarks.bench_download import mountd_argv
-from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
+from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, run_session, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
                                           blob_service, lazy_unmount, worker_record)
 from tests.benchmarks.common import (
     MiB, Scenario, ToolFailed, fmt_size, fresh_dir, is_mounted, machine_info, mounts_under, remove_dir,
@@ -628,25 +626,14 @@ def require(args: argparse.Namespace) -> None:
         sys.exit(f"missing on PATH: {', '.join(missing)}")
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require(args)
-    signal.signal(signal.SIGTERM, _sigterm)
-    tmp = tempfile.mkdtemp(prefix="mountd-bench-upload-", dir=args.tmp_dir)
-    azurite = Azurite(location=os.path.join(tmp, "azurite"))
-    bench = None
-    leftover: list[str] = []
-    ok = False
-    try:
-        os.makedirs(os.path.join(tmp, "azurite"), exist_ok=True)
-        print(f"starting Azurite, data under {tmp}", flush=True)
-        azurite.start()
+
+    def body(tmp, azurite, keep):
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, container)
+        keep(bench)
         header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
                   "rclone": tool_version(["rclone", "version"], words=2), "rounds": args.repeat}
         bench.prepare()
@@ -662,38 +649,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(results_json(bench.res, header), f, indent=2)
                 f.write("\n")
             print(f"\nwrote {args.json}")
-        ok = True
-        return 0
-    except ToolFailed as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        if MOUNTD_LOGS:
-            print("mountd worker logs: " + ", ".join(sorted(MOUNTD_LOGS)), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
-        try:
-            leftover = bench.cleanup() if bench else mounts_under(tmp)
-        finally:
-            azurite.stop()
-            if leftover:
-                print(f"WARNING: still mounted, left {tmp} in place: {', '.join(leftover)}", file=sys.stderr)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if ok and not leftover:
-                for log in MOUNTD_LOGS:
-                    try:
-                        os.unlink(log)
-                    except OSError:
-                        pass
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            with open("/proc/mounts") as f:
-                ours = [line.split()[1] for line in f if tmp in line]
-            if ours:
-                print(f"WARNING: /proc/mounts still lists {ours}", file=sys.stderr)
+
+    return run_session("mountd-bench-upload-", args.tmp_dir, body)
 
 
 if __name__ == "__main__":
