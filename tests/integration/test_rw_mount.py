@@ -18,6 +18,7 @@ import yaml
 from mountd.run import mounts, runtime
 from tests.conftest import KEY, KEY_ENV
 from tests.support.azurite import blob_workspace_entry
+from tests.support.remotes import ShareRemote
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
@@ -70,8 +71,16 @@ def blob_datastore(tmp_path, monkeypatch, azurite, container) -> dict:
     return entry
 
 
-@pytest.fixture(params=["blob", "local"])
+@pytest.fixture(params=["blob", "file", "local"])
 def storage(request, tmp_path, monkeypatch):
+    if request.param == "file":  # a share of the Files emulator: put, files and dirs as above
+        share = request.getfixturevalue("share")
+        remote = ShareRemote(request.getfixturevalue("fileshare"), share)
+        ws = tmp_path / "ws.yaml"
+        ws.write_text(yaml.safe_dump({"datastores": {"data": remote.entry(KEY_ENV)}}))
+        monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+        monkeypatch.setenv(KEY_ENV, KEY)
+        return remote
     if request.param == "blob":
         container = request.getfixturevalue("container")
         blob_datastore(tmp_path, monkeypatch, request.getfixturevalue("azurite"), container)
