@@ -173,6 +173,30 @@ def test_run_stages_mounts_and_uploads_through_faults(flaky, tmp_path):
     assert flaky.injected() >= 10, flaky.counts
 
 
+def test_read_write_mount_writes_through_resets_and_stalls(flaky, tmp_path, mounter):
+    rng = random.Random(8)
+    flaky.container.upload_blob("rw/existing.bin", rng.randbytes(600_000))
+    mp = mounter("flaky", "--read-write", "--work-dir", tmp_path / "work", "--cache-dir", tmp_path / "cache",
+                 "--block-size", "256KiB", "--memory-cache", "4MiB")
+    flaky.set(**HARSH)
+    want = {f"rw/out-{i:02d}.bin": rng.randbytes(rng.randrange(1, 400_000)) for i in range(15)}
+    want["rw/big.bin"] = rng.randbytes(40 << 20)  # above one request: staged blocks, committed once
+    for name, data in want.items():
+        (mp / name).write_bytes(data)  # close waits for storage: every close must succeed
+    with open(mp / "rw" / "existing.bin", "ab") as f:  # filled from storage through the faults, then appended
+        f.write(b"tail")
+    os.rename(mp / "rw" / "out-00.bin", mp / "rw" / "renamed.bin")
+    want["rw/renamed.bin"] = want.pop("rw/out-00.bin")
+    flaky.set(reset=0, stall=0)
+    stored = {b.name: flaky.container.download_blob(b.name).readall()
+              for b in flaky.container.list_blobs(name_starts_with="rw/")}
+    existing = stored.pop("rw/existing.bin")
+    assert existing.endswith(b"tail") and len(existing) == 600_004
+    assert_same(stored, want)
+    assert not Journal(tmp_path / "work").pending()
+    assert flaky.counts["reset"] >= 5 and flaky.counts["stall"] >= 2, flaky.counts
+
+
 def test_503_retry_after_and_500_are_retried(flaky):
     flaky.container.upload_blob("a.bin", b"x" * 5000)
     flaky.set(error_503=1.0, retry_after=1)
