@@ -20,7 +20,7 @@ from mountd.run import mounts, runtime
 from tests.conftest import KEY, KEY_ENV
 from tests.support.remotes import BlobRemote, ShareRemote
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
 BLOCK = 64 * 1024
 TREE = {
@@ -35,15 +35,6 @@ TREE = {
     "blocks/odd.bin": os.urandom(5 * BLOCK + 7),
     "deep/a/b/c/d.txt": b"deep",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fuse_available():
-    problem = mounts.fuse_problem()
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"FUSE is required in CI: {problem}")
-        pytest.skip(problem)
 
 
 @pytest.fixture(params=["blob", "file", "local"])
