@@ -15,7 +15,6 @@ job stay for the next flush, the unmount, or `mountd resume`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from mountd.errors import MountdError
+from mountd.locks import try_lock
 from mountd.storage.base import Entry, ObjectStore
 from mountd.transfer.journal import Journal
 from mountd.transfer.upload import upload_file
@@ -70,12 +70,9 @@ class WriteBack:
         self.staging = os.path.join(os.path.abspath(work_dir), "staged")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
         # Held while the mount lives: `mountd resume` leaves these copies to us.
-        self._lock_file = open(os.path.join(self.staging, ".lock"), "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise MountdError(f"work dir {work_dir} is in use by another read-write mount") from None
+        self._lock_file = try_lock(self.staging)
+        if self._lock_file is None:
+            raise MountdError(f"work dir {work_dir} is in use by another read-write mount")
         self.datastore = datastore
         self.origin = origin
         self._files: dict[str, StagedFile] = {}

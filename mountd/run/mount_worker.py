@@ -11,7 +11,6 @@ supervisor goes away, so no mount outlives the process that wanted it; the
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from dataclasses import asdict
 from mountd.config import datastores
 from mountd.config.settings import CacheSettings
 from mountd.errors import EXIT_USAGE, MountdError
+from mountd.locks import try_lock
 from mountd.run import control, runtime
 
 log = logging.getLogger("mountd.worker")
@@ -84,15 +84,11 @@ class _DiskCacheDir:
         self.path = os.path.join(base, key)
         self.private = False
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        self._lock = open(os.path.join(self.path, ".lock"), "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
+        self._lock = try_lock(self.path)
+        if self._lock is None:
             self.path = os.path.join(base, f"{key}-{os.getpid()}")
             self.private = True
             os.makedirs(self.path, mode=0o700, exist_ok=True)
-            self._lock = None
 
     def close(self) -> None:
         if self.private:

@@ -16,7 +16,6 @@ copies (`staged: true`), and those only after their upload is confirmed.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import threading
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 
 from mountd.config import credentials
 from mountd.config.datastores import DatastoreConfig
+from mountd.locks import is_locked
 
 JOURNAL_DIR = "journal"
 
@@ -163,16 +163,4 @@ class Journal:
 def in_use(job: Job) -> bool:
     """True if a live read-write mount holds the staging directory of this
     job's copies: that mount uploads them itself."""
-    if not job.staged or not job.files:
-        return False
-    lock = os.path.join(os.path.dirname(job.files[0][0]), ".lock")
-    try:
-        with open(lock, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
+    return job.staged and bool(job.files) and is_locked(os.path.dirname(job.files[0][0]))

@@ -1,0 +1,34 @@
+"""Advisory locks that say a directory is in use: a disk cache held by a
+mount, a read-write mount's work dir. The lock lives as long as the process
+keeps the returned file open (and goes with the process if it dies)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import IO
+
+
+def try_lock(directory: str) -> IO | None:
+    """Take the lock of `directory` (its `.lock` file); the open lock file,
+    to keep open while the directory is in use, or None if another process
+    holds it."""
+    f = open(os.path.join(directory, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def is_locked(directory: str) -> bool:
+    """True if another process holds the lock of `directory`."""
+    try:
+        held = try_lock(directory)
+    except OSError:
+        return False
+    if held is None:
+        return True
+    held.close()
+    return False
