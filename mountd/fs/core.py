@@ -16,25 +16,18 @@ import os
 import stat
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mountd.cache.blocks import BlockCache
 from mountd.cache.meta import MetadataCache
 from mountd.cache.prefetch import ReadAhead
 from mountd.config.settings import CacheSettings
-from mountd.errors import AlreadyExists, MountdError, NotEmpty, NotFound, Stale
+from mountd.errors import MountdError, NotFound, Stale
+from mountd.fs.errors import FsError, errno_for
 from mountd.fs.writeback import StagedFile, WriteBack
 from mountd.storage.base import Entry, ObjectStore, join
 
 log = logging.getLogger(__name__)
-
-
-class FsError(OSError):
-    """An errno for the caller (FUSE passes it to the application)."""
-
-    def __init__(self, code: int, message: str = ""):
-        super().__init__(code, message or os.strerror(code))
 
 
 @dataclass
@@ -47,30 +40,6 @@ class OpenFile:
 
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-
-
-@contextmanager
-def errno_for(what: str):
-    """Storage errors as the errno an application expects; anything
-    unexpected is logged and becomes EIO."""
-    try:
-        yield
-    except FsError:
-        raise
-    except NotFound:
-        raise FsError(errno.ENOENT) from None
-    except AlreadyExists:
-        raise FsError(errno.EEXIST) from None
-    except NotEmpty:
-        raise FsError(errno.ENOTEMPTY) from None
-    except MountdError as e:
-        log.error("%s: %s", what, e)
-        raise FsError(errno.EIO) from None
-    except OSError as e:  # the staging disk: ENOSPC, EDQUOT, EIO reach the writer as they are
-        if e.errno is None:
-            raise
-        log.error("%s: %s", what, e)
-        raise FsError(e.errno) from None
 
 
 class FileSystemCore:
@@ -101,13 +70,8 @@ class FileSystemCore:
         return join(self.prefix, path.strip("/"))
 
     def _entry(self, path: str) -> Entry:
-        try:
+        with errno_for(f"stat {path}"):
             return self.meta.stat(self._store_path(path))
-        except NotFound:
-            raise FsError(errno.ENOENT) from None
-        except MountdError as e:
-            log.error("stat %s: %s", path, e)
-            raise FsError(errno.EIO) from None
 
     def attributes(self, entry: Entry) -> dict:
         mode_bits = 0o555 if self.read_only else 0o755
@@ -140,17 +104,12 @@ class FileSystemCore:
         store_path = self._store_path(path)
         staged = {sf.path.rpartition("/")[2]: sf for sf in self.writeback.staged_under(store_path)} \
             if self.writeback else {}
-        try:
+        with errno_for(f"list {path}"):
             for child in self.meta.list_dir(store_path):
                 sf = staged.pop(child.name, None)
                 yield child.name, (self._staged_attributes(sf) if sf else self.attributes(child))
-            for name, sf in staged.items():  # created here, not in storage yet
-                yield name, self._staged_attributes(sf)
-        except NotFound:
-            raise FsError(errno.ENOENT) from None
-        except MountdError as e:
-            log.error("list %s: %s", path, e)
-            raise FsError(errno.EIO) from None
+        for name, sf in staged.items():  # created here, not in storage yet
+            yield name, self._staged_attributes(sf)
 
     # -- files ------------------------------------------------------------------------
     def open(self, path: str, flags: int) -> tuple[int, bool]:
@@ -316,7 +275,7 @@ class FileSystemCore:
             self._upload(handle.staged)
 
     def _upload(self, sf: StagedFile) -> None:
-        entry = self.writeback.flush(sf)  # raises WriteError(EIO)
+        entry = self.writeback.flush(sf)  # raises FsError(EIO)
         if entry is not None:
             self.meta.remember(entry)
 
@@ -375,7 +334,7 @@ class FileSystemCore:
         self.meta.forget(store_path)
 
     def _exists(self, path: str) -> bool:
-        if self.writeback and self.writeback.get(self._store_path(path)):
+        if self.writeback.get(self._store_path(path)):
             return True
         try:
             self._entry(path)
@@ -478,7 +437,7 @@ class FileSystemCore:
         """Storage keeps no permissions: accepted (tools like `shutil.copy`
         and `cp -p` set them) and without effect; the mode bits stay fixed."""
         self._writable()
-        if not (self.writeback and self.writeback.get(self._store_path(path))):
+        if not self.writeback.get(self._store_path(path)):
             self._entry(path)
 
     def chown(self, path: str, uid: int, gid: int) -> None:

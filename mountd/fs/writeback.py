@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from mountd.errors import MountdError
+from mountd.fs.errors import FsError
 from mountd.locks import try_lock
 from mountd.storage.base import Entry, ObjectStore
 from mountd.transfer.journal import Journal
@@ -32,9 +33,14 @@ log = logging.getLogger(__name__)
 COPY_CHUNK = 4 * 1024 * 1024
 
 
-class WriteError(OSError):
-    def __init__(self, code: int, message: str = ""):
-        super().__init__(code, message or os.strerror(code))
+def staging_dir(work_dir: str) -> str:
+    """Where a read-write mount keeps its staged copies."""
+    return os.path.join(os.path.abspath(work_dir), "staged")
+
+
+def _at_or_below(path: str, top: str) -> bool:
+    """`path` is `top` or inside it (store paths; "" is the root)."""
+    return path == top or path.startswith(top + "/") if top else True
 
 
 @dataclass(eq=False)
@@ -67,7 +73,7 @@ class WriteBack:
     def __init__(self, store: ObjectStore, work_dir: str, datastore: dict, origin: str):
         self.store = store
         self.journal = Journal(work_dir)
-        self.staging = os.path.join(os.path.abspath(work_dir), "staged")
+        self.staging = staging_dir(work_dir)
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
         # Held while the mount lives: `mountd resume` leaves these copies to us.
         self._lock_file = try_lock(self.staging)
@@ -99,9 +105,9 @@ class WriteBack:
             return [sf for p, sf in self._files.items() if p.rpartition("/")[0] == directory]
 
     def any_under(self, directory: str) -> bool:
-        prefix = directory + "/" if directory else ""
+        """A staged copy inside `directory` (not `directory` itself)."""
         with self._lock:
-            return any(p.startswith(prefix) for p in self._files)
+            return any(p != directory and _at_or_below(p, directory) for p in self._files)
 
     def open(self, path: str, entry: Entry | None, truncate: bool) -> StagedFile:
         """The staged copy of `path`, made if needed: empty for a new file or
@@ -173,7 +179,7 @@ class WriteBack:
     # -- to storage --------------------------------------------------------------------
     def flush(self, sf: StagedFile) -> Entry | None:
         """Upload the copy if it changed since storage last had it; the new
-        entry, or None if there was nothing to do. Raises WriteError(EIO)
+        entry, or None if there was nothing to do. Raises FsError(EIO)
         if storage did not take it (the copy and its journal job stay)."""
         with sf.lock:
             if not sf.dirty:
@@ -191,13 +197,12 @@ class WriteBack:
                 # reported by the next mount, not lost.
                 log.warning("cannot journal the upload of %s (%s); uploading it unjournaled", sf.path, e.strerror)
         try:
-            upload_file(self.store, sf.local, sf.path, overwrite=True)
-            entry = self.store.stat(sf.path)
+            entry = upload_file(self.store, sf.local, sf.path, overwrite=True)  # overwriting: never None
         except (MountdError, OSError) as e:
             self.upload_errors += 1
             log.error("upload of %s failed: %s; the written data is kept in %s and uploaded on the next "
                       "close, at unmount or by `mountd resume`", sf.path, e, sf.local)
-            raise WriteError(errno.EIO) from None
+            raise FsError(errno.EIO) from None
         if job is not None:  # one file, confirmed: the job ends (the copy is still ours, dropped on release)
             job.finish(keep_local=True)
             sf.job = None
@@ -228,14 +233,14 @@ class WriteBack:
     def under(self, path: str) -> list[StagedFile]:
         """The staged copies of `path` and of everything below it."""
         with self._lock:
-            return [sf for p, sf in self._files.items() if p == path or p.startswith(path + "/")]
+            return [sf for p, sf in self._files.items() if _at_or_below(p, path)]
 
     def rename(self, old: str, new: str) -> None:
         """Re-key staged copies after storage renamed `old` (a file or a
         directory) to `new`. The caller flushed them first, so no journal
         job names the old path."""
         with self._lock:
-            moves = [(p, sf) for p, sf in self._files.items() if p == old or p.startswith(old + "/")]
+            moves = [(p, sf) for p, sf in self._files.items() if _at_or_below(p, old)]
             for p, sf in moves:
                 del self._files[p]
                 sf.path = new + p[len(old):]
@@ -263,7 +268,7 @@ class WriteBack:
         for sf in files:
             try:
                 self.flush(sf)
-            except WriteError:
+            except FsError:
                 left += 1
                 continue
             with self._lock:
@@ -278,7 +283,7 @@ class WriteBack:
 def orphans(work_dir: str) -> list[str]:
     """Staged copies no journal job names: files a crashed mount had open and
     never closed. Kept (never uploaded: their writer did not finish them)."""
-    staging = os.path.join(os.path.abspath(work_dir), "staged")
+    staging = staging_dir(work_dir)
     try:
         names = [n for n in os.listdir(staging) if n != ".lock"]
     except FileNotFoundError:
@@ -287,4 +292,4 @@ def orphans(work_dir: str) -> list[str]:
     return [os.path.join(staging, n) for n in names if n not in named]
 
 
-__all__ = ["WriteBack", "StagedFile", "WriteError", "orphans"]
+__all__ = ["WriteBack", "StagedFile", "orphans"]

@@ -13,7 +13,7 @@ import threading
 from typing import Iterable
 
 from mountd.errors import AlreadyExists, MountdError, UsageError
-from mountd.storage.base import ObjectStore, join, normalize_path
+from mountd.storage.base import Entry, ObjectStore, join, normalize_path
 from mountd.transfer.journal import Job
 from mountd.transfer.pool import BoundedPool
 from mountd.transfer.progress import Progress, TransferReport
@@ -58,17 +58,18 @@ def plan_tree(src_dir: str, target_path: str | None) -> tuple[list[tuple[str, st
     return files, empty_dirs, refused
 
 
-def upload_file(store: ObjectStore, local: str, remote: str, overwrite: bool, progress=None) -> bool:
-    """Upload one file and check what landed: storage must hold as many
-    bytes as the file has, with the MD5 of the bytes sent where storage keeps
-    one, and the file must not have changed while it was read (else it is
-    sent again). True if uploaded, False if skipped (exists, no overwrite)."""
+def upload_file(store: ObjectStore, local: str, remote: str, overwrite: bool, progress=None) -> Entry | None:
+    """Upload one file and check what landed: storage must report as many
+    bytes as the file has (the blob backend also has storage check each
+    single-request upload against its MD5), and the file must not have
+    changed while it was read (else it is sent again). The stored entry, or
+    None if skipped (it exists and `overwrite` is off)."""
     for _ in range(3):
         before = os.stat(local)
         try:
             entry = store.write_file(remote, local, overwrite=overwrite, progress=progress)
         except AlreadyExists:
-            return False
+            return None
         after = os.stat(local)
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             log.warning("%s changed while it was uploaded; sending it again", local)
@@ -76,7 +77,7 @@ def upload_file(store: ObjectStore, local: str, remote: str, overwrite: bool, pr
             continue
         if entry.size != after.st_size:
             raise MountdError(f"storage holds {entry.size} bytes of {remote}, expected {after.st_size}")
-        return True
+        return entry
     raise MountdError(f"{local} keeps changing while it is uploaded")
 
 
@@ -99,7 +100,7 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
             return
         try:
             progress.add_total(os.path.getsize(local))
-            if upload_file(store, local, remote, overwrite, progress.bytes_moved):
+            if upload_file(store, local, remote, overwrite, progress.bytes_moved) is not None:
                 progress.file_done()
             else:
                 progress.skipped()

@@ -11,7 +11,7 @@ from mountd.cache.blocks import BlockCache
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError
 from mountd.fs.core import FileSystemCore, FsError
-from mountd.fs.writeback import WriteBack, WriteError
+from mountd.fs.writeback import WriteBack
 from mountd.storage.local import LocalStore
 
 
@@ -136,6 +136,5 @@ def test_write_errors_reach_the_writer_with_their_errno(world, monkeypatch):
     assert errno_of(lambda: core.write(fh, b"x" * 10, 0)) == errno.ENOSPC
 
 
-def test_writeerror_is_an_oserror():
-    assert isinstance(WriteError(errno.EIO), OSError)
-    assert isinstance(FsError(errno.EIO), OSError)
+def test_fserror_is_an_oserror_with_its_errno():
+    assert isinstance(FsError(errno.EIO), OSError) and FsError(errno.EIO).errno == errno.EIO
