@@ -228,19 +228,18 @@ def run(args) -> int:
 
 
 def resume(args) -> int:
-    from mountd.run.lifecycle import RW_MOUNTS_DIR
     from mountd.transfer.journal import Journal
     from mountd.transfer.resume import resume as resume_dir
 
     if args.work_dir:
-        dirs = []
-        for d in map(os.path.abspath, args.work_dir):
+        given = [os.path.abspath(d) for d in args.work_dir]
+        for d in given:
             if not os.path.isdir(d):
                 raise UsageError(f"work dir {d} does not exist")
-            dirs += [d] + _subdirs(os.path.join(d, RW_MOUNTS_DIR))  # a run's read-write mounts too
-        dirs = [d for d in dirs if d == dirs[0] or Journal(d).pending()]
+        # each given dir is reported; a run's read-write mounts only when they hold jobs
+        dirs = given + [m for m in _rw_mount_dirs(given) if Journal(m).has_jobs()]
     else:
-        dirs = [d for d in _default_work_dirs() if Journal(d).pending()]
+        dirs = [d for d in _default_work_dirs() if Journal(d).has_jobs()]
         if not dirs:
             print("no pending uploads (looked in ./mountd-runs/* and the read-write mounts' work dirs)")
             return EXIT_OK
@@ -264,11 +263,16 @@ def _subdirs(base: str) -> list[str]:
         return []
 
 
-def _default_work_dirs() -> list[str]:
+def _rw_mount_dirs(run_dirs: list[str]) -> list[str]:
+    """The work dirs of the read-write mounts of these runs."""
     from mountd.run.lifecycle import RW_MOUNTS_DIR
+    return [m for r in run_dirs for m in _subdirs(os.path.join(r, RW_MOUNTS_DIR))]
+
+
+def _default_work_dirs() -> list[str]:
     from mountd.run.mount_worker import mount_work_root
     runs = [os.path.abspath(".")] + _subdirs(os.path.abspath("mountd-runs"))
-    return runs + [m for r in runs for m in _subdirs(os.path.join(r, RW_MOUNTS_DIR))] + _subdirs(mount_work_root())
+    return runs + _rw_mount_dirs(runs) + _subdirs(mount_work_root())
 
 
 def daemon(args) -> int:

@@ -337,7 +337,7 @@ class Daemon:
 
 def _pending(manifest: Manifest) -> list[str]:
     """What the journal still has to upload, by origin ("upload reference outputs")."""
-    return [job.origin or job.id for job in Journal(manifest.work_dir).pending(manifest.run_id)]
+    return [job.label for job in Journal(manifest.work_dir).pending(manifest.run_id)]
 
 
 def _how_it_ended(code: int | None) -> str:

@@ -78,6 +78,11 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
+    def label(self) -> str:
+        """For messages: what asked for it, else its id."""
+        return self.origin or self.id
+
+    @property
     def done_path(self) -> str:
         return self.path[:-len(".json")] + ".done"
 
@@ -137,6 +142,13 @@ class Journal:
                 "dirs": job.dirs}
         write_durably(job.path, json.dumps(body, indent=1).encode("utf-8"))
         return job
+
+    def has_jobs(self) -> bool:
+        """Any unfinished job at all (without reading them)."""
+        try:
+            return any(n.endswith(".json") for n in os.listdir(self.dir))
+        except FileNotFoundError:
+            return False
 
     def pending(self, run_id: str | None = None) -> list[Job]:
         """Unfinished jobs, oldest first; with `run_id`, only that run's."""

@@ -71,17 +71,18 @@ def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False
     report = ResumeReport()
     for job in Journal(work_dir).pending(run_id):
         if in_use(job):
-            log.info("%s: left to the read-write mount that holds it", job.origin or job.id)
+            log.info("%s: left to the read-write mount that holds it", job.label)
             continue
         report.jobs += 1
         todo = job.remaining()
-        missing = [(local, remote) for local, remote in todo if not os.path.isfile(local)]
+        missing = [local for local, _ in todo if not os.path.isfile(local)]
         if missing:
-            for local, _ in missing:
+            for local in missing:
                 report.failed.append((local, "local file is gone; cannot upload it"))
             log.error("%s: %d file(s) to upload no longer exist locally, first %s; the job stays in %s",
-                      job.origin or job.id, len(missing), missing[0][0], job.path)
-            todo = [p for p in todo if p not in missing]
+                      job.label, len(missing), missing[0], job.path)
+            gone = set(missing)
+            todo = [(local, remote) for local, remote in todo if local not in gone]
         try:
             cfg = job_datastore(job)
             with open_store(cfg) as store:
@@ -90,18 +91,18 @@ def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False
                                 show_progress=show_progress, empty_dirs=job.dirs,
                                 job=job, label=job.origin or None, cancel=cancel)
         except MountdError as e:
-            report.failed.append((job.origin or job.id, str(e)))
+            report.failed.append((job.label, str(e)))
             log.error("%s: could not resume: %s (local files kept; the job stays in %s)",
-                      job.origin or job.id, e, job.path)
+                      job.label, e, job.path)
             continue
         report.files += result.files + result.skipped
         report.bytes += result.bytes
         report.failed.extend(result.failed)
         if not os.path.exists(job.path):
             report.finished += 1
-            log.info("%s: pending upload finished (%s)", job.origin or job.id, result.summary())
-        else:
+            log.info("%s: pending upload finished (%s)", job.label, result.summary())
+        elif result.failed:
+            first, reason = result.failed[0]
             log.error("%s: %d file(s) still not uploaded, first %s: %s (local files kept; the job stays in %s)",
-                      job.origin or job.id, len(result.failed), *(result.failed[0] if result.failed else ("?", "?")),
-                      job.path)
+                      job.label, len(result.failed), first, reason, job.path)
     return report

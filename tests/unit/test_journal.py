@@ -141,3 +141,7 @@ def test_resume_command_errors(tmp_path, mountd_cli):
     os.chdir(tmp_path)
     r = mountd_cli("resume")
     assert r.code == 0 and "no pending uploads" in r.out
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r = mountd_cli("resume", "--work-dir", tmp_path / "a", "--work-dir", tmp_path / "b")
+    assert r.code == 0 and r.out.count("no pending uploads") == 2, r  # every dir asked about is answered
