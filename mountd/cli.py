@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-path", metavar="P", help="path in the datastore (default: its root)")
     p.add_argument("--overwrite", action="store_true", help="replace existing objects (default: skip them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
-    p.add_argument("--workers", type=_positive, metavar="N", help="files in flight")
+    p.add_argument("--workers", type=_count(1, 1024), metavar="N", help="files in flight")
     p.set_defaults(func=c.upload)
 
     p = subs.add_parser("download", help="download objects from a datastore", parents=[common])
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", metavar="P", help="only objects whose names start with P")
     p.add_argument("--overwrite", action="store_true", help="replace existing local files (default: skip them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
-    p.add_argument("--workers", type=_positive, metavar="N", help="requests in flight")
+    p.add_argument("--workers", type=_count(1, 1024), metavar="N", help="requests in flight")
     p.set_defaults(func=c.download)
 
     # -- mounts -----------------------------------------------------------------
@@ -208,16 +208,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"expected 1 to 86400 seconds, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"expected 1 to 1024, got {value}")
     return value
 
 
