@@ -83,10 +83,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tests.benchmarks.bench_download import mountd_argv
-from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, run_session, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
-                                          blob_service, lazy_unmount, worker_record)
+from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
+                                          blob_service, lazy_unmount, run_session, worker_record)
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, fmt_size, fresh_dir, is_mounted, machine_info, mounts_under, remove_dir,
+    MiB, Scenario, ToolFailed, fresh_dir, is_mounted, machine_info, mounts_under, print_report, remove_dir,
     report_dict, run_timed, settle, tool_version, tree_stats, wait_mounted, write_random_file,
     write_rclone_config)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
@@ -544,39 +544,13 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
 
 
 def print_all(res: Results, header: dict, out=sys.stdout) -> None:
-    """Like common.print_report, with a tool column wide enough for
-    'mountd run (upload ref)'."""
     p = lambda s="": print(s, file=out)  # noqa: E731
-    scenarios = res.scenarios()
-    for k, v in header.items():
-        p(f"{k}: {v}")
-    tw = max([14] + [len(t) for sc in scenarios for t in sc.seconds])
-    p()
-    p(f"{'scenario':<26} {'tool':<{tw}} {'median s':>9} {'MiB/s':>9} {'mountd/tool':>12}")
-    p("-" * (26 + tw + 33))
-    for sc in scenarios:
-        label = f"{sc.name} ({sc.files} x {fmt_size(sc.nbytes // max(sc.files, 1))})"
-        subject_rate = sc.median_rate(SUBJECT) if SUBJECT in sc.seconds else None
-        for tool in sc.seconds:
-            rate = sc.median_rate(tool)
-            r = "" if tool == SUBJECT or subject_rate is None else f"{subject_rate / rate:.2f}x"
-            p(f"{label:<26} {tool:<{tw}} {sc.median_seconds(tool):>9.2f} {rate:>9.1f} {r:>12}")
-            label = ""
-    p()
-    p("raw seconds per round:")
-    for sc in scenarios:
-        for tool, secs in sc.seconds.items():
-            p(f"  {sc.name:<10} {tool:<{tw}} " + "  ".join(f"{s:7.2f}" for s in secs))
+    print_report(res.scenarios(), subject=SUBJECT, header=header, out=out)
     if res.startup:
         p()
         p("rw-mount start-up seconds per round (not part of any timing above):")
         for tool, secs in res.startup.items():
-            p(f"  {tool:<{tw}} " + "  ".join(f"{s:7.2f}" for s in secs))
-    p()
-    p("how each tool was run:")
-    for sc in scenarios:
-        for tool, how in sc.tools.items():
-            p(f"  {sc.name:<10} {tool:<{tw}} {how}")
+            p(f"  {tool:<24} " + "  ".join(f"{s:7.2f}" for s in secs))
     p()
     p("goal ratios (median throughput, mountd / rclone; >1x means mountd is faster):")
     for name, what, val in goals(res):

@@ -254,32 +254,39 @@ def print_report(scenarios: list[Scenario], subject: str = "mountd", header: dic
     p = lambda s="": print(s, file=out)  # noqa: E731
     for k, v in (header or {}).items():
         p(f"{k}: {v}")
+    tw = tool_width(scenarios)
     p()
-    p(f"{'scenario':<28} {'tool':<14} {'median s':>9} {'MiB/s':>9} {f'{subject}/tool':>12}")
-    p("-" * 76)
+    p(f"{'scenario':<28} {'tool':<{tw}} {'median s':>9} {'MiB/s':>9} {f'{subject}/tool':>12}")
+    p("-" * (62 + tw))
     for sc in scenarios:
         label = f"{sc.name} ({sc.files} x {fmt_size(sc.nbytes // max(sc.files, 1))})"
         subject_rate = sc.median_rate(subject) if subject in sc.seconds else None
         for tool in sc.seconds:
             rate = sc.median_rate(tool)
             ratio = "" if tool == subject or subject_rate is None else f"{subject_rate / rate:.2f}x"
-            p(f"{label:<28} {tool:<14} {sc.median_seconds(tool):>9.2f} {rate:>9.1f} {ratio:>12}")
+            p(f"{label:<28} {tool:<{tw}} {sc.median_seconds(tool):>9.2f} {rate:>9.1f} {ratio:>12}")
             label = ""
     _print_rounds_and_tools(p, scenarios)
 
 
+def tool_width(scenarios: list[Scenario]) -> int:
+    """Width of the tool column: the longest tool name, at least 14."""
+    return max([14] + [len(t) for sc in scenarios for t in sc.seconds])
+
+
 def _print_rounds_and_tools(p, scenarios: list[Scenario]) -> None:
     """The raw per-round seconds and each tool's command line, after a table."""
+    tw = tool_width(scenarios)
     p()
     p("raw seconds per round:")
     for sc in scenarios:
         for tool, secs in sc.seconds.items():
-            p(f"  {sc.name:<10} {tool:<14} " + "  ".join(f"{s:7.2f}" for s in secs))
+            p(f"  {sc.name:<10} {tool:<{tw}} " + "  ".join(f"{s:7.2f}" for s in secs))
     p()
     p("how each tool was run:")
     for sc in scenarios:
         for tool, how in sc.tools.items():
-            p(f"  {sc.name:<10} {tool:<14} {how}")
+            p(f"  {sc.name:<10} {tool:<{tw}} {how}")
 
 
 def report_dict(scenarios: list[Scenario], subject: str = "mountd", header: dict | None = None) -> dict:
@@ -416,8 +423,9 @@ def print_count_report(scenarios: list[Scenario], subject: str = "mountd", unit:
     was run."""
     p = lambda s="": print(s, file=out)  # noqa: E731
     rate_head = f"{unit}/s"
-    p(f"{'scenario':<28} {'tool':<14} {'median s':>9} {rate_head:>9} {f'{subject}/tool':>12}")
-    p("-" * 76)
+    tw = tool_width(scenarios)
+    p(f"{'scenario':<28} {'tool':<{tw}} {'median s':>9} {rate_head:>9} {f'{subject}/tool':>12}")
+    p("-" * (62 + tw))
     for sc in scenarios:
         label = f"{sc.name} ({sc.files} {unit})"
         subject_s = sc.median_seconds(subject) if subject in sc.seconds else None
@@ -425,6 +433,6 @@ def print_count_report(scenarios: list[Scenario], subject: str = "mountd", unit:
             secs = sc.median_seconds(tool)
             ratio = "" if tool == subject or subject_s is None else f"{secs / subject_s:.2f}x"
             rate = sc.files / secs if secs > 0 else float("inf")
-            p(f"{label:<28} {tool:<14} {secs:>9.2f} {rate:>9.0f} {ratio:>12}")
+            p(f"{label:<28} {tool:<{tw}} {secs:>9.2f} {rate:>9.0f} {ratio:>12}")
             label = ""
     _print_rounds_and_tools(p, scenarios)
