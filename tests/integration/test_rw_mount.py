@@ -17,80 +17,29 @@ import yaml
 
 from mountd.run import mounts, runtime
 from tests.conftest import KEY, KEY_ENV
-from tests.support.azurite import blob_workspace_entry
-from tests.support.remotes import ShareRemote
+from tests.support.remotes import BlobRemote, LocalRemote, ShareRemote
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
 MiB = 1024 * 1024
 
 
-class Storage:
-    """What the datastore holds, read without the mount."""
-
-    def __init__(self, kind, container=None, root=None):
-        self.kind, self.container, self.root = kind, container, root
-
-    def put(self, name, data):
-        if self.kind == "blob":
-            self.container.upload_blob(name, data, overwrite=True)
-        else:
-            path = self.root / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-
-    def files(self) -> dict:
-        if self.kind == "blob":
-            out = {}
-            for b in self.container.list_blobs(include=["metadata"]):
-                if (b.metadata or {}).get("hdi_isfolder") != "true":
-                    out[b.name] = self.container.download_blob(b.name).readall()
-            return out
-        out = {}
-        for dirpath, _, names in os.walk(self.root):
-            for n in names:
-                full = os.path.join(dirpath, n)
-                out[os.path.relpath(full, self.root)] = open(full, "rb").read()
-        return out
-
-    def dirs(self) -> set:
-        """Directories that exist in their own right (markers on blob)."""
-        if self.kind == "blob":
-            return {b.name for b in self.container.list_blobs(include=["metadata"])
-                    if (b.metadata or {}).get("hdi_isfolder") == "true"}
-        return {os.path.relpath(d, self.root) for d, _, _ in os.walk(self.root) if d != str(self.root)}
-
-
-def blob_datastore(tmp_path, monkeypatch, azurite, container) -> dict:
-    """Make the container the workspace's datastore `data`."""
-    entry = blob_workspace_entry(azurite, container.container_name, KEY_ENV)
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": entry}}))
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    monkeypatch.setenv(KEY_ENV, KEY)
-    return entry
-
-
 @pytest.fixture(params=["blob", "file", "local"])
 def storage(request, tmp_path, monkeypatch):
-    if request.param == "file":  # a share of the Files emulator: put, files and dirs as above
-        share = request.getfixturevalue("share")
-        remote = ShareRemote(request.getfixturevalue("fileshare"), share)
-        ws = tmp_path / "ws.yaml"
-        ws.write_text(yaml.safe_dump({"datastores": {"data": remote.entry(KEY_ENV)}}))
-        monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-        monkeypatch.setenv(KEY_ENV, KEY)
-        return remote
+    """The workspace's datastore `data`: a container, a share or a local
+    directory, seen through its SDK (or the file system) behind the mount."""
     if request.param == "blob":
-        container = request.getfixturevalue("container")
-        blob_datastore(tmp_path, monkeypatch, request.getfixturevalue("azurite"), container)
-        return Storage("blob", container=container)
-    root = tmp_path / "localroot"
-    root.mkdir()
+        remote = BlobRemote(request.getfixturevalue("azurite"), request.getfixturevalue("container"))
+    elif request.param == "file":
+        remote = ShareRemote(request.getfixturevalue("fileshare"), request.getfixturevalue("share"))
+    else:
+        (tmp_path / "localroot").mkdir()
+        remote = LocalRemote(tmp_path / "localroot")
     ws = tmp_path / "ws.yaml"
-    ws.write_text(yaml.safe_dump({"datastores": {"data": {"type": "local", "root": str(root)}}}))
+    ws.write_text(yaml.safe_dump({"datastores": {"data": remote.entry(KEY_ENV)}}))
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
-    return Storage("local", root=root)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    return remote
 
 
 @pytest.fixture
@@ -274,9 +223,8 @@ def test_what_storage_cannot_do_fails_clearly(storage, rw_mount):
     os.utime(mp / "f")  # touch works
 
 
-def test_upload_failure_gives_eio_keeps_data_and_resume_finishes(azurite, container, tmp_path, monkeypatch,
-                                                                  rw_mount, mountd_cli):
-    blob_datastore(tmp_path, monkeypatch, azurite, container)
+def test_upload_failure_gives_eio_keeps_data_and_resume_finishes(azurite, container, blob_datastore, tmp_path,
+        rw_mount, mountd_cli):
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     body = os.urandom(3 * MiB)
@@ -309,9 +257,8 @@ def test_upload_failure_gives_eio_keeps_data_and_resume_finishes(azurite, contai
     assert not os.path.exists(staged) and not list((work / "journal").glob("*.json"))
 
 
-def test_kill_9_during_flush_then_resume_uploads_the_closed_file(azurite, container, tmp_path, monkeypatch,
-                                                                  rw_mount, mountd_cli):
-    blob_datastore(tmp_path, monkeypatch, azurite, container)
+def test_kill_9_during_flush_then_resume_uploads_the_closed_file(azurite, container, blob_datastore, tmp_path,
+        rw_mount, mountd_cli):
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     pid = runtime.read_record(str(mp))["pid"]
@@ -341,9 +288,8 @@ def _close_quietly(f):
         pass
 
 
-def test_a_new_mount_of_the_work_dir_finishes_pending_uploads(azurite, container, tmp_path, monkeypatch,
-                                                               rw_mount, mountd_cli):
-    blob_datastore(tmp_path, monkeypatch, azurite, container)
+def test_a_new_mount_of_the_work_dir_finishes_pending_uploads(azurite, container, blob_datastore, tmp_path,
+        rw_mount, mountd_cli):
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     from azure.storage.blob import BlobServiceClient

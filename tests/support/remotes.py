@@ -5,6 +5,7 @@ back."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 from azure.core.exceptions import ResourceExistsError
@@ -48,6 +49,43 @@ class BlobRemote:
         start = prefix.rstrip("/") + "/" if prefix else ""
         blobs = self.client.list_blobs(name_starts_with=start, include=["metadata"])
         return {b.name[len(start):]: self.get(b.name) for b in blobs if not (b.metadata or {}).get("hdi_isfolder")}
+
+    def dirs(self, prefix: str = "") -> set[str]:
+        """Directories under `prefix` that exist in their own right: markers."""
+        start = prefix.rstrip("/") + "/" if prefix else ""
+        return {b.name for b in self.client.list_blobs(name_starts_with=start, include=["metadata"])
+                if (b.metadata or {}).get("hdi_isfolder") == "true"}
+
+
+class LocalRemote:
+    """A local directory as a datastore, for the behaviour all three kinds share."""
+
+    kind = "local"
+
+    def __init__(self, root):
+        self.root = root
+
+    def entry(self, key_env: str) -> dict:
+        return {"type": "local", "root": str(self.root)}
+
+    def put(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def files(self, prefix: str = "") -> dict[str, bytes]:
+        base = os.path.join(self.root, prefix)
+        out = {}
+        for dirpath, _, names in os.walk(base):
+            for n in names:
+                with open(os.path.join(dirpath, n), "rb") as f:
+                    out[os.path.relpath(os.path.join(dirpath, n), base)] = f.read()
+        return out
+
+    def dirs(self, prefix: str = "") -> set[str]:
+        base = os.path.join(self.root, prefix)
+        return {os.path.relpath(d, self.root) for d, _, _ in os.walk(base) if d != base}
 
 
 class ShareRemote:
