@@ -22,12 +22,9 @@ from tests.support.azurite import blob_workspace_entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The child: checks what mountd promised (env vars, arguments, bytes), writes
-# outputs, exits with $EXIT_WITH.
-CHILD = r'''
-import hashlib, json, os, sys, time
-args = sys.argv[1:]
-env = {k: v for k, v in os.environ.items() if k.startswith("AZUREML_DATAREFERENCE_")}
+# For the children: sha256 of every file under a directory, by relative name.
+DIGEST = r'''
+import hashlib, os
 def digest(root):
     out = {}
     for d, _, files in os.walk(root):
@@ -35,6 +32,14 @@ def digest(root):
             p = os.path.join(d, f)
             out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
+'''
+
+# The child: checks what mountd promised (env vars, arguments, bytes), writes
+# outputs, exits with $EXIT_WITH.
+CHILD = DIGEST + r'''
+import json, sys, time
+args = sys.argv[1:]
+env = {k: v for k, v in os.environ.items() if k.startswith("AZUREML_DATAREFERENCE_")}
 report = {"args": args, "env": env, "inputs": digest(env["AZUREML_DATAREFERENCE_inputs"]),
           "staged": digest(env["AZUREML_DATAREFERENCE_staged"]), "run_id": os.environ.get("MOUNTD_RUN_ID"),
           "epochs": os.environ.get("EPOCHS")}
@@ -204,15 +209,8 @@ def test_pid1_reaps_orphans_and_returns_the_code(job, tmp_path):
     assert job.remote.files("runs/r1/out")["zombies"].strip() == b"0"
 
 
-MIXED_CHILD = r'''
-import hashlib, json, os, sys
-def digest(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
+MIXED_CHILD = DIGEST + r'''
+import json, sys
 refs = {k[len("AZUREML_DATAREFERENCE_"):]: v for k, v in os.environ.items() if k.startswith("AZUREML_DATAREFERENCE_")}
 report = {name: digest(path) for name, path in refs.items() if name in ("share_mount", "blob_mount", "share_dl",
                                                                       "blob_dl")}
