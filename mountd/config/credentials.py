@@ -112,3 +112,34 @@ def resolve(spec: dict | None, where: str) -> Credential:
     if spec.get("anonymous"):
         return Credential("anonymous")
     return Credential("managed_identity", client_id=spec.get("client_id"))
+
+
+# Azurite's documented development account (UseDevelopmentStorage=true).
+_DEVELOPMENT = {"accountname": "devstoreaccount1",
+                "accountkey": "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==",
+                "blobendpoint": "http://127.0.0.1:10000/devstoreaccount1",
+                "fileendpoint": "http://127.0.0.1:10004/devstoreaccount1"}
+
+
+def connection_string_parts(secret: str, service: str, where: str) -> tuple[str, str | None, str | None, str | None]:
+    """(account URL of `service` ("blob" or "file"), account name, account
+    key, SAS token) from an Azure Storage connection string."""
+    fields = {}
+    for part in secret.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    if fields.get("usedevelopmentstorage", "").lower() == "true":
+        fields = {**_DEVELOPMENT, **{k: v for k, v in fields.items() if k != "usedevelopmentstorage"}}
+    name, key, sas = fields.get("accountname"), fields.get("accountkey"), fields.get("sharedaccesssignature")
+    url = fields.get(f"{service}endpoint")
+    if not url:
+        if not name:
+            raise ConfigError(f"{where}: the connection string names no AccountName or {service.capitalize()}Endpoint")
+        protocol = fields.get("defaultendpointsprotocol", "https")
+        url = f"{protocol}://{name}.{service}.{fields.get('endpointsuffix', 'core.windows.net')}"
+    if not name:  # an endpoint alone: the account is its host's first label, or the path's for emulators
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        name = parts.path.strip("/").split("/")[0] or (parts.hostname or "").split(".")[0] or None
+    return url.rstrip("/"), name, key, sas.lstrip("?") if sas else None

@@ -1,66 +1,20 @@
-"""What the Azure backends (blob, file share) share: the HTTP transport tuned
-for throughput, client options, credentials, and translation of SDK errors
-into mountd's errors."""
+"""What the Azure backends (blob, file share) share without the SDK: the
+translation of a storage answer into mountd's errors, content types, and the
+parallel upload of pieces. (What needs the SDK is in `sdk`.)"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import mimetypes
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Executor, wait
 from typing import BinaryIO, Callable
 
-import requests
-from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-from azure.core.pipeline.transport import RequestsTransport
-
-from mountd.config.credentials import Credential
-from mountd.redact import redact
 from mountd.errors import AlreadyExists, ConfigError, NotEmpty, NotFound, Stale, StorageError, Unreachable
-from mountd.storage.retry import BackoffRetry, StoragePolicy, policy
 
-# The SDK reads response bodies in pieces of this size; its 4 KiB default
-# costs over half the download throughput in Python.
-DATA_BLOCK_SIZE = 256 * 1024
 # Connections kept per host; above the number of threads that talk at once,
 # so none is thrown away and reopened under load.
 POOL_SIZE = 64
-
-
-def make_transport(p: StoragePolicy | None = None) -> RequestsTransport:
-    """Connect and read timeouts bound every SDK call (the read timeout is
-    the longest wait for a byte, not for a whole answer)."""
-    p = p or policy()
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return RequestsTransport(session=session, session_owner=True,
-                             connection_timeout=p.connect_timeout, read_timeout=p.read_timeout,
-                             connection_data_block_size=DATA_BLOCK_SIZE)
-
-
-def client_options(p: StoragePolicy | None = None, **extra) -> dict:
-    p = p or policy()
-    return dict(transport=make_transport(p), retry_policy=BackoffRetry.from_policy(p),
-                connection_data_block_size=DATA_BLOCK_SIZE, **extra)
-
-
-def sdk_credential(cred: Credential, account_name: str | None):
-    """The credential argument for an SDK client (connection strings aside)."""
-    if cred.kind == "account_key":
-        if not account_name:
-            raise ConfigError("an account key needs account_name")
-        return {"account_name": account_name, "account_key": cred.secret}
-    if cred.kind == "sas_token":
-        from azure.core.credentials import AzureSasCredential
-        return AzureSasCredential(cred.secret.lstrip("?"))
-    if cred.kind == "managed_identity":
-        from azure.identity import DefaultAzureCredential
-        return DefaultAzureCredential(managed_identity_client_id=cred.client_id,
-                                      exclude_interactive_browser_credential=True)
-    return None  # anonymous
 
 
 def content_type(path: str) -> str:
@@ -89,17 +43,6 @@ def raise_for_status(status: int, code: str, what: str, where: str):
     if status in (401, 403):
         raise Unreachable(f"{where} refused the credentials ({code or status})")
     raise StorageError(f"{what}: storage answered {status} {code}".rstrip())
-
-
-@contextlib.contextmanager
-def translated(what: str, where: str):
-    """Turn SDK exceptions raised inside into mountd errors naming `what`."""
-    try:
-        yield
-    except (ServiceRequestError, ServiceResponseError) as e:
-        raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
-    except HttpResponseError as e:
-        raise_for_status(e.status_code, getattr(e, "error_code", None), what, where)
 
 
 def upload_pieces(pool: Executor, slots: threading.BoundedSemaphore, source: BinaryIO, piece_size: int,
@@ -140,8 +83,3 @@ def upload_pieces(pool: Executor, slots: threading.BoundedSemaphore, source: Bin
     for fut in futures:
         fut.result()  # re-raise the first failure
     return md5.digest(), index
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return redact(text[0][:300]) if text else ""

@@ -1,5 +1,5 @@
 """A lean data path for Azure Storage: signed ranged GETs and listing pages
-over urllib3.
+over the small HTTP client of `http1`.
 
 The SDK spends about 2 ms of CPU on each request (requests, then a stack of
 pipeline policies); a training node reading thousands of small files, or a
@@ -23,15 +23,23 @@ from email.utils import formatdate
 import xml.etree.ElementTree as ET
 from urllib.parse import quote, urlencode, urlsplit
 
-import urllib3
-
-from mountd.errors import StorageError
+from mountd.config.credentials import connection_string_parts
+from mountd.errors import ConfigError, StorageError, Unreachable
 from mountd.storage.azure_common import POOL_SIZE, raise_for_status
+from mountd.storage.http1 import ConnectionPool
 from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy
 
 API_VERSION = "2021-08-06"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 TOKEN_SCOPE = "https://storage.azure.com/.default"
+
+
+def token_credential(credential):
+    """DefaultAzureCredential (managed identity first) for a credential of
+    kind managed_identity; azure-identity is imported only here."""
+    from azure.identity import DefaultAzureCredential
+    return DefaultAzureCredential(managed_identity_client_id=credential.client_id,
+                                  exclude_interactive_browser_credential=True)
 
 
 class HttpError(Exception):
@@ -53,18 +61,21 @@ class Signer:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_sdk_client(cls, client) -> "Signer":
-        """Take the credential an SDK client was built with."""
-        cred = getattr(client, "credential", None)
-        name = getattr(client, "account_name", None)
-        if cred is not None and getattr(cred, "account_key", None):
-            return cls(cred.account_name, cred.account_key)
-        if cred is not None and hasattr(cred, "signature"):  # AzureSasCredential
-            return cls(name, sas=cred.signature)
-        if cred is not None and hasattr(cred, "get_token"):
-            return cls(name, token_credential=cred)
-        query = urlsplit(client.url).query
-        return cls(name, sas=query or None)
+    def for_store(cls, cfg, credential, service: str) -> tuple[str, "Signer"]:
+        """The account URL of a datastore (`service`: "blob" or "file") and
+        the signer for its credential, as the SDK would sign."""
+        if credential.kind == "connection_string":
+            url, name, key, sas = connection_string_parts(credential.secret, service, f"datastore {cfg.name!r}")
+            return url, cls(name, key, sas)
+        if credential.kind == "account_key":
+            if not cfg.account_name:
+                raise ConfigError("an account key needs account_name")
+            return cfg.account_url(), cls(cfg.account_name, credential.secret)
+        if credential.kind == "sas_token":
+            return cfg.account_url(), cls(cfg.account_name, sas=credential.secret)
+        if credential.kind == "managed_identity":
+            return cfg.account_url(), cls(cfg.account_name, token_credential=token_credential(credential))
+        return cfg.account_url(), cls(cfg.account_name)  # anonymous
 
     def sign(self, method: str, path: str, headers: dict, query: dict | None = None) -> str:
         """Mutates headers; returns the query string to append (SAS)."""
@@ -93,6 +104,16 @@ class Signer:
             return self._token.token
 
 
+class _Progress:
+    """Bytes of a ranged read received so far, kept across the retries of a
+    broken connection (a fill that raises has still moved it)."""
+
+    __slots__ = ("got",)
+
+    def __init__(self):
+        self.got = 0
+
+
 class RangeReader:
     """Ranged GETs of objects, and listings, under one account URL, many
     threads at once.
@@ -112,65 +133,73 @@ class RangeReader:
         self.api_version = api_version
         self.conditional = conditional
         self.headers = dict(headers or {})  # sent (and signed) with every request
-        self.pool = urllib3.connection_from_url(
-            f"{parts.scheme}://{parts.netloc}", maxsize=POOL_SIZE, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=self.retry.connect_timeout, read=self.retry.read_timeout))
+        self.pool = ConnectionPool(f"{parts.scheme}://{parts.netloc}", POOL_SIZE,
+                                   self.retry.connect_timeout, self.retry.read_timeout)
 
     def read_into(self, object_path: str, offset: int, view: memoryview, etag: str | None) -> int:
         """Fill `view` from `offset` of the object at `object_path`
         ('container/name', unencoded); returns the bytes read (fewer at the
         end of the object; 0 at or past its end). Raises HttpError for an
         answer other than 200/206/416 once retries are spent."""
-        def fill(response, got: int) -> int:
-            raw = _raw(response)
-            while got < len(view):
-                n = raw.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            return got
+        def fill(response, p: _Progress) -> None:
+            while p.got < len(view) and (n := response.readinto(view[p.got:])):
+                p.got += n
         return self._get_range(object_path, offset, len(view), etag, fill)
 
     def stream(self, object_path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
-        """One GET for the whole range, passed to `sink(offset, piece)` a
-        buffer at a time (a piece is valid only during the call) and resumed
-        where it broke off. Fewer, longer requests: per-request cost dominates
-        when a large object is read as many small ranges."""
-        def fill(response, got: int) -> int:
-            raw = _raw(response)
-            while got < length:
-                want = min(len(buf), length - got)
-                filled = 0
-                while filled < want:
-                    n = raw.readinto(buf[filled:want])
-                    if not n:
-                        break
-                    filled += n
-                if filled:
-                    sink(offset + got, buf[:filled])
-                    got += filled
-                if filled < want:
-                    break
-            return got
-        return self._get_range(object_path, offset, length, etag, fill)
+        """One GET for the whole range, cut into pieces of len(buf) bytes
+        from `offset` (the last may be shorter). Each piece is read into a
+        buffer and passed to `sink(offset, piece)` once full; the piece is
+        valid only during the call, unless `sink` returns a new buffer for
+        the next piece (it may then keep this one). A broken connection is
+        resumed where it broke off, into the same piece. Fewer, longer
+        requests: per-request cost dominates when a large object is read as
+        many small ranges."""
+        current, filled = buf, 0  # the piece being filled, across retries
+        progress = _Progress()
 
-    def _get_range(self, object_path: str, offset: int, length: int, etag: str | None, fill) -> int:
-        """GET bytes [offset, offset+length), handing the response body to
-        `fill(response, got) -> got`; retries and resumes from `got`."""
-        got = 0
+        def piece_done() -> None:
+            nonlocal current, filled
+            fresh = sink(offset + progress.got - filled, current[:filled])
+            if fresh is not None:
+                current = fresh
+            filled = 0
+
+        def fill(response, p: _Progress) -> None:
+            nonlocal filled
+            while p.got < length:
+                want = min(len(current), length - (p.got - filled))
+                while filled < want:
+                    n = response.readinto(current[filled:want])
+                    if not n:
+                        return
+                    filled += n
+                    p.got += n
+                piece_done()
+
+        got = self._get_range(object_path, offset, length, etag, fill, progress)
+        if filled:  # the object ended inside the last piece
+            piece_done()
+        return got
+
+    def _get_range(self, object_path: str, offset: int, length: int, etag: str | None, fill,
+                   p: _Progress | None = None) -> int:
+        """GET bytes [offset, offset+length), handing each response to
+        `fill(response, p)`, which reads its body and moves p.got; retries
+        and resumes from there."""
+        p = p or _Progress()
         attempt = 0
         path = self.base_path + "/" + quote(object_path, safe="/~")
-        while got < length:
-            headers = {**self.headers, "x-ms-range": f"bytes={offset + got}-{offset + length - 1}",
+        while p.got < length:
+            headers = {**self.headers, "x-ms-range": f"bytes={offset + p.got}-{offset + length - 1}",
                        "x-ms-version": self.api_version}
             if etag and self.conditional:
                 headers["If-Match"] = etag
             query = self.signer.sign("GET", path, headers)
             url = path + ("?" + query if query else "")
             try:
-                response = self.pool.urlopen("GET", url, headers=headers, preload_content=False,
-                                             retries=False, redirect=False)
-            except urllib3.exceptions.HTTPError as e:
+                response = self.pool.request("GET", url, headers)
+            except OSError as e:
                 attempt = self._backoff(attempt, None, e)
                 continue
             try:
@@ -180,54 +209,86 @@ class RangeReader:
                 if status not in (200, 206):
                     code = response.headers.get("x-ms-error-code", "")
                     retry_after = _retry_after(response.headers)
-                    response.drain_conn()
+                    response.drain()
                     if status in RETRY_STATUS:
                         attempt = self._backoff(attempt, retry_after, HttpError(status, code))
                         continue
                     raise HttpError(status, code)
-                served = (response.headers.get("ETag") or "").strip('"')
+                served = (response.headers.get("etag") or "").strip('"')
                 if etag and not self.conditional and served and served != etag.strip('"'):
                     response.close()  # the body is of another version: never read it
                     raise HttpError(412, "ConditionNotMet")
                 etag = etag or served or None  # a resumed read must continue the same version
-                before = got
+                before = p.got
                 try:
-                    got = fill(response, got)
-                except (OSError, urllib3.exceptions.HTTPError) as e:
-                    if got > before:
+                    fill(response, p)
+                except OSError as e:
+                    response.close()
+                    if p.got > before:
                         attempt = 0  # it was moving: a long stream gets a fresh budget for each break
                     attempt = self._backoff(attempt, None, e)
                     continue  # resume from where the body broke off
-                total = response.headers.get("Content-Range", "").rpartition("/")[2]
-                if got < length and (total.isdigit() and offset + got >= int(total) or status == 200):
+                total = response.headers.get("content-range", "").rpartition("/")[2]
+                if p.got < length and (total.isdigit() and offset + p.got >= int(total) or status == 200):
                     break  # the object ends here
-                if got == before:
+                if p.got == before:
                     attempt = self._backoff(attempt, None, HttpError(status, "EmptyBody"))
+                elif p.got < length:
+                    response.close()  # cut short without an error: resume on a fresh connection
             finally:
-                response.release_conn()
-        return got
+                response.release()
+        return p.got
 
     def get_xml(self, resource_path: str, query: dict) -> ET.Element:
         """GET `resource_path` ('container', unencoded) with `query` and parse
         the XML answer (a listing page)."""
-        path = self.base_path + "/" + quote(resource_path, safe="/~")
         attempt = 0
         while True:
+            status, headers, body = self.call("GET", resource_path, query, body=True)
+            if status == 200:
+                try:
+                    return ET.fromstring(body)
+                except ET.ParseError as e:  # not XML after all: ask again
+                    attempt = self._backoff(attempt, None, HttpError(status, f"BadListing: {e}"))
+                    continue
+            raise HttpError(status, headers.get("x-ms-error-code", ""))
+
+    def call(self, method: str, resource_path: str, query: dict | None = None, body: bool = False,
+             connect_retries: int | None = None) -> tuple[int, dict, bytes]:
+        """Send a request without a body to `resource_path` ('container/name',
+        unencoded) and return (status, headers, response body if `body`)
+        once the answer is not a transient failure (connection errors, 5xx,
+        throttling: retried). `connect_retries` caps the retries of a
+        connection that cannot be made at all (a check at start fails fast
+        on a wrong endpoint instead of sitting out the whole budget)."""
+        path = self.base_path + "/" + quote(resource_path, safe="/~")
+        attempt = refused = 0
+        while True:
             headers = {**self.headers, "x-ms-version": self.api_version}
-            sas = self.signer.sign("GET", path, headers, query)
-            url = path + "?" + urlencode(query, quote_via=quote) + ("&" + sas if sas else "")
+            sas = self.signer.sign(method, path, headers, query)
+            params = "&".join(p for p in (urlencode(query, quote_via=quote) if query else "", sas) if p)
+            url = path + ("?" + params if params else "")
             try:
-                response = self.pool.urlopen("GET", url, headers=headers, retries=False, redirect=False)
-            except urllib3.exceptions.HTTPError as e:
+                response = self.pool.request(method, url, headers)
+                try:
+                    status, response_headers = response.status, response.headers
+                    data = response.read() if body or status >= 300 else b""
+                finally:
+                    response.release()
+            except ConnectionRefusedError as e:
+                refused += 1
+                if connect_retries is not None and refused > connect_retries:
+                    raise
                 attempt = self._backoff(attempt, None, e)
                 continue
-            if response.status == 200:
-                return ET.fromstring(response.data)
-            code = response.headers.get("x-ms-error-code", "")
-            if response.status in RETRY_STATUS:
-                attempt = self._backoff(attempt, _retry_after(response.headers), HttpError(response.status, code))
+            except OSError as e:
+                attempt = self._backoff(attempt, None, e)
                 continue
-            raise HttpError(response.status, code)
+            if status in RETRY_STATUS:
+                code = response_headers.get("x-ms-error-code", "")
+                attempt = self._backoff(attempt, _retry_after(response_headers), HttpError(status, code))
+                continue
+            return status, response_headers, data
 
     def _backoff(self, attempt: int, retry_after: float | None, error: Exception) -> int:
         attempt += 1
@@ -244,30 +305,30 @@ class RangeReader:
 
 
 @contextlib.contextmanager
-def translated_reads(what: str, where: str):
+def translated_reads(what: str, where: str, unreachable: bool = False):
     """Turn this module's failures inside into mountd errors naming `what`
-    (the object) and `where` (its container or share)."""
+    (the object) and `where` (its container or share). With `unreachable`,
+    a connection that cannot be had is reported as the store being out of
+    reach (a check), not as a failed read."""
     try:
         yield
     except HttpError as e:
         raise_for_status(e.status, e.code, what, where)
-    except (OSError, urllib3.exceptions.HTTPError) as e:
+    except OSError as e:
+        if unreachable:
+            raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {e}") from None
         raise StorageError(f"{what}: reading failed: {e}") from None
 
 
-def _raw(response):
-    """The http.client response under urllib3's: its readinto fills the
-    caller's buffer straight from the socket, where urllib3's reads into a
-    new bytes object and copies (a 16 MiB allocation and copy per call)."""
-    fp = getattr(response, "_fp", None)
-    if fp is not None and hasattr(fp, "readinto") and not response.chunked \
-            and not response.headers.get("Content-Encoding"):
-        return fp
-    return response
+def raise_for_answer(status: int, headers: dict, what: str, where: str) -> None:
+    """Raise the mountd error for a failed answer of `call` (nothing for 2xx)."""
+    if status >= 300:
+        raise_for_status(status, headers.get("x-ms-error-code", ""), what, where)
 
 
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After")
+def _retry_after(headers: dict) -> float | None:
+    """Seconds a throttling answer asks to wait (header names in lower case)."""
+    value = headers.get("retry-after")
     try:
         return float(value) if value else None
     except ValueError:

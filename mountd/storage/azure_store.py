@@ -1,6 +1,7 @@
 """What the blob and file share backends have in common as stores: errors
 named after the store, the check and creation of their container or share,
-reads through the lean data path, the upload pool, and closing."""
+reads and metadata through the lean data path, an SDK client made only when
+a call needs one, the upload pool, and closing."""
 
 from __future__ import annotations
 
@@ -8,48 +9,68 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from mountd.errors import AlreadyExists
-from mountd.storage.azure_common import translated
-from mountd.storage.azure_http import RangeReader, translated_reads
+from mountd.storage.azure_http import RangeReader, raise_for_answer, translated_reads
 from mountd.storage.base import ObjectStore, normalize_path
 from mountd.storage.retry import policy
 
 
-
 class AzureStore(ObjectStore):
-    """A container or share (`target`) of an SDK service client, with a lean
-    reader for its account and a pool of `concurrency` threads for the pieces
-    of large uploads."""
+    """A container or share (`target`) under an account, with a lean reader
+    for it and a pool of `concurrency` threads for the pieces of large
+    uploads. Subclasses say how to make their SDK client (`_make_service`)
+    and how to ask for the target's properties (`target_query`)."""
 
-    def __init__(self, service, target: str, reader: RangeReader, description: str, concurrency: int,
-                 thread_name: str):
-        self.service = service
+    target_query: dict = {}
+
+    def __init__(self, target: str, reader: RangeReader, description: str, concurrency: int, thread_name: str):
         self.target = target
         self._reader = reader
         self.description = description
+        self._service = None
+        self._service_lock = threading.Lock()
         self._uploads = ThreadPoolExecutor(concurrency, thread_name_prefix=thread_name)
         # pieces read ahead of those in flight: bounds the memory of one upload
         self._upload_slots = threading.BoundedSemaphore(concurrency * 2)
 
-    def _target_properties(self, **options) -> None:
-        """Ask for the container's or share's properties."""
+    @property
+    def service(self):
+        """The SDK's service client, made at first use: importing the SDK
+        costs a quarter of a second, and reads never need it."""
+        with self._service_lock:
+            if self._service is None:
+                self._service = self._make_service()
+            return self._service
+
+    def _make_service(self):
         raise NotImplementedError
 
     def _create_target(self) -> None:
         raise NotImplementedError
 
     def _errors(self, path: str):
+        from mountd.storage.sdk import translated
         return translated(f"{path or '/'} in {self.description}", self.description)
 
-    def _reads(self, path: str):
-        return translated_reads(f"{path or '/'} in {self.description}", self.description)
+    def _reads(self, path: str, unreachable: bool = False):
+        return translated_reads(f"{path or '/'} in {self.description}", self.description, unreachable)
+
+    def _head(self, path: str, query: dict | None = None) -> tuple[int, dict]:
+        """HEAD of an object (or, with `query`, a directory or the target)
+        through the lean path: (status, headers); failures other than an
+        answer raise."""
+        with self._reads(path):
+            status, headers, _ = self._reader.call("HEAD", f"{self.target}/{path}" if path else self.target, query)
+        return status, headers
 
     def check(self) -> None:
         # A short budget for connecting: an endpoint that refuses connections
         # at start is a configuration problem to report now, not an outage
         # to sit out. Answers that break or stall, and 5xx, get the full
         # budget: on a flaky network the check must not be what fails a job.
-        with self._errors(""):
-            self._target_properties(retry_connect=min(3, policy().retries))
+        with self._reads("", unreachable=True):
+            status, headers, _ = self._reader.call("HEAD", self.target, self.target_query,
+                                                   connect_retries=min(3, policy().retries))
+        raise_for_answer(status, headers, f"/ in {self.description}", self.description)
 
     def create(self) -> bool:
         """Create the container or share; False if it already existed."""
@@ -59,14 +80,6 @@ class AzureStore(ObjectStore):
         except AlreadyExists:
             return False
         return True
-
-    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        got = self.read_into(path, offset, memoryview(buf), etag)
-        # a bytearray is returned as is: copying 8 MiB blocks doubles peak memory
-        return buf if got == length else buf[:got]
 
     def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
         path = normalize_path(path)
@@ -81,4 +94,5 @@ class AzureStore(ObjectStore):
     def close(self) -> None:
         self._uploads.shutdown(wait=False, cancel_futures=True)
         self._reader.close()
-        self.service.close()
+        if self._service is not None:
+            self._service.close()

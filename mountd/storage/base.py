@@ -78,29 +78,37 @@ class ObjectStore(ABC):
         every directory that exists in its own right (a marker blob, a real
         directory) under it. Order: storage's own (lexicographic for blob)."""
 
-    @abstractmethod
     def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
         """Up to `length` bytes at `offset` (fewer only at end of file), as a
         bytes-like object (bytes or bytearray).
         With `etag`, raises Stale if the object is no longer that version."""
+        if length <= 0:
+            return b""
+        buf = bytearray(length)
+        got = self.read_into(path, offset, memoryview(buf), etag)
+        # a bytearray is returned as is: copying large reads doubles peak memory
+        return buf if got == length else buf[:got]
 
+    @abstractmethod
     def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
         """Like read, into a caller's buffer (no allocation per call); returns
         the number of bytes placed at the start of `view`."""
-        data = self.read(path, offset, len(view), etag)
-        view[:len(data)] = data
-        return len(data)
 
     def read_stream(self, path: str, offset: int, length: int, etag: str | None, buf: memoryview, sink) -> int:
-        """Read a long range, handing it to `sink(offset, piece)` one buffer
-        at a time (a piece is valid only during the call); returns the bytes
-        read. Backends that can stream one request override this."""
+        """Read a long range cut into pieces of len(buf) bytes from `offset`
+        (the last may be shorter), handing each to `sink(offset, piece)`
+        once full; returns the bytes read. A piece is valid only during the
+        call, unless `sink` returns a new buffer to read the next piece into
+        (it may then keep the piece). Backends that can stream one request
+        override this."""
         done = 0
         while done < length:
             n = self.read_into(path, offset + done, buf[:min(len(buf), length - done)], etag)
             if not n:
                 break
-            sink(offset + done, buf[:n])
+            fresh = sink(offset + done, buf[:n])
+            if fresh is not None:
+                buf = fresh
             done += n
         return done
 

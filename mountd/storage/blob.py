@@ -17,19 +17,14 @@ from email.utils import parsedate_to_datetime
 from typing import Iterator
 from urllib.parse import unquote
 
-import urllib3
-from azure.core import MatchConditions
-from azure.storage.blob import BlobServiceClient, ContentSettings
-
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, Unreachable
-from mountd.storage.azure_common import (client_options, content_type, raise_for_status, sdk_credential,
-                                         upload_pieces)
-from mountd.storage.azure_http import HttpError, RangeReader, Signer
+from mountd.storage.azure_common import content_type, raise_for_status, upload_pieces
+from mountd.storage.azure_http import HttpError, RangeReader, Signer, raise_for_answer
 from mountd.storage.azure_store import AzureStore
 from mountd.storage.base import Entry, ProgressCallback, normalize_path
-from mountd.storage.retry import RETRIES_SEEN, policy
+from mountd.storage.retry import policy
 
 MARKER_KEY = "hdi_isfolder"
 SINGLE_PUT_MAX = 32 * 1024 * 1024  # files up to this size go up in one request
@@ -38,20 +33,14 @@ UPLOAD_CONCURRENCY = 8  # blocks in flight per large file
 LIST_PAGE = 5000  # the service's maximum page
 
 
-def is_marker(metadata: dict | None) -> bool:
-    return any(k.lower() == MARKER_KEY and str(v).lower() == "true" for k, v in (metadata or {}).items())
-
-
-def _entry(props, path: str | None = None) -> Entry:
-    md5 = props.content_settings.content_md5 if props.content_settings else None
-    return Entry(
-        path=path if path is not None else props.name,
-        is_dir=is_marker(props.metadata),
-        size=0 if is_marker(props.metadata) else props.size,
-        mtime=props.last_modified.timestamp() if props.last_modified else 0.0,
-        etag=_etag(props.etag),
-        md5=bytes(md5) if md5 else None,
-    )
+def _entry_from_headers(path: str, headers: dict) -> Entry:
+    """The entry a HEAD of a blob describes (header names in lower case)."""
+    marker = headers.get(f"x-ms-meta-{MARKER_KEY}", "").lower() == "true"
+    md5 = headers.get("content-md5")
+    modified = headers.get("last-modified")
+    return Entry(path=path, is_dir=marker, size=0 if marker else int(headers.get("content-length") or 0),
+                 mtime=parsedate_to_datetime(modified).timestamp() if modified else 0.0,
+                 etag=_etag(headers.get("etag")), md5=base64.b64decode(md5) if md5 else None)
 
 
 def _listing_page(reader: RangeReader, container: str, prefix: str, delimiter: str | None,
@@ -98,46 +87,59 @@ def _etag(value: str | None) -> str | None:
 class BlobStore(AzureStore):
     virtual_directories = True
 
+    target_query = {"restype": "container"}
+
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
-        retry = policy()
-        if credential.kind == "connection_string":
-            service = BlobServiceClient.from_connection_string(credential.secret, **client_options(retry))
-        else:
-            service = BlobServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name),
-                                        **client_options(retry))
-        account_url = service.url.split("?")[0]
-        super().__init__(service, cfg.container_name,
-                         RangeReader(account_url, Signer.from_sdk_client(service), retry=retry),
-                         f"blob container {cfg.container_name!r} at {account_url}", UPLOAD_CONCURRENCY,
+        self._retry = policy()
+        self.account_url, signer = Signer.for_store(cfg, credential, "blob")
+        super().__init__(cfg.container_name, RangeReader(self.account_url, signer, retry=self._retry),
+                         f"blob container {cfg.container_name!r} at {self.account_url}", UPLOAD_CONCURRENCY,
                          "blob-upload")
-        self.container = service.get_container_client(cfg.container_name)
         self.container_name = cfg.container_name
 
-    # -- metadata -------------------------------------------------------------
-    def _target_properties(self, **options) -> None:
-        self.container.get_container_properties(**options)
+    def _make_service(self):
+        from azure.storage.blob import BlobServiceClient
 
+        from mountd.storage.sdk import client_credential, client_options
+        return BlobServiceClient(self.account_url, client_credential(self._reader.signer),
+                                 **client_options(self._retry))
+
+    @property
+    def container(self):
+        return self.service.get_container_client(self.container_name)
+
+    # -- metadata -------------------------------------------------------------
     def _create_target(self) -> None:
         self.container.create_container()
+
+    def _properties(self, path: str) -> Entry | None:
+        """The blob at `path` itself (a marker is a directory), or None."""
+        status, headers = self._head(path)
+        if status == 404 and headers.get("x-ms-error-code", "BlobNotFound") in ("BlobNotFound", ""):
+            return None
+        raise_for_answer(status, headers, f"{path} in {self.description}", self.description)
+        return _entry_from_headers(path, headers)
 
     def stat(self, path: str) -> Entry:
         path = normalize_path(path)
         if not path:
             self.check()
             return Entry(path="", is_dir=True)
-        try:
-            with self._errors(path):
-                return _entry(self.container.get_blob_client(path).get_blob_properties(), path)
-        except NotFound:
-            pass
+        entry = self._properties(path)
+        if entry is not None:
+            return entry
         if self._has_children(path):
             return Entry(path=path, is_dir=True)
         raise NotFound(f"{path} does not exist in {self.description}")
 
     def _has_children(self, path: str) -> bool:
-        with self._errors(path):
-            pages = self.container.list_blobs(name_starts_with=path + "/", results_per_page=1).by_page()
-            return any(True for _ in next(pages, []))
+        try:
+            items, _ = _listing_page(self._reader, self.container_name, path + "/", None, None, 1)
+        except HttpError as e:
+            raise_for_status(e.status, e.code, f"{path} in {self.description}", self.description)
+        except OSError as e:
+            raise Unreachable(f"cannot reach {self.description}: {e}") from None
+        return bool(items)
 
     def _pages(self, prefix: str, delimiter: str | None) -> Iterator:
         marker = None
@@ -146,7 +148,7 @@ class BlobStore(AzureStore):
                 items, marker = _listing_page(self._reader, self.container_name, prefix, delimiter, marker, LIST_PAGE)
             except HttpError as e:
                 raise_for_status(e.status, e.code, f"{prefix or '/'} in {self.description}", self.description)
-            except (OSError, urllib3.exceptions.HTTPError) as e:
+            except OSError as e:
                 raise Unreachable(f"cannot reach {self.description}: {e}") from None
             yield from items
             if not marker:
@@ -227,6 +229,7 @@ class BlobStore(AzureStore):
         return self._upload_blocks(blob, path, local_path, overwrite, progress)
 
     def _upload_blocks(self, blob, path, local_path, overwrite, progress) -> Entry:
+        from azure.core import MatchConditions
         def stage(index: int, _offset: int, data: bytes) -> None:
             with self._errors(path):
                 blob.stage_block(_block_id(index), data, length=len(data))
@@ -247,6 +250,7 @@ class BlobStore(AzureStore):
         "condition not met" (412) on a commit. When the call was retried and
         the blob there has exactly our size and MD5, it is ours; otherwise
         it stays AlreadyExists (an existing blob is skipped, not replaced)."""
+        from mountd.storage.sdk import RETRIES_SEEN
         retries_before = RETRIES_SEEN.count
         try:
             yield
@@ -285,16 +289,13 @@ class BlobStore(AzureStore):
         path = normalize_path(path)
         if self._has_children(path):
             raise NotEmpty(f"{path} is not empty in {self.description}")
-        try:
-            with self._errors(path):
-                props = self.container.get_blob_client(path).get_blob_properties()
-        except NotFound:
-            return  # a virtual directory with no children is gone already
-        if is_marker(props.metadata):
+        entry = self._properties(path)
+        if entry is not None and entry.is_dir:  # no blob: a virtual directory with no children is gone already
             self.delete(path)
 
     def rename(self, src: str, dst: str) -> None:
         # Blob storage has no rename: copy, then delete the source.
+        from azure.core import MatchConditions
         src, dst = normalize_path(src), normalize_path(dst)
         source = self.container.get_blob_client(src)
         with self._errors(src):
@@ -310,5 +311,6 @@ def _block_id(index: int) -> str:
     return base64.b64encode(f"{index:08d}".encode()).decode()
 
 
-def _content_settings(path: str, md5: bytes) -> ContentSettings:
+def _content_settings(path: str, md5: bytes):
+    from azure.storage.blob import ContentSettings
     return ContentSettings(content_type=content_type(path), content_md5=md5)

@@ -26,6 +26,7 @@ its response ends.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -36,13 +37,11 @@ from email.utils import parsedate_to_datetime
 from typing import BinaryIO, Iterator
 from urllib.parse import unquote
 
-from azure.storage.fileshare import ContentSettings, ShareServiceClient
-
 from mountd.config.credentials import Credential
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotFound, StorageError, UsageError
-from mountd.storage.azure_common import client_options, content_type, sdk_credential, upload_pieces
-from mountd.storage.azure_http import RangeReader, Signer
+from mountd.storage.azure_common import content_type, upload_pieces
+from mountd.storage.azure_http import RangeReader, Signer, raise_for_answer
 from mountd.storage.azure_store import AzureStore
 from mountd.storage.base import Entry, ProgressCallback, join, normalize_path
 
@@ -97,38 +96,40 @@ def _listing_page(root, directory: str) -> tuple[list[Entry], str | None]:
 class FileShareStore(AzureStore):
     virtual_directories = False
 
+    target_query = {"restype": "share"}
+
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
-        # Names are kept exactly: without these the service silently drops a
-        # trailing dot ("run." would land as "run").
-        options = client_options(allow_trailing_dot=True, allow_source_trailing_dot=True)
         lean_headers = {"x-ms-allow-trailing-dot": "true"}
-        if credential.kind == "managed_identity":
+        self._backup_intent = credential.kind == "managed_identity"
+        if self._backup_intent:
             # The File service takes OAuth tokens on its REST API only with the
             # "backup" intent: access as backup software has it, granted by the
             # Storage File Data Privileged Reader/Contributor roles, bypassing
             # the files' own ACLs.
-            options["token_intent"] = "backup"
             lean_headers["x-ms-file-request-intent"] = "backup"
-        if credential.kind == "connection_string":
-            service = ShareServiceClient.from_connection_string(credential.secret, **options)
-        elif credential.kind == "sas_token":
-            # A SAS given as a string travels in the URL, so the source of a
-            # rename carries it too (an AzureSasCredential would not).
-            service = ShareServiceClient(cfg.account_url(), credential.secret.lstrip("?"), **options)
-        else:
-            service = ShareServiceClient(cfg.account_url(), sdk_credential(credential, cfg.account_name), **options)
-        account_url = service.url.split("?")[0].rstrip("/")
-        reader = RangeReader(account_url, Signer.from_sdk_client(service), api_version=API_VERSION,
-                             conditional=False, headers=lean_headers)
-        super().__init__(service, cfg.share_name, reader, f"file share {cfg.share_name!r} at {account_url}",
+        self.account_url, signer = Signer.for_store(cfg, credential, "file")
+        reader = RangeReader(self.account_url, signer, api_version=API_VERSION, conditional=False,
+                             headers=lean_headers)
+        super().__init__(cfg.share_name, reader, f"file share {cfg.share_name!r} at {self.account_url}",
                          UPLOAD_CONCURRENCY, "share-upload")
         self.share_name = cfg.share_name
-        self.share = service.get_share_client(cfg.share_name)
+
+    def _make_service(self):
+        from azure.storage.fileshare import ShareServiceClient
+
+        from mountd.storage.sdk import client_credential, client_options
+        # Names are kept exactly: without these the service silently drops a
+        # trailing dot ("run." would land as "run").
+        options = client_options(allow_trailing_dot=True, allow_source_trailing_dot=True)
+        if self._backup_intent:
+            options["token_intent"] = "backup"
+        return ShareServiceClient(self.account_url, client_credential(self._reader.signer), **options)
+
+    @property
+    def share(self):
+        return self.service.get_share_client(self.share_name)
 
     # -- metadata -------------------------------------------------------------
-    def _target_properties(self, **options) -> None:
-        self.share.get_share_properties(**options)
-
     def _create_target(self) -> None:
         self.share.create_share()
 
@@ -139,17 +140,18 @@ class FileShareStore(AzureStore):
             return Entry(path="", is_dir=True)
         # Files and directories are separate resources: ask for a file first
         # (the common case), then for a directory.
-        try:
-            with self._errors(path):
-                props = self.share.get_file_client(path).get_file_properties()
-            md5 = props.content_settings.content_md5 if props.content_settings else None
-            return Entry(path=path, is_dir=False, size=props.size, mtime=props.last_modified.timestamp(),
-                         etag=_etag(props.etag), md5=bytes(md5) if md5 else None)
-        except NotFound:
-            pass
-        with self._errors(path):
-            props = self.share.get_directory_client(path).get_directory_properties()
-        return Entry(path=path, is_dir=True, mtime=props.last_modified.timestamp())
+        what = f"{path} in {self.description}"
+        status, headers = self._head(path)
+        if status < 300:
+            md5 = headers.get("content-md5")
+            return Entry(path=path, is_dir=False, size=int(headers.get("content-length") or 0),
+                         mtime=_http_time(headers.get("last-modified")), etag=_etag(headers.get("etag")),
+                         md5=base64.b64decode(md5) if md5 else None)
+        if status != 404:
+            raise_for_answer(status, headers, what, self.description)
+        status, headers = self._head(path, {"restype": "directory"})
+        raise_for_answer(status, headers, what, self.description)
+        return Entry(path=path, is_dir=True, mtime=_http_time(headers.get("last-modified")))
 
     def _list_page(self, directory: str, marker: str | None, name_prefix: str = "") -> tuple[list[Entry], str | None]:
         query = {"restype": "directory", "comp": "list", "include": "Timestamps,ETag", "maxresults": str(LIST_PAGE)}
@@ -231,6 +233,7 @@ class FileShareStore(AzureStore):
             except NotFound:
                 pass
         temp = self.share.get_file_client(join(posixpath.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"))
+        from azure.storage.fileshare import ContentSettings
         settings = ContentSettings(content_type=content_type(path))
         small = size <= RANGE_SIZE
         if small:
@@ -268,7 +271,7 @@ class FileShareStore(AzureStore):
         return Entry(path=path, is_dir=False, size=size, mtime=_http_time(renamed["Last-Modified"]),
                      etag=_etag(renamed["ETag"]), md5=settings.content_md5)
 
-    def _create_file(self, client, path: str, size: int, settings: ContentSettings) -> None:
+    def _create_file(self, client, path: str, size: int, settings) -> None:
         """Create the file `client` names, with its size; makes the missing
         parent directories of `path` (its final name) first if need be."""
         try:

@@ -96,7 +96,7 @@ class LocalStore(ObjectStore):
                 elif entry.path.startswith(prefix):
                     yield entry
 
-    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
+    def read_into(self, path: str, offset: int, view: memoryview, etag: str | None = None) -> int:
         try:
             fd = os.open(self._full(path), os.O_RDONLY)
         except OSError as e:
@@ -104,7 +104,12 @@ class LocalStore(ObjectStore):
         try:
             if etag is not None and _etag(os.fstat(fd)) != etag:
                 raise Stale(f"{path} changed in {self.description} while it was being read")
-            return os.pread(fd, length, offset) if length > 0 else b""
+            got = 0
+            while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
+                got += n
+            return got
+        except OSError as e:
+            raise self._oserror(e, path) from None
         finally:
             os.close(fd)
 

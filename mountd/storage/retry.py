@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 from dataclasses import dataclass
-
-from azure.storage.blob._shared.policies import StorageRetryPolicy
 
 from mountd.config.settings import parse_count, parse_duration
 from mountd.errors import UsageError
@@ -73,47 +70,3 @@ def policy(environ=None) -> StoragePolicy:
                 raise UsageError(f"${var}: must be more than 0, got {value!r}")
             changes[name] = seconds
     return StoragePolicy(**changes)
-
-
-class _RetriesSeen(threading.local):
-    count = 0
-
-
-# SDK retries made so far by the current thread: a caller can tell whether
-# the call it just made was sent more than once (and so whether a "already
-# exists" answer may be about its own first attempt).
-RETRIES_SEEN = _RetriesSeen()
-
-
-class BackoffRetry(StorageRetryPolicy):
-    def __init__(self, retries: int = 6, initial: float = 0.5, maximum: float = 20.0, **kwargs):
-        self.initial = initial
-        self.maximum = maximum
-        kwargs.setdefault("retry_connect", retries)
-        kwargs.setdefault("retry_read", retries)
-        kwargs.setdefault("retry_status", retries)
-        super().__init__(retry_total=retries, **kwargs)
-
-    @classmethod
-    def from_policy(cls, p: StoragePolicy) -> "BackoffRetry":
-        return cls(retries=p.retries, initial=p.backoff, maximum=p.backoff_max)
-
-    def increment(self, settings, request, response=None, error=None) -> bool:
-        again = super().increment(settings, request, response=response, error=error)
-        if again:
-            RETRIES_SEEN.count += 1
-        return again
-
-    def get_backoff_time(self, settings) -> float:
-        history = settings.get("history") or []
-        response = getattr(history[-1], "http_response", None) if history else None
-        if response is not None:
-            after = response.headers.get("Retry-After") or response.headers.get("x-ms-retry-after-ms")
-            if after:
-                try:
-                    seconds = float(after) / (1000.0 if "x-ms-retry-after-ms" in response.headers
-                                              and not response.headers.get("Retry-After") else 1.0)
-                    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-                except ValueError:
-                    pass  # an HTTP-date; fall back to our own backoff
-        return StoragePolicy(backoff=self.initial, backoff_max=self.maximum).backoff_time(settings["count"] + 1)

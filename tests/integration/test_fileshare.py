@@ -13,6 +13,7 @@ import pytest
 from mountd.config.datastores import parse
 from mountd.config.credentials import Credential
 from mountd.errors import AlreadyExists, ConfigError, NotEmpty, NotFound, Stale, Unreachable
+from mountd.storage import azure_http
 from mountd.storage import fileshare as fileshare_mod
 from mountd.storage import open_store
 from mountd.storage.fileshare import FileShareStore
@@ -251,7 +252,7 @@ def test_anonymous_is_refused_and_managed_identity_uses_the_backup_intent(filesh
 
     cfg = parse("s", {"type": "azure_file", "account_name": "myacct", "share_name": "any-share",
                       "credential": {"managed_identity": True}}, "t")  # tokens need https: no request is made
-    monkeypatch.setattr(fileshare_mod, "sdk_credential", lambda cred, account: FakeToken())
+    monkeypatch.setattr(azure_http, "token_credential", lambda cred: FakeToken())
     store = FileShareStore(cfg, Credential("managed_identity"))
     try:
         assert store.share.get_file_client("x").file_request_intent == "backup"

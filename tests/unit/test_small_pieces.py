@@ -7,7 +7,8 @@ import pytest
 from mountd.errors import UsageError
 from mountd.redact import redact
 from mountd.storage.base import join, normalize_path
-from mountd.storage.retry import MAX_RETRY_AFTER, BackoffRetry
+from mountd.storage.retry import MAX_RETRY_AFTER
+from mountd.storage.sdk import BackoffRetry
 from mountd.transfer.download import UnsafeName, local_path_for
 from mountd.transfer.progress import Progress, TransferReport, human_size
 
