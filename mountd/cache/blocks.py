@@ -22,13 +22,21 @@ from typing import Callable
 
 from cachetools import LRUCache
 
+from mountd.cache.buffers import Block, BufferPool
+from mountd.fileio import NewFile, align_up
+
 log = logging.getLogger(__name__)
 
 BlockKey = tuple  # (path, etag, index)
 WRITER_DEPTH = 2  # blocks waiting for the disk writer
 WRITE_SIZE = 1024 * 1024  # bytes per write of a block to the disk tier
 DEMAND_BLOCKS = 2  # blocks being fetched by readers themselves, outside the pool
-Fetch = Callable[[], bytes]
+Fetch = Callable[[], "Block | bytes"]
+
+
+def as_block(data) -> Block:
+    """A fetch's result as a Block (fetches may return plain bytes)."""
+    return data if isinstance(data, Block) else Block(data, len(data))
 
 
 @dataclass
@@ -44,6 +52,36 @@ class CacheStats:
     def hit_ratio(self) -> float:
         total = self.memory_hits + self.disk_hits + self.misses
         return (self.memory_hits + self.disk_hits) / total if total else 0.0
+
+
+def _read_file(path: str, view: memoryview, size: int) -> int:
+    """Read a cache file of `size` bytes into `view`; the bytes read. Around
+    the page cache when the buffer is aligned for it (a pooled one)."""
+    if len(view) >= align_up(size):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            pass
+        else:
+            try:
+                return min(_read_all(fd, view[:align_up(size)]), size)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise  # EINVAL: direct I/O refused after all; read it the ordinary way
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _read_all(fd, view[:size])
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, view: memoryview) -> int:
+    got = 0
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], got)):
+        got += n
+    return got
 
 
 class DiskTier:
@@ -66,7 +104,7 @@ class DiskTier:
             if not sub.is_dir(follow_symlinks=False):
                 continue
             for f in os.scandir(sub.path):
-                if f.name.endswith(".tmp"):
+                if f.name.endswith((".tmp", ".partial")):  # a write cut short
                     os.unlink(f.path)
                     continue
                 st = f.stat()
@@ -85,23 +123,33 @@ class DiskTier:
         with self._lock:
             return self._name(key) in self._files
 
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey, buffers: BufferPool | None = None) -> Block | None:
+        """The block if this tier has it, read into a buffer of `buffers`."""
         name = self._name(key)
         with self._lock:
-            if name not in self._files:
+            size = self._files.get(name)
+            if size is None:
                 return None
             self._files.move_to_end(name)
+        path = os.path.join(self.directory, name)
+        buffer = buffers.buffer(size) if buffers else bytearray(size)
         try:
-            with open(os.path.join(self.directory, name), "rb") as f:
-                return f.read()
+            got = _read_file(path, memoryview(buffer), size)
         except OSError:
+            got = -1
+        if got != size:  # gone or cut short under us: forget it
             with self._lock:
-                self.used -= self._files.pop(name, 0)
+                if self._files.get(name) == size:
+                    self.used -= self._files.pop(name)
             return None
+        return buffers.block(buffer, size) if buffers else Block(buffer, size)
 
-    def put(self, key: BlockKey, data: bytes) -> None:
+    def put(self, key: BlockKey, data) -> None:
+        """Store a block (a Block or bytes) unless it is here already or
+        there is no room for it within the cap and the reserve."""
+        view = data.view if isinstance(data, Block) else memoryview(data)
         name = self._name(key)
-        size = len(data)
+        size = len(view)
         if size > self.max_bytes:
             return
         with self._lock:
@@ -112,19 +160,20 @@ class DiskTier:
             self._files[name] = size  # reserve the space before writing
             self.used += size
         path = os.path.join(self.directory, name)
-        tmp = f"{path}.{threading.get_ident()}.tmp"
+        new = None
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with open(tmp, "wb") as f:
-                view = memoryview(data)
-                for start in range(0, size, WRITE_SIZE):  # large single writes cost the kernel far more
-                    f.write(view[start:start + WRITE_SIZE])
-            os.replace(tmp, path)
+            # around the page cache: the kernel already caches what the mount
+            # served, and a second copy of it would only push other pages out
+            new = NewFile(path, direct=True, mode=0o600)
+            for start in range(0, size, WRITE_SIZE):  # large single writes cost the kernel far more
+                new.pwrite(view[start:start + WRITE_SIZE], start)
+            new.finish()
         except OSError as e:
+            if new is not None:
+                new.discard()
             with self._lock:
                 self.used -= self._files.pop(name, 0)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             if e.errno == errno.ENOSPC:  # the disk filled under us: shed some cache
                 with self._lock:
                     self._evict(self.used // 4 or size)
@@ -171,7 +220,7 @@ class _DiskWriter:
         self._thread = threading.Thread(target=self._run, name="disk-cache-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, key: BlockKey, data: bytes) -> None:
+    def submit(self, key: BlockKey, data: Block) -> None:
         try:
             self._queue.put_nowait((key, data))
         except queue.Full:
@@ -208,6 +257,8 @@ class BlockCache:
         self.readahead_limit = max(1, lru_blocks // 2)
         self._memory: LRUCache = LRUCache(maxsize=lru_blocks * size if block_size else memory_bytes,
                                           getsizeof=len)
+        # the memory of full blocks, reused: never more buffers than the plan has blocks
+        self.buffers = BufferPool(block_size, max(1, memory_bytes // size))
         self.disk = disk
         self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
@@ -223,8 +274,8 @@ class BlockCache:
     def memory_max(self) -> int:
         return int(self._memory.maxsize)
 
-    def get(self, key: BlockKey, fetch: Fetch) -> bytes:
-        """The block's bytes, fetching them in this thread if nobody else is."""
+    def get(self, key: BlockKey, fetch: Fetch) -> Block:
+        """The block, fetching it in this thread if nobody else is."""
         with self._lock:
             data = self._memory.get(key)
             if data is not None:
@@ -274,8 +325,8 @@ class BlockCache:
     def _load_run(self, keys: list, run: list, futures: dict, stream) -> None:
         done = set()
 
-        def deliver(index: int, data: bytes) -> None:
-            self._keep(keys[index], data, futures[index], from_disk=False)
+        def deliver(index: int, data) -> None:
+            self._keep(keys[index], as_block(data), futures[index], from_disk=False)
             done.add(index)
 
         try:
@@ -289,15 +340,15 @@ class BlockCache:
 
     def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
         try:
-            data = self.disk.get(key) if self.disk else None
+            data = self.disk.get(key, self.buffers) if self.disk else None
             from_disk = data is not None
             if data is None:
-                data = fetch()
+                data = as_block(fetch())
             self._keep(key, data, future, from_disk)
         except BaseException as e:
             self._fail(key, future, e)
 
-    def _keep(self, key: BlockKey, data: bytes, future: Future, from_disk: bool) -> None:
+    def _keep(self, key: BlockKey, data: Block, future: Future, from_disk: bool) -> None:
         """A block has arrived: count it, cache it, hand it to its waiters,
         and queue it for the disk tier if it did not come from there."""
         with self._lock:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from mountd.cache.blocks import BlockCache
+from mountd.cache.buffers import Block, copy_into
 from mountd.cache.meta import MetadataCache
 from mountd.cache.prefetch import ReadAhead
 from mountd.config.settings import CacheSettings
@@ -175,22 +176,33 @@ class FileSystemCore:
         return min(self.settings.readahead_blocks, self.blocks.readahead_limit)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        """Up to `size` bytes at `offset` (fewer only at the end of the file)."""
+        buf = bytearray(size)
+        n = self.read_into(fh, memoryview(buf), offset)
+        return bytes(buf) if n == size else bytes(buf[:n])
+
+    def read_into(self, fh: int, dest: memoryview, offset: int) -> int:
+        """Fill `dest` from `offset`; the bytes placed (fewer only at the end
+        of the file). Copies straight from the cached blocks, so a FUSE read
+        costs one copy into the kernel's buffer."""
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
+        size = len(dest)
         if handle.staged is not None:
             with errno_for(f"read {handle.staged.path}"):
-                data = self.writeback.read(handle.staged, size, offset)
-            self.bytes_served += len(data)
-            return data
+                n = self.writeback.read_into(handle.staged, dest, offset)
+            self.bytes_served += n
+            return n
         entry = handle.entry
         if offset >= entry.size or size <= 0:
-            return b""
+            return 0
         size = min(size, entry.size - offset)
         bs = self.settings.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         try:
-            pieces = [self._block(entry, i) for i in range(first, last + 1)]
+            # the Blocks themselves are held until copied: their buffers are reused once let go
+            blocks = [self._block(entry, i) for i in range(first, last + 1)]
         except Stale:
             self.read_errors += 1
             self.meta.forget(entry.path)  # so that reopening it finds the new version at once
@@ -210,48 +222,60 @@ class FileSystemCore:
         if wanted:
             self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted),
                                      lambda i: self._fetcher(entry, wanted[i]))
-        start = offset - first * bs
-        if len(pieces) == 1:
-            data = bytes(memoryview(pieces[0])[start:start + size])
-        else:
-            data = b"".join(pieces)[start:start + size]
-        self.bytes_served += len(data)
-        return data
+        placed, start = 0, offset - first * bs
+        for block in blocks:
+            n = min(block.size - start, size - placed)
+            copy_into(dest[placed:placed + n], block.view[start:start + n])
+            placed += n
+            start = 0
+        self.bytes_served += placed
+        return placed
 
     def _key(self, entry: Entry, index: int) -> tuple:
         return (entry.path, entry.etag, index)
 
-    def _fetcher(self, entry: Entry, index: int):
+    def _block_length(self, entry: Entry, index: int) -> int:
         bs = self.settings.block_size
-        offset = index * bs
-        length = min(bs, entry.size - offset)
+        return min(bs, entry.size - index * bs)
 
-        def fetch() -> bytes:
-            data = self.store.read(entry.path, offset, length, entry.etag)
-            if len(data) != length:  # the object shrank without its etag changing: never serve a mix
-                raise Stale(f"{entry.path}: expected {length} bytes at {offset}, storage gave {len(data)}")
-            return data
+    def _fetcher(self, entry: Entry, index: int):
+        offset = index * self.settings.block_size
+        length = self._block_length(entry, index)
+
+        def fetch() -> Block:
+            buffer = self.blocks.buffers.buffer(length)
+            got = self.store.read_into(entry.path, offset, memoryview(buffer)[:length], entry.etag)
+            if got != length:  # the object shrank without its etag changing: never serve a mix
+                raise Stale(f"{entry.path}: expected {length} bytes at {offset}, storage gave {got}")
+            return self.blocks.buffers.block(buffer, length)
         return fetch
 
     def _streamer(self, entry: Entry, indices: range):
         """Fetch `count` consecutive blocks from indices[first] on with one
         long ranged read: storage answers one long request faster than many
-        block-sized ones."""
+        block-sized ones. Each block is read straight into its own buffer."""
         bs = self.settings.block_size
+        buffers = self.blocks.buffers
 
         def stream(first: int, count: int, deliver) -> None:
             start = indices[first] * bs
             length = min(count * bs, entry.size - start)
-            buf = memoryview(bytearray(bs))
+            current = [buffers.buffer(self._block_length(entry, indices[first]))]
 
-            def sink(offset: int, piece: memoryview) -> None:
-                deliver(first + (offset - start) // bs, bytes(piece))
-            got = self.store.read_stream(entry.path, start, length, entry.etag, buf, sink)
+            def sink(offset: int, piece: memoryview):
+                index = indices[first] + (offset - start) // bs
+                deliver(first + (offset - start) // bs, buffers.block(current[0], len(piece)))
+                if offset + len(piece) < start + length:
+                    current[0] = buffers.buffer(self._block_length(entry, index + 1))
+                    return memoryview(current[0])[:bs]
+                return None
+            got = self.store.read_stream(entry.path, start, length, entry.etag,
+                                         memoryview(current[0])[:bs], sink)
             if got != length:
                 raise Stale(f"{entry.path}: expected {length} bytes at {start}, storage gave {got}")
         return stream
 
-    def _block(self, entry: Entry, index: int) -> bytes:
+    def _block(self, entry: Entry, index: int) -> Block:
         return self.blocks.get(self._key(entry, index), self._fetcher(entry, index))
 
     def write(self, fh: int, data: bytes, offset: int) -> int:

@@ -6,6 +6,7 @@ options (large reads, attribute timeouts, page-cache reuse).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
@@ -25,7 +26,13 @@ RENAME_NOREPLACE = 1  # renameat2 flag (linux/fs.h)
 
 class _Fuse(mfusepy.FUSE):
     """mfusepy's FUSE, passing renameat2's flags on (it drops them, so
-    `mv --no-clobber` would silently replace)."""
+    `mv --no-clobber` would silently replace), and reading into libfuse's
+    own buffer (mfusepy's read wants a bytes object, which costs a copy of
+    every byte on the way: a cold read spends its CPU on copies)."""
+
+    def read(self, path, buf, size: int, offset: int, fip) -> int:
+        dest = (ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))
+        return self.operations.read(fip.contents, memoryview(dest).cast("B"), offset)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
@@ -91,8 +98,9 @@ class FuseOperations(mfusepy.Operations):
         fi.fh = self.core.create(path, fi.flags)
         return 0
 
-    def read(self, path, size, offset, fi):
-        return self.core.read(fi.fh, size, offset)
+    def read(self, fi, dest, offset):
+        # called by _Fuse.read with libfuse's buffer (not mfusepy's signature)
+        return self.core.read_into(fi.fh, dest, offset)
 
     def write(self, path, data, offset, fi):
         return self.core.write(fi.fh, data, offset)

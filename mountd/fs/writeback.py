@@ -154,8 +154,8 @@ class WriteBack:
         if got != entry.size:
             raise MountdError(f"{entry.path}: storage gave {got} of {entry.size} bytes")
 
-    def read(self, sf: StagedFile, size: int, offset: int) -> bytes:
-        return os.pread(sf.fd, size, offset)
+    def read_into(self, sf: StagedFile, dest: memoryview, offset: int) -> int:
+        return os.preadv(sf.fd, [dest], offset)
 
     def write(self, sf: StagedFile, data: bytes, offset: int, append: bool = False) -> int:
         with sf.lock:

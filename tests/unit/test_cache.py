@@ -2,6 +2,7 @@
 FUSE or a server: a local directory store stands in for storage."""
 
 import errno
+import os
 import threading
 import time
 
@@ -116,7 +117,7 @@ def test_concurrent_gets_fetch_once():
         return b"x" * 100
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get(("p", "e", 0), fetch)))
+    threads = [threading.Thread(target=lambda: results.append(bytes(cache.get(("p", "e", 0), fetch))))
                for _ in range(8)]
     for t in threads:
         t.start()
@@ -144,7 +145,7 @@ def test_failed_fetch_is_not_cached():
         raise OSError(errno.EIO, "boom")
     with pytest.raises(OSError):
         cache.get(("p", "e", 0), broken)
-    assert cache.get(("p", "e", 0), lambda: b"ok") == b"ok"
+    assert bytes(cache.get(("p", "e", 0), lambda: b"ok")) == b"ok"
 
 
 def test_prefetch_then_get_uses_the_prefetched_block():
@@ -154,13 +155,13 @@ def test_prefetch_then_get_uses_the_prefetched_block():
     deadline = time.time() + 5
     while cache.in_flight() and time.time() < deadline:
         time.sleep(0.01)
-    assert cache.get(("p", "e", 1), lambda: pytest.fail("fetched twice")) == b"pre"
+    assert bytes(cache.get(("p", "e", 1), lambda: pytest.fail("fetched twice"))) == b"pre"
 
 
 def test_different_etag_is_a_different_block():
     cache = BlockCache(4 * MiB, None, threads=2)
-    assert cache.get(("p", "v1", 0), lambda: b"old") == b"old"
-    assert cache.get(("p", "v2", 0), lambda: b"new") == b"new"
+    assert bytes(cache.get(("p", "v1", 0), lambda: b"old")) == b"old"
+    assert bytes(cache.get(("p", "v2", 0), lambda: b"new")) == b"new"
 
 
 def test_disk_tier_respects_cap_and_evicts_oldest(tmp_path):
@@ -169,7 +170,7 @@ def test_disk_tier_respects_cap_and_evicts_oldest(tmp_path):
         disk.put(("p", "e", i), bytes([i]) * MiB)
     assert disk.used <= 3 * MiB
     assert disk.get(("p", "e", 0)) is None and disk.get(("p", "e", 1)) is None
-    assert disk.get(("p", "e", 4)) == bytes([4]) * MiB
+    assert bytes(disk.get(("p", "e", 4))) == bytes([4]) * MiB
     on_disk = sum(f.stat().st_size for f in (tmp_path / "c").rglob("*") if f.is_file() and f.name != ".lock")
     assert on_disk <= 3 * MiB
 
@@ -186,13 +187,9 @@ def test_disk_tier_keeps_reserved_free_space(tmp_path, monkeypatch):
 def test_disk_tier_survives_enospc(tmp_path, monkeypatch):
     disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
     disk.put(("p", "e", 0), b"a" * 1000)
-    real_open = open
-
-    def full_disk(path, mode="r", *a, **k):
-        if "w" in mode:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, mode, *a, **k)
-    monkeypatch.setattr("builtins.open", full_disk)
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full_disk)
     disk.put(("p", "e", 1), b"b" * 1000)  # must not raise
     monkeypatch.undo()
     assert disk.get(("p", "e", 1)) is None
@@ -203,7 +200,7 @@ def test_disk_tier_is_adopted_by_the_next_mount(tmp_path):
     first = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
     first.put(("p", "e", 0), b"kept")
     second = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
-    assert second.get(("p", "e", 0)) == b"kept" and second.used == 4
+    assert bytes(second.get(("p", "e", 0))) == b"kept" and second.used == 4
 
 
 def test_block_cache_reads_through_disk_tier(tmp_path):
@@ -214,7 +211,7 @@ def test_block_cache_reads_through_disk_tier(tmp_path):
     while disk.get(("p", "e", 0)) is None and time.time() < deadline:
         time.sleep(0.01)  # the disk writer is asynchronous
     fresh = BlockCache(MiB, disk, threads=2)
-    assert fresh.get(("p", "e", 0), lambda: pytest.fail("not from disk")) == b"from storage"
+    assert bytes(fresh.get(("p", "e", 0), lambda: pytest.fail("not from disk"))) == b"from storage"
     assert fresh.stats.disk_hits == 1
 
 
@@ -301,7 +298,7 @@ def test_prefetch_run_fetches_consecutive_blocks_with_one_stream():
     assert cache.prefetch_run(keys, stream, lambda i: pytest.fail("fetched alone")) == 3
     _wait_idle(cache)
     for i, key in zip(range(3), keys):
-        assert cache.get(key, lambda: pytest.fail("not prefetched")) == bytes([i]) * 10
+        assert bytes(cache.get(key, lambda: pytest.fail("not prefetched"))) == bytes([i]) * 10
     assert calls == [(0, 3)]
 
 
@@ -318,7 +315,7 @@ def test_prefetch_run_stops_at_a_block_already_there():
     assert cache.prefetch_run(keys, stream, None) == 1
     _wait_idle(cache)
     assert runs == [(1, 1)]  # block 0 is skipped, the run is block 1, and it stops before block 2
-    assert cache.get(("p", "e", 1), lambda: b"refetched") == b"one"
+    assert bytes(cache.get(("p", "e", 1), lambda: b"refetched")) == b"one"
 
 
 def test_failed_run_leaves_the_rest_to_be_fetched_again():
@@ -330,8 +327,8 @@ def test_failed_run_leaves_the_rest_to_be_fetched_again():
     keys = [("p", "e", i) for i in range(3)]
     cache.prefetch_run(keys, stream, None)
     _wait_idle(cache)
-    assert cache.get(keys[0], lambda: pytest.fail("lost")) == b"first"
-    assert cache.get(keys[2], lambda: b"again") == b"again"
+    assert bytes(cache.get(keys[0], lambda: pytest.fail("lost"))) == b"first"
+    assert bytes(cache.get(keys[2], lambda: b"again")) == b"again"
 
 
 def test_prefetch_run_takes_blocks_the_disk_tier_holds_from_disk(tmp_path):
@@ -348,6 +345,52 @@ def test_prefetch_run_takes_blocks_the_disk_tier_holds_from_disk(tmp_path):
             deliver(i, b"net%d" % i)
     assert cache.prefetch_run(keys, stream, lambda i: lambda: pytest.fail("disk block fetched from storage")) == 4
     _wait_idle(cache)
-    assert [cache.get(k, lambda: pytest.fail("not prefetched")) for k in keys] == [b"disk0", b"disk1", b"net2",
+    assert [bytes(cache.get(k, lambda: pytest.fail("not prefetched"))) for k in keys] == [b"disk0", b"disk1", b"net2",
                                                                                    b"net3"]
     assert streamed == [(2, 2)] and cache.stats.disk_hits == 2
+
+
+# -- block buffers ---------------------------------------------------------------------
+
+def test_full_blocks_reuse_their_buffers():
+    from mountd.cache.buffers import BufferPool
+    pool = BufferPool(MiB, keep=4)
+    first = pool.buffer(MiB)
+    block = pool.block(first, MiB)
+    assert pool.idle == 0
+    del block  # the last reference: the buffer goes back
+    assert pool.idle == 1 and pool.buffer(MiB) is first and pool.created == 1
+
+
+def test_small_blocks_are_sized_to_fit_and_not_pooled():
+    from mountd.cache.buffers import BufferPool
+    pool = BufferPool(MiB, keep=4)
+    buf = pool.buffer(1000)
+    assert isinstance(buf, bytearray) and len(buf) == 1000
+    block = pool.block(buf, 1000)
+    del block
+    assert pool.idle == 0 and pool.created == 0
+
+
+def test_idle_buffers_are_capped():
+    from mountd.cache.buffers import BufferPool
+    pool = BufferPool(MiB, keep=2)
+    blocks = [pool.block(pool.buffer(MiB), MiB) for _ in range(5)]
+    del blocks
+    assert pool.idle == 2
+
+
+def test_reading_through_a_small_cache_recycles_buffers(tmp_path):
+    """Forty blocks read through room for eight: buffers are reused, not
+    made anew for each block, and every byte is right."""
+    block = 256 * 1024
+    cache = BlockCache(8 * block, DiskTier(str(tmp_path / "c"), 100 * MiB, 0), threads=2, block_size=block)
+    data = [os.urandom(block) for _ in range(40)]
+    for _ in range(2):
+        for i, want in enumerate(data):
+            def fetch(i=i):
+                buffer = cache.buffers.buffer(block)
+                buffer[:block] = data[i]
+                return cache.buffers.block(buffer, block)
+            assert bytes(cache.get(("p", "e", i), fetch)) == want
+    assert cache.buffers.created <= 8

@@ -22,7 +22,7 @@ def make_core(root, **overrides):
     values = dict(block_size=BLOCK, memory=16 * BLOCK, readahead_blocks=4, attribute_ttl=60, negative_ttl=60,
                   disk=False)
     cfg = CacheSettings(**{**values, **overrides})
-    return FileSystemCore(LocalStore(str(root)), cfg, BlockCache(cfg.memory, None, cfg.threads))
+    return FileSystemCore(LocalStore(str(root)), cfg, BlockCache(cfg.memory, None, cfg.threads, cfg.block_size))
 
 
 @pytest.fixture
@@ -143,3 +143,50 @@ def test_bad_handle(core):
 def test_statfs_reports_space(core):
     s = core.statfs()
     assert s["f_bavail"] > 0 and s["f_bsize"] > 0
+
+
+def test_concurrent_random_reads_through_recycled_buffers(tmp_path):
+    """Eight threads reading at random through a cache far smaller than the
+    file, with the disk tier on: blocks are evicted, their buffers reused
+    and read back from disk all the time, and no reader ever sees another
+    block's bytes."""
+    import random
+    import threading
+
+    from mountd.cache.blocks import DiskTier
+    block = 64 * 1024
+    data = os.urandom(50 * block + 999)
+    (tmp_path / "f.bin").write_bytes(data)
+    cfg = CacheSettings(block_size=block, memory=8 * block, readahead_blocks=4, attribute_ttl=60,
+                        negative_ttl=60, disk=True)
+    disk = DiskTier(str(tmp_path / "cache"), 20 * block, 0)
+    core = FileSystemCore(LocalStore(str(tmp_path)), cfg, BlockCache(cfg.memory, disk, 4, block))
+    errors = []
+
+    def reader(seed):
+        rnd = random.Random(seed)
+        fh, _ = core.open("/f.bin", os.O_RDONLY)
+        try:
+            for _ in range(300):
+                if rnd.random() < 0.3:  # runs of sequential reads, so readahead runs too
+                    offset = rnd.randrange(0, len(data))
+                    for _ in range(rnd.randrange(1, 12)):
+                        size = rnd.choice([4096, 65536, 131072])
+                        if core.read(fh, size, offset) != data[offset:offset + size]:
+                            errors.append((seed, offset, size))
+                        offset += size
+                else:
+                    offset, size = rnd.randrange(0, len(data)), rnd.randrange(1, 3 * block)
+                    if core.read(fh, size, offset) != data[offset:offset + size]:
+                        errors.append((seed, offset, size))
+        finally:
+            core.release(fh)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    core.close()
+    assert not errors
+    assert core.blocks.stats.disk_hits > 0  # the disk tier was exercised
