@@ -184,7 +184,7 @@ def mount(args) -> int:
                                   allow_other=args.allow_other, work_dir=args.work_dir,
                                   credential_source={"workspace": ws.path})
     if args.foreground:
-        from mountd.run.mount_worker import return_freed_blocks
+        from mountd.tuning import return_freed_blocks
         return_freed_blocks()
         print(f"mounting {cfg.name}:{path or '/'} on {mountpoint} (Ctrl-C or 'mountd unmount' to stop)",
               flush=True)

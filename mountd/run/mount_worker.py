@@ -10,7 +10,6 @@ supervisor goes away, so no mount outlives the process that wanted it; the
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -26,26 +25,10 @@ from mountd.config import datastores
 from mountd.config.settings import CacheSettings
 from mountd.errors import EXIT_USAGE, MountdError
 from mountd.locks import try_lock
+from mountd import tuning
 from mountd.run import control, runtime
 
 log = logging.getLogger("mountd.worker")
-
-
-def return_freed_blocks() -> None:
-    """Tune glibc's allocator for a mount worker. Large allocations (over
-    2 MiB) are mapped and returned to the system when freed: glibc otherwise
-    raises its mmap threshold after the first big free, and the worker's
-    memory would grow well past its cache cap. Smaller ones (libfuse's 1 MiB
-    reply buffers, one per request) stay in the heap when freed instead of
-    being trimmed and faulted in again for the next request: that cost a
-    zeroed page per 4 KiB read (measured: a tenth of a cold read's CPU)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD: keep up to this much freed heap
-        # (capping malloc arenas as well made the FUSE threads contend: ~8% slower reads, measured)
-    except (OSError, AttributeError):
-        pass
 
 
 def mount_work_root() -> str:
@@ -213,10 +196,8 @@ def main() -> int:
     logsetup.setup(spec.get("log_level", "info"), spec.get("debug", False), spec.get("log_format", "text"))
     from mountd.run import privileges
     privileges.drop()  # before any thread starts: threads inherit the reduced set
-    return_freed_blocks()
-    # FUSE threads and fetch threads take turns on the interpreter lock; the
-    # default 5 ms turn starves the socket readers.
-    sys.setswitchinterval(0.001)
+    tuning.return_freed_blocks()
+    tuning.for_transfers()
     ready_fd = spec.get("ready_fd")
 
     def report(line: str) -> None:

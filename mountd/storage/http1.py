@@ -171,14 +171,15 @@ class Connection:
 
     def read_into(self, view: memoryview) -> int:
         """Body bytes: what is buffered first, then straight from the socket.
-        `view` must not be longer than what is left of the body: the read
-        waits for min(len(view), LOW_WATER) bytes."""
+        `view` must not be longer than what is left of the body: a read of
+        LOW_WATER bytes or more waits until that much has arrived."""
         if self._start < self._end:
             n = min(len(view), self._end - self._start)
             view[:n] = memoryview(self._buf)[self._start:self._start + n]
             self._start += n
             return n
-        self._wait_for(min(len(view), LOW_WATER))
+        # (a smaller read is the end of a body or a small file: not worth a system call)
+        self._wait_for(LOW_WATER if len(view) >= LOW_WATER else 1)
         try:
             return self.sock.recv_into(view)
         except TimeoutError:
