@@ -22,7 +22,7 @@ from typing import Callable
 
 from cachetools import LRUCache
 
-from mountd.cache.buffers import Block, BufferPool
+from mountd.cache.buffers import Block, BufferPool, copy_into
 from mountd.fileio import NewFile, align_up
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ def _read_file(path: str, view: memoryview, size: int) -> int:
         os.close(fd)
 
 
-def _read_all(fd: int, view: memoryview) -> int:
+def _read_all(fd: int, view: memoryview, offset: int = 0) -> int:
     got = 0
-    while got < len(view) and (n := os.preadv(fd, [view[got:]], got)):
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
         got += n
     return got
 
@@ -143,6 +143,28 @@ class DiskTier:
                     self.used -= self._files.pop(name)
             return None
         return buffers.block(buffer, size) if buffers else Block(buffer, size)
+
+    def read_range(self, key: BlockKey, start: int, dest: memoryview) -> int | None:
+        """Part of a block straight from its file (the bytes read into
+        `dest`), or None if this tier does not have it. For scattered small
+        reads: loading a whole block to serve a few pages costs a block's
+        worth of disk reads each time."""
+        name = self._name(key)
+        with self._lock:
+            size = self._files.get(name)
+            if size is None:
+                return None
+            self._files.move_to_end(name)
+        try:
+            fd = os.open(os.path.join(self.directory, name), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return _read_all(fd, dest[:max(0, size - start)], start)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def put(self, key: BlockKey, data) -> None:
         """Store a block (a Block or bytes) unless it is here already or
@@ -291,6 +313,25 @@ class BlockCache:
         if mine:  # a demand read never queues behind prefetches on the pool
             self._load(key, fetch, future)
         return future.result()
+
+    def peek(self, key: BlockKey, start: int, dest: memoryview) -> int | None:
+        """Fill `dest` from `start` of a block if memory or the disk tier
+        has it, without loading the block whole: the bytes placed, or None
+        if neither has it."""
+        with self._lock:
+            block = self._memory.get(key)
+            if block is not None:
+                self.stats.memory_hits += 1
+        if block is not None:
+            n = max(0, min(len(dest), block.size - start))
+            copy_into(dest[:n], block.view[start:start + n])
+            return n
+        n = self.disk.read_range(key, start, dest) if self.disk else None
+        if n is not None:
+            with self._lock:
+                self.stats.disk_hits += 1
+                self.stats.bytes_from_disk += n
+        return n
 
     def prefetch_run(self, keys: list, stream, fetcher) -> int:
         """Start fetching consecutive blocks, as far as possible with one

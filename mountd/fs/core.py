@@ -40,6 +40,10 @@ class OpenFile:
     writable: bool = False  # only a writer's close uploads: a reader's must not publish its unfinished bytes
 
 
+# Reads up to this size within one block are served from a cached block
+# without loading it; sequential readers' requests, shaped by the kernel's
+# readahead, are larger.
+PEEK_MAX = 128 * 1024
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -201,6 +205,15 @@ class FileSystemCore:
         bs = self.settings.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         try:
+            if first == last and size <= PEEK_MAX:
+                # a few pages (random access, or the kernel re-reading pages
+                # it dropped): from memory or the disk tier as they are,
+                # rather than loading a whole block for them
+                placed = self.blocks.peek(self._key(entry, first), offset - first * bs, dest[:size])
+                if placed is not None:
+                    self.bytes_served += placed
+                    return placed
+            wanted = handle.readahead.on_read(offset, size)
             # the Blocks themselves are held until copied: their buffers are reused once let go
             blocks = [self._block(entry, i) for i in range(first, last + 1)]
         except Stale:
@@ -218,7 +231,6 @@ class FileSystemCore:
             self.read_errors += 1
             log.error("read %s at %d: %s", entry.path, offset, e)
             raise FsError(errno.EIO) from None
-        wanted = handle.readahead.on_read(offset, size)
         if wanted:
             self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted),
                                      lambda i: self._fetcher(entry, wanted[i]))

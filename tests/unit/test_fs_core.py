@@ -4,6 +4,7 @@ reads at any offset, change detection, read-only rules."""
 import errno
 import os
 import stat
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -190,3 +191,34 @@ def test_concurrent_random_reads_through_recycled_buffers(tmp_path):
     core.close()
     assert not errors
     assert core.blocks.stats.disk_hits > 0  # the disk tier was exercised
+
+
+def test_scattered_small_reads_come_from_the_disk_tier_without_loading_blocks(tmp_path):
+    """After a file went through once, scattered page-sized reads (the
+    kernel re-reading pages it dropped) are served from the block files as
+    they are: no block is loaded whole, nothing is fetched from storage."""
+    import random
+
+    from mountd.cache.blocks import DiskTier
+    block = 64 * 1024
+    data = os.urandom(20 * block + 5)
+    (tmp_path / "f.bin").write_bytes(data)
+    cfg = CacheSettings(block_size=block, memory=8 * block, readahead_blocks=4, attribute_ttl=60,
+                        negative_ttl=60, disk=True)
+    disk = DiskTier(str(tmp_path / "cache"), 100 * block, 0)
+    first = FileSystemCore(LocalStore(str(tmp_path)), cfg, BlockCache(cfg.memory, disk, 2, block))
+    fh, _ = first.open("/f.bin", os.O_RDONLY)
+    for offset in range(0, len(data), block):  # block by block: the disk writer drops what it cannot keep up with
+        assert first.read(fh, block, offset) == data[offset:offset + block]
+        deadline = time.time() + 5
+        while disk.used < min(offset + block, len(data)) and time.time() < deadline:
+            time.sleep(0.005)
+    assert disk.used == len(data)
+    second = FileSystemCore(LocalStore(str(tmp_path)), cfg, BlockCache(cfg.memory, disk, 2, block))
+    fh, _ = second.open("/f.bin", os.O_RDONLY)
+    rnd = random.Random(3)
+    for _ in range(41):
+        offset = rnd.randrange(block, len(data) - 4096, 4096)
+        assert second.read(fh, 4096, offset) == data[offset:offset + 4096]
+    stats = second.blocks.stats
+    assert stats.misses == 0 and stats.disk_hits == 41 and second.blocks.memory_used == 0
