@@ -146,6 +146,20 @@ def test_statfs_reports_space(core):
     assert s["f_bavail"] > 0 and s["f_bsize"] > 0
 
 
+def _disk_cached_file(tmp_path, size: int, disk_blocks: int):
+    """A local file f.bin of `size` random bytes, a disk tier of
+    `disk_blocks` blocks, and a maker of cores over both with room for 8
+    blocks in memory: (data, disk tier, make_core)."""
+    from mountd.cache.blocks import DiskTier
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    cfg = CacheSettings(block_size=BLOCK, memory=8 * BLOCK, readahead_blocks=4, attribute_ttl=60,
+                        negative_ttl=60, disk=True)
+    disk = DiskTier(str(tmp_path / "cache"), disk_blocks * BLOCK, 0)
+    return data, disk, lambda: FileSystemCore(LocalStore(str(tmp_path)), cfg,
+                                              BlockCache(cfg.memory, disk, 4, BLOCK))
+
+
 def test_concurrent_random_reads_through_recycled_buffers(tmp_path):
     """Eight threads reading at random through a cache far smaller than the
     file, with the disk tier on: blocks are evicted, their buffers reused
@@ -154,14 +168,8 @@ def test_concurrent_random_reads_through_recycled_buffers(tmp_path):
     import random
     import threading
 
-    from mountd.cache.blocks import DiskTier
-    block = 64 * 1024
-    data = os.urandom(50 * block + 999)
-    (tmp_path / "f.bin").write_bytes(data)
-    cfg = CacheSettings(block_size=block, memory=8 * block, readahead_blocks=4, attribute_ttl=60,
-                        negative_ttl=60, disk=True)
-    disk = DiskTier(str(tmp_path / "cache"), 20 * block, 0)
-    core = FileSystemCore(LocalStore(str(tmp_path)), cfg, BlockCache(cfg.memory, disk, 4, block))
+    data, _, new_core = _disk_cached_file(tmp_path, 50 * BLOCK + 999, disk_blocks=20)
+    core = new_core()
     errors = []
 
     def reader(seed):
@@ -177,7 +185,7 @@ def test_concurrent_random_reads_through_recycled_buffers(tmp_path):
                             errors.append((seed, offset, size))
                         offset += size
                 else:
-                    offset, size = rnd.randrange(0, len(data)), rnd.randrange(1, 3 * block)
+                    offset, size = rnd.randrange(0, len(data)), rnd.randrange(1, 3 * BLOCK)
                     if core.read(fh, size, offset) != data[offset:offset + size]:
                         errors.append((seed, offset, size))
         finally:
@@ -199,14 +207,9 @@ def test_scattered_small_reads_come_from_the_disk_tier_without_loading_blocks(tm
     they are: no block is loaded whole, nothing is fetched from storage."""
     import random
 
-    from mountd.cache.blocks import DiskTier
-    block = 64 * 1024
-    data = os.urandom(20 * block + 5)
-    (tmp_path / "f.bin").write_bytes(data)
-    cfg = CacheSettings(block_size=block, memory=8 * block, readahead_blocks=4, attribute_ttl=60,
-                        negative_ttl=60, disk=True)
-    disk = DiskTier(str(tmp_path / "cache"), 100 * block, 0)
-    first = FileSystemCore(LocalStore(str(tmp_path)), cfg, BlockCache(cfg.memory, disk, 2, block))
+    block = BLOCK
+    data, disk, new_core = _disk_cached_file(tmp_path, 20 * block + 5, disk_blocks=100)
+    first = new_core()
     fh, _ = first.open("/f.bin", os.O_RDONLY)
     for offset in range(0, len(data), block):  # block by block: the disk writer drops what it cannot keep up with
         assert first.read(fh, block, offset) == data[offset:offset + block]
@@ -214,7 +217,7 @@ def test_scattered_small_reads_come_from_the_disk_tier_without_loading_blocks(tm
         while disk.used < min(offset + block, len(data)) and time.time() < deadline:
             time.sleep(0.005)
     assert disk.used == len(data)
-    second = FileSystemCore(LocalStore(str(tmp_path)), cfg, BlockCache(cfg.memory, disk, 2, block))
+    second = new_core()
     fh, _ = second.open("/f.bin", os.O_RDONLY)
     rnd = random.Random(3)
     for _ in range(41):
