@@ -25,6 +25,7 @@ from mountd.cache.prefetch import ReadAhead
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
+from mountd.fs.listing import DirListing
 from mountd.fs.writeback import StagedFile, WriteBack
 from mountd.storage.base import Entry, ObjectStore, join
 
@@ -63,6 +64,7 @@ class FileSystemCore:
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._handles: dict[int, OpenFile] = {}
+        self._dirs: dict[int, DirListing] = {}
         self._next_fh = itertools.count(1)
         self._lock = threading.Lock()
         self._opened_etags: dict[str, str] = {}  # path -> etag at last open, for keep_cache
@@ -115,6 +117,33 @@ class FileSystemCore:
                 yield child.name, (self._staged_attributes(sf) if sf else self.attributes(child))
         for name, sf in staged.items():  # created here, not in storage yet
             yield name, self._staged_attributes(sf)
+
+    def opendir(self, path: str) -> int:
+        """A handle for reading the directory at `path` a buffer at a time
+        (`readdir_at`): its entries are "." and "..", then the children."""
+        if not self._entry(path).is_dir:
+            raise FsError(errno.ENOTDIR)
+
+        def entries():
+            yield ".", None
+            yield "..", None
+            yield from self.readdir(path)
+        with self._lock:
+            dh = next(self._next_fh)
+            self._dirs[dh] = DirListing(entries)
+        return dh
+
+    def readdir_at(self, dh: int, offset: int):
+        """(offset, (name, attributes or None)) for the entries of an open
+        directory after `offset`."""
+        listing = self._dirs.get(dh)
+        if listing is None:
+            raise FsError(errno.EBADF)
+        return listing.after(offset)
+
+    def releasedir(self, dh: int) -> None:
+        with self._lock:
+            self._dirs.pop(dh, None)
 
     # -- files ------------------------------------------------------------------------
     def open(self, path: str, flags: int) -> tuple[int, bool]:

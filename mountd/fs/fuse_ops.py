@@ -22,6 +22,9 @@ MAX_READ = 1024 * 1024  # bytes per FUSE read request
 MAX_READAHEAD = 16 * 1024 * 1024  # how far ahead the kernel may read on its own
 LOOP_ENDED_BY_SIGNAL = 8  # fuse_main's result when a signal stopped its loop
 RENAME_NOREPLACE = 1  # renameat2 flag (linux/fs.h)
+READDIR_PLUS = 1  # libfuse: the kernel asks for attributes with the names
+FILL_DIR_PLUS = 2  # libfuse: this entry carries them
+CAP_READDIRPLUS_AUTO = 1 << 14  # libfuse: let the kernel decide per call whether to ask
 
 
 class _Fuse(mfusepy.FUSE):
@@ -33,6 +36,25 @@ class _Fuse(mfusepy.FUSE):
     def read(self, path, buf, size: int, offset: int, fip) -> int:
         dest = (ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))
         return self.operations.read(fip.contents, memoryview(dest).cast("B"), offset)
+
+    def readdir_fuse_3(self, path, buf, filler, offset: int, fip, flags: int) -> int:
+        # mfusepy hands the kernel names only, so `ls -l` of a directory of
+        # 20 000 blobs costs 20 000 lookups, one thread wake-up each. The
+        # listing already has every child's attributes: with readdirplus they
+        # go along with the names, and the kernel asks nothing more. (libfuse
+        # 3.14 passes them on only for entries given with an offset.)
+        plus = FILL_DIR_PLUS if flags & READDIR_PLUS else 0
+        st = mfusepy.c_stat()
+        for off, (name, attrs) in self.operations.readdir_at(fip.contents.fh, offset):
+            if attrs is None:
+                stat_p = None
+            else:
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                mfusepy.set_st_attrs(st, attrs, use_ns=True)
+                stat_p = st
+            if filler(buf, name.encode(self.encoding, self.errors), stat_p, off, plus if stat_p else 0) != 0:
+                break  # the kernel's buffer is full: the next call goes on from here
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
@@ -67,6 +89,9 @@ class FuseOperations(mfusepy.Operations):
             # libfuse sizes the kernel's pages per request from max_write:
             # without it reads arrive in 128 KiB pieces whatever max_read says.
             conn.max_write = MAX_READ
+            # readdirplus for every listing, not only when the kernel guesses
+            # attributes will be wanted: they cost nothing extra here
+            conn.want &= ~CAP_READDIRPLUS_AUTO
         if config is not None:
             ttl = self.core.settings.attribute_ttl
             config.attr_timeout = ttl
@@ -82,11 +107,19 @@ class FuseOperations(mfusepy.Operations):
     def getattr(self, path, fh=None):
         return self.core.getattr(path)
 
+    def opendir(self, path):
+        return self.core.opendir(path)
+
     def readdir(self, path, fh):
-        yield "."
-        yield ".."
-        for name, attrs in self.core.readdir(path):
-            yield name, attrs, 0
+        # registers the callback; _Fuse.readdir_fuse_3 serves it through readdir_at
+        raise OSError(errno.ENOSYS, "served by readdir_at")
+
+    def readdir_at(self, dh, offset):
+        return self.core.readdir_at(dh, offset)
+
+    def releasedir(self, path, fh):
+        self.core.releasedir(fh)
+        return 0
 
     def open(self, path, fi):
         fh, keep = self.core.open(path, fi.flags)

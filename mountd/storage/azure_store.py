@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 from mountd.errors import AlreadyExists
 from mountd.storage.azure_http import RangeReader, raise_for_answer, translated_reads
@@ -29,6 +30,7 @@ class AzureStore(ObjectStore):
         self._service = None
         self._service_lock = threading.Lock()
         self._uploads = ThreadPoolExecutor(concurrency, thread_name_prefix=thread_name)
+        self._listing = ThreadPoolExecutor(4, thread_name_prefix="listing-ahead")
         # pieces read ahead of those in flight: bounds the memory of one upload
         self._upload_slots = threading.BoundedSemaphore(concurrency * 2)
 
@@ -62,6 +64,25 @@ class AzureStore(ObjectStore):
             status, headers, _ = self._reader.call("HEAD", f"{self.target}/{path}" if path else self.target, query)
         return status, headers
 
+    def _paged(self, fetch) -> Iterator:
+        """The items of a listing whose pages come from `fetch(marker) ->
+        (items, next marker)`, asking for each next page while the current
+        one is being consumed: storage takes as long to make a page of a
+        large listing as the consumer (a mount's `ls -l`, a download
+        starting transfers) takes to use it, so the two overlap."""
+        items, marker = fetch(None)
+        while True:
+            ahead = self._listing.submit(fetch, marker) if marker else None
+            try:
+                yield from items
+            except GeneratorExit:
+                if ahead is not None:
+                    ahead.cancel()  # a consumer that stopped early leaves at most this page unread
+                raise
+            if ahead is None:
+                return
+            items, marker = ahead.result()
+
     def check(self) -> None:
         # A short budget for connecting: an endpoint that refuses connections
         # at start is a configuration problem to report now, not an outage
@@ -93,6 +114,7 @@ class AzureStore(ObjectStore):
 
     def close(self) -> None:
         self._uploads.shutdown(wait=False, cancel_futures=True)
+        self._listing.shutdown(wait=False, cancel_futures=True)
         self._reader.close()
         if self._service is not None:
             self._service.close()

@@ -142,17 +142,14 @@ class BlobStore(AzureStore):
         return bool(items)
 
     def _pages(self, prefix: str, delimiter: str | None) -> Iterator:
-        marker = None
-        while True:
+        def fetch(marker: str | None):
             try:
-                items, marker = _listing_page(self._reader, self.container_name, prefix, delimiter, marker, LIST_PAGE)
+                return _listing_page(self._reader, self.container_name, prefix, delimiter, marker, LIST_PAGE)
             except HttpError as e:
                 raise_for_status(e.status, e.code, f"{prefix or '/'} in {self.description}", self.description)
             except OSError as e:
                 raise Unreachable(f"cannot reach {self.description}: {e}") from None
-            yield from items
-            if not marker:
-                return
+        return self._paged(fetch)
 
     def list_dir(self, path: str) -> Iterator[Entry]:
         path = normalize_path(path)

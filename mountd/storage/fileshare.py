@@ -165,15 +165,13 @@ class FileShareStore(AzureStore):
 
     def list_dir(self, path: str) -> Iterator[Entry]:
         path = normalize_path(path)
-        marker = None
-        while True:
+
+        def fetch(marker: str | None):
             try:
-                items, marker = self._list_page(path, marker)
+                return self._list_page(path, marker)
             except NotFound:
                 raise NotFound(f"{path} is not a directory in {self.description}") from None
-            yield from items
-            if not marker:
-                return
+        return self._paged(fetch)
 
     def walk(self, prefix: str = "") -> Iterator[Entry]:
         # The service lists one directory at a time, so a deep tree means many

@@ -225,3 +225,30 @@ def test_scattered_small_reads_come_from_the_disk_tier_without_loading_blocks(tm
         assert second.read(fh, 4096, offset) == data[offset:offset + 4096]
     stats = second.blocks.stats
     assert stats.misses == 0 and stats.disk_hits == 41 and second.blocks.memory_used == 0
+
+
+def test_an_open_directory_is_read_a_buffer_at_a_time(core, tree):
+    for i in range(30):
+        (tree / "sub" / f"f{i:02d}").write_bytes(b"x" * i)
+    core.meta.clear()
+    dh = core.opendir("/sub")
+    names, offset = [], 0
+    while True:
+        chunk = []
+        for off, (name, attrs) in core.readdir_at(dh, offset):
+            if len(chunk) == 7:
+                break
+            chunk.append((off, name, attrs))
+        if not chunk:
+            break
+        names += [(name, attrs["st_size"] if attrs else None) for _, name, attrs in chunk]
+        offset = chunk[-1][0]
+    core.releasedir(dh)
+    assert names[:2] == [(".", None), ("..", None)]
+    assert sorted(names[2:]) == sorted([("deeper", 4096), ("small.txt", 5)] + [(f"f{i:02d}", i) for i in range(30)])
+    with pytest.raises(FsError) as e:
+        core.readdir_at(dh, 0)
+    assert e.value.errno == errno.EBADF
+    with pytest.raises(FsError) as e:
+        core.opendir("/big.bin")
+    assert e.value.errno == errno.ENOTDIR
