@@ -26,6 +26,7 @@ class ReadAhead:
         self._expected = 0  # where the next sequential read should start
         self._window = 0  # blocks to keep in flight ahead of the reader
         self._scheduled = -1  # highest block index already asked for
+        self._released = -1  # highest block index handed back by left_behind()
 
     def on_read(self, offset: int, size: int) -> range:
         """Record a read; return the block indices to prefetch now."""
@@ -37,6 +38,7 @@ class ReadAhead:
             else:
                 self._window = 0  # random access: fetch only what is asked
                 self._scheduled = -1
+                self._released = offset // self.block_size - 1
             self._expected = max(self._expected, offset + size) if sequential else offset + size
             if not self._window:
                 return range(0)
@@ -51,6 +53,22 @@ class ReadAhead:
             if start >= stop:
                 return range(0)
             self._scheduled = stop - 1
+            return range(start, stop)
+
+    def left_behind(self) -> range:
+        """Blocks a sequential reader has left SLACK or more behind since the
+        last call. Their bytes are in the kernel's page cache (and the disk
+        tier), and no read still on its way can want them: their memory can
+        go to the blocks ahead, instead of fresh memory being taken for those
+        (a cold read otherwise fills the whole memory cache once)."""
+        with self._lock:
+            if not self._window:
+                return range(0)
+            stop = (self._expected - SLACK) // self.block_size
+            start = self._released + 1
+            if stop <= start:
+                return range(0)
+            self._released = stop - 1
             return range(start, stop)
 
     @property

@@ -243,6 +243,8 @@ class FileSystemCore:
                     self.bytes_served += placed
                     return placed
             wanted = handle.readahead.on_read(offset, size)
+            for i in handle.readahead.left_behind():
+                self.blocks.let_go(self._key(entry, i))
             # the Blocks themselves are held until copied: their buffers are reused once let go
             blocks = [self._block(entry, i) for i in range(first, last + 1)]
         except Stale:

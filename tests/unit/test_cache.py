@@ -259,6 +259,44 @@ def test_readahead_stops_at_end_of_file():
     assert max(got) <= 2
 
 
+def test_a_sequential_reader_lets_go_of_what_it_left_behind():
+    from mountd.cache.prefetch import SLACK
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=200 * MiB)
+    released = []
+    for i in range(100):
+        ra.on_read(i * MiB, MiB)
+        got = list(ra.left_behind())
+        # every block let go ends at least SLACK behind the furthest read so far
+        assert all((b + 1) * MiB <= (i + 1) * MiB - SLACK for b in got)
+        released.extend(got)
+    assert released == list(range(len(released)))  # each block once, in order
+    assert len(released) == (100 * MiB - SLACK) // MiB
+
+
+def test_random_reads_let_nothing_go():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=200 * MiB)
+    for off in (150, 3, 90, 40, 170, 10, 120, 60):
+        ra.on_read(off * MiB, 4096)
+        assert list(ra.left_behind()) == []
+
+
+def test_let_go_drops_a_block_from_memory_but_not_from_its_holder_or_the_disk_tier(tmp_path):
+    tier = DiskTier(str(tmp_path / "c"), 100 * MiB, 0)
+    cache = BlockCache(64 * MiB, tier, threads=2, block_size=MiB)
+    key = ("p", "e", 0)
+    held = cache.get(key, lambda: b"a" * MiB)
+    deadline = time.time() + 5
+    while not tier.contains(key) and time.time() < deadline:
+        time.sleep(0.01)
+    cache.let_go(key)
+    assert cache.memory_used == 0
+    assert bytes(held.view) == b"a" * MiB  # the holder's Block is untouched
+    again = cache.get(key, lambda: pytest.fail("fetched from storage again"))
+    assert bytes(again.view) == b"a" * MiB and cache.stats.disk_hits == 1
+    cache.let_go(("p", "e", 99))  # not cached: nothing happens
+    cache.close()
+
+
 def test_slightly_out_of_order_reads_count_as_sequential():
     ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=100 * MiB)
     for off in (0, 2, 1, 4, 3, 6, 5):

@@ -135,6 +135,31 @@ def test_sequential_read_prefetches(tree):
     core.close()
 
 
+def test_a_sequential_reader_does_not_fill_memory_with_what_it_read(tmp_path):
+    from mountd.cache.prefetch import SLACK
+    mib = 1024 * 1024
+    data = os.urandom(96 * mib)
+    (tmp_path / "f").write_bytes(data)
+    core = make_core(tmp_path, block_size=mib, memory=128 * mib, readahead_blocks=4)
+    fh, _ = core.open("/f", os.O_RDONLY)
+    got = bytearray()
+    for off in range(0, len(data), 256 * 1024):
+        got += core.read(fh, 256 * 1024, off)
+    assert got == data
+    # blocks SLACK behind the reader went back to the pool; the rest of the
+    # file never needed memory of its own
+    assert core.blocks.memory_used <= SLACK + 8 * mib
+    assert core.blocks.buffers.created <= SLACK // mib + 8
+    core.release(fh)
+    # random reads keep what they fetched
+    fh, _ = core.open("/f", os.O_RDONLY)
+    for off in (90, 5, 60, 30, 75, 15):
+        assert core.read(fh, 4096, off * mib) == data[off * mib:off * mib + 4096]
+    assert all(core.blocks._memory.get(core._key(core._handles[fh].entry, b)) is not None
+               for b in (90, 60, 75))
+    core.close()
+
+
 def test_bad_handle(core):
     with pytest.raises(FsError) as e:
         core.read(999, 10, 0)
