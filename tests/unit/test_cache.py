@@ -241,6 +241,23 @@ def test_sequential_reads_ramp_up_readahead():
     assert scheduled[0] == 1
 
 
+def test_readahead_refills_its_window_in_few_long_requests_and_never_runs_dry():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=64 * MiB)
+    requests, scheduled = [], []
+    for off in range(0, 64 * MiB, MiB // 4):
+        got = list(ra.on_read(off, MiB // 4))
+        if got:
+            requests.append(got)
+            scheduled.extend(got)
+        current = off // MiB
+        if current < 63:
+            assert max(scheduled) > current  # something is always on its way
+    assert scheduled == list(range(1, 64))  # each block once, in order
+    # after the ramp, each request asks for the rest of the window at once
+    assert all(len(r) == 7 for r in requests[4:-1])
+    assert len(requests) <= 64 // 7 + 4
+
+
 def test_random_reads_stop_readahead():
     ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=100 * MiB)
     for i in range(6):
