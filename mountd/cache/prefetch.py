@@ -60,6 +60,10 @@ class ReadAhead:
             self._scheduled = stop - 1
             return range(start, stop)
 
+    def follows(self, offset: int) -> bool:
+        """Whether a read at `offset` starts where the reading so far ended."""
+        return offset == self._expected
+
     def left_behind(self) -> range:
         """Blocks a sequential reader has left SLACK or more behind since the
         last call. Their bytes are in the kernel's page cache (and the disk

@@ -233,8 +233,15 @@ class FileSystemCore:
         size = min(size, entry.size - offset)
         bs = self.settings.block_size
         first, last = offset // bs, (offset + size - 1) // bs
+        small = first == last and size <= PEEK_MAX
+        # A small read counts for readahead only where it carries on from the
+        # last read: a reader going through a file in small pieces gets its
+        # blocks fetched ahead, while pages the kernel re-reads here and there
+        # (it dropped them) must not load whole blocks.
+        if not small or handle.readahead.follows(offset):
+            self._read_ahead(handle, entry, offset, size)
         try:
-            if first == last and size <= PEEK_MAX:
+            if small:
                 # a few pages (random access, or the kernel re-reading pages
                 # it dropped): from memory or the disk tier as they are,
                 # rather than loading a whole block for them
@@ -242,9 +249,6 @@ class FileSystemCore:
                 if placed is not None:
                     self.bytes_served += placed
                     return placed
-            wanted = handle.readahead.on_read(offset, size)
-            for i in handle.readahead.left_behind():
-                self.blocks.let_go(self._key(entry, i))
             # the Blocks themselves are held until copied: their buffers are reused once let go
             blocks = [self._block(entry, i) for i in range(first, last + 1)]
         except Stale:
@@ -262,9 +266,6 @@ class FileSystemCore:
             self.read_errors += 1
             log.error("read %s at %d: %s", entry.path, offset, e)
             raise FsError(errno.EIO) from None
-        if wanted:
-            self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted),
-                                     lambda i: self._fetcher(entry, wanted[i]))
         placed, start = 0, offset - first * bs
         for block in blocks:
             n = min(block.size - start, size - placed)
@@ -273,6 +274,15 @@ class FileSystemCore:
             start = 0
         self.bytes_served += placed
         return placed
+
+    def _read_ahead(self, handle: OpenFile, entry: Entry, offset: int, size: int) -> None:
+        ra = handle.readahead
+        wanted = ra.on_read(offset, size)
+        for i in ra.left_behind():
+            self.blocks.let_go(self._key(entry, i))
+        if wanted:
+            self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted),
+                                     lambda i: self._fetcher(entry, wanted[i]))
 
     def _key(self, entry: Entry, index: int) -> tuple:
         return (entry.path, entry.etag, index)
