@@ -269,9 +269,8 @@ class BlockCache:
     def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0):
         # The memory cap covers every block buffer the worker holds: blocks
         # being fetched (one per fetch thread), fetched by readers themselves,
-        # queued for the disk writer, and the LRU. Readahead may keep at most
-        # half the LRU's blocks waiting to be read, or it would evict them
-        # before their reader gets there.
+        # queued for the disk writer, and the LRU. The LRU holds what the
+        # readers read ahead (the file system core shares it among them).
         size = max(block_size, 1)
         spare = memory_bytes // size - DEMAND_BLOCKS - (WRITER_DEPTH if disk else 0)
         # A quarter of the spare blocks at most for fetches in flight: a
@@ -282,7 +281,7 @@ class BlockCache:
         # 0.9x at 4 deep (measured).
         fetchers = max(1, min(threads, spare // 4))
         lru_blocks = max(1, spare - fetchers)
-        self.readahead_limit = max(1, lru_blocks // 2)
+        self.lru_blocks = lru_blocks
         self._memory: LRUCache = LRUCache(maxsize=lru_blocks * size if block_size else memory_bytes,
                                           getsizeof=len)
         # the memory of full blocks, reused: never more buffers than the plan has blocks

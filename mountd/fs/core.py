@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from mountd.cache.blocks import BlockCache
 from mountd.cache.buffers import Block, copy_into
 from mountd.cache.meta import MetadataCache
-from mountd.cache.prefetch import ReadAhead
+from mountd.cache.prefetch import SLACK, ReadAhead
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
@@ -205,8 +205,19 @@ class FileSystemCore:
             raise FsError(errno.ENOTDIR)
 
     def _readahead_blocks(self) -> int:
-        # the block cache knows how many prefetched blocks its memory can hold
-        return min(self.settings.readahead_blocks, self.blocks.readahead_limit)
+        """How deep a file opened now may read ahead. Each sequential reader
+        keeps in the block cache's memory its blocks ahead and those it left
+        less than SLACK behind; the memory is shared among the files open
+        now, so that no reader's blocks are evicted before it gets to them.
+        Deeper means longer requests: each costs the storage far more than
+        its bytes (measured on Azurite: 20 ms of CPU with 20 000 blobs in the
+        container)."""
+        bs = self.settings.block_size
+        behind = -(-SLACK // bs)
+        with self._lock:
+            readers = 1 + sum(1 for h in self._handles.values() if h.readahead is not None)
+        share = self.blocks.lru_blocks // readers - behind
+        return max(1, min(self.settings.readahead_blocks, share))
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """Up to `size` bytes at `offset` (fewer only at the end of the file)."""

@@ -332,7 +332,7 @@ def test_every_block_buffer_fits_the_memory_cap(tmp_path, memory_mib, disk):
     fetchers = cache._pool._max_workers
     total = cache._memory.maxsize + block * (fetchers + DEMAND_BLOCKS + (WRITER_DEPTH if disk else 0))
     assert total <= max(memory_mib * MiB, 4 * block)
-    assert 1 <= cache.readahead_limit <= max(1, cache._memory.maxsize // block // 2)
+    assert cache.lru_blocks * block == cache._memory.maxsize
 
 
 def _wait_idle(cache):

@@ -160,6 +160,25 @@ def test_a_sequential_reader_does_not_fill_memory_with_what_it_read(tmp_path):
     core.close()
 
 
+def test_readahead_depth_shares_the_memory_among_open_files(tmp_path):
+    mib = 1024 * 1024
+    for name in "abc":
+        (tmp_path / name).write_bytes(b"x" * mib)
+    # 1 MiB blocks: SLACK (32 MiB) keeps 32 blocks behind each reader
+    core = make_core(tmp_path, block_size=mib, memory=128 * mib, readahead_blocks=200)
+    lru = core.blocks.lru_blocks
+    alone, _ = core.open("/a", os.O_RDONLY)
+    second, _ = core.open("/b", os.O_RDONLY)
+    third, _ = core.open("/c", os.O_RDONLY)
+    depth = [core._handles[fh].readahead.max_blocks for fh in (alone, second, third)]
+    assert depth == [lru - 32, lru // 2 - 32, max(1, lru // 3 - 32)]
+    core.release(second)
+    core.release(third)
+    again, _ = core.open("/b", os.O_RDONLY)
+    assert core._handles[again].readahead.max_blocks == lru // 2 - 32
+    core.close()
+
+
 def test_bad_handle(core):
     with pytest.raises(FsError) as e:
         core.read(999, 10, 0)
