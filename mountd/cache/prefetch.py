@@ -17,6 +17,12 @@ import threading
 SLACK = 32 * 1024 * 1024
 
 
+def blocks_kept_behind(block_size: int) -> int:
+    """How many blocks behind its furthest read a sequential reader keeps
+    (ReadAhead.left_behind lets go of them only once SLACK behind)."""
+    return -(-SLACK // block_size)
+
+
 class ReadAhead:
     def __init__(self, block_size: int, max_blocks: int, file_size: int):
         self.block_size = block_size

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from mountd.cache.blocks import BlockCache
 from mountd.cache.buffers import Block, copy_into
 from mountd.cache.meta import MetadataCache
-from mountd.cache.prefetch import SLACK, ReadAhead
+from mountd.cache.prefetch import ReadAhead, blocks_kept_behind
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
@@ -212,11 +212,9 @@ class FileSystemCore:
         Deeper means longer requests: each costs the storage far more than
         its bytes (measured on Azurite: 20 ms of CPU with 20 000 blobs in the
         container)."""
-        bs = self.settings.block_size
-        behind = -(-SLACK // bs)
         with self._lock:
             readers = 1 + sum(1 for h in self._handles.values() if h.readahead is not None)
-        share = self.blocks.lru_blocks // readers - behind
+        share = self.blocks.lru_blocks // readers - blocks_kept_behind(self.settings.block_size)
         return max(1, min(self.settings.readahead_blocks, share))
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
