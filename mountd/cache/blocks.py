@@ -23,6 +23,7 @@ from typing import Callable
 from cachetools import LRUCache
 
 from mountd.cache.buffers import Block, BufferPool, copy_into
+from mountd.cache.runs import Run, RunEnded
 from mountd.fileio import NewFile, align_up
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,8 @@ class BlockCache:
         self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
         self._inflight: dict[BlockKey, Future] = {}
+        self._queued = 0  # fetches submitted to the pool and not started yet
+        self._closed = False
         self._pool = ThreadPoolExecutor(fetchers, thread_name_prefix="block-fetch")
         self.stats = CacheStats()
 
@@ -344,51 +347,85 @@ class BlockCache:
                 self.stats.bytes_from_disk += n
         return n
 
-    def prefetch_run(self, keys: list, stream, fetcher) -> int:
-        """Start fetching consecutive blocks, as far as possible with one
-        request: `stream(first, count, deliver)` reads keys[first:first+count]
-        in order and calls deliver(i, data) for each keys[i]; `fetcher(i)`
-        returns a fetch of keys[i] alone.
-        Leading blocks the disk tier holds are loaded from it one by one; the
-        run starts at the first block nobody has and stops before the next
-        one somebody has. Returns how many blocks were started."""
-        singles, run = [], []
+    def prefetch_run(self, key_of: Callable[[int], BlockKey], wanted: range, last: int, stream,
+                     fetcher) -> tuple[int, Run | None]:
+        """Start fetching the blocks `wanted` of one file (key_of(i) is block
+        i's key), as far as possible with one request: a Run that streams
+        from the first block nobody has towards block `last`, granted the
+        wanted blocks up to the next one somebody has; `extend` grants it
+        more. `stream(first, count, deliver)` reads blocks first..first+count-1
+        in order and calls deliver(i, data) for each; `fetcher(i)` returns a
+        fetch of block i alone. Leading blocks the disk tier holds are loaded
+        from it one by one. Returns (blocks started, the run or None)."""
+        singles, granted = [], []
         with self._lock:
-            for i, key in enumerate(keys):
+            for i in wanted:
+                key = key_of(i)
                 if key in self._inflight or key in self._memory:
-                    if run:
+                    if granted:
                         break
                     continue
-                if not run and self.disk is not None and self.disk.contains(key):
-                    singles.append(i)
-                elif self.disk is not None and self.disk.contains(key):
+                on_disk = self.disk is not None and self.disk.contains(key)
+                if on_disk and granted:
                     break
-                else:
-                    run.append(i)
-            futures = {i: Future() for i in singles + run}
-            self._inflight.update({keys[i]: f for i, f in futures.items()})
+                (singles if on_disk else granted).append(i)
+            futures = {i: Future() for i in singles + granted}
+            self._inflight.update({key_of(i): f for i, f in futures.items()})
             self.stats.prefetches += len(futures)
+            run = Run(granted[0], last) if granted else None
+            for i in granted:
+                run.grant(i, futures[i])
+            self._queued += len(singles) + bool(run)
         for i in singles:
-            self._pool.submit(self._load, keys[i], fetcher(i), futures[i])
+            self._pool.submit(self._started, self._load, key_of(i), fetcher(i), futures[i])
         if run:
-            self._pool.submit(self._load_run, keys, run, futures, stream)
-        return len(futures)
+            self._pool.submit(self._started, self._load_run, key_of, run, stream)
+        return len(futures), run
 
-    def _load_run(self, keys: list, run: list, futures: dict, stream) -> None:
-        done = set()
+    def extend(self, run: Run, key_of: Callable[[int], BlockKey], wanted: range) -> bool:
+        """Grant a run the next blocks `wanted`; False when it cannot take
+        them all (it has ended, one of them is not its next block, or
+        somebody else has one): the run is closed then, and whatever was not
+        granted is left to prefetch_run."""
+        with self._lock:
+            for i in wanted:
+                key = key_of(i)
+                if key in self._inflight or key in self._memory or (self.disk is not None
+                                                                    and self.disk.contains(key)):
+                    run.close()
+                    return False
+                future = Future()
+                if not run.grant(i, future):  # ended, or not its next block (the reader skipped ahead)
+                    run.close()
+                    return False
+                self._inflight[key] = future
+                self.stats.prefetches += 1
+        return True
 
+    def _started(self, task, *args) -> None:
+        with self._lock:
+            self._queued -= 1
+        task(*args)
+
+    def _load_run(self, key_of: Callable[[int], BlockKey], run: Run, stream) -> None:
         def deliver(index: int, data) -> None:
-            self._keep(keys[index], as_block(data), futures[index], from_disk=False)
-            done.add(index)
+            self._keep(key_of(index), as_block(data), run.future(index), from_disk=False)
+            if index < run.last:
+                # a run waiting for its reader gives its thread up to fetches queued behind it
+                run.wait_for(index + 1, lambda: self._queued > 0 or self._closed)
 
+        error: BaseException | None = None
         try:
-            stream(run[0], len(run), deliver)
-            if len(done) < len(run):
-                raise OSError(f"{len(run) - len(done)} block(s) of a run were not delivered")
-        except BaseException as e:
-            for i in run:
-                if i not in done:
-                    self._fail(keys[i], futures[i], e)
+            stream(run.first, run.last - run.first + 1, deliver)
+        except RunEnded:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the blocks' waiters
+            error = e
+        left = run.undelivered()
+        if left and error is None:
+            error = OSError(f"{len(left)} block(s) of a run were not delivered")
+        for i, future in left:
+            self._fail(key_of(i), future, error)
 
     def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
         try:
@@ -440,6 +477,7 @@ class BlockCache:
                 "disk_max": self.disk.max_bytes if self.disk else 0}
 
     def close(self) -> None:
+        self._closed = True  # runs waiting for their readers end now
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._writer:
             self._writer.close()

@@ -34,8 +34,11 @@ class ReadAhead:
         self._scheduled = -1  # highest block index already asked for
         self._released = -1  # highest block index handed back by left_behind()
 
-    def on_read(self, offset: int, size: int) -> range:
-        """Record a read; return the block indices to prefetch now."""
+    def on_read(self, offset: int, size: int, streaming: bool = False) -> range:
+        """Record a read; return the block indices to prefetch now.
+        `streaming`: a request that takes more blocks is open (a Run), so
+        the window slides a block at a time instead of being refilled in
+        batches."""
         with self._lock:
             slack = max(2 * self.block_size, SLACK)
             sequential = self._expected - slack <= offset <= self._expected + slack
@@ -50,9 +53,10 @@ class ReadAhead:
                 return range(0)
             current = (offset + size - 1) // self.block_size
             ahead = self._scheduled - current
-            if self._window > 2 and ahead > 1:
-                # enough is on its way: ask again only when one block is
-                # left ahead, for the rest of the window in one request.
+            if not streaming and self._window > 2 and ahead > 1:
+                # enough is on its way and no request takes more blocks
+                # (no open Run): ask again only when one block is left
+                # ahead, for the rest of the window in one new request.
                 # Each request costs the storage far more than its bytes do
                 # (Azurite: ~10 ms of CPU), and one streamed request
                 # delivers its blocks in order anyway: refilling at half

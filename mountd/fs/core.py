@@ -10,18 +10,20 @@ mount's prefix ("prefix/a/b").
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mountd.cache.blocks import BlockCache
 from mountd.cache.buffers import Block, copy_into
 from mountd.cache.meta import MetadataCache
 from mountd.cache.prefetch import ReadAhead, blocks_kept_behind
+from mountd.cache.runs import Run
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
@@ -39,6 +41,8 @@ class OpenFile:
     staged: StagedFile | None = None  # reads and writes go to the staged copy
     append: bool = False
     writable: bool = False  # only a writer's close uploads: a reader's must not publish its unfinished bytes
+    run: Run | None = None  # the request streaming blocks ahead of a sequential reader
+    lock: threading.Lock = field(default_factory=threading.Lock)  # readahead steps in order
 
 
 # Reads up to this size within one block are served from a cached block
@@ -285,13 +289,24 @@ class FileSystemCore:
         return placed
 
     def _read_ahead(self, handle: OpenFile, entry: Entry, offset: int, size: int) -> None:
+        """Record a read for readahead: grant the blocks it wants now to the
+        handle's open run, or start a new one for them."""
         ra = handle.readahead
-        wanted = ra.on_read(offset, size)
+        key_of = functools.partial(self._key, entry)
+        with handle.lock:  # the kernel sends one handle's reads from several threads at once
+            run = handle.run
+            streaming = run is not None and run.open
+            wanted = ra.on_read(offset, size, streaming)
+            if run is not None and not ra.window:  # random access: the run's bytes are not wanted
+                run.close()
+                handle.run = run = None
+            if wanted and not (streaming and self.blocks.extend(run, key_of, wanted)):
+                if run is not None:
+                    run.close()
+                _, handle.run = self.blocks.prefetch_run(key_of, wanted, ra.last_block, self._streamer(entry),
+                                                         functools.partial(self._fetcher, entry))
         for i in ra.left_behind():
-            self.blocks.let_go(self._key(entry, i))
-        if wanted:
-            self.blocks.prefetch_run([self._key(entry, i) for i in wanted], self._streamer(entry, wanted),
-                                     lambda i: self._fetcher(entry, wanted[i]))
+            self.blocks.let_go(key_of(i))
 
     def _key(self, entry: Entry, index: int) -> tuple:
         return (entry.path, entry.etag, index)
@@ -312,21 +327,21 @@ class FileSystemCore:
             return self.blocks.buffers.block(buffer, length)
         return fetch
 
-    def _streamer(self, entry: Entry, indices: range):
-        """Fetch `count` consecutive blocks from indices[first] on with one
+    def _streamer(self, entry: Entry):
+        """Fetch `count` consecutive blocks from block `first` on with one
         long ranged read: storage answers one long request faster than many
         block-sized ones. Each block is read straight into its own buffer."""
         bs = self.settings.block_size
         buffers = self.blocks.buffers
 
         def stream(first: int, count: int, deliver) -> None:
-            start = indices[first] * bs
+            start = first * bs
             length = min(count * bs, entry.size - start)
-            current = [buffers.buffer(self._block_length(entry, indices[first]))]
+            current = [buffers.buffer(self._block_length(entry, first))]
 
             def sink(offset: int, piece: memoryview):
-                index = indices[first] + (offset - start) // bs
-                deliver(first + (offset - start) // bs, buffers.block(current[0], len(piece)))
+                index = first + (offset - start) // bs
+                deliver(index, buffers.block(current[0], len(piece)))
                 if offset + len(piece) < start + length:
                     current[0] = buffers.buffer(self._block_length(entry, index + 1))
                     return memoryview(current[0])[:bs]
@@ -368,6 +383,8 @@ class FileSystemCore:
     def release(self, fh: int) -> None:
         with self._lock:
             handle = self._handles.pop(fh, None)
+        if handle is not None and handle.run is not None:
+            handle.run.close()
         if handle is not None and handle.staged is not None:
             self.writeback.release(handle.staged)
 

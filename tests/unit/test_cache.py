@@ -150,8 +150,8 @@ def test_failed_fetch_is_not_cached():
 
 def test_prefetch_then_get_uses_the_prefetched_block():
     cache = BlockCache(4 * MiB, None, threads=2)
-    assert cache.prefetch_run([("p", "e", 1)], lambda first, count, deliver: deliver(0, b"pre"), None) == 1
-    assert cache.prefetch_run([("p", "e", 1)], lambda first, count, deliver: deliver(0, b"again"), None) == 0
+    assert cache.prefetch_run(key, range(1, 2), 1, lambda first, count, deliver: deliver(1, b"pre"), None)[0] == 1
+    assert cache.prefetch_run(key, range(1, 2), 1, lambda first, count, deliver: deliver(1, b"again"), None)[0] == 0
     deadline = time.time() + 5
     while cache.in_flight() and time.time() < deadline:
         time.sleep(0.01)
@@ -258,6 +258,17 @@ def test_readahead_refills_its_window_in_few_long_requests_and_never_runs_dry():
     assert len(requests) <= 64 // 7 + 4
 
 
+def test_readahead_with_a_run_open_slides_a_block_at_a_time():
+    ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=64 * MiB)
+    grants = []
+    for off in range(0, 64 * MiB, MiB // 4):
+        grants.append(list(ra.on_read(off, MiB // 4, streaming=True)))
+        if off // MiB < 56:
+            assert ra._scheduled == off // MiB + 8 or off < 4 * MiB  # the full window, always
+    assert [i for g in grants for i in g] == list(range(1, 64))
+    assert max(len(g) for g in grants[8:]) == 1
+
+
 def test_random_reads_stop_readahead():
     ra = ReadAhead(block_size=MiB, max_blocks=8, file_size=100 * MiB)
     for i in range(6):
@@ -341,6 +352,10 @@ def _wait_idle(cache):
         time.sleep(0.01)
 
 
+def key(i):
+    return ("p", "e", i)
+
+
 def test_prefetch_run_fetches_consecutive_blocks_with_one_stream():
     cache = BlockCache(16 * MiB, None, threads=2)
     calls = []
@@ -349,28 +364,31 @@ def test_prefetch_run_fetches_consecutive_blocks_with_one_stream():
         calls.append((first, count))
         for i in range(first, first + count):
             deliver(i, bytes([i]) * 10)
-    keys = [("p", "e", i) for i in (4, 5, 6)]
-    assert cache.prefetch_run(keys, stream, lambda i: pytest.fail("fetched alone")) == 3
+    started, run = cache.prefetch_run(key, range(4, 7), 6, stream, lambda i: pytest.fail("fetched alone"))
+    assert started == 3 and run is not None
     _wait_idle(cache)
-    for i, key in zip(range(3), keys):
-        assert bytes(cache.get(key, lambda: pytest.fail("not prefetched"))) == bytes([i]) * 10
-    assert calls == [(0, 3)]
+    for i in (4, 5, 6):
+        assert bytes(cache.get(key(i), lambda: pytest.fail("not prefetched"))) == bytes([i]) * 10
+    assert calls == [(4, 3)]
 
 
 def test_prefetch_run_stops_at_a_block_already_there():
     cache = BlockCache(16 * MiB, None, threads=2)
-    cache.get(("p", "e", 2), lambda: b"cached")
-    keys = [("p", "e", 0), ("p", "e", 1), ("p", "e", 2), ("p", "e", 3)]
-    cache.get(keys[0], lambda: b"cached too")
+    cache.get(key(2), lambda: b"cached")
+    cache.get(key(0), lambda: b"cached too")
     runs = []
 
     def stream(first, count, deliver):
         runs.append((first, count))
         deliver(first, b"one")
-    assert cache.prefetch_run(keys, stream, None) == 1
+        deliver(first + 1, b"never granted")
+    assert cache.prefetch_run(key, range(0, 4), 3, stream, None)[0] == 1
     _wait_idle(cache)
-    assert runs == [(1, 1)]  # block 0 is skipped, the run is block 1, and it stops before block 2
-    assert bytes(cache.get(("p", "e", 1), lambda: b"refetched")) == b"one"
+    # block 0 is skipped, the run starts at block 1, and it is granted nothing from block 2 on
+    assert runs == [(1, 3)]
+    assert bytes(cache.get(key(1), lambda: b"refetched")) == b"one"
+    assert bytes(cache.get(key(2), lambda: b"refetched")) == b"cached"
+    assert bytes(cache.get(key(3), lambda: b"fetched alone")) == b"fetched alone"
 
 
 def test_failed_run_leaves_the_rest_to_be_fetched_again():
@@ -379,18 +397,16 @@ def test_failed_run_leaves_the_rest_to_be_fetched_again():
     def stream(first, count, deliver):
         deliver(0, b"first")
         raise OSError("connection reset, retries spent")
-    keys = [("p", "e", i) for i in range(3)]
-    cache.prefetch_run(keys, stream, None)
+    cache.prefetch_run(key, range(0, 3), 2, stream, None)
     _wait_idle(cache)
-    assert bytes(cache.get(keys[0], lambda: pytest.fail("lost"))) == b"first"
-    assert bytes(cache.get(keys[2], lambda: b"again")) == b"again"
+    assert bytes(cache.get(key(0), lambda: pytest.fail("lost"))) == b"first"
+    assert bytes(cache.get(key(2), lambda: b"again")) == b"again"
 
 
 def test_prefetch_run_takes_blocks_the_disk_tier_holds_from_disk(tmp_path):
     disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
-    keys = [("p", "e", i) for i in range(4)]
-    disk.put(keys[0], b"disk0")
-    disk.put(keys[1], b"disk1")
+    disk.put(key(0), b"disk0")
+    disk.put(key(1), b"disk1")
     cache = BlockCache(16 * MiB, disk, threads=2)
     streamed = []
 
@@ -398,11 +414,100 @@ def test_prefetch_run_takes_blocks_the_disk_tier_holds_from_disk(tmp_path):
         streamed.append((first, count))
         for i in range(first, first + count):
             deliver(i, b"net%d" % i)
-    assert cache.prefetch_run(keys, stream, lambda i: lambda: pytest.fail("disk block fetched from storage")) == 4
+    started, _ = cache.prefetch_run(key, range(4), 3, stream,
+                                    lambda i: lambda: pytest.fail("disk block fetched from storage"))
+    assert started == 4
     _wait_idle(cache)
-    assert [bytes(cache.get(k, lambda: pytest.fail("not prefetched"))) for k in keys] == [b"disk0", b"disk1", b"net2",
-                                                                                   b"net3"]
+    assert [bytes(cache.get(key(i), lambda: pytest.fail("not prefetched"))) for i in range(4)] == \
+        [b"disk0", b"disk1", b"net2", b"net3"]
     assert streamed == [(2, 2)] and cache.stats.disk_hits == 2
+
+
+def _streamer(calls):
+    """A stream of blocks i -> bytes([i]) * 10 that records its deliveries."""
+    def stream(first, count, deliver):
+        calls.append(("request", first, count))
+        for i in range(first, first + count):
+            calls.append(("delivered", i))  # deliver() returns only once the next block is granted
+            deliver(i, bytes([i]) * 10)
+    return stream
+
+
+def test_a_run_extended_block_by_block_is_one_request():
+    cache = BlockCache(16 * MiB, None, threads=2)
+    calls = []
+    _, run = cache.prefetch_run(key, range(1, 2), 9, _streamer(calls), None)
+    for i in range(2, 10):
+        _wait_idle(cache)
+        assert calls[-1] == ("delivered", i - 1)  # it waits at the next block, not past it
+        assert cache.extend(run, key, range(i, i + 1))
+    _wait_idle(cache)
+    assert [c for c in calls if c[0] == "request"] == [("request", 1, 9)]
+    assert [bytes(cache.get(key(i), lambda: pytest.fail("not streamed"))) for i in range(1, 10)] == \
+        [bytes([i]) * 10 for i in range(1, 10)]
+
+
+def test_a_run_ends_when_its_reader_goes_quiet(monkeypatch):
+    from mountd.cache import runs
+    monkeypatch.setattr(runs, "IDLE", 0.2)
+    cache = BlockCache(16 * MiB, None, threads=2)
+    calls = []
+    _, run = cache.prefetch_run(key, range(0, 2), 9, _streamer(calls), None)
+    deadline = time.time() + 5
+    while run.open and time.time() < deadline:
+        time.sleep(0.02)
+    assert not run.open and calls[-1] == ("delivered", 1)
+    assert not cache.extend(run, key, range(2, 3))  # an ended run is granted nothing...
+    assert cache.in_flight() == 0  # ...and no block is left waiting for it
+    started, again = cache.prefetch_run(key, range(2, 3), 9, _streamer(calls), None)
+    assert started == 1 and again is not run
+    _wait_idle(cache)
+    assert bytes(cache.get(key(2), lambda: pytest.fail("not streamed"))) == bytes([2]) * 10
+
+
+def test_a_closed_run_delivers_what_it_was_granted_and_ends():
+    cache = BlockCache(16 * MiB, None, threads=2)
+    gate = threading.Event()
+    calls = []
+
+    def stream(first, count, deliver):
+        gate.wait(5)
+        _streamer(calls)(first, count, deliver)
+    _, run = cache.prefetch_run(key, range(0, 3), 9, stream, None)
+    run.close()
+    assert not cache.extend(run, key, range(3, 4))
+    gate.set()
+    _wait_idle(cache)
+    assert [c[1] for c in calls if c[0] == "delivered"] == [0, 1, 2]
+    assert bytes(cache.get(key(3), lambda: b"fetched alone")) == b"fetched alone"
+
+
+def test_a_waiting_run_gives_its_thread_up_to_queued_fetches(monkeypatch):
+    from mountd.cache import runs
+    monkeypatch.setattr(runs, "IDLE", 60.0)  # so that only making way can end it within the test
+    cache = BlockCache(16 * MiB, None, threads=1)
+    calls = []
+    _, run = cache.prefetch_run(key, range(0, 1), 9, _streamer(calls), None)
+    _wait_idle(cache)
+    assert run.open  # waiting for block 1 on the only fetch thread
+    other = [("q", "e", 0)]
+    started, _ = cache.prefetch_run(lambda i: other[i], range(0, 1), 0,
+                                    lambda first, count, deliver: deliver(0, b"other"), None)
+    assert started == 1
+    _wait_idle(cache)  # well within the idle time: the run made way
+    assert not run.open
+    assert bytes(cache.get(other[0], lambda: pytest.fail("starved"))) == b"other"
+
+
+def test_extend_refuses_a_block_somebody_else_has_and_closes_the_run():
+    cache = BlockCache(16 * MiB, None, threads=2)
+    calls = []
+    _, run = cache.prefetch_run(key, range(0, 1), 9, _streamer(calls), None)
+    cache.get(key(1), lambda: b"read by another")
+    assert not cache.extend(run, key, range(1, 3))
+    _wait_idle(cache)
+    assert not run.open and [c for c in calls if c[0] == "delivered"] == [("delivered", 0)]
+    assert bytes(cache.get(key(1), lambda: pytest.fail("lost"))) == b"read by another"
 
 
 # -- block buffers ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ reads at any offset, change detection, read-only rules."""
 import errno
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -158,6 +159,81 @@ def test_a_sequential_reader_does_not_fill_memory_with_what_it_read(tmp_path):
     assert all(core.blocks._memory.get(core._key(core._handles[fh].entry, b)) is not None
                for b in (90, 60, 75))
     core.close()
+
+
+class RequestCountingStore(LocalStore):
+    """Counts the requests a reader makes: each read_into and read_stream
+    call (the reads a read_stream makes itself are one request)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.requests = []
+        self._streaming = threading.local()
+
+    def read_into(self, path, offset, view, etag=None):
+        if not getattr(self._streaming, "on", False):
+            self.requests.append(("read", offset // MIB))
+        return super().read_into(path, offset, view, etag)
+
+    def read_stream(self, path, offset, length, etag, buf, sink):
+        self.requests.append(("stream", offset // MIB, length // MIB))
+        self._streaming.on = True
+        try:
+            return super().read_stream(path, offset, length, etag, buf, sink)
+        finally:
+            self._streaming.on = False
+
+
+MIB = 1024 * 1024
+
+
+def _counting_core(tmp_path, data, **overrides):
+    (tmp_path / "f").write_bytes(data)
+    values = dict(block_size=MIB, memory=64 * MIB, readahead_blocks=4, attribute_ttl=60, negative_ttl=60,
+                  disk=False)
+    cfg = CacheSettings(**{**values, **overrides})
+    store = RequestCountingStore(str(tmp_path))
+    return FileSystemCore(store, cfg, BlockCache(cfg.memory, None, cfg.threads, cfg.block_size)), store
+
+
+def test_a_sequential_reader_costs_one_streamed_request(tmp_path):
+    data = os.urandom(48 * MIB + 5)
+    core, store = _counting_core(tmp_path, data)
+    fh, _ = core.open("/f", os.O_RDONLY)
+    got = bytearray()
+    for off in range(0, len(data), 256 * 1024):
+        got += core.read(fh, 256 * 1024, off)
+    assert got == data
+    # block 0 read by the reader itself, the rest by one request to the end
+    assert sorted(store.requests) == [("read", 0), ("stream", 1, 47)]
+    core.close()
+
+
+def test_random_access_ends_the_run_and_a_new_sequential_stretch_starts_another(tmp_path):
+    data = os.urandom(80 * MIB)
+    core, store = _counting_core(tmp_path, data)
+    fh, _ = core.open("/f", os.O_RDONLY)
+    for off in range(0, 4 * MIB, 256 * 1024):
+        assert core.read(fh, 256 * 1024, off) == data[off:off + 256 * 1024]
+    run = core._handles[fh].run
+    assert run is not None and run.open
+    assert core.read(fh, 256 * 1024, 70 * MIB) == data[70 * MIB:70 * MIB + 256 * 1024]  # past SLACK
+    assert not run.open
+    for off in range(70 * MIB + 256 * 1024, 76 * MIB, 256 * 1024):
+        assert core.read(fh, 256 * 1024, off) == data[off:off + 256 * 1024]
+    streams = [r for r in store.requests if r[0] == "stream"]
+    assert len(streams) == 2 and streams[1][1] == 71
+    core.release(fh)
+    assert _settles(core)  # the closed run delivered what it was granted and ended
+    core.close()
+
+
+def _settles(core) -> bool:
+    """Whether every block being fetched arrives within a few seconds."""
+    deadline = time.time() + 5
+    while core.blocks.in_flight() and time.time() < deadline:
+        time.sleep(0.01)
+    return not core.blocks.in_flight()
 
 
 def test_readahead_depth_shares_the_memory_among_open_files(tmp_path):
