@@ -495,6 +495,7 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
         a = res.a
         rows.append(("(a) cold big read", "mountd / curl throughput",
                      f"{ratio(a.median_rate('mountd'), a.median_rate('curl')):.2f}x"))
+        rows.append(("", "  the same, median of per-round ratios", f"{a.paired_ratio('mountd', 'curl'):.2f}x"))
         for t in ("rclone-off", "rclone-full"):
             rows.append(("", f"mountd / {t} throughput", f"{ratio(a.median_rate('mountd'), a.median_rate(t)):.2f}x"))
     if res.b:
@@ -503,6 +504,7 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
                      f"{ratio(b.median_rate('mountd'), b.median_rate('page-cache')):.2f}x"))
         rows.append(("", "mountd 2nd / rclone-full 2nd",
                      f"{ratio(b.median_rate('mountd'), b.median_rate('rclone-full')):.2f}x"))
+        rows.append(("", "  the same, median of per-round ratios", f"{b.paired_ratio('mountd', 'rclone-full'):.2f}x"))
     if res.c:
         c = res.c
         for i, t in enumerate(("rclone-off", "rclone-full")):

@@ -246,6 +246,15 @@ class Scenario:
     def median_rate(self, tool: str) -> float:
         return mib_per_s(self.nbytes, self.median_seconds(tool))
 
+    def paired_ratio(self, tool: str, reference: str) -> float:
+        """The median over rounds of the reference's seconds over the tool's
+        in the same round (a throughput ratio). The two ran minutes apart at
+        most, so a host whose load drifts over the run moves both; the
+        ratio of per-tool medians can pair a quiet round of one with a busy
+        round of the other."""
+        pairs = [r / t for t, r in zip(self.seconds.get(tool, []), self.seconds.get(reference, [])) if t > 0]
+        return median(pairs) if pairs else float("nan")
+
 
 def print_report(scenarios: list[Scenario], subject: str = "mountd", header: dict | None = None,
                  out=sys.stdout) -> None:

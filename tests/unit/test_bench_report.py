@@ -1,0 +1,26 @@
+"""The benchmarks' arithmetic: the ratios the README quotes."""
+
+import math
+
+from tests.benchmarks.common import Scenario
+
+MiB = 1 << 20
+
+
+def test_paired_ratio_pairs_each_round_with_its_own_reference():
+    sc = Scenario("a-cold", 1, 1024 * MiB)
+    for tool, secs in (("mountd", [2.0, 4.0, 3.0]), ("curl", [1.0, 4.0, 2.4])):
+        for s in secs:
+            sc.add(tool, s)
+    # rounds: 1/2, 4/4, 2.4/3 -> median 0.8; the ratio of medians is 2.4/3 = 0.8 too, by chance
+    assert math.isclose(sc.paired_ratio("mountd", "curl"), 0.8)
+    sc.add("mountd", 1.0)
+    sc.add("curl", 3.0)  # a quiet round for mountd next to a busy one for curl
+    assert math.isclose(sc.paired_ratio("mountd", "curl"), (0.8 + 1.0) / 2)
+    assert math.isclose(sc.median_rate("mountd") / sc.median_rate("curl"), 2.7 / 2.5)
+
+
+def test_paired_ratio_without_rounds_is_nan():
+    sc = Scenario("a-cold", 1, MiB)
+    sc.add("mountd", 1.0)
+    assert math.isnan(sc.paired_ratio("mountd", "curl"))
