@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -415,13 +416,17 @@ class BlockCache:
                 run.wait_for(index + 1, lambda: self._queued > 0 or self._closed)
 
         error: BaseException | None = None
+        started = time.monotonic()
         try:
             stream(run.first, run.last - run.first + 1, deliver)
         except RunEnded:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the blocks' waiters
             error = e
+            run.why = f"failed: {e}"
         left = run.undelivered()
+        log.debug("run of %s from block %d ended after %.2f s (%s), at block %d", key_of(run.first)[0],
+                  run.first, time.monotonic() - started, run.why, run.delivered)
         if left and error is None:
             error = OSError(f"{len(left)} block(s) of a run were not delivered")
         for i, future in left:

@@ -46,6 +46,8 @@ class Run:
         self._granted = first - 1  # highest block index granted
         self._closing = False  # no more grants wanted; end after those given
         self._ended = False  # grants are refused
+        self.why = "done"  # why it ended, for the debug log
+        self.delivered = first - 1  # the last block handed over
 
     def grant(self, index: int, future: Future) -> bool:
         """Let the run fill block `index` into `future`; False (and nothing
@@ -72,6 +74,7 @@ class Run:
     def future(self, index: int) -> Future:
         """The future of a granted block, handed over once (to deliver it)."""
         with self._cond:
+            self.delivered = index
             return self._futures.pop(index)
 
     def undelivered(self) -> list[tuple[int, Future]]:
@@ -87,7 +90,10 @@ class Run:
         deadline = time.monotonic() + IDLE
         with self._cond:
             while self._granted < index:
-                if self._closing or give_up() or time.monotonic() >= deadline:
+                why = "closed" if self._closing else "made way" if give_up() else \
+                    "idle" if time.monotonic() >= deadline else None
+                if why:
                     self._ended = True
+                    self.why = why
                     raise RunEnded()
                 self._cond.wait(POLL)

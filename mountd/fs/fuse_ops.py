@@ -20,6 +20,15 @@ from mountd.fs.core import FileSystemCore  # noqa: E402
 
 MAX_READ = 1024 * 1024  # bytes per FUSE read request
 MAX_READAHEAD = 16 * 1024 * 1024  # how far ahead the kernel may read on its own
+# Requests the kernel keeps in flight without a process waiting on them
+# (readahead), and the count past which it stops reading ahead. Its
+# defaults (12 and 9) cap one reader's readahead at 9 requests of 1 MiB,
+# under the 16 it asks for: the kernel then skips reading ahead and the
+# reader waits on each request in turn. At 64/48 a cold 1 GiB read of a
+# local datastore through the mount took 0.94 s instead of 1.33 (medians
+# of 10, alternated); 64 leaves room for four sequential readers.
+MAX_BACKGROUND = 64
+CONGESTION_THRESHOLD = 48
 LOOP_ENDED_BY_SIGNAL = 8  # fuse_main's result when a signal stopped its loop
 RENAME_NOREPLACE = 1  # renameat2 flag (linux/fs.h)
 READDIR_PLUS = 1  # libfuse: the kernel asks for attributes with the names
@@ -89,6 +98,8 @@ class FuseOperations(mfusepy.Operations):
             # libfuse sizes the kernel's pages per request from max_write:
             # without it reads arrive in 128 KiB pieces whatever max_read says.
             conn.max_write = MAX_READ
+            conn.max_background = MAX_BACKGROUND
+            conn.congestion_threshold = CONGESTION_THRESHOLD
             # readdirplus for every listing, not only when the kernel guesses
             # attributes will be wanted: they cost nothing extra here
             conn.want &= ~CAP_READDIRPLUS_AUTO

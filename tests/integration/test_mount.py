@@ -291,3 +291,34 @@ def test_foreground_mount_stops_cleanly_on_ctrl_c(datastore, tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert not mounts.is_mounted(str(mp)) and "error" not in err
+
+
+def _fuse_connections() -> str:
+    """The fusectl directory of FUSE connections, mounted if it is not."""
+    path = "/sys/fs/fuse/connections"
+    if os.path.isdir(path) and not os.listdir(path):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", path], capture_output=True)
+    return path
+
+
+def test_the_kernel_reads_ahead_far_with_many_requests_in_flight(tmp_path, monkeypatch, mounter):
+    """The tuning a cold sequential read depends on reaches the kernel:
+    16 MiB of readahead for the mount (not the kernel's 128 KiB), and up
+    to 64 requests in flight (not 12, which stops readahead at 9 MiB)."""
+    from mountd.fs.fuse_ops import CONGESTION_THRESHOLD, MAX_BACKGROUND, MAX_READAHEAD
+    root = tmp_path / "localroot"
+    root.mkdir()
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"data": {"type": "local", "root": str(root)}}}))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
+    mp = mounter("data")
+    dev = os.stat(mp).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        assert int(f.read()) == MAX_READAHEAD // 1024
+    conn = os.path.join(_fuse_connections(), str(dev))
+    if not os.path.isdir(conn):
+        pytest.skip("fusectl (/sys/fs/fuse/connections) is not available here")
+    with open(os.path.join(conn, "max_background")) as f:
+        assert int(f.read()) == MAX_BACKGROUND
+    with open(os.path.join(conn, "congestion_threshold")) as f:
+        assert int(f.read()) == CONGESTION_THRESHOLD

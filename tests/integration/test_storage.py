@@ -5,6 +5,7 @@ test_fileshare.py."""
 
 import hashlib
 import os
+import time
 
 import pytest
 
@@ -197,3 +198,34 @@ def test_local_store_missing_root(tmp_path):
     cfg = parse("s", {"type": "local", "root": str(tmp_path / "absent")}, "t")
     with open_store(cfg) as store, pytest.raises(ConfigError, match="does not exist"):
         store.check()
+
+
+def test_a_reader_pausing_mid_file_ends_its_stream_and_reads_on(store, monkeypatch, tmp_path):
+    """A sequential reader's blocks come from one long request (a Run);
+    when the reader stops for longer than the run waits, the request is
+    dropped part way through its body, and reading on starts another that
+    gives the right bytes."""
+    from mountd.cache import runs
+    from mountd.cache.blocks import BlockCache
+    from mountd.config.settings import CacheSettings
+    from mountd.fs.core import FileSystemCore
+    monkeypatch.setattr(runs, "IDLE", 0.3)
+    mib = 1024 * 1024
+    data = os.urandom(12 * mib + 7)
+    (tmp_path / "big.bin").write_bytes(data)
+    store.write_file("big.bin", str(tmp_path / "big.bin"))
+    cfg = CacheSettings(block_size=mib, memory=16 * mib, readahead_blocks=4, disk=False)
+    core = FileSystemCore(store, cfg, BlockCache(cfg.memory, None, cfg.threads, cfg.block_size))
+    fh, _ = core.open("/big.bin", os.O_RDONLY)
+    got, ended = bytearray(), []
+    for off in range(0, len(data), 256 * 1024):
+        if off == 4 * mib:
+            run = core._handles[fh].run
+            assert run is not None and run.open
+            time.sleep(1.0)
+            ended.append(not run.open)
+        got += core.read(fh, 256 * 1024, off)
+    assert ended == [True] and core._handles[fh].run is not run
+    assert bytes(got) == data
+    core.release(fh)
+    core.blocks.close()
