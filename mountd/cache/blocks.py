@@ -362,11 +362,11 @@ class BlockCache:
         with self._lock:
             for i in wanted:
                 key = key_of(i)
-                if key in self._inflight or key in self._memory:
+                if self._held(key):
                     if granted:
                         break
                     continue
-                on_disk = self.disk is not None and self.disk.contains(key)
+                on_disk = self._on_disk(key)
                 if on_disk and granted:
                     break
                 (singles if on_disk else granted).append(i)
@@ -391,8 +391,7 @@ class BlockCache:
         with self._lock:
             for i in wanted:
                 key = key_of(i)
-                if key in self._inflight or key in self._memory or (self.disk is not None
-                                                                    and self.disk.contains(key)):
+                if self._held(key) or self._on_disk(key):
                     run.close()
                     return False
                 future = Future()
@@ -402,6 +401,13 @@ class BlockCache:
                 self._inflight[key] = future
                 self.stats.prefetches += 1
         return True
+
+    def _held(self, key: BlockKey) -> bool:
+        """Whether memory has the block or somebody is fetching it (lock held)."""
+        return key in self._inflight or key in self._memory
+
+    def _on_disk(self, key: BlockKey) -> bool:
+        return self.disk is not None and self.disk.contains(key)
 
     def _started(self, task, *args) -> None:
         with self._lock:

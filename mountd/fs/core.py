@@ -300,6 +300,7 @@ class FileSystemCore:
             if run is not None and not ra.window:  # random access: the run's bytes are not wanted
                 run.close()
                 handle.run = run = None
+                streaming = False
             if wanted and not (streaming and self.blocks.extend(run, key_of, wanted)):
                 if run is not None:
                     run.close()
