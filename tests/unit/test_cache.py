@@ -13,6 +13,7 @@ from mountd.cache.meta import MetadataCache
 from mountd.cache.prefetch import ReadAhead
 from mountd.errors import NotFound
 from mountd.storage.local import LocalStore
+from tests.support.blocks import settled
 
 MiB = 1 << 20
 
@@ -152,9 +153,7 @@ def test_prefetch_then_get_uses_the_prefetched_block():
     cache = BlockCache(4 * MiB, None, threads=2)
     assert cache.prefetch_run(key, range(1, 2), 1, lambda first, count, deliver: deliver(1, b"pre"), None)[0] == 1
     assert cache.prefetch_run(key, range(1, 2), 1, lambda first, count, deliver: deliver(1, b"again"), None)[0] == 0
-    deadline = time.time() + 5
-    while cache.in_flight() and time.time() < deadline:
-        time.sleep(0.01)
+    settled(cache)
     assert bytes(cache.get(("p", "e", 1), lambda: pytest.fail("fetched twice"))) == b"pre"
 
 
@@ -346,12 +345,6 @@ def test_every_block_buffer_fits_the_memory_cap(tmp_path, memory_mib, disk):
     assert cache.lru_blocks * block == cache._memory.maxsize
 
 
-def _wait_idle(cache):
-    deadline = time.time() + 5
-    while cache.in_flight() and time.time() < deadline:
-        time.sleep(0.01)
-
-
 def key(i):
     return ("p", "e", i)
 
@@ -366,7 +359,7 @@ def test_prefetch_run_fetches_consecutive_blocks_with_one_stream():
             deliver(i, bytes([i]) * 10)
     started, run = cache.prefetch_run(key, range(4, 7), 6, stream, lambda i: pytest.fail("fetched alone"))
     assert started == 3 and run is not None
-    _wait_idle(cache)
+    settled(cache)
     for i in (4, 5, 6):
         assert bytes(cache.get(key(i), lambda: pytest.fail("not prefetched"))) == bytes([i]) * 10
     assert calls == [(4, 3)]
@@ -383,7 +376,7 @@ def test_prefetch_run_stops_at_a_block_already_there():
         deliver(first, b"one")
         deliver(first + 1, b"never granted")
     assert cache.prefetch_run(key, range(0, 4), 3, stream, None)[0] == 1
-    _wait_idle(cache)
+    settled(cache)
     # block 0 is skipped, the run starts at block 1, and it is granted nothing from block 2 on
     assert runs == [(1, 3)]
     assert bytes(cache.get(key(1), lambda: b"refetched")) == b"one"
@@ -398,7 +391,7 @@ def test_failed_run_leaves_the_rest_to_be_fetched_again():
         deliver(0, b"first")
         raise OSError("connection reset, retries spent")
     cache.prefetch_run(key, range(0, 3), 2, stream, None)
-    _wait_idle(cache)
+    settled(cache)
     assert bytes(cache.get(key(0), lambda: pytest.fail("lost"))) == b"first"
     assert bytes(cache.get(key(2), lambda: b"again")) == b"again"
 
@@ -417,7 +410,7 @@ def test_prefetch_run_takes_blocks_the_disk_tier_holds_from_disk(tmp_path):
     started, _ = cache.prefetch_run(key, range(4), 3, stream,
                                     lambda i: lambda: pytest.fail("disk block fetched from storage"))
     assert started == 4
-    _wait_idle(cache)
+    settled(cache)
     assert [bytes(cache.get(key(i), lambda: pytest.fail("not prefetched"))) for i in range(4)] == \
         [b"disk0", b"disk1", b"net2", b"net3"]
     assert streamed == [(2, 2)] and cache.stats.disk_hits == 2
@@ -438,10 +431,10 @@ def test_a_run_extended_block_by_block_is_one_request():
     calls = []
     _, run = cache.prefetch_run(key, range(1, 2), 9, _streamer(calls), None)
     for i in range(2, 10):
-        _wait_idle(cache)
+        settled(cache)
         assert calls[-1] == ("delivered", i - 1)  # it waits at the next block, not past it
         assert cache.extend(run, key, range(i, i + 1))
-    _wait_idle(cache)
+    settled(cache)
     assert [c for c in calls if c[0] == "request"] == [("request", 1, 9)]
     assert [bytes(cache.get(key(i), lambda: pytest.fail("not streamed"))) for i in range(1, 10)] == \
         [bytes([i]) * 10 for i in range(1, 10)]
@@ -461,7 +454,7 @@ def test_a_run_ends_when_its_reader_goes_quiet(monkeypatch):
     assert cache.in_flight() == 0  # ...and no block is left waiting for it
     started, again = cache.prefetch_run(key, range(2, 3), 9, _streamer(calls), None)
     assert started == 1 and again is not run
-    _wait_idle(cache)
+    settled(cache)
     assert bytes(cache.get(key(2), lambda: pytest.fail("not streamed"))) == bytes([2]) * 10
 
 
@@ -477,7 +470,7 @@ def test_a_closed_run_delivers_what_it_was_granted_and_ends():
     run.close()
     assert not cache.extend(run, key, range(3, 4))
     gate.set()
-    _wait_idle(cache)
+    settled(cache)
     assert [c[1] for c in calls if c[0] == "delivered"] == [0, 1, 2]
     assert bytes(cache.get(key(3), lambda: b"fetched alone")) == b"fetched alone"
 
@@ -488,13 +481,13 @@ def test_a_waiting_run_gives_its_thread_up_to_queued_fetches(monkeypatch):
     cache = BlockCache(16 * MiB, None, threads=1)
     calls = []
     _, run = cache.prefetch_run(key, range(0, 1), 9, _streamer(calls), None)
-    _wait_idle(cache)
+    settled(cache)
     assert run.open  # waiting for block 1 on the only fetch thread
     other = [("q", "e", 0)]
     started, _ = cache.prefetch_run(lambda i: other[i], range(0, 1), 0,
                                     lambda first, count, deliver: deliver(0, b"other"), None)
     assert started == 1
-    _wait_idle(cache)  # well within the idle time: the run made way
+    settled(cache)  # well within the idle time: the run made way
     assert not run.open
     assert bytes(cache.get(other[0], lambda: pytest.fail("starved"))) == b"other"
 
@@ -505,7 +498,7 @@ def test_extend_refuses_a_block_somebody_else_has_and_closes_the_run():
     _, run = cache.prefetch_run(key, range(0, 1), 9, _streamer(calls), None)
     cache.get(key(1), lambda: b"read by another")
     assert not cache.extend(run, key, range(1, 3))
-    _wait_idle(cache)
+    settled(cache)
     assert not run.open and [c for c in calls if c[0] == "delivered"] == [("delivered", 0)]
     assert bytes(cache.get(key(1), lambda: pytest.fail("lost"))) == b"read by another"
 

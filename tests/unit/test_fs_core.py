@@ -15,6 +15,7 @@ from mountd.cache.blocks import BlockCache
 from mountd.config.settings import CacheSettings
 from mountd.fs.core import FileSystemCore, FsError
 from mountd.storage.local import LocalStore
+from tests.support.blocks import settled
 
 BLOCK = 64 * 1024
 DATA = os.urandom(5 * BLOCK + 123)
@@ -224,16 +225,8 @@ def test_random_access_ends_the_run_and_a_new_sequential_stretch_starts_another(
     streams = [r for r in store.requests if r[0] == "stream"]
     assert len(streams) == 2 and streams[1][1] == 71
     core.release(fh)
-    assert _settles(core)  # the closed run delivered what it was granted and ended
+    assert settled(core.blocks)  # the closed run delivered what it was granted and ended
     core.close()
-
-
-def _settles(core) -> bool:
-    """Whether every block being fetched arrives within a few seconds."""
-    deadline = time.time() + 5
-    while core.blocks.in_flight() and time.time() < deadline:
-        time.sleep(0.01)
-    return not core.blocks.in_flight()
 
 
 def test_readahead_depth_shares_the_memory_among_open_files(tmp_path):
