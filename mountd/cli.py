@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", metavar="DIR", help="disk cache directory (default /var/cache/mountd as root)")
     g.add_argument("--cache-max-size", metavar="SIZE", help="disk cache cap, e.g. 50GB (default 10GiB)")
     g.add_argument("--no-disk-cache", action="store_true", help="cache in memory only")
+    g.add_argument("--direct-io", action="store_true",
+                   help="the kernel caches no file data: every read comes to mountd (for single-pass reading)")
     g.add_argument("--memory-cache", metavar="SIZE", help="memory cap for all cached and in-flight blocks (default 512MiB)")
     g.add_argument("--block-size", metavar="SIZE", help="read block size (default 16MiB)")
     g.add_argument("--readahead-blocks", type=_count(0, 256), metavar="N",

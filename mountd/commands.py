@@ -164,6 +164,8 @@ def _cache_flags(args) -> dict:
     }
     if args.no_disk_cache:
         flags["disk"] = False
+    if args.direct_io:
+        flags["direct_io"] = True
     return flags
 
 

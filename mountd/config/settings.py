@@ -84,6 +84,12 @@ class CacheSettings:
     attribute_ttl: float = 120.0  # seconds metadata is trusted
     negative_ttl: float = 30.0  # seconds a name known absent stays absent
     disk: bool = True  # whether the disk tier is used at all
+    # the kernel keeps no pages of the mount's files: every read comes to
+    # mountd. A single pass over a dataset then costs no page-cache fill (on
+    # a VM whose host takes freed memory back, half the mount's CPU on a
+    # cold read, measured), and the node's memory for the data is bounded
+    # by `memory`; a second epoch comes from mountd's caches, not the kernel's.
+    direct_io: bool = False
 
     @property
     def directory(self) -> str:
@@ -102,6 +108,7 @@ _SECTION = {
     "attribute_ttl": ("attribute_ttl", lambda v, w: parse_duration(v, w)),
     "negative_ttl": ("negative_ttl", lambda v, w: parse_duration(v, w)),
     "disk": ("disk", lambda v, w: _bool(v, w)),
+    "direct_io": ("direct_io", lambda v, w: _bool(v, w)),
 }
 
 # Azure ML data-runtime variable -> (field, parser). Bare numbers are bytes,

@@ -109,6 +109,8 @@ class FuseOperations(mfusepy.Operations):
             config.entry_timeout = ttl
             config.negative_timeout = self.core.settings.negative_ttl
             config.use_ino = 0
+            # libfuse then opens every file with direct_io (and no keep_cache)
+            config.direct_io = 1 if self.core.settings.direct_io else 0
         if self.on_ready:
             self.on_ready()
 

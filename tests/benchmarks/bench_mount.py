@@ -72,6 +72,8 @@ LIST_PREFIX = "list/"
 LIST_BLOB = b"123456789\n"  # 10 bytes
 MEMORY_CACHE = "256MiB"
 MEMORY_CACHE_BYTES = 256 * MiB
+# the mountd variants measured, by tool name: their extra mount flags
+MOUNTD_FLAGS = {"mountd": (), "mountd-direct": ("--direct-io",)}
 RSS_MARGIN = 150 * MiB
 READERS = 8
 MD5_SAMPLE = 16  # small files whose content is checked after each timed read
@@ -174,16 +176,18 @@ class Mount:
 
 
 class MountdMount(Mount):
-    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict):
+    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, flags: tuple = ()):
         self.tool, self.path, self.cache_dir, self.workspace, self.env = "mountd", path, cache_dir, workspace, env
+        self.flags = list(flags)
 
     @staticmethod
-    def how(cache: str = "EMPTY_DIR") -> str:
-        return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE} (otherwise defaults)"
+    def how(cache: str = "EMPTY_DIR", flags: tuple = ()) -> str:
+        more = "".join(f" {f}" for f in flags)
+        return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE}{more} (otherwise defaults)"
 
     def start(self) -> float:
         argv = mountd_argv() + ["--workspace", self.workspace, "mount", DATASTORE, self.path,
-                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE]
+                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + self.flags
         secs = run_timed(argv, env=self.env, timeout=120)
         rec = worker_record(self.path)
         self.pid = int(rec["pid"])
@@ -308,9 +312,9 @@ class Bench:
         """A fresh mount (and fresh empty cache dir) for one measurement, always undone."""
         mp = fresh_dir(os.path.join(self.mnt_root, f"{label}-{tool}"))
         cache = None
-        if tool == "mountd":
+        if tool in MOUNTD_FLAGS:
             cache = fresh_dir(os.path.join(self.cache_root, f"{label}-{tool}"))
-            m: Mount = MountdMount(mp, cache, self.workspace, self.env)
+            m: Mount = MountdMount(mp, cache, self.workspace, self.env, MOUNTD_FLAGS[tool])
         else:
             mode = tool.split("-", 1)[1]
             if mode != "off":
@@ -349,13 +353,14 @@ class Bench:
         if "a" in self.only:
             sc = self.res.a = Scenario("a-cold", 1, self.big_bytes)
             sc.tools = {"mountd": MountdMount.how() + big_how,
+                        "mountd-direct": MountdMount.how(flags=MOUNTD_FLAGS["mountd-direct"]) + big_how,
                         "rclone-off": RcloneMount.how("off") + big_how,
                         "rclone-full": RcloneMount.how("full") + big_how,
                         "curl": "drop caches; curl -s -S -f -K CONF (SAS URL of the blob, output /dev/null)"}
         if "b" in self.only:
             sc = self.res.b = Scenario("b-epoch2", 1, self.big_bytes)
             again = "the mount of a-cold right after its read, no cache drop; dd if=MNT/big/blob.bin of=/dev/null bs=1M"
-            sc.tools = {"mountd": again, "rclone-full": again,
+            sc.tools = {"mountd": again, "mountd-direct": again, "rclone-full": again,
                         "page-cache": "local copy of the blob; dd of=/dev/null bs=1M once to warm, then timed again"}
         if "c" in self.only:
             sc = self.res.c = Scenario("c-small", self.args.small_count, self.small_bytes)
@@ -458,6 +463,8 @@ class Bench:
         if only & set("abe"):
             big.append(lambda r: self.big_mount("mountd", r))
         if only & set("ab"):
+            big.append(lambda r: self.big_mount("mountd-direct", r))
+        if only & set("ab"):
             big.append(lambda r: self.big_mount("rclone-full", r))
         if "a" in only:
             big.append(lambda r: self.big_mount("rclone-off", r))
@@ -498,6 +505,9 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
         rows.append(("", "  the same, median of per-round ratios", f"{a.paired_ratio('mountd', 'curl'):.2f}x"))
         for t in ("rclone-off", "rclone-full"):
             rows.append(("", f"mountd / {t} throughput", f"{ratio(a.median_rate('mountd'), a.median_rate(t)):.2f}x"))
+        rows.append(("", "mountd --direct-io / curl throughput",
+                     f"{ratio(a.median_rate('mountd-direct'), a.median_rate('curl')):.2f}x"))
+        rows.append(("", "  the same, median of per-round ratios", f"{a.paired_ratio('mountd-direct', 'curl'):.2f}x"))
     if res.b:
         b = res.b
         rows.append(("(b) second epoch", "mountd 2nd / local page cache",
@@ -505,6 +515,8 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
         rows.append(("", "mountd 2nd / rclone-full 2nd",
                      f"{ratio(b.median_rate('mountd'), b.median_rate('rclone-full')):.2f}x"))
         rows.append(("", "  the same, median of per-round ratios", f"{b.paired_ratio('mountd', 'rclone-full'):.2f}x"))
+        rows.append(("", "mountd --direct-io 2nd / rclone-full 2nd",
+                     f"{ratio(b.median_rate('mountd-direct'), b.median_rate('rclone-full')):.2f}x"))
     if res.c:
         c = res.c
         for i, t in enumerate(("rclone-off", "rclone-full")):

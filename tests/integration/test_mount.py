@@ -6,6 +6,7 @@ directories, change detection, unmount and its failures."""
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from mountd.run import mounts, runtime
+from mountd.run import control, mounts, runtime
 from tests.conftest import KEY, KEY_ENV
 from tests.support.remotes import BlobRemote, ShareRemote
 
@@ -322,3 +323,54 @@ def test_the_kernel_reads_ahead_far_with_many_requests_in_flight(tmp_path, monke
         assert int(f.read()) == MAX_BACKGROUND
     with open(os.path.join(conn, "congestion_threshold")) as f:
         assert int(f.read()) == CONGESTION_THRESHOLD
+
+
+def _served(mp) -> int:
+    return control.query(runtime.control_path(str(mp)))["bytes_served"]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "direct-io"])
+def test_direct_io_sends_every_read_to_mountd(datastore, mount, direct):
+    """By default a second read of a file comes from the kernel's page cache;
+    with --direct-io the kernel keeps nothing and each read reaches mountd,
+    with the same bytes."""
+    mp = mount("data", *(["--direct-io"] if direct else []))
+    name, data = "blocks/odd.bin", TREE["blocks/odd.bin"]
+    for _ in range(2):
+        with open(mp / name, "rb") as f:
+            assert f.read() == data
+    with open(mp / name, "rb") as f:  # reads at offsets still land right
+        f.seek(BLOCK - 3)
+        assert f.read(10) == data[BLOCK - 3:BLOCK + 7]
+    served = _served(mp)
+    if direct:
+        assert served >= 2 * len(data) + 10
+    else:
+        assert len(data) <= served < 2 * len(data)
+    with open(mp / name, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
+            assert m[BLOCK - 3:BLOCK + 7] == data[BLOCK - 3:BLOCK + 7]
+        if direct:  # libfuse 3.14 cannot let the kernel map direct-I/O files shared
+            with pytest.raises(OSError) as e:
+                mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            assert e.value.errno == errno.ENODEV
+        else:
+            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+                assert m[-7:] == data[-7:]
+
+
+def test_direct_io_read_write_mount_uploads_what_was_written(datastore, mount, mountd_cli):
+    """Writes of any size arrive as written when the kernel caches nothing,
+    and what was written reaches storage at close."""
+    mp = mount("data", "--direct-io", "--read-write")
+    data = os.urandom(3 * BLOCK + 11)
+    with open(mp / "new.bin", "wb") as f:
+        for i in range(0, len(data), 4096):
+            f.write(data[i:i + 4096])
+    with open(mp / "new.bin", "r+b") as f:
+        f.seek(BLOCK - 1)
+        f.write(b"xyz")
+    data = data[:BLOCK - 1] + b"xyz" + data[BLOCK + 2:]
+    assert (mp / "new.bin").read_bytes() == data
+    assert mountd_cli("unmount", mp).code == 0
+    assert (mount() / "new.bin").read_bytes() == data

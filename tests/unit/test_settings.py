@@ -48,12 +48,19 @@ def test_precedence_section_then_environment_then_flags():
     ({"threads": 0}, "whole number from 1"),
     ({"dir": "relative"}, "absolute directory"),
     ({"disk": "yes"}, "true or false"),
+    ({"direct_io": 1}, "true or false"),
     ("big", "cache must be a mapping"),
 ])
 def test_section_errors_name_the_setting(section, fragment):
     with pytest.raises(UsageError) as e:
         s.resolve(section, where="manifest.yaml", environ={})
     assert fragment in str(e.value)
+
+
+def test_direct_io_is_off_unless_asked_for():
+    assert s.resolve(None, environ={}).direct_io is False
+    assert s.resolve({"direct_io": True}, environ={}).direct_io is True
+    assert s.resolve(None, environ={}, direct_io=True).direct_io is True
 
 
 def test_bad_environment_variable_is_named():
