@@ -278,7 +278,7 @@ class Results:
     c: Scenario | None = None
     d: Scenario | None = None
     memory: list[MemoryRound] = field(default_factory=list)
-    other_hwm: dict[str, list[int]] = field(default_factory=dict)  # rclone VmHWM after the cold read
+    other_hwm: dict[str, list[int]] = field(default_factory=dict)  # the other mounts' VmHWM after the cold read
     startup: dict[str, list[float]] = field(default_factory=dict)  # "scenario tool" -> mount seconds
 
 
@@ -549,7 +549,7 @@ def print_memory(res: Results, disk_cap: int, out=sys.stdout) -> None:
                else f"OVER the target by {(peak - limit) / MiB:.0f} MiB")
     p(f"  max VmHWM {peak / MiB:.1f} MiB: {verdict}")
     if res.other_hwm:
-        p("  for comparison, VmHWM of rclone mount after the same read (median): " + ", ".join(
+        p("  for comparison, VmHWM of the other mounts after the same read (median): " + ", ".join(
             f"{t} {sorted(v)[len(v) // 2] / MiB:.0f} MiB" for t, v in res.other_hwm.items()))
 
 
@@ -586,7 +586,7 @@ def results_json(res: Results, header: dict, disk_cap: int) -> dict:
             d["median_entries_per_s"] = {t: res.d.files / res.d.median_seconds(t) for t in res.d.seconds}
     doc["memory"] = {"memory_cache_bytes": MEMORY_CACHE_BYTES, "vmhwm_limit_bytes": MEMORY_CACHE_BYTES + RSS_MARGIN,
                      "disk_cap_bytes": disk_cap, "rounds": [m.__dict__ for m in res.memory],
-                     "rclone_vmhwm_bytes": res.other_hwm}
+                     "other_vmhwm_bytes": res.other_hwm}
     doc["mount_startup_seconds"] = res.startup
     doc["goals"] = [{"scenario": s, "what": w, "value": v} for s, w, v in goals(res)]
     return doc
