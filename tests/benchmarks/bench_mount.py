@@ -176,18 +176,17 @@ class Mount:
 
 
 class MountdMount(Mount):
-    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, flags: tuple = ()):
-        self.tool, self.path, self.cache_dir, self.workspace, self.env = "mountd", path, cache_dir, workspace, env
-        self.flags = list(flags)
+    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, tool: str = "mountd"):
+        self.tool, self.path, self.cache_dir, self.workspace, self.env = tool, path, cache_dir, workspace, env
 
     @staticmethod
-    def how(cache: str = "EMPTY_DIR", flags: tuple = ()) -> str:
-        more = "".join(f" {f}" for f in flags)
+    def how(cache: str = "EMPTY_DIR", tool: str = "mountd") -> str:
+        more = "".join(f" {f}" for f in MOUNTD_FLAGS[tool])
         return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE}{more} (otherwise defaults)"
 
     def start(self) -> float:
         argv = mountd_argv() + ["--workspace", self.workspace, "mount", DATASTORE, self.path,
-                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + self.flags
+                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + list(MOUNTD_FLAGS[self.tool])
         secs = run_timed(argv, env=self.env, timeout=120)
         rec = worker_record(self.path)
         self.pid = int(rec["pid"])
@@ -314,7 +313,7 @@ class Bench:
         cache = None
         if tool in MOUNTD_FLAGS:
             cache = fresh_dir(os.path.join(self.cache_root, f"{label}-{tool}"))
-            m: Mount = MountdMount(mp, cache, self.workspace, self.env, MOUNTD_FLAGS[tool])
+            m: Mount = MountdMount(mp, cache, self.workspace, self.env, tool)
         else:
             mode = tool.split("-", 1)[1]
             if mode != "off":
@@ -353,7 +352,7 @@ class Bench:
         if "a" in self.only:
             sc = self.res.a = Scenario("a-cold", 1, self.big_bytes)
             sc.tools = {"mountd": MountdMount.how() + big_how,
-                        "mountd-direct": MountdMount.how(flags=MOUNTD_FLAGS["mountd-direct"]) + big_how,
+                        "mountd-direct": MountdMount.how(tool="mountd-direct") + big_how,
                         "rclone-off": RcloneMount.how("off") + big_how,
                         "rclone-full": RcloneMount.how("full") + big_how,
                         "curl": "drop caches; curl -s -S -f -K CONF (SAS URL of the blob, output /dev/null)"}
@@ -464,7 +463,6 @@ class Bench:
             big.append(lambda r: self.big_mount("mountd", r))
         if only & set("ab"):
             big.append(lambda r: self.big_mount("mountd-direct", r))
-        if only & set("ab"):
             big.append(lambda r: self.big_mount("rclone-full", r))
         if "a" in only:
             big.append(lambda r: self.big_mount("rclone-off", r))
