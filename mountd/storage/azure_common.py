@@ -12,10 +12,6 @@ from typing import BinaryIO, Callable
 
 from mountd.errors import AlreadyExists, ConfigError, NotEmpty, NotFound, Stale, StorageError, Unreachable
 
-# Connections kept per host; above the number of threads that talk at once,
-# so none is thrown away and reopened under load.
-POOL_SIZE = 64
-
 
 def content_type(path: str) -> str:
     """The content type stored with an uploaded file, from its extension."""
@@ -23,26 +19,31 @@ def content_type(path: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def raise_for_status(status: int, code: str, what: str, where: str):
+def raise_for_status(status: int, code: str, what: str, where: str, request_id: str | None = None,
+                     detail: str = ""):
     """The mountd error for a failed storage answer, by HTTP status and the
     service's error code, for the SDK's calls and the lean data path alike.
-    `what` names the object, `where` the container or share."""
+    `what` names the object, `where` the container or share; the request's
+    x-ms-client-request-id, when known, ends the message (Azure support
+    finds the request by it)."""
     code = code or ""
+    rid = f" (request id {request_id})" if request_id else ""
     if status == 412:
-        raise Stale(f"{what} changed in storage while it was being read")
+        raise Stale(f"{what} changed in storage while it was being read{rid}")
     if status == 404:
         if code in ("ContainerNotFound", "ShareNotFound"):
-            raise ConfigError(f"{where} does not exist")
+            raise ConfigError(f"{where} does not exist{rid}")
         if code == "ParentNotFound":
-            raise NotFound(f"{what}: parent directory does not exist")
-        raise NotFound(f"{what} does not exist")
+            raise NotFound(f"{what}: parent directory does not exist{rid}")
+        raise NotFound(f"{what} does not exist{rid}")
     if status == 409:
         if code == "DirectoryNotEmpty":
-            raise NotEmpty(f"{what} is not empty")
-        raise AlreadyExists(f"{what} already exists")
+            raise NotEmpty(f"{what} is not empty{rid}")
+        raise AlreadyExists(f"{what} already exists{rid}")
     if status in (401, 403):
-        raise Unreachable(f"{where} refused the credentials ({code or status})")
-    raise StorageError(f"{what}: storage answered {status} {code}".rstrip())
+        raise Unreachable(f"{where} refused the credentials ({code or status}){rid}")
+    detail = f": {detail}" if detail else ""
+    raise StorageError(f"{what}: storage answered {status} {code}".rstrip() + detail + rid)
 
 
 def upload_pieces(pool: Executor, slots: threading.BoundedSemaphore, source: BinaryIO, piece_size: int,

@@ -51,7 +51,7 @@ class AzureStore(ObjectStore):
 
     def _errors(self, path: str):
         from mountd.storage.sdk import translated
-        return translated(f"{path or '/'} in {self.description}", self.description)
+        return translated(f"{path or '/'} in {self.description}", self.description, self.account_url)
 
     def _reads(self, path: str, unreachable: bool = False):
         return translated_reads(f"{path or '/'} in {self.description}", self.description, unreachable)

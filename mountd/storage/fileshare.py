@@ -49,10 +49,6 @@ RANGE_SIZE = 4 * 1024 * 1024  # the service's maximum for one Put Range
 UPLOAD_CONCURRENCY = 8  # ranges in flight per large file
 LIST_PAGE = 5000  # the service's maximum page
 WALK_CONCURRENCY = 8  # directories listed at once by walk
-# The first REST version that accepts OAuth tokens (with the backup intent);
-# also late enough for listings with etags and timestamps, and for names
-# with trailing dots.
-API_VERSION = "2022-11-02"
 TEMP_PREFIX, TEMP_SUFFIX = ".mountd-", ".partial"
 
 
@@ -108,8 +104,9 @@ class FileShareStore(AzureStore):
             # the files' own ACLs.
             lean_headers["x-ms-file-request-intent"] = "backup"
         self.account_url, signer = Signer.for_store(cfg, credential, "file")
-        reader = RangeReader(self.account_url, signer, api_version=API_VERSION, conditional=False,
-                             headers=lean_headers)
+        # (the shared API version is past 2022-11-02, the first that accepts
+        # OAuth tokens, lists etags and timestamps, and keeps trailing dots)
+        reader = RangeReader(self.account_url, signer, conditional=False, headers=lean_headers)
         super().__init__(cfg.share_name, reader, f"file share {cfg.share_name!r} at {self.account_url}",
                          UPLOAD_CONCURRENCY, "share-upload")
         self.share_name = cfg.share_name

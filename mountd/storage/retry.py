@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from mountd.config.settings import parse_count, parse_duration
 from mountd.errors import UsageError
@@ -70,3 +72,29 @@ def policy(environ=None) -> StoragePolicy:
                 raise UsageError(f"${var}: must be more than 0, got {value!r}")
             changes[name] = seconds
     return StoragePolicy(**changes)
+
+
+def retry_after(headers) -> float | None:
+    """Seconds a throttling or busy answer asks to wait, from its headers
+    (any mapping whose get() takes the names as sent): `x-ms-retry-after-ms`
+    (milliseconds), else `Retry-After` as seconds or as an HTTP date;
+    None if neither is there or readable. Capped at MAX_RETRY_AFTER."""
+    value = headers.get("x-ms-retry-after-ms")
+    seconds = None
+    if value:
+        try:
+            seconds = float(value) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("Retry-After") if seconds is None else None
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                return None
+    if seconds is None or seconds != seconds:  # absent, or NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)

@@ -1,6 +1,7 @@
-"""Everything that needs the Azure SDK packages: their clients' transport
-tuned for throughput, client options, credentials, the retry policy, and
-the translation of SDK errors into mountd's errors.
+"""Everything that needs the Azure SDK packages: their clients on the one
+storage transport (`transport`: same trust, proxies, keep-alive as the
+lean data path), client options, credentials, the retry policy, and the
+translation of SDK errors into mountd's errors.
 
 Importing the SDK costs a quarter of a second of CPU, and reads, listings
 and metadata go through the lean data path (`azure_http`) without it; the
@@ -14,16 +15,16 @@ import base64
 import contextlib
 import threading
 
-import requests
 from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob._shared.policies import StorageRetryPolicy
 
 from mountd.errors import Unreachable
 from mountd.redact import redact
-from mountd.storage.azure_common import POOL_SIZE, raise_for_status
-from mountd.storage.azure_http import Signer
-from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy
+from mountd.storage.azure_common import raise_for_status
+from mountd.storage.azure_http import API_VERSION, Signer
+from mountd.storage.retry import StoragePolicy, policy, retry_after
+from mountd.storage.transport import USER_AGENT, certificate_problem, transport
 
 # The SDK reads response bodies in pieces of this size; its 4 KiB default
 # costs over half the download throughput in Python.
@@ -31,22 +32,21 @@ DATA_BLOCK_SIZE = 256 * 1024
 
 
 def make_transport(p: StoragePolicy | None = None) -> RequestsTransport:
-    """Connect and read timeouts bound every SDK call (the read timeout is
-    the longest wait for a byte, not for a whole answer)."""
+    """The SDK's transport on the storage transport's connections. Connect
+    and read timeouts bound every SDK call (the read timeout is the longest
+    wait for a byte, not for a whole answer)."""
     p = p or policy()
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return RequestsTransport(session=session, session_owner=True,
+    return RequestsTransport(session=transport().requests_session(), session_owner=True,
                              connection_timeout=p.connect_timeout, read_timeout=p.read_timeout,
                              connection_data_block_size=DATA_BLOCK_SIZE)
 
 
 def client_options(p: StoragePolicy | None = None, **extra) -> dict:
     p = p or policy()
+    # the SDK adds its own name and version after ours in User-Agent
     return dict(transport=make_transport(p), retry_policy=BackoffRetry.from_policy(p),
-                connection_data_block_size=DATA_BLOCK_SIZE, **extra)
+                connection_data_block_size=DATA_BLOCK_SIZE, user_agent=USER_AGENT, api_version=API_VERSION,
+                **extra)
 
 
 def client_credential(signer: Signer):
@@ -62,11 +62,14 @@ def client_credential(signer: Signer):
 
 
 @contextlib.contextmanager
-def translated(what: str, where: str):
-    """Turn SDK exceptions raised inside into mountd errors naming `what`."""
+def translated(what: str, where: str, url: str = ""):
+    """Turn SDK exceptions raised inside into mountd errors naming `what`
+    (`url`: the account's, for a certificate that does not verify)."""
     try:
         yield
     except (ServiceRequestError, ServiceResponseError) as e:
+        if certificate_problem(e):
+            raise transport().translate(e, url) from None
         raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
     except HttpResponseError as e:
         raise_for_status(e.status_code, getattr(e, "error_code", None), what, where)
@@ -96,6 +99,8 @@ class BackoffRetry(StorageRetryPolicy):
         return cls(retries=p.retries, initial=p.backoff, maximum=p.backoff_max)
 
     def increment(self, settings, request, response=None, error=None) -> bool:
+        if certificate_problem(error):
+            return False  # no retry will make the certificate verify
         again = super().increment(settings, request, response=response, error=error)
         if again:
             RETRIES_SEEN.count += 1
@@ -105,14 +110,9 @@ class BackoffRetry(StorageRetryPolicy):
         history = settings.get("history") or []
         response = getattr(history[-1], "http_response", None) if history else None
         if response is not None:
-            after = response.headers.get("Retry-After") or response.headers.get("x-ms-retry-after-ms")
-            if after:
-                try:
-                    seconds = float(after) / (1000.0 if "x-ms-retry-after-ms" in response.headers
-                                              and not response.headers.get("Retry-After") else 1.0)
-                    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-                except ValueError:
-                    pass  # an HTTP-date; fall back to our own backoff
+            after = retry_after(response.headers)
+            if after is not None:
+                return after
         return StoragePolicy(backoff=self.initial, backoff_max=self.maximum).backoff_time(settings["count"] + 1)
 
 

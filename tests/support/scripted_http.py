@@ -4,10 +4,12 @@ framings, connection reuse, broken and hostile answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 
-from mountd.storage.http1 import ConnectionPool
+from mountd.storage import transport
+from mountd.storage.retry import StoragePolicy
 
 
 class ScriptedServer:
@@ -57,8 +59,16 @@ class ScriptedServer:
                 else:
                     conn.sendall(answer)
 
-    def pool(self, read_timeout=5.0):
-        return ConnectionPool(f"http://127.0.0.1:{self.port}", 4, 5.0, read_timeout)
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def transport(self, read_timeout=5.0) -> transport.Transport:
+        """A storage transport of its own (no proxy, no idle expiry surprises
+        from other tests) with the given read timeout."""
+        s = transport.settings({})
+        return transport.Transport(dataclasses.replace(s, retry=StoragePolicy(connect_timeout=5.0,
+                                                                             read_timeout=read_timeout)))
 
     def close(self):
         self.sock.close()

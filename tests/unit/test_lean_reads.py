@@ -21,6 +21,7 @@ def ranged(server, cut_at=None, etag="v1"):
     bytes of body (the connection closed), if given."""
     def answer(conn):
         lo, hi = map(int, re.search(r"x-ms-range: bytes=(\d+)-(\d+)", server.requests[-1]).groups())
+        hi = min(hi, len(DATA) - 1)  # as Azure answers a range that runs past the end
         body = DATA[lo:hi + 1]
         head = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
                 f"Content-Range: bytes {lo}-{hi}/{len(DATA)}\r\nETag: \"{etag}\"\r\n\r\n").encode()
@@ -104,3 +105,85 @@ def test_a_resumed_read_stays_on_the_version_it_started_with(reader_for):
     with pytest.raises(HttpError) as e:
         reader.read_into("share/file", 0, memoryview(bytearray(5000)), None)
     assert e.value.status == 412
+
+
+def whole(server):
+    """An answer that ignores the range: 200 and the whole object."""
+    def answer(conn):
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\nETag: \"v1\"\r\n\r\n".encode() + DATA)
+    return answer
+
+
+def shifted(server, by=1):
+    """A 206 whose Content-Range starts `by` bytes after what was asked."""
+    def answer(conn):
+        lo, hi = map(int, re.search(r"x-ms-range: bytes=(\d+)-(\d+)", server.requests[-1]).groups())
+        lo += by
+        body = DATA[lo:hi + 1]
+        conn.sendall((f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                      f"Content-Range: bytes {lo}-{hi}/{len(DATA)}\r\n\r\n").encode() + body)
+    return answer
+
+
+def test_a_200_to_a_range_not_at_the_start_is_never_taken_for_the_range(reader_for):
+    server, reader = reader_for(*[whole] * 6)
+    view = memoryview(bytearray(100))
+    with pytest.raises(HttpError, match="200") as e:
+        reader.read_into("c/blob", 5_000, view, None)
+    assert e.value.code == "RangeMismatch" and bytes(view) == bytes(100)
+    assert len(server.requests) == FAST.retries + 1  # retried, then failed
+
+
+def test_a_200_to_a_range_from_the_start_is_the_objects_first_bytes(reader_for):
+    server, reader = reader_for(whole, lambda s: ranged(s))
+    view = memoryview(bytearray(100))
+    assert reader.read_into("c/blob", 0, view, None) == 100 and bytes(view) == DATA[:100]
+    view = memoryview(bytearray(50))  # the rest of the whole body was not left on the connection
+    assert reader.read_into("c/blob", 200, view, None) == 50 and bytes(view) == DATA[200:250]
+
+
+def test_a_content_range_that_starts_elsewhere_is_retried_then_fails(reader_for):
+    server, reader = reader_for(shifted, lambda s: ranged(s))
+    view = memoryview(bytearray(1000))
+    assert reader.read_into("c/blob", 1000, view, None) == 1000 and bytes(view) == DATA[1000:2000]
+    assert len(server.requests) == 2
+    server, reader = reader_for(*[shifted] * 6)
+    with pytest.raises(HttpError, match="bytes 1001-1999 came for bytes 1000-1999"):
+        reader.read_into("c/blob", 1000, memoryview(bytearray(1000)), None)
+
+
+def test_an_interim_answer_before_the_range_is_skipped(reader_for):
+    def early_hints(server):
+        inner = ranged(server)
+
+        def answer(conn):
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </c/other>; rel=preload\r\n\r\n")
+            inner(conn)
+        return answer
+    server, reader = reader_for(early_hints, lambda s: ranged(s))
+    view = memoryview(bytearray(300))
+    assert reader.read_into("c/blob", 0, view, None) == 300 and bytes(view) == DATA[:300]
+    assert reader.read_into("c/blob", 300, view, None) == 300 and bytes(view) == DATA[300:600]
+    assert len(server.requests) == 2
+
+
+def test_requests_carry_version_date_user_agent_and_one_request_id_across_retries(reader_for):
+    server, reader = reader_for(lambda s: ranged(s, cut_at=10), lambda s: ranged(s))
+    reader.read_into("c/blob", 0, memoryview(bytearray(100)), None)
+    ids = [re.search(r"x-ms-client-request-id: (\S+)", r)[1] for r in server.requests]
+    assert len(ids) == 2 and ids[0] == ids[1]
+    for request in server.requests:
+        assert "x-ms-version: 2025-11-05" in request and "x-ms-date: " in request
+        assert re.search(r"User-Agent: mountd/\S+ ", request)
+
+
+def test_retry_after_as_seconds_date_and_milliseconds():
+    from email.utils import formatdate
+    import time as _time
+    from mountd.storage.retry import retry_after
+    assert retry_after({"Retry-After": "3"}) == 3.0
+    assert 8 <= retry_after({"Retry-After": formatdate(_time.time() + 10, usegmt=True)}) <= 10
+    assert retry_after({"Retry-After": formatdate(_time.time() - 10, usegmt=True)}) == 0.0
+    assert retry_after({"x-ms-retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
+    assert retry_after({"Retry-After": "soon"}) is None and retry_after({}) is None
+    assert retry_after({"Retry-After": "100000"}) == 60.0

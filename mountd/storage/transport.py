@@ -1,0 +1,440 @@
+"""The one way storage requests reach the network: trust, proxies,
+timeouts, keep-alive and connection reuse, decided once from the
+environment and applied alike to the lean data path (reads, listings,
+metadata) and to the Azure SDK's clients (writes), which are handed a
+`requests` session whose adapter draws its connections from here.
+
+Built on urllib3's pools. What this module adds to them:
+- trust: the OS store, or the bundle the user names (precedence below);
+  a certificate that does not verify fails at once as a configuration
+  problem (`CertificateProblem`, exit 2), never retried as if transient;
+- proxies: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and their lower-case
+  forms) for every request, CONNECT tunnels for https;
+- TCP keep-alive on every socket, and pooled connections idle for longer
+  than `IDLE_EXPIRY` dropped before reuse: Azure's load balancers forget a
+  flow that has been idle for 4 minutes without telling either end, and
+  the next request on it would wait out the whole read timeout;
+- interim answers (1xx other than 101) skipped, so the final answer is the
+  one read and nothing of it is left on a pooled connection;
+- failures of the transport raised as OSError (`TransportError`), which
+  the callers' retry loops treat as transient.
+
+Trust, in order of precedence (the first one set wins and replaces the
+others): $REQUESTS_CA_BUNDLE, $CURL_CA_BUNDLE (each a bundle file or a
+directory of hashed certificates), $SSL_CERT_FILE and/or $SSL_CERT_DIR,
+then the operating system's store (certifi's bundle where the system has
+none).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import ipaddress
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from mountd import __version__
+from mountd.errors import ConfigError
+from mountd.storage.retry import StoragePolicy, policy
+
+# Pooled connections idle longer than this are closed rather than reused:
+# below the 4 minutes after which Azure's load balancers silently drop a flow.
+IDLE_EXPIRY = 180.0
+# TCP keep-alive: the first probe after a minute of silence keeps a flow
+# alive through load balancers and NAT, and a dead peer is noticed in ~2 min.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4
+# Connections kept per host: above the number of threads that talk at once,
+# so none is thrown away and reopened under load.
+POOL_SIZE = 64
+USER_AGENT = f"mountd/{__version__} (Python {'.'.join(map(str, sys.version_info[:3]))}; urllib3 {urllib3.__version__})"
+
+_TRUST_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+class TransportError(OSError):
+    """A request that failed on the way (connection, TLS, proxy, a broken
+    or malformed answer): transient, retried by the caller."""
+
+
+class TransportRefused(TransportError, ConnectionRefusedError):
+    """Nothing accepts connections at the address (or the proxy's)."""
+
+
+class CertificateProblem(ConfigError):
+    """The server's certificate does not verify against the trust in force:
+    retrying cannot help, the user must say which CA to trust."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment says about the network, compared to tell
+    whether a transport made earlier still applies."""
+
+    ca_file: str | None
+    ca_dir: str | None
+    ca_source: str  # where the trust comes from, for messages
+    http_proxy: str | None
+    https_proxy: str | None
+    no_proxy: str
+    retry: StoragePolicy
+
+
+def settings(environ=None) -> Settings:
+    environ = os.environ if environ is None else environ
+
+    def env(name: str) -> str | None:
+        value = environ.get(name) or environ.get(name.lower())
+        return value.strip() if value and value.strip() else None
+
+    ca_file = ca_dir = None
+    source = "the system's certificate store"
+    for var in _TRUST_VARIABLES:
+        value = environ.get(var)
+        if value:
+            if os.path.isdir(value):
+                ca_dir = value
+            elif os.path.isfile(value) and os.access(value, os.R_OK):
+                ca_file = value
+            else:
+                raise ConfigError(f"${var} names {value}, which is not a readable CA bundle file or directory: "
+                                  "point it at the bundle of the CA that signs your storage's certificate, or unset it")
+            source = f"${var} ({value})"
+            break
+    else:
+        for var in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+            value = environ.get(var)
+            if value and not os.path.exists(value):
+                raise ConfigError(f"${var} names {value}, which does not exist: point it at your CA bundle "
+                                  "(a file, or for $SSL_CERT_DIR a directory of hashed certificates), or unset it")
+        if environ.get("SSL_CERT_FILE") or environ.get("SSL_CERT_DIR"):
+            ca_file, ca_dir = environ.get("SSL_CERT_FILE") or None, environ.get("SSL_CERT_DIR") or None
+            source = " and ".join(f"${v} ({environ[v]})" for v in ("SSL_CERT_FILE", "SSL_CERT_DIR") if environ.get(v))
+    return Settings(ca_file, ca_dir, source, env("HTTP_PROXY"), env("HTTPS_PROXY"), env("NO_PROXY") or "",
+                    policy(environ))
+
+
+def _tls_context(s: Settings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=s.ca_file, capath=s.ca_dir) if (s.ca_file or s.ca_dir) \
+        else ssl.create_default_context()
+    if not (s.ca_file or s.ca_dir) and not _system_store_present():
+        import certifi  # a container image without ca-certificates: the bundle the SDK used to use
+        ctx.load_verify_locations(cafile=certifi.where())
+    return ctx
+
+
+def _system_store_present() -> bool:
+    paths = ssl.get_default_verify_paths()
+    return bool((paths.cafile and os.path.isfile(paths.cafile))
+                or (paths.capath and os.path.isdir(paths.capath) and os.listdir(paths.capath)))
+
+
+# -- connections and pools ----------------------------------------------------
+class _Answer(http.client.HTTPResponse):
+    """A response that reads past interim answers: http.client skips
+    100 Continue only, and would take 103 Early Hints for the answer,
+    leaving the real one on the connection for the next request."""
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if not (100 < status < 200) or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's headers
+
+
+_SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT),
+]
+
+
+class _Connection(HTTPConnection):
+    response_class = _Answer
+    idle_since = 0.0
+
+
+class _TLSConnection(HTTPSConnection):
+    response_class = _Answer
+    idle_since = 0.0
+
+
+class _Expiring:
+    """Pool behaviour: a connection given back records when; one taken that
+    has been idle past IDLE_EXPIRY is closed, and reconnects on use."""
+
+    def _put_conn(self, conn):
+        if conn is not None:
+            conn.idle_since = time.monotonic()
+        super()._put_conn(conn)
+
+    def _get_conn(self, timeout=None):
+        conn = super()._get_conn(timeout)
+        if conn.idle_since and time.monotonic() - conn.idle_since > IDLE_EXPIRY:
+            conn.close()
+        return conn
+
+
+class _Pool(_Expiring, HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(_Expiring, HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+_POOL_CLASSES = {"http": _Pool, "https": _TLSPool}
+
+
+class Transport:
+    """Connection pools for every storage host, directly or through the
+    proxy the environment names, with one TLS context. Thread-safe."""
+
+    def __init__(self, s: Settings):
+        self.settings = s
+        self.ssl_context = _tls_context(s)
+        self.timeout = urllib3.Timeout(connect=s.retry.connect_timeout, read=s.retry.read_timeout)
+        self._kw = dict(num_pools=32, maxsize=POOL_SIZE, block=False, timeout=self.timeout, retries=False,
+                        ssl_context=self.ssl_context, socket_options=_SOCKET_OPTIONS)
+        self.direct = self._manager(urllib3.PoolManager(**self._kw))
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _manager(manager):
+        manager.pool_classes_by_scheme = _POOL_CLASSES
+        return manager
+
+    # -- choosing the way -------------------------------------------------------
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy URL a request to `url` goes through, or None."""
+        parts = urlsplit(url)
+        proxy = self.settings.https_proxy if parts.scheme == "https" else self.settings.http_proxy
+        if not proxy or _bypassed(parts.hostname or "", parts.port, self.settings.no_proxy):
+            return None
+        return proxy if "://" in proxy else "http://" + proxy
+
+    def manager_for(self, url: str) -> urllib3.PoolManager:
+        proxy = self.proxy_for(url)
+        if proxy is None:
+            return self.direct
+        with self._lock:
+            manager = self._proxied.get(proxy)
+            if manager is None:
+                parts = urlsplit(proxy)
+                headers = {}
+                if parts.username is not None:  # user info: basic proxy authentication, never logged
+                    auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                    headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+                netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+                manager = self._manager(urllib3.ProxyManager(f"{parts.scheme}://{netloc}",
+                                                             proxy_headers=headers, **self._kw))
+                self._proxied[proxy] = manager
+            return manager
+
+    def pool_for(self, url: str):
+        """The urllib3 connection pool a request to `url` is sent on."""
+        return self.manager_for(url).connection_from_url(url)
+
+    # -- sending ----------------------------------------------------------------
+    def request(self, method: str, url: str, headers: dict, body: bytes | None = None,
+                preload: bool = True) -> urllib3.BaseHTTPResponse:
+        """Send one request (no retries, no redirects) and return the answer;
+        with `preload` False its body is left to read (see `body_reader`).
+        Raises CertificateProblem or TransportError."""
+        try:
+            return self.manager_for(url).urlopen(
+                method, url, body=body, headers={"User-Agent": USER_AGENT, **headers}, redirect=False,
+                retries=False, preload_content=preload, decode_content=False, timeout=self.timeout)
+        except urllib3.exceptions.HTTPError as e:
+            raise self.translate(e, url) from None
+
+    def translate(self, error: BaseException, url: str) -> Exception:
+        """The mountd error for a failure of the transport (also one the SDK's
+        transport raised for a request to `url`)."""
+        problem = certificate_problem(error)
+        if problem is not None:
+            host = urlsplit(url).netloc
+            return CertificateProblem(
+                f"the TLS certificate of {host} does not verify ({problem}) against "
+                f"{self.settings.ca_source}: if a private CA signs it, point SSL_CERT_FILE or "
+                "REQUESTS_CA_BUNDLE at that CA's certificate bundle")
+        proxy = self.proxy_for(url)
+        where = f" (through the proxy {_bare(proxy)})" if proxy else ""
+        kind = TransportRefused if _wraps(error, ConnectionRefusedError) else TransportError
+        return kind(f"{_describe(error)}{where}")
+
+    def requests_session(self):
+        """A `requests` session for the Azure SDK whose connections come from
+        this transport: same trust, proxies, keep-alive and idle expiry."""
+        import requests
+        session = requests.Session()
+        session.trust_env = False  # the environment has been read here, once, for both paths
+        adapter = _SessionAdapter(self)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def close(self) -> None:
+        self.direct.clear()
+        with self._lock:
+            for manager in self._proxied.values():
+                manager.clear()
+
+
+def release(response) -> None:
+    """Give a preload=False answer's connection back if its body was read
+    to the end; otherwise close it (the rest is still on the wire)."""
+    if not body_reader(response).isclosed():
+        response.close()
+    response.release_conn()
+
+
+def drain(response, limit: int = 1024 * 1024) -> None:
+    """Read a small body (an error answer) so its connection can be reused."""
+    body = body_reader(response)
+    try:
+        if body.length is None or body.length <= limit:
+            body.read()
+    except (OSError, http.client.HTTPException):
+        pass
+
+
+def body_reader(response) -> http.client.HTTPResponse:
+    """The http.client response under a urllib3 answer read with
+    preload=False: its readinto() fills the caller's buffer straight from
+    the socket (urllib3's own readinto reads into a new bytes object and
+    copies it, a second pass over every byte and fresh memory each time)."""
+    return response._fp
+
+
+def _wraps(error: BaseException | None, kind: type) -> bool:
+    seen = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else error.__cause__ or error.__context__
+    return False
+
+
+def certificate_problem(error: BaseException | None) -> str | None:
+    """The reason a certificate failed to verify, if that is what `error`
+    is or wraps (urllib3, requests and azure-core each wrap it once more)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e.verify_message or str(e)
+        if isinstance(e, ssl.CertificateError):
+            return str(e)
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        todo += [x for x in (getattr(e, "reason", None), getattr(e, "inner_exception", None), e.__cause__,
+                             e.__context__) if isinstance(x, BaseException)]
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    reason = getattr(error, "reason", None)
+    if isinstance(reason, BaseException):
+        return f"{type(reason).__name__}: {reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _bare(proxy: str | None) -> str:
+    """A proxy URL without its user info (which may hold a password)."""
+    parts = urlsplit(proxy or "")
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def _bypassed(host: str, port: int | None, no_proxy: str) -> bool:
+    """NO_PROXY as curl and requests read it: '*', host names and domain
+    suffixes (with or without a leading dot), IP addresses and CIDR ranges,
+    each optionally with ':port'."""
+    host = host.lower().strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port.isdigit() and port is not None and int(entry_port) != port:
+            continue
+        name = name.strip("[]")
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+class _SessionAdapter:
+    """Made lazily: requests is imported only when the SDK is."""
+
+    def __new__(cls, transport: Transport):
+        from requests.adapters import HTTPAdapter
+
+        class Adapter(HTTPAdapter):
+            """requests' adapter on the transport's pools: the transport
+            decides the proxy and the trust (requests would add certifi's
+            bundle to every https pool and read the environment on its own)."""
+
+            def __init__(self):
+                super().__init__(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
+
+            def send(self, request, **kwargs):
+                proxy = transport.proxy_for(request.url)
+                kwargs["proxies"] = {urlsplit(request.url).scheme: proxy} if proxy else {}
+                return super().send(request, **kwargs)
+
+            def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+                return transport.pool_for(request.url)
+
+            def cert_verify(self, conn, url, verify, cert):
+                pass  # the pool's TLS context verifies
+
+            def close(self):
+                pass  # the pools are the transport's
+
+        return Adapter()
+
+
+_current: Transport | None = None
+_current_lock = threading.Lock()
+
+
+def transport(environ=None) -> Transport:
+    """The transport for the environment in force (made again when the
+    trust, proxy or timeout variables change)."""
+    global _current
+    s = settings(environ)
+    with _current_lock:
+        if _current is None or _current.settings != s:
+            _current = Transport(s)
+        return _current
