@@ -28,10 +28,15 @@ without the secret must not get a token), and takes a script of faults:
 them go early). Settings such as `lifetime`, `audience` or `issuer` can be
 changed between requests to issue short-lived or unacceptable tokens.
 
-Two behaviours of the client side worth knowing when writing such tests:
-azure-core's retry policy inside the credential retries 5xx answers itself
-(immediately, then after 1.6 s, 3.2 s, ...), and MSAL remembers a 5xx
-answer for 5 s and replays it to the same credential without a request."""
+Behaviours of the client side (azure-identity 1.27, MSAL 1.39) worth
+knowing when writing such tests: azure-core's retry policy inside the
+credential retries 408, 429, 500, 502, 503 and 504 answers itself, at most
+3 times (at once, after 1.6 s, after 3.2 s), then raises
+CredentialUnavailableError, which DefaultAzureCredential takes as "try the
+next credential"; MSAL remembers a 429/5xx answer for 5 s and replays it to
+the same credential without a request; and MSAL serves a cached token until
+5 minutes before it expires, so a `lifetime` under 300 s means a request
+to the endpoint for every token wanted."""
 
 from __future__ import annotations
 
