@@ -10,7 +10,6 @@ credentials, and the Files emulator's bearer rules at the wire."""
 
 from __future__ import annotations
 
-import base64
 import socket
 import time
 import uuid
@@ -46,8 +45,8 @@ class StaticToken:
         return AccessToken(self.token, int(time.time()) + 3600)
 
 
-def round_trip(service: BlobServiceClient) -> bytes:
-    """Create a container, store a blob, read it back, clean up."""
+def round_trip(service: BlobServiceClient) -> tuple[bytes, bytes]:
+    """Create a container, store a blob, read it back, clean up: (sent, got)."""
     container = service.get_container_client(f"t{uuid.uuid4().hex[:16]}")
     container.create_container()
     try:
