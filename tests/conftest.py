@@ -1,6 +1,13 @@
 """Shared fixtures: a real Azurite blob service and the Files emulator, fresh
 containers and shares, a `remote` of either kind for tests that hold for
-both, workspace files pointing at them, and a runner for the command line."""
+both, workspace files pointing at them, and a runner for the command line.
+
+The TLS/OAuth lanes, all on loopback: a session CA (`test_ca`), Azurite over
+HTTPS with the key (`azurite_tls`) and with bearer tokens (`azurite_oauth`),
+both strict; the Files emulator over HTTPS (`fileshare_tls`, takes bearer
+tokens too); a managed-identity token endpoint (`identity_endpoint`), a
+forward proxy (`connect_proxy`), and `trust_test_ca` for processes that
+should trust the CA through the environment."""
 
 from __future__ import annotations
 
@@ -15,7 +22,10 @@ import yaml
 
 from tests.support import faultproxy
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
+from tests.support.identity import IdentityEndpoint
+from tests.support.proxy import ConnectProxy
 from tests.support.remotes import BlobRemote, ShareRemote
+from tests.support.tls import LocalCA, make_local_ca
 
 KEY_ENV = "AZURITE_ACCOUNT_KEY"  # the Files emulator's key is the same well-known one
 # The Files emulator ends listing pages after this many entries (the service
@@ -23,13 +33,17 @@ KEY_ENV = "AZURITE_ACCOUNT_KEY"  # the Files emulator's key is the same well-kno
 SHARE_PAGE_LIMIT = 250
 
 
-@pytest.fixture(scope="session")
-def azurite():
+def _need_azurite() -> None:
     if not shutil.which("azurite-blob"):
         message = "Azurite is not installed (npm install -g azurite); .ci/run installs it"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    _need_azurite()
     server = Azurite().start()
     yield server
     server.stop()
@@ -102,6 +116,85 @@ def store_workspace(tmp_path, remote):
                                     "datastores": {"store": remote.entry(KEY_ENV)}}))
     path.chmod(0o600)
     return path
+
+
+# ----- the TLS / OAuth lanes ---------------------------------------------------
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory) -> LocalCA:
+    """A CA made for this session and a server certificate for 127.0.0.1 and
+    localhost: `ca_path`, `cert_path`, `key_path`, `env()`. Nothing trusts it
+    unless told to (connection_verify=test_ca.ca_path, or `trust_test_ca`)."""
+    pytest.importorskip("trustme", reason="trustme is not installed (pip install -e .[test])")
+    return make_local_ca(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def trust_test_ca(test_ca, monkeypatch) -> LocalCA:
+    """SSL_CERT_FILE and REQUESTS_CA_BUNDLE point at the test CA (alone) for
+    this test and the processes it starts, as they would at a corporate CA."""
+    for name, value in test_ca.env().items():
+        monkeypatch.setenv(name, value)
+    return test_ca
+
+
+@pytest.fixture(scope="session")
+def azurite_tls(test_ca):
+    """Azurite over HTTPS with the account key, strict (no
+    --skipApiVersionCheck, no --loose). `account_url` is https; SDK clients
+    need `connection_verify=test_ca.ca_path` and a pinned `api_version`
+    (`azurite_tls.blob_service()` sets both)."""
+    _need_azurite()
+    server = Azurite(cert=test_ca.cert_path, key=test_ca.key_path, ca=test_ca.ca_path, strict=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_oauth(test_ca):
+    """Azurite over HTTPS taking bearer tokens (--oauth basic) besides the
+    key, strict. Tokens from `identity_endpoint` pass its checks."""
+    _need_azurite()
+    server = Azurite(cert=test_ca.cert_path, key=test_ca.key_path, ca=test_ca.ca_path, oauth=True,
+                     strict=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fileshare_tls(test_ca):
+    """The Files emulator over HTTPS; takes the key, SAS, and bearer tokens
+    with `x-ms-file-request-intent: backup` (token_intent="backup")."""
+    from tests.emulators.fileshare import FileShareEmulator
+    with FileShareEmulator(page_limit=SHARE_PAGE_LIMIT, conditional_reads=False,
+                           certfile=test_ca.cert_path, keyfile=test_ca.key_path) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def identity_endpoint(monkeypatch):
+    """A managed-identity token endpoint, found through IDENTITY_ENDPOINT and
+    IDENTITY_HEADER (set for this test and its child processes), so
+    ManagedIdentityCredential() and DefaultAzureCredential() get tokens
+    from it. See tests/support/identity.py for its records and faults."""
+    # Variables that would send azure-identity elsewhere first, or instead.
+    for name in ("MSI_ENDPOINT", "MSI_SECRET", "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT",
+                 "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH",
+                 "AZURE_FEDERATED_TOKEN_FILE", "AZURE_USERNAME", "AZURE_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    with IdentityEndpoint() as endpoint:
+        for name, value in endpoint.env().items():
+            monkeypatch.setenv(name, value)
+        yield endpoint
+
+
+@pytest.fixture
+def connect_proxy():
+    """A forward proxy on loopback (CONNECT tunnels and plain HTTP), no
+    credentials; `url`, `log`, `targets("CONNECT")`. Give it to a client as
+    proxies={"https": connect_proxy.url} or HTTPS_PROXY."""
+    with ConnectProxy() as proxy:
+        yield proxy
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,8 @@ Standalone::
 
 prints exactly one line, ``listening on http://HOST:PORT/devstoreaccount1``,
 and serves until interrupted (SIGINT/SIGTERM).  ``--port 0`` picks a free
-port; ``--verbose`` logs requests to stderr.  From Python::
+port; ``--verbose`` logs requests to stderr; ``--cert FILE --key FILE``
+serve HTTPS instead (``https://`` in that line).  From Python::
 
     with FileShareEmulator() as emulator:
         client = ShareServiceClient.from_connection_string(emulator.connection_string)
@@ -56,8 +57,23 @@ Authentication
   permissions, protocol, IP and the ``rscc``/``rscd``/``rsce``/``rscl``/``rsct``
   response-header overrides.  Stored access policies (``si``) and user
   delegation SAS are rejected with 403.
-* Not supported: SharedKeyLite, OAuth bearer tokens.  The request date is
-  required but its clock skew is not checked, so clients with frozen clocks work.
+* OAuth bearer tokens (``Authorization: Bearer <JWT>``), with the rules of
+  Azure Files OAuth over REST: only over HTTPS (else 403 AuthenticationFailed),
+  only with ``x-ms-version`` 2022-11-02 or later (else 403), only with
+  ``x-ms-file-request-intent: backup`` (else 400 MissingRequiredHeader, or
+  InvalidHeaderValue for another value), and share- or service-level
+  operations only from 2024-11-04 (else 409
+  FileOAuthManagementApiRestrictedToSrp).  The token's claims are checked as
+  Azurite's ``--oauth basic`` checks them: it must decode, carry ``iat``,
+  ``nbf`` and ``exp`` with the current time within nbf..exp, an ``iss`` of a
+  known Entra issuer (https://sts.windows.net/... and the national clouds')
+  and an ``aud`` of storage (``https://storage.azure.com``, storage's app id,
+  or ``https://devstoreaccount1.file.core.windows.net``).  A token that fails
+  gets 401 InvalidAuthenticationInfo with a ``WWW-Authenticate`` Bearer
+  challenge, as from the service.  The signature is not checked and no RBAC
+  role is: any acceptable token may do anything.
+* Not supported: SharedKeyLite.  The request date is required but its clock
+  skew is not checked, so clients with frozen clocks work.
 
 Supported operations
 --------------------
@@ -107,6 +123,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import sys
 import tempfile
@@ -148,6 +165,20 @@ _INVALID_NAME_CHARS = re.compile(r'["\\/:|<>*?\x00-\x1f]')
 _XML_INVALID_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _SMB_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,7}))?Z$")
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+# Azure Files OAuth over REST: file and directory operations from this
+# version, share and service ones (Create Share, List Shares...) from the next.
+OAUTH_MIN_VERSION = "2022-11-02"
+OAUTH_SHARE_MIN_VERSION = "2024-11-04"
+FILE_REQUEST_INTENT = "x-ms-file-request-intent"
+# What Azurite's --oauth basic accepts, for the file service: issuers of the
+# public and national Entra clouds, and storage's audiences.
+_VALID_ISSUER_PREFIXES = ("https://sts.windows.net/", "https://sts.microsoftonline.de/",
+                          "https://sts.chinacloudapi.cn/", "https://sts.windows-ppe.net")
+_STORAGE_AUDIENCES = ("https://storage.azure.com", "https://storage.azure.com/",
+                      "e406a681-f3d4-42a8-90b6-c2b029497af1")
+_ACCOUNT_AUDIENCE_RE = re.compile(r"^https://([^./]+)\.file\.core\.(?:windows\.net|chinacloudapi\.cn|"
+                                  r"usgovcloudapi\.net|cloudapi\.de)/?$")
 
 # SMB attribute names in the order the service reports them.
 _ATTRIBUTE_NAMES = [
@@ -248,6 +279,16 @@ def auth_failed(detail: str) -> StorageError:
     return _error("AuthenticationFailed", 403,
                   "Server failed to authenticate the request. Make sure the value of Authorization "
                   "header is formed correctly including the signature.", detail=detail)
+
+
+def invalid_token(detail: str, tenant: str = "common") -> StorageError:
+    # The service answers a token it cannot accept with a challenge naming
+    # the authority and the resource to ask a token of.
+    challenge = (f"Bearer authorization_uri=https://login.microsoftonline.com/{tenant}/oauth2/authorize "
+                 f"resource_id=https://storage.azure.com")
+    return _error("InvalidAuthenticationInfo", 401,
+                  "Server failed to authenticate the request. Please refer to the information in the "
+                  "www-authenticate header.", detail=detail, headers={"WWW-Authenticate": challenge})
 
 
 def condition_not_met() -> StorageError:
@@ -1024,10 +1065,12 @@ class Request:
     body: bytes
     client_ip: str
     host: str
+    secure: bool = False                 # came over TLS
     share: Optional[str] = None
     parts: list[str] = field(default_factory=list)
     signed_path: str = ""                # decoded path below the account, for service SAS
     sas: Optional[dict] = None           # verified SAS parameters, if SAS was used
+    token_claims: Optional[dict] = None  # claims of the accepted bearer token, if one was used
 
     @property
     def restype(self) -> Optional[str]:
@@ -1064,7 +1107,8 @@ def error_response(error: StorageError, request_id: str) -> Response:
     message = f"{error.message}\nRequestId:{request_id}\nTime:{smb_time(time.time())}"
     detail = ""
     if error.detail:
-        tag = "AuthenticationErrorDetail" if error.code == "AuthenticationFailed" else "ExceptionDetails"
+        tag = ("AuthenticationErrorDetail" if error.code in ("AuthenticationFailed", "InvalidAuthenticationInfo")
+               else "ExceptionDetails")
         detail = f"<{tag}>{xml_text(error.detail)}</{tag}>"
     document = f"<Error><Code>{error.code}</Code><Message>{xml_text(message)}</Message>{detail}</Error>"
     response = xml_response(error.status, document, dict(error.headers))
@@ -1253,10 +1297,14 @@ class Authenticator:
     def __init__(self, account: str, key: str):
         self.account = account
         self.key = base64.b64decode(key)
+        self.bearer_accepted = 0  # requests let in on a bearer token
+        self._count_lock = threading.Lock()
 
     def authenticate(self, request: Request, operation: Optional[Operation]) -> None:
         authorization = request.header("Authorization")
-        if authorization:
+        if authorization and authorization.partition(" ")[0] == "Bearer":
+            self._check_bearer(request, operation, authorization.partition(" ")[2].strip())
+        elif authorization:
             self._check_shared_key(request, authorization)
         elif any(name.lower() == "sig" for name, _ in request.query_pairs):
             self._check_sas(request, operation)
@@ -1270,7 +1318,8 @@ class Authenticator:
     def _check_shared_key(self, request: Request, authorization: str) -> None:
         scheme, _, credentials = authorization.partition(" ")
         if scheme != "SharedKey":
-            raise auth_failed(f"Unsupported authorization scheme '{scheme}'; only SharedKey and SAS are emulated.")
+            raise auth_failed(f"Unsupported authorization scheme '{scheme}'; only SharedKey, Bearer and SAS "
+                              "are emulated.")
         account, _, signature = credentials.strip().partition(":")
         if account != self.account:
             raise auth_failed(f"The account {account} does not exist in the emulator.")
@@ -1281,6 +1330,57 @@ class Authenticator:
             shown = candidates[0].replace("\n", "\\n")
             raise auth_failed(f"The MAC signature found in the HTTP request '{signature}' is not the same as "
                               f"any computed signature. Server used following string to sign: '{shown}'.")
+
+    # ----- Bearer (Azure Files OAuth over REST) ------------------------------
+
+    def _check_bearer(self, request: Request, operation: Optional[Operation], token: str) -> None:
+        if not request.secure:
+            raise auth_failed("Authentication scheme Bearer is not allowed with HTTP.")
+        version = request.header("x-ms-version") or ""
+        if version < OAUTH_MIN_VERSION:
+            raise auth_failed("Authentication scheme Bearer is not supported in this version.")
+        claims = self._token_claims(token)
+        intent = request.header(FILE_REQUEST_INTENT)
+        if intent is None:
+            raise missing_header(FILE_REQUEST_INTENT)
+        if intent.lower() != "backup":
+            raise invalid_header(FILE_REQUEST_INTENT, intent)
+        if operation is not None and operation.level in ("service", "share") and version < OAUTH_SHARE_MIN_VERSION:
+            raise _error("FileOAuthManagementApiRestrictedToSrp", 409,
+                         "This API does not support bearer tokens. For OAuth, use the Storage Resource "
+                         "Provider APIs instead. Learn more: https://aka.ms/azurefiles/restapi.")
+        request.token_claims = claims
+        with self._count_lock:
+            self.bearer_accepted += 1
+
+    def _token_claims(self, token: str) -> dict:
+        """The claims of an acceptable token; InvalidAuthenticationInfo otherwise."""
+        parts = token.split(".")
+        try:
+            if len(parts) != 3:
+                raise ValueError("not three parts")
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+            if not isinstance(claims, dict):
+                raise ValueError("claims are not an object")
+        except (ValueError, binascii.Error):
+            raise invalid_token("The token is malformed.") from None
+        tenant = str(claims.get("tid") or "common")
+        times = [claims.get(name) for name in ("iat", "nbf", "exp")]
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in times):
+            raise invalid_token("The token lacks the iat, nbf or exp claim.", tenant)
+        now = time.time()
+        if now < claims["nbf"]:
+            raise invalid_token("Lifetime validation failed. The token is not yet valid.", tenant)
+        if now > claims["exp"]:
+            raise invalid_token("Lifetime validation failed. The token is expired.", tenant)
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or not issuer.startswith(_VALID_ISSUER_PREFIXES):
+            raise invalid_token("Issuer validation failed. Issuer did not match.", tenant)
+        audience = claims.get("aud")
+        account_audience = _ACCOUNT_AUDIENCE_RE.match(audience) if isinstance(audience, str) else None
+        if not (audience in _STORAGE_AUDIENCES or (account_audience and account_audience.group(1) == self.account)):
+            raise invalid_token("Audience validation failed. Audience did not match.", tenant)
+        return claims
 
     # ----- SAS ------------------------------------------------------------------
 
@@ -1346,7 +1446,8 @@ class Authenticator:
             start = parse_sas_time(params["st"])
             if start is None or now < start:
                 raise auth_failed("Signed start time must be before the current time.")
-        if params.get("spr") and "http" not in [p.strip() for p in params["spr"].split(",")]:
+        scheme = "https" if request.secure else "http"
+        if params.get("spr") and scheme not in [p.strip() for p in params["spr"].split(",")]:
             raise _error("AuthorizationProtocolMismatch", 403, "This request is not authorized to perform "
                          "this operation using this protocol.")
         if params.get("sip") and not _ip_allowed(request.client_ip, params["sip"]):
@@ -2017,6 +2118,7 @@ class _Handler(BaseHTTPRequestHandler):
             method=self.command, raw_path=raw_path, raw_query=raw_query, query_pairs=pairs,
             query={name.lower(): value for name, value in pairs}, headers=self.headers, body=body,
             client_ip=self.client_address[0], host=self.headers.get("Host") or "127.0.0.1",
+            secure=isinstance(self.connection, ssl.SSLSocket),
         )
 
     def _read_body(self) -> bytes:
@@ -2123,17 +2225,28 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, emulator: Emulator, verbose: bool = False):
+    def __init__(self, address, emulator: Emulator, verbose: bool = False,
+                 ssl_context: Optional[ssl.SSLContext] = None):
         self.emulator = emulator
         self.verbose = verbose
+        self.ssl_context = ssl_context
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def get_request(self):
+        connection, address = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake happens on the first read, in the connection's
+            # own thread: a client that never completes it holds up nobody.
+            connection = self.ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
+
     def handle_error(self, request, client_address) -> None:
         # A client that hangs up mid-response (a reader abandoning a body it
-        # does not want) is normal traffic, not an emulator fault.
-        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+        # does not want) is normal traffic, not an emulator fault; so is one
+        # that refuses the certificate or drops the TLS session.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ssl.SSLError)):
             return
         super().handle_error(request, client_address)
 
@@ -2153,7 +2266,9 @@ class _Server(ThreadingHTTPServer):
             connections = list(self._connections)
         for connection in connections:
             with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+                # socket.socket's own shutdown: SSLSocket.shutdown would also
+                # drop its TLS state under the feet of the handler thread.
+                socket.socket.shutdown(connection, socket.SHUT_RDWR)
 
 
 class FileShareEmulator:
@@ -2163,7 +2278,11 @@ class FileShareEmulator:
     ``stop()``; a directory passed in is left in place."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, location: Optional[str] = None,
-                 verbose: bool = False, page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True):
+                 verbose: bool = False, page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True,
+                 certfile: Optional[str] = None, keyfile: Optional[str] = None):
+        if (certfile is None) != (keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        self.certfile, self.keyfile = certfile, keyfile
         self.page_limit = page_limit
         self.conditional_reads = conditional_reads
         self.host = host
@@ -2176,9 +2295,13 @@ class FileShareEmulator:
 
     def start(self) -> "FileShareEmulator":
         store = FileStore(self.location)
+        context = None
+        if self.certfile is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.certfile, self.keyfile)
         self._server = _Server((self.host, self._requested_port), Emulator(store, page_limit=self.page_limit,
                                                                         conditional_reads=self.conditional_reads),
-                               self.verbose)
+                               self.verbose, ssl_context=context)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fileshare-emulator", daemon=True)
         self._thread.start()
@@ -2209,6 +2332,21 @@ class FileShareEmulator:
         return self._server.server_address[1]
 
     @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def bearer_accepted(self) -> int:
+        """How many requests were let in on a bearer token."""
+        if self._server is None:
+            raise RuntimeError("the emulator is not running")
+        return self._server.emulator.authenticator.bearer_accepted
+
+    @property
     def account_name(self) -> str:
         return ACCOUNT_NAME
 
@@ -2218,11 +2356,11 @@ class FileShareEmulator:
 
     @property
     def account_url(self) -> str:
-        return f"http://{self.host}:{self.port}/{ACCOUNT_NAME}"
+        return f"{self.scheme}://{self.host}:{self.port}/{ACCOUNT_NAME}"
 
     @property
     def connection_string(self) -> str:
-        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+        return (f"DefaultEndpointsProtocol={self.scheme};AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
                 f"FileEndpoint={self.account_url};")
 
 
@@ -2235,9 +2373,14 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--page-limit", type=int, default=MAX_LIST_RESULTS,
                         help="most entries in one directory listing page (the service may return fewer "
                              "than asked)")
+    parser.add_argument("--cert", default=None, help="serve HTTPS with this certificate (PEM, chain after it)")
+    parser.add_argument("--key", default=None, help="the certificate's private key (PEM)")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
 
-    emulator = FileShareEmulator(args.host, args.port, args.location, args.verbose, page_limit=args.page_limit)
+    emulator = FileShareEmulator(args.host, args.port, args.location, args.verbose, page_limit=args.page_limit,
+                                 certfile=args.cert, keyfile=args.key)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import selectors
+import socket
+import ssl
 import subprocess
 import sys
 import uuid
@@ -47,6 +49,7 @@ from azure.storage.fileshare import (
 from azure.storage.fileshare._shared.authentication import SharedKeyCredentialPolicy
 
 from tests.emulators.fileshare import ACCOUNT_KEY, ACCOUNT_NAME, FileShareEmulator
+from tests.support.identity import storage_token
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
@@ -578,6 +581,181 @@ def test_share_and_file_sas(emulator, share):
     with pytest.raises(ClientAuthenticationError):
         ShareFileClient(emulator.account_url, share.share_name, "d/other.txt", credential=file_sas,
                         retry_total=0).get_file_properties()
+
+
+# --------------------------------------------------------------------------
+# HTTPS and bearer tokens (Azure Files OAuth over REST)
+# --------------------------------------------------------------------------
+
+
+class StaticToken:
+    """A TokenCredential that hands out one fixed token."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def get_token(self, *scopes, **kwargs):
+        from azure.core.credentials import AccessToken
+        return AccessToken(self.token, int(datetime.now(timezone.utc).timestamp()) + 3600)
+
+
+@pytest.fixture(scope="module")
+def tls_emulator(test_ca):
+    with FileShareEmulator(certfile=test_ca.cert_path, keyfile=test_ca.key_path) as running:
+        yield running
+
+
+@pytest.fixture
+def tls_share(tls_emulator, test_ca):
+    service = ShareServiceClient.from_connection_string(tls_emulator.connection_string,
+                                                        connection_verify=test_ca.ca_path, retry_total=0)
+    client = service.create_share(f"tls-{uuid.uuid4().hex[:12]}")
+    client.get_file_client("f.txt").upload_file(b"over tls")
+    yield client
+    client.delete_share()
+
+
+def bearer_get(emulator, test_ca, path: str, token: str, headers=None):
+    """GET `path` over HTTPS with a bearer token and exactly these extra headers."""
+    sent = {"Authorization": f"Bearer {token}", "x-ms-date": formatdate(usegmt=True),
+            "x-ms-version": "2025-05-05", "x-ms-file-request-intent": "backup"}
+    sent.update(headers or {})
+    sent = {name: value for name, value in sent.items() if value is not None}
+    with closing(http.client.HTTPSConnection("127.0.0.1", emulator.port, timeout=10,
+                                             context=test_ca.client_context())) as connection:
+        connection.request("GET", path, headers=sent)
+        response = connection.getresponse()
+        return response, response.read()
+
+
+def test_tls_serves_the_sdk_and_sas_bound_to_https(tls_emulator, tls_share, emulator, test_ca):
+    assert tls_emulator.account_url.startswith("https://")
+    assert tls_emulator.connection_string.startswith("DefaultEndpointsProtocol=https;")
+    assert tls_share.get_file_client("f.txt").download_file().readall() == b"over tls"
+    https_only = generate_share_sas(ACCOUNT_NAME, tls_share.share_name, ACCOUNT_KEY, ShareSasPermissions(read=True),
+                                    expiry(), protocol="https")
+    client = ShareFileClient(tls_emulator.account_url, tls_share.share_name, "f.txt", credential=https_only,
+                             connection_verify=test_ca.ca_path, retry_total=0)
+    assert client.download_file().readall() == b"over tls"
+    # The same kind of SAS over plain HTTP is refused.
+    plain = ShareServiceClient.from_connection_string(emulator.connection_string, retry_total=0)
+    plain_share = plain.create_share(f"plain-{uuid.uuid4().hex[:12]}")
+    try:
+        plain_share.get_file_client("f.txt").upload_file(b"plain")
+        sas = generate_share_sas(ACCOUNT_NAME, plain_share.share_name, ACCOUNT_KEY, ShareSasPermissions(read=True),
+                                 expiry(), protocol="https")
+        with pytest.raises(HttpResponseError) as refused:
+            ShareFileClient(emulator.account_url, plain_share.share_name, "f.txt", credential=sas,
+                            retry_total=0).download_file()
+        assert refused.value.error_code == "AuthorizationProtocolMismatch"
+    finally:
+        plain_share.delete_share()
+
+
+def test_tls_client_that_refuses_the_certificate_does_no_harm(tls_emulator, tls_share, test_ca, capfd):
+    with socket.create_connection(("127.0.0.1", tls_emulator.port), timeout=5) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            # The default trust store does not hold the test CA.
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", tls_emulator.port), timeout=5) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n")  # plain HTTP to a TLS port
+        raw.recv(100)
+    assert tls_share.get_file_client("f.txt").download_file().readall() == b"over tls"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("token,detail", [
+    (storage_token(lifetime=-60, now=datetime.now(timezone.utc).timestamp() - 120), "expired"),
+    (storage_token(now=datetime.now(timezone.utc).timestamp() + 600), "not yet valid"),
+    (storage_token(audience="https://management.azure.com"), "Audience"),
+    (storage_token(audience="https://otheraccount.file.core.windows.net"), "Audience"),
+    (storage_token(issuer="https://login.example.com/tenant/"), "Issuer"),
+    (storage_token(exp=None), "exp"),
+    ("not.a.jwt", "malformed"),
+    ("garbage", "malformed"),
+], ids=["expired", "not-yet-valid", "wrong-audience", "other-account", "wrong-issuer", "no-exp", "bad-json",
+        "not-a-jwt"])
+def test_bearer_token_claims_are_checked(tls_emulator, tls_share, test_ca, token, detail):
+    response, body = bearer_get(tls_emulator, test_ca, f"/{ACCOUNT_NAME}/{tls_share.share_name}/f.txt", token)
+    assert response.status == 401 and error_code_of(body) == "InvalidAuthenticationInfo"
+    assert detail in ET.fromstring(body).findtext("AuthenticationErrorDetail")
+    challenge = response.getheader("WWW-Authenticate")
+    assert challenge.startswith("Bearer authorization_uri=https://login.microsoftonline.com/")
+    assert challenge.endswith("resource_id=https://storage.azure.com")
+
+
+@pytest.mark.parametrize("audience", ["https://storage.azure.com", "https://storage.azure.com/",
+                                      "e406a681-f3d4-42a8-90b6-c2b029497af1",
+                                      f"https://{ACCOUNT_NAME}.file.core.windows.net"])
+def test_bearer_storage_audiences_are_accepted(tls_emulator, tls_share, test_ca, audience):
+    before = tls_emulator.bearer_accepted
+    response, body = bearer_get(tls_emulator, test_ca, f"/{ACCOUNT_NAME}/{tls_share.share_name}/f.txt",
+                                storage_token(audience=audience))
+    assert response.status == 200 and body == b"over tls"
+    assert tls_emulator.bearer_accepted == before + 1
+
+
+def test_bearer_rules_of_intent_version_and_scheme(tls_emulator, tls_share, emulator, test_ca):
+    path = f"/{ACCOUNT_NAME}/{tls_share.share_name}/f.txt"
+    token = storage_token()
+    response, body = bearer_get(tls_emulator, test_ca, path, token, {"x-ms-file-request-intent": None})
+    assert response.status == 400 and error_code_of(body) == "MissingRequiredHeader"
+    response, body = bearer_get(tls_emulator, test_ca, path, token, {"x-ms-file-request-intent": "restore"})
+    assert response.status == 400 and error_code_of(body) == "InvalidHeaderValue"
+    response, body = bearer_get(tls_emulator, test_ca, path, token, {"x-ms-version": "2022-08-01"})
+    assert response.status == 403 and error_code_of(body) == "AuthenticationFailed"
+    response, body = bearer_get(tls_emulator, test_ca, path, token, {"x-ms-version": "2022-11-02"})
+    assert response.status == 200 and body == b"over tls"
+    # Over plain HTTP a bearer token is refused whatever else is right.
+    with closing(http.client.HTTPConnection("127.0.0.1", emulator.port, timeout=10)) as connection:
+        connection.request("GET", f"/{ACCOUNT_NAME}/anyshare/f.txt", headers={
+            "Authorization": f"Bearer {token}", "x-ms-date": formatdate(usegmt=True),
+            "x-ms-version": "2025-05-05", "x-ms-file-request-intent": "backup"})
+        plain = connection.getresponse()
+        assert plain.status == 403 and error_code_of(plain.read()) == "AuthenticationFailed"
+
+
+def test_bearer_share_operations_need_2024_11_04(tls_emulator, tls_share, test_ca):
+    token = StaticToken(storage_token())
+    older = ShareServiceClient(tls_emulator.account_url, credential=token, token_intent="backup",
+                               connection_verify=test_ca.ca_path, api_version="2024-08-04", retry_total=0)
+    with pytest.raises(HttpResponseError) as refused:
+        older.create_share(f"oauth-{uuid.uuid4().hex[:12]}")
+    assert refused.value.status_code == 409
+    assert refused.value.error_code == "FileOAuthManagementApiRestrictedToSrp"
+    # Files and directories are fine at that version.
+    older_share = older.get_share_client(tls_share.share_name)
+    assert older_share.get_file_client("f.txt").download_file().readall() == b"over tls"
+    older_share.create_directory("made-with-a-token")
+
+    newer = ShareServiceClient(tls_emulator.account_url, credential=token, token_intent="backup",
+                               connection_verify=test_ca.ca_path, api_version="2024-11-04", retry_total=0)
+    made = newer.create_share(f"oauth-{uuid.uuid4().hex[:12]}")
+    try:
+        assert made.share_name in [item.name for item in newer.list_shares()]
+    finally:
+        made.delete_share()
+
+
+def test_standalone_module_over_tls(tmp_path, test_ca):
+    command = [sys.executable, "-m", "tests.emulators.fileshare", "--port", "0", "--location", str(tmp_path),
+               "--cert", test_ca.cert_path, "--key", test_ca.key_path]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(process.stdout, selectors.EVENT_READ)
+                assert selector.select(timeout=20), "emulator did not report its address"
+            line = process.stdout.readline().strip()
+            assert line.startswith("listening on https://127.0.0.1:"), line
+            service = ShareServiceClient(line.removeprefix("listening on "), credential=ACCOUNT_KEY,
+                                         connection_verify=test_ca.ca_path, retry_total=0)
+            service.create_share("standalone")
+            assert [item.name for item in service.list_shares()] == ["standalone"]
+        finally:
+            process.terminate()
+            _, errors = process.communicate(timeout=10)
+    assert process.returncode == 0, errors
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import posixpath
 
 from azure.core.exceptions import ResourceExistsError
 
-from tests.support.azurite import ACCOUNT, blob_workspace_entry
+from tests.support.azurite import ACCOUNT, blob_workspace_entry, credential_entry
 
 
 class BlobRemote:
@@ -159,8 +159,21 @@ class ShareRemote:
         return found
 
 
-def share_workspace_entry(emulator, share: str, key_env: str = "AZURITE_ACCOUNT_KEY") -> dict:
+def share_workspace_entry(emulator, share: str, key_env: str = "AZURITE_ACCOUNT_KEY", *,
+                          managed_identity: bool = False, client_id: str | None = None) -> dict:
     """A workspace-file datastore mapping for a share of the Files emulator
     (the emulator's account and key are Azurite's well-known ones)."""
     return {"type": "azure_file", "account_name": ACCOUNT, "share_name": share,
-            "endpoint": emulator.account_url, "credential": {"account_key_env": key_env}}
+            "endpoint": emulator.account_url,
+            "credential": credential_entry(key_env, managed_identity, client_id)}
+
+
+def datastore_entry(server, name: str, key_env: str = "AZURITE_ACCOUNT_KEY", *, managed_identity: bool = False,
+                    client_id: str | None = None) -> dict:
+    """A workspace-file datastore mapping for container or share `name` of
+    `server`, an Azurite or a Files emulator of any lane (http, https,
+    oauth): the account key from $key_env, or a managed identity
+    ({"managed_identity": True}, plus `client_id` for a user-assigned one)."""
+    from tests.emulators.fileshare import FileShareEmulator
+    make = share_workspace_entry if isinstance(server, FileShareEmulator) else blob_workspace_entry
+    return make(server, name, key_env, managed_identity=managed_identity, client_id=client_id)
