@@ -25,25 +25,30 @@ def raise_for_status(status: int, code: str, what: str, where: str, request_id: 
     service's error code, for the SDK's calls and the lean data path alike.
     `what` names the object, `where` the container or share; the request's
     x-ms-client-request-id, when known, ends the message (Azure support
-    finds the request by it)."""
-    code = code or ""
-    rid = f" (request id {request_id})" if request_id else ""
+    finds the request by it) and is kept as the error's `request_id`."""
+    error = _error_for(status, code or "", what, where, detail)
+    if request_id:
+        error.args = (f"{error.args[0]} (request id {request_id})",)
+    error.request_id = request_id
+    raise error
+
+
+def _error_for(status: int, code: str, what: str, where: str, detail: str) -> Exception:
     if status == 412:
-        raise Stale(f"{what} changed in storage while it was being read{rid}")
+        return Stale(f"{what} changed in storage while it was being read")
     if status == 404:
         if code in ("ContainerNotFound", "ShareNotFound"):
-            raise ConfigError(f"{where} does not exist{rid}")
+            return ConfigError(f"{where} does not exist")
         if code == "ParentNotFound":
-            raise NotFound(f"{what}: parent directory does not exist{rid}")
-        raise NotFound(f"{what} does not exist{rid}")
+            return NotFound(f"{what}: parent directory does not exist")
+        return NotFound(f"{what} does not exist")
     if status == 409:
         if code == "DirectoryNotEmpty":
-            raise NotEmpty(f"{what} is not empty{rid}")
-        raise AlreadyExists(f"{what} already exists{rid}")
+            return NotEmpty(f"{what} is not empty")
+        return AlreadyExists(f"{what} already exists")
     if status in (401, 403):
-        raise Unreachable(f"{where} refused the credentials ({code or status}){rid}")
-    detail = f": {detail}" if detail else ""
-    raise StorageError(f"{what}: storage answered {status} {code}".rstrip() + detail + rid)
+        return Unreachable(f"{where} refused the credentials ({code or status})")
+    return StorageError(f"{what}: storage answered {status} {code}".rstrip() + (f": {detail}" if detail else ""))
 
 
 def upload_pieces(pool: Executor, slots: threading.BoundedSemaphore, source: BinaryIO, piece_size: int,

@@ -251,17 +251,18 @@ class BlobStore(AzureStore):
         retries_before = RETRIES_SEEN.count
         try:
             yield
-        except (AlreadyExists, Stale):
+        except (AlreadyExists, Stale) as e:
             if overwrite:
                 raise
+            rid = f" (request id {e.request_id})" if getattr(e, "request_id", None) else ""
             if RETRIES_SEEN.count == retries_before:
-                raise AlreadyExists(f"{path} already exists in {self.description}") from None
+                raise AlreadyExists(f"{path} already exists in {self.description}{rid}") from None
             try:
                 there = self.stat(path)
             except NotFound:
                 there = None
             if there is None or there.is_dir or there.size != size or there.md5 != md5:
-                raise AlreadyExists(f"{path} already exists in {self.description}") from None
+                raise AlreadyExists(f"{path} already exists in {self.description}{rid}") from None
 
     def delete(self, path: str) -> None:
         path = normalize_path(path)

@@ -72,7 +72,17 @@ def translated(what: str, where: str, url: str = ""):
             raise transport().translate(e, url) from None
         raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
     except HttpResponseError as e:
-        raise_for_status(e.status_code, getattr(e, "error_code", None), what, where)
+        raise_for_status(e.status_code, getattr(e, "error_code", None), what, where, _request_id(e))
+
+
+def _request_id(error: HttpResponseError) -> str | None:
+    """The x-ms-client-request-id of the request an SDK error is about (the
+    service echoes it; the SDK set it on the request)."""
+    response = getattr(error, "response", None)
+    for headers in (getattr(response, "headers", None), getattr(getattr(response, "request", None), "headers", None)):
+        if headers and headers.get("x-ms-client-request-id"):
+            return headers["x-ms-client-request-id"]
+    return None
 
 
 class _RetriesSeen(threading.local):

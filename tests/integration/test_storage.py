@@ -229,3 +229,27 @@ def test_a_reader_pausing_mid_file_ends_its_stream_and_reads_on(store, monkeypat
     assert bytes(got) == data
     core.release(fh)
     core.blocks.close()
+
+
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+@pytest.mark.parametrize("kind", ["blob", "file"])
+def test_error_lines_name_the_request_id_on_the_read_and_the_write_path(kind, request, tmp_path):
+    # Azure support finds a request by its x-ms-client-request-id
+    if kind == "blob":
+        entry = blob_workspace_entry(request.getfixturevalue("azurite"),
+                                     request.getfixturevalue("container").container_name)
+    else:
+        entry = share_workspace_entry(request.getfixturevalue("fileshare"),
+                                      request.getfixturevalue("share").share_name)
+    with open_store(parse("s", entry, "t")) as store:
+        with pytest.raises(NotFound, match=f"nope.bin .*\\(request id {UUID}\\)"):
+            store.read("nope.bin", 0, 10)  # the lean path
+        store.write_bytes("there.bin", b"x")
+        with pytest.raises(AlreadyExists, match=f"\\(request id {UUID}\\)"):
+            source = tmp_path / "f"
+            source.write_bytes(b"y")
+            store.write_file("there.bin", str(source), overwrite=False)  # the SDK's path
+        with pytest.raises(NotFound, match=f"\\(request id {UUID}\\)"):
+            store.delete("nope.bin")
