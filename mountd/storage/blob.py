@@ -291,18 +291,102 @@ class BlobStore(AzureStore):
         if entry is not None and entry.is_dir:  # no blob: a virtual directory with no children is gone already
             self.delete(path)
 
+    # A copy storage has not finished when it answers is polled: first after
+    # this many seconds, then twice as long each time up to the maximum.
+    _COPY_POLL_FIRST = 0.1
+    _COPY_POLL_MAX = 2.0
+
     def rename(self, src: str, dst: str) -> None:
-        # Blob storage has no rename: copy, then delete the source.
+        """Blob storage has no rename: the service copies the blob (Copy
+        Blob, asynchronous), and the source is deleted once the copy has
+        succeeded, only if it is still the version copied. A copy that
+        fails or does not finish in time leaves the source as it was and
+        no target (one that was there is replaced when the copy starts).
+
+        Not Copy Blob From URL (synchronous): it takes sources of up to
+        256 MiB, and reads its source as an outside caller would, so only
+        a SAS in the source's URL or an OAuth token in
+        x-ms-copy-source-authorization lets it read a private blob. Copy
+        Blob takes a blob of any size, and reads a source in the same
+        account with the request's own Shared Key or token; with a SAS the
+        source URL carries the SAS (the SDK client's URLs do), as a SAS on
+        the request covers only the destination."""
         from azure.core import MatchConditions
         src, dst = normalize_path(src), normalize_path(dst)
         source = self.container.get_blob_client(src)
+        target = self.container.get_blob_client(dst)
         with self._errors(src):
             props = source.get_blob_properties()
-            target = self.container.get_blob_client(dst)
-            target.start_copy_from_url(source.url, requires_sync=True,
-                                       source_etag=props.etag,
-                                       source_match_condition=MatchConditions.IfNotModified)
+            # The copy reads the source only while its etag is this one; a
+            # change while the copy is pending fails the copy.
+            started = target.start_copy_from_url(source.url, source_etag=props.etag,
+                                                 source_match_condition=MatchConditions.IfNotModified)
+        if started.get("copy_status") != "success":
+            self._await_copy(target, dst, started["copy_id"], props.size)
+        with self._errors(src):
             source.delete_blob(etag=props.etag, match_condition=MatchConditions.IfNotModified)
+
+    def _copy_wait(self, size: int) -> float:
+        """Seconds a rename waits for the copy of a blob of `size` bytes.
+        A copy within an account usually ends at once; one the service
+        schedules runs on spare bandwidth, with no time promised (pending
+        copies time out after two weeks), so allow a minute plus the time
+        to move the bytes at a modest 10 MiB/s."""
+        return 60.0 + size / (10 * 1024 * 1024)
+
+    def _await_copy(self, target, dst: str, copy_id: str, size: int) -> None:
+        """Poll `target` until its pending copy `copy_id` ends. Returns once
+        it has succeeded; otherwise (failed, aborted, or still pending when
+        the wait is over: then aborted) removes what the copy left at the
+        target and raises StorageError."""
+        import time
+
+        from mountd.errors import MountdError, StorageError
+        wait = self._copy_wait(size)
+        deadline = time.monotonic() + wait
+        delay, aborted = self._COPY_POLL_FIRST, False
+        while True:
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 2, self._COPY_POLL_MAX)
+            with self._errors(dst):
+                copy = target.get_blob_properties().copy
+            if copy.id != copy_id:
+                # Written or copied over by someone else meanwhile: that is
+                # theirs now, and the source stays.
+                raise StorageError(f"{dst} in {self.description} was replaced while a rename copied to it")
+            if copy.status == "success":
+                return  # (also when it ended just as it was being aborted)
+            if copy.status != "pending" or aborted:
+                problem = (f"the copy was not done after {wait:.1f} s and was aborted" if aborted
+                           else f"the copy {copy.status}: {copy.status_description or 'no reason given'}")
+                break
+            if time.monotonic() >= deadline:
+                try:
+                    with self._errors(dst):
+                        target.abort_copy(copy_id)
+                except MountdError:
+                    pass  # it may have ended meanwhile: the next look decides
+                aborted = True
+        left = self._discard_copy(target, dst, copy_id)
+        raise StorageError(f"renaming to {dst} in {self.description}: {problem}{left}")
+
+    def _discard_copy(self, target, dst: str, copy_id: str) -> str:
+        """Delete what the unfinished copy `copy_id` left at `target` (an
+        empty or partial blob), unless it ended in success after all or was
+        replaced. Returns a note for the error message if it is still there."""
+        from azure.core import MatchConditions
+
+        from mountd.errors import MountdError
+        try:
+            with self._errors(dst):
+                props = target.get_blob_properties()
+                if props.copy.id == copy_id and props.copy.status != "success":
+                    target.delete_blob(etag=props.etag, match_condition=MatchConditions.IfNotModified)
+        except NotFound:
+            pass
+        except MountdError as e:
+            return f" (what it left at {dst} could not be removed: {e})"
+        return ""
 
 
 def _block_id(index: int) -> str:
