@@ -702,7 +702,9 @@ class _Parser:
             where = f"{self.src.where(self.origins[name])}: datastore {cfg.name!r}"
             self._check_key_files(cfg, where)
             try:
-                credentials.resolve(cfg.credential, where)
+                if credentials.resolve(cfg.credential, where).kind in credentials.TOKEN_KINDS:
+                    from mountd.storage.identity import require_https
+                    require_https(cfg.account_url(), where)
             except UsageError as e:
                 raise type(e)(_one_line(str(e))) from None
 

@@ -426,6 +426,13 @@ BAD = [
     ("uri-bad-scheme", REF + "    uri: ftp://acct.blob.core.windows.net/data/x  #<\n    mode: mount\n",
      "data_references.images.uri", None),
     ("uri-not-a-string", REF + "    uri: 5  #<\n    mode: mount\n", "data_references.images.uri", None),
+    ("uri-host-only-looks-like-azure", REF + "    uri: https://acct.blob.core.windows.net.example.org/data/x  #<\n"
+     "    mode: mount\n", "data_references.images.uri", None),
+    ("wasbs-host-only-looks-like-azure", REF + "    uri: wasbs://data@acct.blob.example.org/x  #<\n"
+     "    mode: download\n", "data_references.images.uri", None),
+    ("token-over-http", "datastores:\n  emu: {type: azure_blob, container_name: data, "
+     "endpoint: 'http://127.0.0.1:9/acct', credential: {managed_identity: true}}\n" + REF
+     + "    datastore: emu  #<\n    mode: download\n", "data_references.images.datastore", None),
     ("uri-dotdot", REF + "    uri: azureml://datastores/training/paths/a/../../b  #<\n    mode: mount\n",
      "data_references.images.uri", None),
     ("unknown-placeholder", REF + "    mode: upload\n    path_on_datastore: runs/{runid}  #<\n",
