@@ -36,6 +36,9 @@ OTHER_KEYS = ("client_id",)  # for a user-assigned managed identity
 ALL_KEYS = set(REFERENCE_KEYS) | set(INLINE_KEYS) | set(FLAG_KEYS) | set(OTHER_KEYS)
 # Kinds that authenticate with a bearer token (sent only over https).
 TOKEN_KINDS = ("managed_identity", "default")
+# What the default chain reads that is a secret (EnvironmentCredential): a
+# service principal's client secret or certificate password, a user's password.
+CHAIN_SECRET_VARIABLES = ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_PASSWORD")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,17 @@ def describe(spec: dict | None) -> str:
         return "anonymous"
     return ("none: the default chain (AZURE_CLIENT_* service principal, workload identity, managed identity"
             + (f" (client id {cid})" if cid else "") + ", Azure CLI/PowerShell/azd login)")
+
+
+def secret_variables(spec: dict | None) -> set[str]:
+    """The environment variables a spec may read a secret from: those its
+    *_env keys name, and, for the default chain (no credential named), the
+    secrets azure-identity reads from the environment."""
+    spec = spec or {}
+    names = {spec[k] for k, (_, source) in REFERENCE_KEYS.items() if source == "env" and isinstance(spec.get(k), str)}
+    if not any(spec.get(k) for k in (*REFERENCE_KEYS, *INLINE_KEYS, *FLAG_KEYS)):
+        names.update(CHAIN_SECRET_VARIABLES)
+    return names
 
 
 def has_inline_secret(spec: dict | None) -> bool:
