@@ -44,7 +44,8 @@ def _credentials(p: argparse.ArgumentParser) -> None:
     x.add_argument("--sas-token-file", metavar="FILE", help="file holding a SAS token")
     x.add_argument("--connection-string-env", metavar="VAR", help="environment variable holding a connection string")
     x.add_argument("--connection-string-file", metavar="FILE", help="file holding a connection string")
-    x.add_argument("--managed-identity", action="store_true", help="managed identity / DefaultAzureCredential")
+    x.add_argument("--managed-identity", action="store_true", help="the node's managed identity only (with no credential option: the default chain, "
+                   "AZURE_CLIENT_* service principal, workload or managed identity, Azure CLI login)")
     x.add_argument("--anonymous", action="store_true", help="public container, no credential")
     g.add_argument("--client-id", help="client id of a user-assigned managed identity")
 

@@ -182,6 +182,9 @@ def mount(args) -> int:
     settings = settings_mod.resolve(ws.cache, f"{ws.path}", **_cache_flags(args))
     if args.work_dir and not args.read_write:
         raise UsageError("--work-dir is for --read-write mounts")
+    if cfg.type != "local":
+        from mountd.storage import resolve_credential
+        resolve_credential(cfg)  # a missing secret, or a token over http: exit 2 before a worker starts
     spec = mount_worker.make_spec(cfg, path, mountpoint, settings, read_only=not args.read_write,
                                   allow_other=args.allow_other, work_dir=args.work_dir,
                                   credential_source={"workspace": ws.path})

@@ -59,6 +59,14 @@ class Unreachable(ConfigError):
     """The storage endpoint does not answer or refuses the credentials."""
 
 
+class TokenUnavailable(StorageError):
+    """The identity's token endpoint kept failing (retries spent): storage
+    cannot be reached for now, though nothing is wrong with the input, so a
+    mount answers EIO and a transfer exits 3."""
+
+    exit_code = EXIT_TRANSFER
+
+
 class TransferFailed(MountdError):
     """Some files of a bulk transfer failed; the rest completed."""
 

@@ -29,6 +29,10 @@ def setup(level: str = "warning", debug: bool = False, fmt: str = "text") -> Non
     # The SDK logs every request at INFO; only its warnings are ours to show.
     for noisy in ("azure", "urllib3", "msal"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # A failed token request is reported by mountd.storage.identity, once, as
+    # a retry or an error naming the datastore; azure-identity's own warnings
+    # (several lines for a credential chain) would say it again.
+    logging.getLogger("azure.identity").setLevel(logging.DEBUG if debug else logging.ERROR)
     logging.captureWarnings(True)
 
 

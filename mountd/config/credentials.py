@@ -1,9 +1,17 @@
 """Credential references of a datastore and their resolution.
 
 A datastore names where its secret lives (an environment variable, a file) or
-how to get a token (managed identity); the secret itself is read only when a
-store is opened, and lives only in memory. Inline secrets written by the user
-into a workspace file are honoured, never produced by mountd.
+how to get a token; the secret itself is read only when a store is opened,
+and lives only in memory. Inline secrets written by the user into a workspace
+file are honoured, never produced by mountd.
+
+Two kinds get Microsoft Entra tokens (`mountd.storage.identity` makes them):
+
+    managed_identity   `managed_identity: true`: the node's managed identity
+                       and nothing else (a user-assigned one with client_id)
+    default            no credential named: the default chain (a service
+                       principal from AZURE_CLIENT_*, workload identity,
+                       managed identity, a developer's Azure CLI login, ...)
 """
 
 from __future__ import annotations
@@ -26,15 +34,21 @@ INLINE_KEYS = ("account_key", "sas_token", "connection_string")
 FLAG_KEYS = ("managed_identity", "anonymous")
 OTHER_KEYS = ("client_id",)  # for a user-assigned managed identity
 ALL_KEYS = set(REFERENCE_KEYS) | set(INLINE_KEYS) | set(FLAG_KEYS) | set(OTHER_KEYS)
+# Kinds that authenticate with a bearer token (sent only over https).
+TOKEN_KINDS = ("managed_identity", "default")
+# What the default chain reads that is a secret (EnvironmentCredential): a
+# service principal's client secret or certificate password, a user's password.
+CHAIN_SECRET_VARIABLES = ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_PASSWORD")
 
 
 @dataclass(frozen=True)
 class Credential:
     """A resolved credential. `secret` never appears in repr()."""
 
-    kind: str  # account_key | sas_token | connection_string | managed_identity | anonymous
+    kind: str  # account_key | sas_token | connection_string | managed_identity | default | anonymous
     secret: str | None = None
     client_id: str | None = None
+    where: str = ""  # whose credential it is, for messages ("datastore 'training'")
 
     def __repr__(self) -> str:
         return f"Credential(kind={self.kind!r})"
@@ -72,12 +86,24 @@ def describe(spec: dict | None) -> str:
     for key in INLINE_KEYS:
         if spec.get(key):
             return f"{key} (inline in workspace file, redacted)"
+    cid = spec.get("client_id")
     if spec.get("managed_identity"):
-        cid = spec.get("client_id")
-        return "managed identity" + (f" (client id {cid})" if cid else "")
+        return "managed identity of the node" + (f" (client id {cid})" if cid else "")
     if spec.get("anonymous"):
         return "anonymous"
-    return "none (DefaultAzureCredential)"
+    return ("none: the default chain (AZURE_CLIENT_* service principal, workload identity, managed identity"
+            + (f" (client id {cid})" if cid else "") + ", Azure CLI/PowerShell/azd login)")
+
+
+def secret_variables(spec: dict | None) -> set[str]:
+    """The environment variables a spec may read a secret from: those its
+    *_env keys name, and, for the default chain (no credential named), the
+    secrets azure-identity reads from the environment."""
+    spec = spec or {}
+    names = {spec[k] for k, (_, source) in REFERENCE_KEYS.items() if source == "env" and isinstance(spec.get(k), str)}
+    if not any(spec.get(k) for k in (*REFERENCE_KEYS, *INLINE_KEYS, *FLAG_KEYS)):
+        names.update(CHAIN_SECRET_VARIABLES)
+    return names
 
 
 def has_inline_secret(spec: dict | None) -> bool:
@@ -105,13 +131,15 @@ def resolve(spec: dict | None, where: str) -> Credential:
         value = value.strip()
         if not value:
             raise ConfigError(f"{where}: {kind} from {'$' if source == 'env' else 'file '}{ref} is empty")
-        return Credential(kind, value)
+        return Credential(kind, value, where=where)
     for key in INLINE_KEYS:
         if spec.get(key):
-            return Credential(key, str(spec[key]).strip())
+            return Credential(key, str(spec[key]).strip(), where=where)
     if spec.get("anonymous"):
-        return Credential("anonymous")
-    return Credential("managed_identity", client_id=spec.get("client_id"))
+        return Credential("anonymous", where=where)
+    if spec.get("managed_identity"):
+        return Credential("managed_identity", client_id=spec.get("client_id"), where=where)
+    return Credential("default", client_id=spec.get("client_id"), where=where)
 
 
 # Azurite's documented development account (UseDevelopmentStorage=true).

@@ -53,7 +53,7 @@ SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/proc", "/sys", "/dev"
                "/var/spool", "/var/mail", "/var/db")
 
 _TOP_KEYS = ("run_id", "work_dir", "datastores", "data_references", "dataReferences", "command", "environment",
-             "upload_when", "cache")
+             "pass_environment", "upload_when", "cache")
 # The rest of an Azure ML v1 run configuration: accepted and not used
 # (`script`/`arguments` and `environment.environmentVariables` excepted).
 _V1_KEYS = {k.lower() for k in (
@@ -102,6 +102,12 @@ class Manifest:
     # workspace's allowed_roots.
     allowed_roots: tuple[str, ...] = ()
     workspace_path: str | None = None  # the workspace file it was read with
+    # Variables of mountd's environment that hold a datastore secret (named by
+    # the *_env credentials of the workspace's and the manifest's datastores,
+    # and the chain's AZURE_CLIENT_SECRET & co when a datastore uses it): not
+    # passed to the command unless listed in `pass_environment`.
+    secret_variables: frozenset[str] = frozenset()
+    pass_environment: tuple[str, ...] = ()  # passed on from mountd's environment as they are
 
     def reference_environment(self) -> dict[str, str]:
         """$AZUREML_DATAREFERENCE_<name> -> path_on_compute, for the child."""
@@ -330,13 +336,15 @@ class _Parser:
         references = self._references(raw, v1, work_dir)
         command = self._command(raw, v1)
         environment = self._environment(raw, v1, references)
+        pass_environment = self._pass_environment(raw.get("pass_environment"), environment)
         upload_when = self._choice(("upload_when",), raw.get("upload_when"), UPLOAD_WHEN) or "always"
         self._check_credentials(references)
         return Manifest(path=abspath, run_id=run_id, node_rank=self.values["node_rank"], work_dir=work_dir,
                         references=references, command=command, environment=environment,
                         upload_when=upload_when, cache=cache,
                         allowed_roots=tuple(dict.fromkeys(r.path for r in self.roots)),
-                        workspace_path=self.workspace.path)
+                        workspace_path=self.workspace.path, secret_variables=self._secret_variables(),
+                        pass_environment=pass_environment)
 
     # -- top level --------------------------------------------------------------
     def _top(self, data: object) -> dict:
@@ -682,6 +690,32 @@ class _Parser:
             environment[name] = self._exec_text(where, self.src.text(where, item))
         return environment
 
+    def _pass_environment(self, value: object, environment: dict[str, str]) -> tuple[str, ...]:
+        path = ("pass_environment",)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.src.error(path, f"must be a list of variable names, got {_kind(value)}")
+        names = []
+        for i, name in enumerate(value):
+            where = path + (_Index(i),)
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                raise self.src.error(where, f"invalid environment variable name {_short(name)}: use letters, "
+                                            "digits and '_', not starting with a digit")
+            if name in environment:
+                raise self.src.error(where, f"{name} is also set under environment: give it in one place")
+            names.append(name)
+        return tuple(dict.fromkeys(names))
+
+    def _secret_variables(self) -> frozenset[str]:
+        """The variables the datastores of the workspace and the manifest
+        read secrets from (see Manifest.secret_variables)."""
+        names = set()
+        for cfg in self.stores.values():
+            if cfg.type != "local":
+                names |= credentials.secret_variables(cfg.credential)
+        return frozenset(names)
+
     def _exec_text(self, path: tuple, text: str) -> str:
         """Text bound for exec(): no NUL byte, encodable."""
         if "\x00" in text or not _encodable(text):
@@ -702,7 +736,9 @@ class _Parser:
             where = f"{self.src.where(self.origins[name])}: datastore {cfg.name!r}"
             self._check_key_files(cfg, where)
             try:
-                credentials.resolve(cfg.credential, where)
+                if credentials.resolve(cfg.credential, where).kind in credentials.TOKEN_KINDS:
+                    from mountd.storage.identity import require_https
+                    require_https(cfg.account_url(), where)
             except UsageError as e:
                 raise type(e)(_one_line(str(e))) from None
 

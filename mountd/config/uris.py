@@ -3,13 +3,18 @@
     azureml://datastores/<name>/paths/<path>             a registered or inline datastore
     wasbs://<container>@<account>.blob.<suffix>/<path>   (also wasb://)
     https://<account>.blob.<suffix>/<container>/<path>
+    https://<account>.dfs.<suffix>/<container>/<path>    (ADLS Gen2: the same data as blob)
     https://<account>.file.<suffix>/<share>/<path>
 
-An account URI resolves to the datastore registered for the same account and
-container (or share), so that datastore's credential applies; failing that it
-implies a datastore `uri_<account>_<container>` that authenticates with a
-managed identity. An http(s) URI under a registered datastore's custom
-endpoint (an emulator, a private endpoint) resolves to that datastore.
+where <suffix> is one of Azure's storage endpoint suffixes (public cloud,
+China, US Government). An account URI resolves to the datastore registered
+for the same account and container (or share), so that datastore's
+credential applies; failing that it implies a datastore
+`uri_<account>_<container>` that authenticates with the node's managed
+identity. Any other host is accepted only as a registered datastore's
+endpoint (an emulator, a private endpoint), and resolves to that datastore:
+a token must never go to a host because it merely looks like Azure's
+(`acct.blob.core.windows.net.example.org`).
 
 A URI never carries a credential: a query string (a SAS token) or user info is
 refused, because manifests are copied, logged and committed.
@@ -29,16 +34,24 @@ from mountd.storage.base import normalize_path
 
 SCHEMES = ("azureml", "wasbs", "wasb", "https", "http")
 FORMS = ("azureml://datastores/NAME/paths/PATH, wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH "
-         "or https://ACCOUNT.blob|file.core.windows.net/CONTAINER/PATH")
+         "or https://ACCOUNT.blob|dfs|file.core.windows.net/CONTAINER/PATH")
 # The long form Azure ML prints names the workspace too; there is only one
 # workspace here, so that part is accepted and not used.
 _AZUREML = re.compile(
     r"azureml://(?:subscriptions/[^/]+/resourcegroups/[^/]+/"
     r"(?:providers/microsoft\.machinelearningservices/)?workspaces/[^/]+/)?"
     r"datastores/(?P<name>[^/]+)/paths(?:/(?P<path>.*))?", re.IGNORECASE | re.DOTALL)
+# Azure Storage's endpoint suffixes: public cloud, China (21Vianet), US
+# Government (Get-AzEnvironment's StorageEndpointSuffix). Any other cloud, or
+# a private endpoint, is reached through a registered datastore's endpoint.
+CLOUD_SUFFIXES = ("core.windows.net", "core.chinacloudapi.cn", "core.usgovcloudapi.net")
 # Storage account names: 3-24 lowercase letters and digits.
-_HOST = re.compile(r"(?P<account>[a-z0-9]{3,24})\.(?P<service>blob|file)\.(?P<suffix>[a-z0-9-]+(?:\.[a-z0-9-]+)+)")
-_SERVICE_TYPE = {"blob": "azure_blob", "file": "azure_file"}
+_HOST = re.compile(r"(?P<account>[a-z0-9]{3,24})\.(?P<service>blob|dfs|file)\.(?P<suffix>"
+                   + "|".join(re.escape(s) for s in CLOUD_SUFFIXES) + ")")
+# dfs (ADLS Gen2) serves the same containers as the blob endpoint
+_SERVICE_TYPE = {"blob": "azure_blob", "dfs": "azure_blob", "file": "azure_file"}
+_REGISTER = ("register a datastore for it (mountd datastore register-blob ... --endpoint URL) and write "
+             "azureml://datastores/NAME/paths/PATH")
 _AZURE_TYPES = ("azure_blob", "azure_file")
 _SAS_MESSAGE = ("a URI must not carry a query string: a SAS token does not belong in a manifest. Register a "
                 "datastore whose credential references the token (sas_token_env or sas_token_file) "
@@ -90,15 +103,20 @@ def _azureml(uri: str, stores: Stores) -> tuple[DatastoreConfig, str]:
 
 def _wasb(parts: SplitResult, stores: Stores) -> tuple[DatastoreConfig, str]:
     container, at, host = parts.netloc.rpartition("@")
-    m = _HOST.fullmatch(host.lower())
+    host = host.lower()
     # Never echo the part before '@': it could be user:password.
     if not at or not container or ":" in container:
         raise UsageError("a wasbs:// URI must read wasbs://CONTAINER@ACCOUNT.blob.SUFFIX/PATH")
-    if not m or m["service"] != "blob":
-        raise UsageError(f"the host {_short(host)} of a wasbs:// URI must be ACCOUNT.blob.SUFFIX, "
-                         "e.g. myaccount.blob.core.windows.net")
     segments = [unquote(container)] + _segments(parts.path)
-    return _account_uri(stores, "azure_blob", m["account"], m["suffix"], host.lower(), segments)
+    m = _HOST.fullmatch(host)
+    if m and m["service"] == "blob":
+        return _account_uri(stores, "azure_blob", m["account"], m["suffix"], host, segments)
+    found = None if m else _registered(stores, host, segments, "azure_blob")
+    if found is None:
+        raise UsageError(f"the host {_short(host)} of a wasbs:// URI must be ACCOUNT.blob.SUFFIX "
+                         f"(SUFFIX: {', '.join(CLOUD_SUFFIXES)}) or a registered datastore's endpoint: "
+                         f"{_REGISTER}")
+    return found
 
 
 def _https(parts: SplitResult, stores: Stores) -> tuple[DatastoreConfig, str]:
@@ -111,12 +129,16 @@ def _https(parts: SplitResult, stores: Stores) -> tuple[DatastoreConfig, str]:
     m = _HOST.fullmatch(netloc)  # a port, or any other host, means a custom endpoint
     segments = _segments(parts.path)
     if m:
-        return _account_uri(stores, _SERVICE_TYPE[m["service"]], m["account"], m["suffix"], netloc, segments)
+        kind = _SERVICE_TYPE[m["service"]]
+        if m["service"] == "dfs":  # registered datastores name the blob endpoint of the account
+            netloc = f"{m['account']}.blob.{m['suffix']}"
+        return _account_uri(stores, kind, m["account"], m["suffix"], netloc, segments)
     found = _registered(stores, netloc, segments)
     if found is None:
         raise UsageError(f"no registered datastore serves {parts.scheme}://{_short(netloc, bare=True)}/"
-                         f"{_short('/'.join(segments[:1]), bare=True)}: register one for it (with --endpoint "
-                         f"for a custom endpoint), or write the URI as {FORMS}")
+                         f"{_short('/'.join(segments[:1]), bare=True)}, and it is not an Azure Storage "
+                         f"host (ACCOUNT.blob|dfs|file.SUFFIX, SUFFIX: {', '.join(CLOUD_SUFFIXES)}): "
+                         f"{_REGISTER}")
     return found
 
 

@@ -60,6 +60,21 @@ def substitute(args: list[str], values: dict[str, str]) -> list[str]:
     return [_REF.sub(repl, a) for a in args]
 
 
+def child_environment(manifest: Manifest, environ) -> dict[str, str]:
+    """The training process's environment: mountd's own without the
+    variables that hold datastore secrets (unless the manifest lists them
+    under pass_environment), then the manifest's `environment`. Logs the
+    names withheld, never their values."""
+    passed = set(manifest.pass_environment) | set(manifest.environment)
+    withheld = sorted(name for name in manifest.secret_variables if name in environ and name not in passed)
+    if withheld:
+        log.info("not passed to the training process, as they hold datastore credentials: %s "
+                 "(list a variable under pass_environment in the manifest to pass it on)", ", ".join(withheld))
+    env = {name: value for name, value in environ.items() if name not in withheld}
+    env.update(manifest.environment)
+    return env
+
+
 def check_local_paths(manifest: Manifest, fuse_ok: bool) -> None:
     """Mountpoints must be empty directories (or absent); nothing else may sit
     where a reference's directory goes. Checked before anything changes."""
@@ -258,8 +273,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
         if state.failures:
             log.error("not starting the training process: %s", "; ".join(state.failures))
         else:
-            env = dict(os.environ)
-            env.update(manifest.environment)
+            env = child_environment(manifest, os.environ)
             values = {ref.env_name: state.paths[ref.name] for ref in refs if ref.name in state.paths}
             env.update(values)
             env["MOUNTD_RUN_ID"] = manifest.run_id

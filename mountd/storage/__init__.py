@@ -8,7 +8,17 @@ from mountd.config.datastores import DatastoreConfig
 from mountd.errors import ConfigError
 from mountd.storage.base import Entry, ObjectStore, join, normalize_path
 
-__all__ = ["Entry", "ObjectStore", "join", "normalize_path", "open_store"]
+__all__ = ["Entry", "ObjectStore", "join", "normalize_path", "open_store", "resolve_credential"]
+
+
+def resolve_credential(cfg: DatastoreConfig) -> credentials.Credential:
+    """An Azure datastore's credential, read now: ConfigError if its secret
+    is missing, or if it is a token and the endpoint is not https."""
+    cred = credentials.resolve(cfg.credential, f"datastore {cfg.name!r}")
+    if cred.kind in credentials.TOKEN_KINDS:
+        from mountd.storage.identity import require_https
+        require_https(cfg.account_url(), f"datastore {cfg.name!r}")
+    return cred
 
 
 def open_store(cfg: DatastoreConfig, create: bool = False) -> ObjectStore:
@@ -19,7 +29,7 @@ def open_store(cfg: DatastoreConfig, create: bool = False) -> ObjectStore:
         from mountd.config.workspace import LOCAL_STORE_NAME
         # The embedded store is mountd's own: it comes into being when used.
         return LocalStore(cfg.root, create=create or cfg.name.lower() == LOCAL_STORE_NAME)
-    cred = credentials.resolve(cfg.credential, f"datastore {cfg.name!r}")
+    cred = resolve_credential(cfg)
     if cfg.type == "azure_blob":
         from mountd.storage.blob import BlobStore
         store = BlobStore(cfg, cred)

@@ -37,7 +37,7 @@ from email.utils import parsedate_to_datetime
 from typing import BinaryIO, Iterator
 from urllib.parse import unquote
 
-from mountd.config.credentials import Credential
+from mountd.config.credentials import TOKEN_KINDS, Credential
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import AlreadyExists, NotFound, StorageError, UsageError
 from mountd.storage.azure_common import content_type, upload_pieces
@@ -96,7 +96,7 @@ class FileShareStore(AzureStore):
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
         lean_headers = {"x-ms-allow-trailing-dot": "true"}
-        self._backup_intent = credential.kind == "managed_identity"
+        self._backup_intent = credential.kind in TOKEN_KINDS
         if self._backup_intent:
             # The File service takes OAuth tokens on its REST API only with the
             # "backup" intent: access as backup software has it, granted by the

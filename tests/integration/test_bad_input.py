@@ -25,6 +25,9 @@ datastores:
   good: {type: local, root: @TMP@/root}
   blob: {type: azure_blob, account_name: acct, container_name: data, endpoint: 'http://127.0.0.1:9/acct',
          credential: {account_key_env: BLOB_KEY}}
+  emu: {type: azure_blob, container_name: data, endpoint: 'http://127.0.0.1:9/acct'}
+  emumi: {type: azure_blob, container_name: data, endpoint: 'http://127.0.0.1:9/acct',
+          credential: {managed_identity: true}}
 """
 
 LIST = ["datastore", "list"]
@@ -138,6 +141,11 @@ COMMANDS = [
     ("mount-env-reserve-negative", MOUNT, {"DATASET_RESERVED_FREE_DISK_SPACE": "-1GB"},
      "$DATASET_RESERVED_FREE_DISK_SPACE"),
     ("unmount-not-mounted", ["unmount", "@TMP@/mp"], {}, "is not mounted"),
+    ("default-chain-token-over-http", ["download", "emu", "@TMP@/out"], {}, "datastore 'emu': a token"),
+    ("managed-identity-over-http", ["upload", "emumi", "@TMP@/src"], {}, "is sent only over https"),
+    ("mount-token-over-http", ["mount", "emu", "@TMP@/mp"], {}, "is sent only over https"),
+    ("mount-credential-variable-unset", ["mount", "blob", "@TMP@/mp"], {"BLOB_KEY": None},
+     "environment variable BLOB_KEY"),
     ("credential-variable-unset", BLOB_OUT, {"BLOB_KEY": None}, "environment variable BLOB_KEY"),
     ("credential-variable-empty", BLOB_OUT, {"BLOB_KEY": ""}, "from $BLOB_KEY is empty"),
     ("credential-variable-blank", BLOB_OUT, {"BLOB_KEY": "  \n"}, "from $BLOB_KEY is empty"),

@@ -299,6 +299,31 @@ def test_bad_manifests_exit_2_and_touch_nothing(case, tmp_path, azurite, contain
     assert no_mounts_under(tmp_path)
 
 
+def test_the_command_does_not_inherit_datastore_secrets(job, tmp_path):
+    """The variables datastore credentials name are not passed to the
+    command (the workspace's, and an inline datastore's no reference uses),
+    unless the manifest lists them under pass_environment."""
+    dump = tmp_path / "env.json"
+    command = ["--", sys.executable, "-c", f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))"]
+    other = {"other": {"type": "azure_blob", "account_name": "otheracct", "container_name": "data",
+                       "credential": {"sas_token_env": "OTHER_SAS"}}}
+    env = {"MOUNTD_NO_FUSE": "1", "OTHER_SAS": "sv=2022-11-02&sig=OTHERSECRET", "UNRELATED": "kept"}
+
+    r = run_cli("run", job(run_id="env1", datastores=other), *command, env=env)
+    assert r.returncode == 0, r.stderr
+    child = json.loads(dump.read_text())
+    assert KEY_ENV not in child and "OTHER_SAS" not in child
+    assert child["UNRELATED"] == "kept" and child["EPOCHS"] == "2" and "AZUREML_DATAREFERENCE_staged" in child
+    [line] = [x for x in r.stderr.splitlines() if "not passed to the training process" in x]
+    assert KEY_ENV in line and "OTHER_SAS" in line
+    assert KEY not in r.stderr and "OTHERSECRET" not in r.stderr
+
+    r = run_cli("run", job(run_id="env2", datastores=other, pass_environment=[KEY_ENV]), *command, env=env)
+    assert r.returncode == 0, r.stderr
+    child = json.loads(dump.read_text())
+    assert child[KEY_ENV] == KEY and "OTHER_SAS" not in child
+
+
 def test_bad_yaml_and_missing_manifest(tmp_path):
     m = tmp_path / "m.yaml"
     m.write_text("data_references: [\n")

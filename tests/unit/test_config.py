@@ -85,9 +85,18 @@ def test_resolve_file_credential(tmp_path):
         credentials.resolve({"sas_token_file": str(tmp_path / "missing")}, "ds")
 
 
-def test_default_credential_is_managed_identity():
-    assert credentials.resolve({}, "ds").kind == "managed_identity"
+def test_token_kinds_are_told_apart():
+    """managed_identity: true is the node's identity alone; no credential
+    named is the default chain: two kinds, so neither stands in for the other."""
+    assert credentials.resolve({}, "ds").kind == "default"
+    assert credentials.resolve({"client_id": "cid"}, "ds").client_id == "cid"
+    mi = credentials.resolve({"managed_identity": True, "client_id": "cid"}, "datastore 'ds'")
+    assert (mi.kind, mi.client_id, mi.where) == ("managed_identity", "cid", "datastore 'ds'")
     assert credentials.resolve({"anonymous": True}, "ds").kind == "anonymous"
+    assert set(credentials.TOKEN_KINDS) == {"managed_identity", "default"}
+    assert "managed identity of the node (client id cid)" == credentials.describe(
+        {"managed_identity": True, "client_id": "cid"})
+    assert credentials.describe({}).startswith("none: the default chain (AZURE_CLIENT_* service principal")
 
 
 def test_describe_never_shows_inline_secret():

@@ -271,6 +271,46 @@ def test_implied_datastore_from_uri_needs_no_secret(env):
     assert ref.datastore.credential == {"managed_identity": True}
 
 
+# -- the command's environment --------------------------------------------------------
+def test_variables_holding_datastore_secrets_are_known(env):
+    """Those of every datastore the workspace and the manifest define, used
+    by a reference or not."""
+    m = load(env, """\
+        datastores:
+          extra: {type: azure_blob, account_name: abc, container_name: c1c, credential: {sas_token_env: EXTRA_SAS}}
+          conn: {type: azure_file, share_name: s1s, credential: {connection_string_env: CONN}}
+          mi: {type: azure_blob, account_name: abc, container_name: c2c, credential: {managed_identity: true}}
+          keyfile: {type: azure_blob, account_name: abc, container_name: c3c, credential: {account_key_file: /k}}
+          scratch: {type: local, root: /tmp}
+        data_references:
+          out: {mode: upload}
+        """)
+    assert m.secret_variables == {"TRAINING_KEY", "FILES_SAS", "WS_BLOB_KEY", "EXTRA_SAS", "CONN"}
+    assert m.pass_environment == ()
+
+
+def test_the_default_chain_adds_the_secrets_azure_identity_reads(env):
+    m = load(env, "datastores:\n  chain: {type: azure_blob, account_name: abc, container_name: c1c}\n"
+                  "data_references:\n  out: {mode: upload}\n")
+    assert {"AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_PASSWORD"} <= m.secret_variables
+    assert "AZURE_CLIENT_ID" not in m.secret_variables and "IDENTITY_HEADER" not in m.secret_variables
+
+
+def test_child_environment_withholds_secrets_unless_passed_on(env, caplog):
+    from mountd.run.lifecycle import child_environment
+    environ = {"TRAINING_KEY": "k-SECRET", "FILES_SAS": "sig-SECRET", "WS_BLOB_KEY": "ws-SECRET",
+               "AZURE_CLIENT_SECRET": "sp-secret", "PATH": "/bin", "EPOCHS": "1"}
+    m = load(env, "data_references:\n  out: {mode: upload}\nenvironment: {EPOCHS: '2', WS_BLOB_KEY: other}\n"
+                  "pass_environment: [FILES_SAS, NOT_SET]\n")
+    with caplog.at_level("INFO", logger="mountd.run"):
+        child = child_environment(m, environ)
+    assert child == {"FILES_SAS": "sig-SECRET", "WS_BLOB_KEY": "other", "AZURE_CLIENT_SECRET": "sp-secret",
+                     "PATH": "/bin", "EPOCHS": "2"}  # no datastore here uses the chain: its secret is the job's
+    [line] = [r.getMessage() for r in caplog.records if "training process" in r.getMessage()]
+    assert "TRAINING_KEY" in line and "pass_environment" in line
+    assert "FILES_SAS" not in line and "WS_BLOB_KEY" not in line and "SECRET" not in line
+
+
 # -- placeholders and node rank --------------------------------------------------------
 @pytest.mark.parametrize("var", RANK_VARIABLES)
 def test_node_rank_from_each_variable(env, var):
@@ -426,6 +466,18 @@ BAD = [
     ("uri-bad-scheme", REF + "    uri: ftp://acct.blob.core.windows.net/data/x  #<\n    mode: mount\n",
      "data_references.images.uri", None),
     ("uri-not-a-string", REF + "    uri: 5  #<\n    mode: mount\n", "data_references.images.uri", None),
+    ("uri-host-only-looks-like-azure", REF + "    uri: https://acct.blob.core.windows.net.example.org/data/x  #<\n"
+     "    mode: mount\n", "data_references.images.uri", None),
+    ("wasbs-host-only-looks-like-azure", REF + "    uri: wasbs://data@acct.blob.example.org/x  #<\n"
+     "    mode: download\n", "data_references.images.uri", None),
+    ("pass-environment-scalar", "pass_environment: TRAINING_KEY  #<\n", "pass_environment", None),
+    ("pass-environment-bad-name", "pass_environment:\n  - OK\n  - 1BAD  #<\n", "pass_environment[1]", None),
+    ("pass-environment-mapping-item", "pass_environment:\n  - {A: b}  #<\n", "pass_environment[0]", None),
+    ("pass-environment-also-set", "environment: {EPOCHS: '2'}\npass_environment:\n  - EPOCHS  #<\n",
+     "pass_environment[0]", None),
+    ("token-over-http", "datastores:\n  emu: {type: azure_blob, container_name: data, "
+     "endpoint: 'http://127.0.0.1:9/acct', credential: {managed_identity: true}}\n" + REF
+     + "    datastore: emu  #<\n    mode: download\n", "data_references.images.datastore", None),
     ("uri-dotdot", REF + "    uri: azureml://datastores/training/paths/a/../../b  #<\n    mode: mount\n",
      "data_references.images.uri", None),
     ("unknown-placeholder", REF + "    mode: upload\n    path_on_datastore: runs/{runid}  #<\n",

@@ -23,6 +23,8 @@ STORES = _stores(
               "container_name": "emu", "credential": {"account_key_env": "EMU_KEY"}},
     private={"type": "azure_blob", "account_name": "privacct", "container_name": "data",
              "endpoint": "https://privacct.privatelink.blob.core.windows.net"},
+    onprem={"type": "azure_blob", "account_name": "stackacct", "container_name": "data",
+            "endpoint": "https://stackacct.blob.local.azurestack.external"},
     scratch={"type": "local", "root": "/data/scratch"},
 )
 
@@ -52,6 +54,13 @@ def test_azureml_uris_name_a_datastore(uri, store, path):
     ("http://127.0.0.1:10000/devstoreaccount1/emu/some/path", "emulator", "some/path"),
     # same account and container as a datastore reached through a private endpoint
     ("https://privacct.blob.core.windows.net/data/q", "private", "q"),
+    # ADLS Gen2's endpoint serves the same containers as the blob endpoint
+    ("https://acct.dfs.core.windows.net/data/x/y", "training", "x/y"),
+    ("https://cnacct.dfs.core.chinacloudapi.cn/data/p", "china", "p"),
+    # any other host only as a registered datastore's endpoint
+    ("https://stackacct.blob.local.azurestack.external/data/z", "onprem", "z"),
+    ("wasbs://data@stackacct.blob.local.azurestack.external/z", "onprem", "z"),
+    ("wasbs://data@privacct.privatelink.blob.core.windows.net/q", "private", "q"),
 ])
 def test_account_uris_use_the_registered_datastore(uri, store, path):
     cfg, got = parse_uri(uri, STORES)
@@ -72,6 +81,38 @@ def test_unregistered_file_uri_keeps_its_cloud_suffix():
     assert (cfg.type, cfg.share_name, cfg.endpoint_suffix) == ("azure_file", "share1", "core.usgovcloudapi.net")
     assert cfg.account_url() == "https://other1.file.core.usgovcloudapi.net"
     assert path == "x"
+
+
+@pytest.mark.parametrize("suffix", ["core.windows.net", "core.chinacloudapi.cn", "core.usgovcloudapi.net"])
+@pytest.mark.parametrize("service, kind", [("blob", "azure_blob"), ("dfs", "azure_blob"), ("file", "azure_file")])
+def test_each_azure_cloud_and_service_implies_a_datastore(suffix, service, kind):
+    cfg, path = parse_uri(f"https://other1.{service}.{suffix}/c01/x", STORES)
+    assert (cfg.type, cfg.account_name, cfg.endpoint_suffix, path) == (kind, "other1", suffix, "x")
+    # a dfs URI is served by the blob endpoint: the token goes to the same host either way
+    assert cfg.account_url() == f"https://other1.{'file' if service == 'file' else 'blob'}.{suffix}"
+
+
+@pytest.mark.parametrize("uri", [
+    "https://acct.blob.core.windows.net.attacker.test/data/x",
+    "https://other1.blob.core.windows.net.attacker.test/c01/x",
+    "wasbs://c01@other1.blob.core.windows.net.attacker.test/x",
+    "https://other1.blob.attacker.test/c01/x",
+    "wasbs://c01@other1.blob.attacker.test/x",
+    "https://other1.file.core.windows.net.attacker.test/s1/x",
+    "https://other1.dfs.attacker.test/c01/x",
+    "https://other1.blob.core.cloudapi.de/c01/x",  # the retired German cloud: an endpoint if still wanted
+    "https://other1.blob.core.windows.net./c01/x",
+    "https://other1.blob.core.windows.net:8443/c01/x",
+    "https://stackacct.blob.local.azurestack.external/other/x",  # registered host, container not
+])
+def test_hosts_that_only_look_like_azure_are_refused(uri):
+    """The implied datastore authenticates with the node's managed identity:
+    its token must never go to a host merely shaped ACCOUNT.blob.SOMETHING."""
+    with pytest.raises(UsageError) as e:
+        parse_uri(uri, STORES)
+    message = str(e.value)
+    assert "--endpoint" in message and "azureml://datastores/NAME/paths/PATH" in message
+    assert "\n" not in message
 
 
 def test_same_account_in_another_cloud_is_not_the_registered_one():
