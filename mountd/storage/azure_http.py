@@ -28,7 +28,7 @@ from email.utils import formatdate
 import xml.etree.ElementTree as ET
 from urllib.parse import quote, urlencode, urlsplit
 
-from mountd.config.credentials import connection_string_parts
+from mountd.config.credentials import TOKEN_KINDS, connection_string_parts
 from mountd.errors import ConfigError, StorageError, Unreachable
 from mountd.storage.azure_common import raise_for_status
 from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
@@ -39,14 +39,6 @@ API_VERSION = "2025-11-05"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 TOKEN_SCOPE = "https://storage.azure.com/.default"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-
-
-def token_credential(credential):
-    """DefaultAzureCredential (managed identity first) for a credential of
-    kind managed_identity; azure-identity is imported only here."""
-    from azure.identity import DefaultAzureCredential
-    return DefaultAzureCredential(managed_identity_client_id=credential.client_id,
-                                  exclude_interactive_browser_credential=True)
 
 
 def new_request_id() -> str:
@@ -88,7 +80,9 @@ class Signer:
             return cfg.account_url(), cls(cfg.account_name, credential.secret)
         if credential.kind == "sas_token":
             return cfg.account_url(), cls(cfg.account_name, sas=credential.secret)
-        if credential.kind == "managed_identity":
+        if credential.kind in TOKEN_KINDS:
+            from mountd.storage.identity import require_https, token_credential
+            require_https(cfg.account_url(), f"datastore {cfg.name!r}")  # a bearer token never travels in clear
             return cfg.account_url(), cls(cfg.account_name, token_credential=token_credential(credential))
         return cfg.account_url(), cls(cfg.account_name)  # anonymous
 

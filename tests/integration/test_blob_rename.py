@@ -97,10 +97,10 @@ def identity_store(azurite, container, tmp_path, monkeypatch):
     tokens over nothing else), through a gateway that takes the token in
     place of Azure AD and signs for Azurite. Yields (store, gateway)."""
     pytest.importorskip("cryptography")
-    from mountd.storage import azure_http
+    from mountd.storage import identity
     ca, cert, key = make_certificate(tmp_path)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca)
-    monkeypatch.setattr(azure_http, "token_credential", lambda credential: FakeIdentity(TOKEN))
+    monkeypatch.setattr(identity, "token_credential", lambda credential: FakeIdentity(TOKEN))
     with AzureRules(azurite.port, tokens={TOKEN}, tls=(cert, key)) as g:
         entry = {"type": "azure_blob", "account_name": ACCOUNT, "container_name": container.container_name,
                  "endpoint": g.url(azurite.account_url), "credential": {"managed_identity": True}}

@@ -13,7 +13,7 @@ import pytest
 from mountd.config.datastores import parse
 from mountd.config.credentials import Credential
 from mountd.errors import AlreadyExists, ConfigError, NotEmpty, NotFound, Stale, Unreachable
-from mountd.storage import azure_http
+from mountd.storage import identity
 from mountd.storage import fileshare as fileshare_mod
 from mountd.storage import open_store
 from mountd.storage.fileshare import FileShareStore
@@ -242,8 +242,7 @@ def test_missing_share_bad_key_dead_endpoint(fileshare, share, monkeypatch):
         store.check()
 
 
-@pytest.mark.parametrize("kind", ["managed_identity", pytest.param("default", marks=pytest.mark.xfail(
-    strict=True, reason="azure_http.Signer.for_store gives a token credential to kind managed_identity only"))])
+@pytest.mark.parametrize("kind", ["managed_identity", "default"])
 def test_anonymous_is_refused_and_token_credentials_use_the_backup_intent(fileshare, monkeypatch, kind):
     with pytest.raises(ConfigError, match="no anonymous access"):
         parse("s", dict(share_workspace_entry(fileshare, "any-share"), credential={"anonymous": True}), "t")
@@ -255,7 +254,7 @@ def test_anonymous_is_refused_and_token_credentials_use_the_backup_intent(filesh
     spec = {"managed_identity": True} if kind == "managed_identity" else {}
     cfg = parse("s", {"type": "azure_file", "account_name": "myacct", "share_name": "any-share",
                       "credential": spec}, "t")  # tokens need https: no request is made
-    monkeypatch.setattr(azure_http, "token_credential", lambda cred: FakeToken())
+    monkeypatch.setattr(identity, "token_credential", lambda cred: FakeToken())
     store = FileShareStore(cfg, Credential(kind))
     try:
         assert store.share.get_file_client("x").file_request_intent == "backup"
