@@ -19,9 +19,13 @@ class AzureStore(ObjectStore):
     """A container or share (`target`) under an account, with a lean reader
     for it and a pool of `concurrency` threads for the pieces of large
     uploads. Subclasses say how to make their SDK client (`_make_service`)
-    and how to ask for the target's properties (`target_query`)."""
+    and how to list the first entry of the target (`check_query`)."""
 
-    target_query: dict = {}
+    # The check at start lists one entry rather than reading the container's
+    # or share's properties: a container or share SAS grants no access to
+    # those (Azure answers 403 AuthorizationFailure), while any credential a
+    # job can read with may list.
+    check_query: dict = {}
 
     def __init__(self, target: str, reader: RangeReader, description: str, concurrency: int, thread_name: str):
         self.target = target
@@ -89,7 +93,7 @@ class AzureStore(ObjectStore):
         # to sit out. Answers that break or stall, and 5xx, get the full
         # budget: on a flaky network the check must not be what fails a job.
         with self._reads("", unreachable=True):
-            status, headers, _ = self._reader.call("HEAD", self.target, self.target_query,
+            status, headers, _ = self._reader.call("GET", self.target, self.check_query, body=True,
                                                    connect_retries=min(3, policy().retries))
         raise_for_answer(status, headers, f"/ in {self.description}", self.description)
 

@@ -87,7 +87,7 @@ def _etag(value: str | None) -> str | None:
 class BlobStore(AzureStore):
     virtual_directories = True
 
-    target_query = {"restype": "container"}
+    check_query = {"restype": "container", "comp": "list", "maxresults": "1"}
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
         self._retry = policy()

@@ -92,7 +92,7 @@ def _listing_page(root, directory: str) -> tuple[list[Entry], str | None]:
 class FileShareStore(AzureStore):
     virtual_directories = False
 
-    target_query = {"restype": "share"}
+    check_query = {"restype": "directory", "comp": "list", "maxresults": "1"}
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
         lean_headers = {"x-ms-allow-trailing-dot": "true"}

@@ -12,6 +12,8 @@ import yaml
 
 from mountd.transfer import download as download_mod
 from tests.conftest import KEY, KEY_ENV
+from tests.support.azurite import ACCOUNT, blob_workspace_entry
+from tests.support.remotes import share_workspace_entry
 
 AWKWARD = {
     "plain.txt": b"plain",
@@ -269,3 +271,34 @@ def test_unreachable_endpoint_and_bad_yaml_exit_2(tmp_path, mountd_cli, monkeypa
 def test_debug_shows_traceback(tmp_path, mountd_cli):
     r = mountd_cli("--debug", "--workspace", tmp_path / "w.yaml", "download", "nope", tmp_path / "o")
     assert r.code == 2 and "Traceback" in r.err and r.err.strip().endswith("unknown datastore 'nope' (known: workspacelocalstore)")
+
+
+@pytest.mark.parametrize("kind", ["blob", "file"])
+def test_a_container_or_share_sas_that_can_read_and_list_is_enough(kind, tmp_path, request, mountd_cli, mounter):
+    # Azure grants a container or share SAS no access to the container's
+    # or share's own properties: the check at start must not ask for them
+    import datetime as dt
+    expiry = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    if kind == "blob":
+        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+        azurite, container = request.getfixturevalue("azurite"), request.getfixturevalue("container")
+        container.upload_blob("data/a.txt", b"alpha")
+        sas = generate_container_sas(ACCOUNT, container.container_name, account_key=KEY, expiry=expiry,
+                                     permission=ContainerSasPermissions(read=True, list=True))
+        entry = dict(blob_workspace_entry(azurite, container.container_name), credential={"sas_token_env": "THE_SAS"})
+    else:
+        from azure.storage.fileshare import ShareSasPermissions, generate_share_sas
+        fileshare, share = request.getfixturevalue("fileshare"), request.getfixturevalue("share")
+        share.create_directory("data")
+        share.get_file_client("data/a.txt").upload_file(b"alpha")
+        sas = generate_share_sas(ACCOUNT, share.share_name, account_key=KEY, expiry=expiry,
+                                 permission=ShareSasPermissions(read=True, list=True))
+        entry = dict(share_workspace_entry(fileshare, share.share_name), credential={"sas_token_env": "THE_SAS"})
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"sasstore": entry}}))
+    env = {"MOUNTD_WORKSPACE": str(ws), "THE_SAS": sas}
+    r = mountd_cli("download", "sasstore", tmp_path / "out", "--prefix", "data", "--no-progress", env=env)
+    assert r.code == 0, r
+    assert (tmp_path / "out" / "data" / "a.txt").read_bytes() == b"alpha"
+    mp = mounter("sasstore:data", env=env)
+    assert (mp / "a.txt").read_bytes() == b"alpha"
