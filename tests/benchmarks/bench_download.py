@@ -19,7 +19,8 @@ timed part, and is deleted and synced before the next run. The times are
 wall-clock seconds of the whole command, process start-up included.
 
 Run from the repository root (needs azurite-blob, rclone and curl on PATH and
-mountd installed):
+mountd's dependencies installed; the mountd measured is the repository's,
+run as `python -m mountd`):
 
     python -m tests.benchmarks.bench_download                      # 1 GiB + 2000 x 256 KiB, 3 rounds
     python -m tests.benchmarks.bench_download --big-mib 64 --small-count 200 --repeat 1   # quick check
@@ -135,8 +136,19 @@ def check_small(tool: str, root: str, data: Data) -> None:
 # --- the tools ----------------------------------------------------------------------
 
 def mountd_argv() -> list[str]:
-    exe = shutil.which("mountd")
-    return [exe] if exe else [sys.executable, "-m", "mountd"]
+    """The command that runs mountd: this interpreter with `-m mountd`, so the
+    tree the benchmark runs from (its root the working directory, first on
+    the path) is what is measured, its mount workers too (they start with
+    `-m mountd.run.mount_worker` in the same directory), not whichever
+    installation a `mountd` script on PATH belongs to."""
+    return [sys.executable, "-m", "mountd"]
+
+
+def mountd_header() -> str:
+    """mountd's version, and the directory its package comes from, for a
+    report's header."""
+    import mountd
+    return f"{tool_version(mountd_argv() + ['--version'])} ({os.path.dirname(os.path.abspath(mountd.__file__))})"
 
 
 class Tools:
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         azurite.start()
         container = blob_service(azurite).create_container(CONTAINER)
         data = Data()
-        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+        header = {**machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"]), "curl": tool_version(["curl", "--version"]),
                   "rounds": args.repeat}
         plan: list[tuple[Scenario, list[Tool]]] = []

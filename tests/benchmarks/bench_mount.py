@@ -26,7 +26,8 @@ the reading is timed, never the mounting.
      against the memory cache + 150 MiB, and the disk cache's size after it.
 
 Run from the repository root as root (needs azurite-blob, rclone, curl,
-fusermount3 on PATH and mountd installed):
+fusermount3 on PATH and mountd's dependencies installed; the mountd measured
+is the repository's, run as `python -m mountd`):
 
     python -m tests.benchmarks.bench_mount                          # full size, 3 rounds
     python -m tests.benchmarks.bench_mount --big-mib 128 --small-count 200 --list-count 2000 --repeat 1
@@ -55,8 +56,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, small_name, stored_md5,
-                                             upload_big, upload_small)
+from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, mountd_header, small_name,
+                                             stored_md5, upload_big, upload_small)
 from tests.benchmarks.common import (
     MiB, Scenario, ToolFailed, blob_sas_url, dd_read, dir_bytes, drop_page_cache, file_md5, fmt_size,
     fresh_dir, is_mounted, machine_info, mounts_under, parallel_read, print_count_report, print_report,
@@ -688,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, args.only)
         keep(bench)
-        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+        header = {**machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"], words=2),
                   "curl": tool_version(["curl", "--version"]), "rounds": args.repeat,
                   "measurements": ",".join(sorted(args.only))}

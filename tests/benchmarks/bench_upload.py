@@ -54,7 +54,8 @@ environment) and rclone through a config file of mode 0600 in the temporary
 directory; neither ever sees it on its command line.
 
 Run from the repository root as root (needs azurite-blob, rclone, dd,
-fusermount3 on PATH and mountd installed):
+fusermount3 on PATH and mountd's dependencies installed; the mountd measured
+is the repository's, run as `python -m mountd`):
 
     python -m tests.benchmarks.bench_upload                          # 400 x 1 MiB, 1 GiB, 1 GiB write; 3 rounds
     python -m tests.benchmarks.bench_upload --repeat 1 --big-mib 64 --small-count 50 --write-mib 64   # quick check
@@ -82,7 +83,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.benchmarks.bench_download import mountd_argv
+from tests.benchmarks.bench_download import mountd_argv, mountd_header
 from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
                                           blob_service, lazy_unmount, run_session, worker_record)
 from tests.benchmarks.common import (
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, container)
         keep(bench)
-        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+        header = {**machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"], words=2), "rounds": args.repeat}
         bench.prepare()
         settle()
