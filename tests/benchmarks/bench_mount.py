@@ -25,6 +25,11 @@ the reading is timed, never the mounting.
 - e  the mountd mount worker's peak RSS (VmHWM) after the cold read of (a),
      against the memory cache + 150 MiB, and the disk cache's size after it.
 
+With --tls, Azurite serves HTTPS alone, with a certificate from a CA made
+for the run, and mountd, rclone and curl all talk HTTPS to it trusting that
+CA (see common.tool_env; curl with `--proto =https --cacert CA`), as real
+Azure storage is HTTPS only; the report's header says which.
+
 Run from the repository root as root (needs azurite-blob, rclone, curl,
 fusermount3 on PATH and mountd's dependencies installed; the mountd measured
 is the repository's, run as `python -m mountd`):
@@ -32,6 +37,7 @@ is the repository's, run as `python -m mountd`):
     python -m tests.benchmarks.bench_mount                          # full size, 3 rounds
     python -m tests.benchmarks.bench_mount --big-mib 128 --small-count 200 --list-count 2000 --repeat 1
     python -m tests.benchmarks.bench_mount --only a,e --json results.json
+    python -m tests.benchmarks.bench_mount --tls                    # the same over HTTPS
 
 This is not a pytest test; it prints tables like bench_download (medians,
 MiB/s, mountd/tool ratios, every round's raw seconds, how each tool was run),
@@ -59,10 +65,11 @@ from typing import Callable
 from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, mountd_header, small_name,
                                              stored_md5, upload_big, upload_small)
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, blob_sas_url, dd_read, dir_bytes, drop_page_cache, file_md5, fmt_size,
-    fresh_dir, is_mounted, machine_info, mounts_under, parallel_read, print_count_report, print_report,
-    proc_status_bytes, remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle,
-    tool_version, wait_mounted, write_curl_config, write_rclone_config, write_workspace)
+    MiB, Scenario, ToolFailed, blob_sas_url, curl_tls_flags, dd_read, dir_bytes, drop_page_cache, file_md5,
+    fmt_size, fresh_dir, is_mounted, machine_info, make_azurite, mounts_under, parallel_read, print_count_report,
+    print_report, proc_status_bytes, remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle,
+    storage_header, tool_env, tool_version, wait_mounted, write_curl_config, write_rclone_config,
+    write_workspace)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
 
 CONTAINER = "bench"
@@ -137,16 +144,18 @@ def lazy_unmount(path: str) -> None:
 # --- setup ------------------------------------------------------------------------
 
 def blob_service(azurite: Azurite, pool: int = 32):
-    """A client whose connection pool is big enough for `pool` uploading threads."""
+    """A client whose connection pool is big enough for `pool` uploading
+    threads (trusting the run's CA over HTTPS)."""
     import requests
     from azure.core.pipeline.transport import RequestsTransport
-    from azure.storage.blob import BlobServiceClient
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=pool, pool_maxsize=pool)
     session.mount("http://", adapter)
-    return BlobServiceClient.from_connection_string(
-        azurite.connection_string, connection_data_block_size=256 * 1024,
-        transport=RequestsTransport(session=session, session_owner=False))
+    session.mount("https://", adapter)
+    # A transport of our own takes the connection settings the client would have given the SDK's.
+    transport = RequestsTransport(session=session, session_owner=False, connection_data_block_size=256 * 1024,
+                                  connection_verify=azurite.ca if azurite.tls else True)
+    return azurite.blob_service(transport=transport)
 
 
 def upload_list(container, count: int, threads: int = 32) -> None:
@@ -213,9 +222,9 @@ class MountdMount(Mount):
 
 
 class RcloneMount(Mount):
-    def __init__(self, path: str, mode: str, cache_dir: str | None, conf: str, log: str):
-        self.tool, self.path, self.mode, self.cache_dir, self.conf, self.log = \
-            f"rclone-{mode}", path, mode, cache_dir, conf, log
+    def __init__(self, path: str, mode: str, cache_dir: str | None, conf: str, log: str, env: dict):
+        self.tool, self.path, self.mode, self.cache_dir, self.conf, self.log, self.env = \
+            f"rclone-{mode}", path, mode, cache_dir, conf, log, env
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -230,7 +239,7 @@ class RcloneMount(Mount):
             argv += ["--cache-dir", self.cache_dir]
         start = time.perf_counter()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
         self.pid = self.proc.pid
         try:
@@ -294,7 +303,7 @@ class Bench:
         for d in (self.conf, self.mnt_root, self.cache_root, self.logs):
             os.makedirs(d, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(MOUNTD_ENV_PREFIXES)}
-        self.env = {**env, KEY_ENV: KEY}
+        self.env = {**tool_env(azurite, env), KEY_ENV: KEY}
         self.workspace = write_workspace(
             os.path.join(self.conf, "workspace.yaml"),
             {DATASTORE: blob_workspace_entry(azurite, CONTAINER, key_env=KEY_ENV)}, default=DATASTORE)
@@ -319,7 +328,8 @@ class Bench:
             mode = tool.split("-", 1)[1]
             if mode != "off":
                 cache = fresh_dir(os.path.join(self.cache_root, f"{label}-{tool}"))
-            m = RcloneMount(mp, mode, cache, self.rclone_conf, os.path.join(self.logs, f"{label}-{tool}.log"))
+            m = RcloneMount(mp, mode, cache, self.rclone_conf, os.path.join(self.logs, f"{label}-{tool}.log"),
+                            self.env)
         self.active.append(m)
         try:
             self.res.startup.setdefault(f"{label} {tool}", []).append(m.start())
@@ -356,7 +366,8 @@ class Bench:
                         "mountd-direct": MountdMount.how(tool="mountd-direct") + big_how,
                         "rclone-off": RcloneMount.how("off") + big_how,
                         "rclone-full": RcloneMount.how("full") + big_how,
-                        "curl": "drop caches; curl -s -S -f -K CONF (SAS URL of the blob, output /dev/null)"}
+                        "curl": " ".join(["drop caches; curl -s -S -f", *curl_tls_flags(self.azurite, ca="CA"),
+                                          "-K CONF (SAS URL of the blob, output /dev/null)"])}
         if "b" in self.only:
             sc = self.res.b = Scenario("b-epoch2", 1, self.big_bytes)
             again = "the mount of a-cold right after its read, no cache drop; dd if=MNT/big/blob.bin of=/dev/null bs=1M"
@@ -407,8 +418,8 @@ class Bench:
         url = blob_sas_url(self.azurite.account_url, ACCOUNT, KEY, CONTAINER, BIG_BLOB)
         cfg = write_curl_config(os.path.join(self.conf, "big.curlrc"), [(url, "/dev/null")])
         drop_page_cache()
-        secs, out = run_timed_capture(["curl", "-s", "-S", "-f", "-K", cfg, "-w", "%{size_download}"],
-                                      timeout=RUN_TIMEOUT)
+        secs, out = run_timed_capture(["curl", "-s", "-S", "-f", *curl_tls_flags(self.azurite), "-K", cfg,
+                                       "-w", "%{size_download}"], timeout=RUN_TIMEOUT)
         if int(float(out.decode().strip() or 0)) != self.big_bytes:
             raise ToolFailed(f"curl: downloaded {out.decode().strip()} bytes, expected {self.big_bytes}")
         self.res.a.add("curl", secs)
@@ -605,6 +616,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(LETTERS), metavar="a,b,c,d,e",
                    help="measurements to run (default all); b and e need a's cold read, which then runs for "
                         "the tools they use")
+    p.add_argument("--tls", action="store_true",
+                   help="Azurite over HTTPS (a CA made for the run), every tool over TLS to it")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
     args = p.parse_args(argv)
@@ -629,21 +642,22 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_session(tmp_prefix: str, tmp_dir: str | None, body) -> int:
-    """One benchmark run against an Azurite of its own in a fresh temporary
-    directory: `body(tmp, azurite, keep)` does the work, calling `keep(bench)`
-    as soon as it has something whose `cleanup()` unmounts what it mounted.
+def run_session(tmp_prefix: str, tmp_dir: str | None, body, tls: bool = False) -> int:
+    """One benchmark run against an Azurite of its own (over HTTPS with
+    `tls`, see common.make_azurite) in a fresh temporary directory:
+    `body(tmp, azurite, keep)` does the work, calling `keep(bench)` as soon
+    as it has something whose `cleanup()` unmounts what it mounted.
     Failures, Ctrl-C and SIGTERM end in the same clean-up; returns the exit
     code."""
     signal.signal(signal.SIGTERM, _sigterm)
     tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=tmp_dir)
-    azurite = Azurite(location=os.path.join(tmp, "azurite"))
     held = []
     leftover: list[str] = []
     ok = False
+    azurite = None
     try:
-        os.makedirs(os.path.join(tmp, "azurite"), exist_ok=True)
-        print(f"starting Azurite, data under {tmp}", flush=True)
+        azurite = make_azurite(tmp, tls)
+        print(f"starting Azurite{' (HTTPS)' if tls else ''}, data under {tmp}", flush=True)
         azurite.start()
         body(tmp, azurite, held.append)
         ok = True
@@ -662,7 +676,8 @@ def run_session(tmp_prefix: str, tmp_dir: str | None, body) -> int:
         try:
             leftover = held[0].cleanup() if held else mounts_under(tmp)
         finally:
-            azurite.stop()
+            if azurite is not None:
+                azurite.stop()
             if leftover:
                 print(f"WARNING: still mounted, left {tmp} in place: {', '.join(leftover)}", file=sys.stderr)
             else:
@@ -689,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, args.only)
         keep(bench)
-        header = {**machine_info(), "mountd": mountd_header(),
+        header = {"storage": storage_header(azurite), **machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"], words=2),
                   "curl": tool_version(["curl", "--version"]), "rounds": args.repeat,
                   "measurements": ",".join(sorted(args.only))}
@@ -720,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n")
             print(f"\nwrote {args.json}")
 
-    return run_session("mountd-bench-mount-", args.tmp_dir, body)
+    return run_session("mountd-bench-mount-", args.tmp_dir, body, tls=args.tls)
 
 
 if __name__ == "__main__":

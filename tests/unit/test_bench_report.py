@@ -1,4 +1,5 @@
-"""The benchmarks' arithmetic: the ratios the README quotes."""
+"""The benchmarks' arithmetic (the ratios the README quotes) and
+the environment that makes every tool trust a TLS run's CA."""
 
 import math
 
@@ -24,3 +25,17 @@ def test_paired_ratio_without_rounds_is_nan():
     sc = Scenario("a-cold", 1, MiB)
     sc.add("mountd", 1.0)
     assert math.isnan(sc.paired_ratio("mountd", "curl"))
+
+
+def test_tool_env_points_every_tool_at_the_run_ca_over_tls(tmp_path):
+    from tests.benchmarks.common import CA_FILE_VARIABLES, curl_tls_flags, tool_env
+    from tests.support.azurite import Azurite
+    base = {"SSL_CERT_FILE": "/sys.pem", "SSL_CERT_DIR": "/etc/ssl/certs", "REQUESTS_CA_BUNDLE": "/sys.pem",
+            "CURL_CA_BUNDLE": "/sys.pem", "PATH": "/bin"}
+    plain = Azurite(location=str(tmp_path))
+    assert tool_env(plain, base) == base and curl_tls_flags(plain) == []
+    tls = Azurite(location=str(tmp_path), cert="c.pem", key="k.pem", ca="/run/ca.pem")
+    env = tool_env(tls, base)
+    assert {v: env[v] for v in CA_FILE_VARIABLES} == dict.fromkeys(CA_FILE_VARIABLES, "/run/ca.pem")
+    assert "SSL_CERT_DIR" not in env and env["PATH"] == "/bin"
+    assert curl_tls_flags(tls) == ["--proto", "=https", "--cacert", "/run/ca.pem"]
