@@ -23,7 +23,12 @@ the reading is timed, never the mounting.
      mount (cold first listing), mountd and rclone mount (off); the line
      count is checked;
 - e  the mountd mount worker's peak RSS (VmHWM) after the cold read of (a),
-     against the memory cache + 150 MiB, and the disk cache's size after it.
+     against the memory cache + 150 MiB, and the disk cache's size after it;
+     and the CPU each tool spent on the cold read of (a), in seconds per GiB
+     (user + system): the mount process's (mountd's worker, rclone), from
+     just before dd starts until the process is quiet after dd has ended
+     (no clock tick in 0.3 s: what the read left behind, cache writes, is
+     counted), and dd's own; for curl, the whole command's.
 
 With --tls, Azurite serves HTTPS alone, with a certificate from a CA made
 for the run, and mountd, rclone and curl all talk HTTPS to it trusting that
@@ -65,11 +70,11 @@ from typing import Callable
 from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, mountd_header, small_name,
                                              stored_md5, upload_big, upload_small)
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, blob_sas_url, curl_tls_flags, dd_read, dir_bytes, drop_page_cache, file_md5,
-    fmt_size, fresh_dir, is_mounted, machine_info, make_azurite, mounts_under, parallel_read, print_count_report,
-    print_report, proc_status_bytes, remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle,
-    storage_header, tool_env, tool_version, wait_mounted, write_curl_config, write_rclone_config,
-    write_workspace)
+    GiB, MiB, Scenario, ToolFailed, blob_sas_url, children_cpu_seconds, cpu_when_quiet, curl_tls_flags, dd_read,
+    dir_bytes, drop_page_cache, file_md5, fmt_size, fresh_dir, is_mounted, machine_info, make_azurite, median,
+    mounts_under, parallel_read, print_count_report, print_report, proc_status_bytes, process_cpu_seconds,
+    remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle, storage_header, tool_env,
+    tool_version, wait_mounted, write_curl_config, write_rclone_config, write_workspace)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
 
 CONTAINER = "bench"
@@ -281,12 +286,23 @@ class MemoryRound:
 
 
 @dataclass
+class CpuRound:
+    """CPU seconds one tool spent on one cold read of (a)."""
+    round: int
+    tool: str
+    nbytes: int  # what was read
+    process: float  # the mount process (mountd's worker, rclone), or curl
+    reader: float | None  # dd reading through the mount; None for curl
+
+
+@dataclass
 class Results:
     a: Scenario | None = None
     b: Scenario | None = None
     c: Scenario | None = None
     d: Scenario | None = None
     memory: list[MemoryRound] = field(default_factory=list)
+    cpu: list[CpuRound] = field(default_factory=list)
     other_hwm: dict[str, list[int]] = field(default_factory=dict)  # the other mounts' VmHWM after the cold read
     startup: dict[str, list[float]] = field(default_factory=dict)  # "scenario tool" -> mount seconds
 
@@ -387,17 +403,20 @@ class Bench:
     # -- one measurement each
 
     def big_mount(self, tool: str, r: int) -> None:
-        """(a) cold read, then (e) memory/cache for mountd, then (b) the second read."""
+        """(a) cold read, then (e) CPU, and memory/cache for mountd, then (b) the second read."""
         res = self.res
         with self.mounted(tool, "big") as (m, cache):
             path = os.path.join(m.path, BIG_BLOB)
             drop_page_cache()
+            cpu_before, reader_before = process_cpu_seconds(m.pid), children_cpu_seconds()
             secs, n = dd_read(path, timeout=RUN_TIMEOUT)
+            reader_cpu = children_cpu_seconds() - reader_before
             if n != self.big_bytes:
                 raise ToolFailed(f"{tool}: read {n} bytes of {BIG_BLOB}, expected {self.big_bytes}")
             if res.a:
                 res.a.add(tool, secs)
             self.progress(r, "a-cold", tool, secs, self.big_bytes)
+            res.cpu.append(CpuRound(r + 1, tool, n, cpu_when_quiet(m.pid) - cpu_before, reader_cpu))
             if tool == "mountd":
                 settle()
                 res.memory.append(MemoryRound(r + 1, proc_status_bytes(m.pid, "VmHWM"),
@@ -418,12 +437,15 @@ class Bench:
         url = blob_sas_url(self.azurite.account_url, ACCOUNT, KEY, CONTAINER, BIG_BLOB)
         cfg = write_curl_config(os.path.join(self.conf, "big.curlrc"), [(url, "/dev/null")])
         drop_page_cache()
+        cpu_before = children_cpu_seconds()
         secs, out = run_timed_capture(["curl", "-s", "-S", "-f", *curl_tls_flags(self.azurite), "-K", cfg,
                                        "-w", "%{size_download}"], timeout=RUN_TIMEOUT)
+        cpu = children_cpu_seconds() - cpu_before
         if int(float(out.decode().strip() or 0)) != self.big_bytes:
             raise ToolFailed(f"curl: downloaded {out.decode().strip()} bytes, expected {self.big_bytes}")
         self.res.a.add("curl", secs)
         self.progress(r, "a-cold", "curl", secs, self.big_bytes)
+        self.res.cpu.append(CpuRound(r + 1, "curl", self.big_bytes, cpu, None))
 
     def big_local(self, r: int) -> None:
         dd_read(self.local_big)  # warm
@@ -505,6 +527,21 @@ def ratio(x: float, y: float) -> float:
     return x / y if y else float("nan")
 
 
+def cpu_per_gib(res: Results) -> dict[str, dict[str, object]]:
+    """Per tool of (e), in the order first measured: the median over rounds
+    of the CPU seconds per GiB of its process ("process"), of dd ("reader",
+    None for curl), of both ("total"), and each round's process figure."""
+    out: dict[str, dict[str, object]] = {}
+    for tool in dict.fromkeys(c.tool for c in res.cpu):
+        rounds = [c for c in res.cpu if c.tool == tool]
+        proc = [c.process * GiB / c.nbytes for c in rounds]
+        readers = [c.reader * GiB / c.nbytes for c in rounds if c.reader is not None]
+        out[tool] = {"process": median(proc), "reader": median(readers) if readers else None,
+                     "total": median([(c.process + (c.reader or 0)) * GiB / c.nbytes for c in rounds]),
+                     "rounds": proc}
+    return out
+
+
 def goals(res: Results) -> list[tuple[str, str, str]]:
     """(scenario, what, value) rows of the ratios the project's goals use."""
     rows = []
@@ -541,6 +578,14 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
         limit = MEMORY_CACHE_BYTES + RSS_MARGIN
         rows.append(("(e) worker peak RSS", f"max VmHWM vs memory cache + {RSS_MARGIN // MiB} MiB",
                      f"{peak / MiB:.0f} / {limit / MiB:.0f} MiB ({'ok' if peak <= limit else 'OVER'})"))
+    cpu = cpu_per_gib(res)
+    if "curl" in cpu:
+        first = True
+        for t in (t for t in MOUNTD_FLAGS if t in cpu):
+            rows.append(("(e) CPU per cold GiB" if first else "", f"curl s / {t} worker s",
+                         f"{ratio(cpu['curl']['process'], cpu[t]['process']):.2f}x "
+                         f"({cpu['curl']['process']:.2f} / {cpu[t]['process']:.2f} s)"))
+            first = False
     return rows
 
 
@@ -563,6 +608,19 @@ def print_memory(res: Results, disk_cap: int, out=sys.stdout) -> None:
             f"{t} {sorted(v)[len(v) // 2] / MiB:.0f} MiB" for t, v in res.other_hwm.items()))
 
 
+def print_cpu(res: Results, out=sys.stdout) -> None:
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    cpu = cpu_per_gib(res)
+    tw = max([14] + [len(t) for t in cpu])
+    p("(e) CPU seconds per GiB of the cold read of a-cold (user + system, median over rounds): the mount "
+      "process (mountd's worker, rclone) from dd's start until it is quiet after dd, and dd; curl's whole command:")
+    p(f"  {'tool':<{tw}} {'process':>8} {'dd':>6} {'total':>6}   process, each round")
+    for tool, c in cpu.items():
+        reader = "-" if c["reader"] is None else f"{c['reader']:.2f}"
+        p(f"  {tool:<{tw}} {c['process']:>8.2f} {reader:>6} {c['total']:>6.2f}   "
+          + "  ".join(f"{v:.2f}" for v in c["rounds"]))
+
+
 def print_all(res: Results, header: dict, disk_cap: int, out=sys.stdout) -> None:
     p = lambda s="": print(s, file=out)  # noqa: E731
     byte_scenarios = [sc for sc in (res.a, res.b, res.c) if sc]
@@ -577,6 +635,9 @@ def print_all(res: Results, header: dict, disk_cap: int, out=sys.stdout) -> None
     if res.memory:
         p()
         print_memory(res, disk_cap, out)
+    if res.cpu:
+        p()
+        print_cpu(res, out)
     if res.startup:
         p()
         p("mount start-up seconds per round (not part of any timing above):")
@@ -597,6 +658,7 @@ def results_json(res: Results, header: dict, disk_cap: int) -> dict:
     doc["memory"] = {"memory_cache_bytes": MEMORY_CACHE_BYTES, "vmhwm_limit_bytes": MEMORY_CACHE_BYTES + RSS_MARGIN,
                      "disk_cap_bytes": disk_cap, "rounds": [m.__dict__ for m in res.memory],
                      "other_vmhwm_bytes": res.other_hwm}
+    doc["cpu"] = {"rounds": [c.__dict__ for c in res.cpu], "median_seconds_per_gib": cpu_per_gib(res)}
     doc["mount_startup_seconds"] = res.startup
     doc["goals"] = [{"scenario": s, "what": w, "value": v} for s, w, v in goals(res)]
     return doc

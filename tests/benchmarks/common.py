@@ -13,6 +13,8 @@ Azurite needs:
   `--tls`), the environment and curl flags that make every tool trust its CA
   (`tool_env`, `curl_tls_flags`), and the header line saying which it was
   (`storage_header`);
+- CPU time: of a live process (`process_cpu_seconds`, `cpu_when_quiet`) and
+  of the commands run to completion (`children_cpu_seconds`);
 - test data: a random file of N MiB written in chunks (`write_random_file`),
   a mountd workspace file (`write_workspace`);
 - checking a tool's output (`tree_stats`, `file_md5`, `same_edges`);
@@ -41,6 +43,7 @@ from mountd.run.mounts import is_mounted, mount_points  # noqa: F401 - re-export
 from tests.support.azurite import Azurite
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 # --- running and timing ------------------------------------------------------
@@ -61,6 +64,40 @@ def run_timed(argv: list[str], env: dict | None = None, timeout: float | None = 
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-15:]
         raise ToolFailed(f"{os.path.basename(argv[0])} exited with {proc.returncode}:\n  " + "\n  ".join(tail))
     return elapsed
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child this process has waited for
+    so far (RUSAGE_CHILDREN). The difference around one run_timed* call is
+    that command's CPU, as long as no other child is reaped meanwhile (the
+    benchmarks run their commands one at a time; mounts are reaped later)."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far, all its
+    threads together (utime and stime of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # the name may hold spaces; fields from 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_when_quiet(pid: int, quiet: float = 0.3, timeout: float = 10.0) -> float:
+    """process_cpu_seconds(pid) once the process has used less than one clock
+    tick in `quiet` seconds (work a read left behind, such as cache writes,
+    done), or after `timeout` seconds."""
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout
+    last = process_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = process_cpu_seconds(pid)
+        if now - last < tick:
+            return now
+        last = now
+    return last
 
 
 def settle() -> None:

@@ -1,4 +1,4 @@
-"""The benchmarks' arithmetic (the ratios the README quotes) and
+"""The benchmarks' arithmetic (the ratios the README quotes, CPU per GiB) and
 the environment that makes every tool trust a TLS run's CA."""
 
 import math
@@ -25,6 +25,24 @@ def test_paired_ratio_without_rounds_is_nan():
     sc = Scenario("a-cold", 1, MiB)
     sc.add("mountd", 1.0)
     assert math.isnan(sc.paired_ratio("mountd", "curl"))
+
+
+def test_cpu_per_gib_scales_each_round_and_adds_the_reader():
+    from tests.benchmarks.bench_mount import CpuRound, Results, cpu_per_gib
+    res = Results(cpu=[CpuRound(1, "mountd", 512 * MiB, 1.0, 0.25), CpuRound(2, "mountd", 512 * MiB, 3.0, 0.5),
+                       CpuRound(1, "curl", 1024 * MiB, 0.75, None)])
+    cpu = cpu_per_gib(res)
+    assert list(cpu) == ["mountd", "curl"]
+    assert cpu["mountd"] == {"process": 4.0, "reader": 0.75, "total": 4.75, "rounds": [2.0, 6.0]}
+    assert cpu["curl"] == {"process": 0.75, "reader": None, "total": 0.75, "rounds": [0.75]}
+
+
+def test_process_cpu_seconds_reads_this_process():
+    import os
+
+    from tests.benchmarks.common import process_cpu_seconds
+    t = os.times()
+    assert abs(process_cpu_seconds(os.getpid()) - (t.user + t.system)) < 0.05
 
 
 def test_tool_env_points_every_tool_at_the_run_ca_over_tls(tmp_path):
