@@ -18,12 +18,19 @@ completeness (file count and bytes; content too, see `check_*`) outside the
 timed part, and is deleted and synced before the next run. The times are
 wall-clock seconds of the whole command, process start-up included.
 
+With --tls, Azurite serves HTTPS alone, with a certificate from a CA made
+for the run, and every tool talks HTTPS to it trusting that CA (see
+common.tool_env; curl with `--proto =https --cacert CA`), as real Azure
+storage is HTTPS only; the report's header says which.
+
 Run from the repository root (needs azurite-blob, rclone and curl on PATH and
-mountd installed):
+mountd's dependencies installed; the mountd measured is the repository's,
+run as `python -m mountd`):
 
     python -m tests.benchmarks.bench_download                      # 1 GiB + 2000 x 256 KiB, 3 rounds
     python -m tests.benchmarks.bench_download --big-mib 64 --small-count 200 --repeat 1   # quick check
     python -m tests.benchmarks.bench_download --skip-small --json results.json
+    python -m tests.benchmarks.bench_download --tls                # the same over HTTPS
 
 This is not a pytest test; it prints a table (medians, MiB/s, mountd/tool
 throughput ratios, every round's raw seconds) and optionally writes JSON.
@@ -42,9 +49,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, blob_sas_url, check_tree, container_sas_token, file_md5, fresh_dir,
-    machine_info, print_report, remove_dir, run_timed, same_edges, settle, tool_version, write_curl_config,
-    write_json, write_random_file, write_rclone_config, write_workspace)
+    MiB, Scenario, ToolFailed, blob_sas_url, check_tree, container_sas_token, curl_tls_flags, file_md5,
+    fresh_dir, machine_info, make_azurite, print_report, remove_dir, run_timed, same_edges, settle,
+    storage_header, tool_env, tool_version, write_curl_config, write_json, write_random_file,
+    write_rclone_config, write_workspace)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
 
 CONTAINER = "bench"
@@ -77,9 +85,8 @@ class Data:
 # --- setup ----------------------------------------------------------------------
 
 def blob_service(azurite: Azurite):
-    from azure.storage.blob import BlobServiceClient
-    return BlobServiceClient.from_connection_string(azurite.connection_string,
-                                                    connection_data_block_size=256 * 1024)
+    """The SDK client that uploads the test data (trusting the run's CA over HTTPS)."""
+    return azurite.blob_service(connection_data_block_size=256 * 1024)
 
 
 def upload_big(container, path: str, mib: int) -> str:
@@ -135,8 +142,19 @@ def check_small(tool: str, root: str, data: Data) -> None:
 # --- the tools ----------------------------------------------------------------------
 
 def mountd_argv() -> list[str]:
-    exe = shutil.which("mountd")
-    return [exe] if exe else [sys.executable, "-m", "mountd"]
+    """The command that runs mountd: this interpreter with `-m mountd`, so the
+    tree the benchmark runs from (its root the working directory, first on
+    the path) is what is measured, its mount workers too (they start with
+    `-m mountd.run.mount_worker` in the same directory), not whichever
+    installation a `mountd` script on PATH belongs to."""
+    return [sys.executable, "-m", "mountd"]
+
+
+def mountd_header() -> str:
+    """mountd's version, and the directory its package comes from, for a
+    report's header."""
+    import mountd
+    return f"{tool_version(mountd_argv() + ['--version'])} ({os.path.dirname(os.path.abspath(mountd.__file__))})"
 
 
 class Tools:
@@ -144,7 +162,7 @@ class Tools:
 
     def __init__(self, azurite: Azurite, conf_dir: str, data: Data):
         self.azurite, self.conf, self.data = azurite, conf_dir, data
-        self.env = {**os.environ, KEY_ENV: KEY}
+        self.env = {**tool_env(azurite), KEY_ENV: KEY}
         self.workspace = write_workspace(
             os.path.join(conf_dir, "workspace.yaml"),
             {DATASTORE: blob_workspace_entry(azurite, CONTAINER, key_env=KEY_ENV)}, default=DATASTORE)
@@ -170,10 +188,13 @@ class Tools:
 
     def curl(self, name: str, transfers: Callable[[str], list[tuple[str, str]]], flags: list[str],
              check: Callable[[str], None]) -> Tool:
+        tls = curl_tls_flags(self.azurite)
+
         def run(out: str) -> float:
             cfg = write_curl_config(os.path.join(self.conf, f"{name}.curlrc"), transfers(out))
-            return self._timed(["curl", "-s", "-S", "-f", "-K", cfg] + flags)
-        return Tool(name, " ".join(["curl -s -S -f -K URLS"] + flags), run, check)
+            return self._timed(["curl", "-s", "-S", "-f"] + tls + ["-K", cfg] + flags)
+        how = ["curl -s -S -f"] + curl_tls_flags(self.azurite, ca="CA") + ["-K URLS"] + flags
+        return Tool(name, " ".join(how), run, check)
 
     def big(self) -> list[Tool]:
         d = self.data
@@ -230,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small-kib", type=int, default=256, help="size of each small blob in KiB (default 256)")
     p.add_argument("--skip-big", action="store_true", help="leave out the big-blob scenario")
     p.add_argument("--skip-small", action="store_true", help="leave out the small-blobs scenario")
+    p.add_argument("--tls", action="store_true",
+                   help="Azurite over HTTPS (a CA made for the run), every tool over TLS to it")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
     args = p.parse_args(argv)
@@ -250,17 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_tools()
     tmp = tempfile.mkdtemp(prefix="mountd-bench-download-", dir=args.tmp_dir)
-    azurite = Azurite(location=os.path.join(tmp, "azurite"))
+    azurite = make_azurite(tmp, args.tls)
     try:
-        for sub in ("azurite", "src", "conf", "out"):
+        for sub in ("src", "conf", "out"):
             os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-        print(f"starting Azurite, data under {tmp}", flush=True)
+        print(f"starting Azurite{' (HTTPS)' if args.tls else ''}, data under {tmp}", flush=True)
         azurite.start()
-        container = blob_service(azurite).create_container(CONTAINER)
-        data = Data()
-        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+        header = {"storage": storage_header(azurite), **machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"]), "curl": tool_version(["curl", "--version"]),
                   "rounds": args.repeat}
+        container = blob_service(azurite).create_container(CONTAINER)
+        data = Data()
         plan: list[tuple[Scenario, list[Tool]]] = []
         tools = Tools(azurite, os.path.join(tmp, "conf"), data)
         if not args.skip_big:

@@ -23,14 +23,26 @@ the reading is timed, never the mounting.
      mount (cold first listing), mountd and rclone mount (off); the line
      count is checked;
 - e  the mountd mount worker's peak RSS (VmHWM) after the cold read of (a),
-     against the memory cache + 150 MiB, and the disk cache's size after it.
+     against the memory cache + 150 MiB, and the disk cache's size after it;
+     and the CPU each tool spent on the cold read of (a), in seconds per GiB
+     (user + system): the mount process's (mountd's worker, rclone), from
+     just before dd starts until the process is quiet after dd has ended
+     (no clock tick in 0.3 s: what the read left behind, cache writes, is
+     counted), and dd's own; for curl, the whole command's.
+
+With --tls, Azurite serves HTTPS alone, with a certificate from a CA made
+for the run, and mountd, rclone and curl all talk HTTPS to it trusting that
+CA (see common.tool_env; curl with `--proto =https --cacert CA`), as real
+Azure storage is HTTPS only; the report's header says which.
 
 Run from the repository root as root (needs azurite-blob, rclone, curl,
-fusermount3 on PATH and mountd installed):
+fusermount3 on PATH and mountd's dependencies installed; the mountd measured
+is the repository's, run as `python -m mountd`):
 
     python -m tests.benchmarks.bench_mount                          # full size, 3 rounds
     python -m tests.benchmarks.bench_mount --big-mib 128 --small-count 200 --list-count 2000 --repeat 1
     python -m tests.benchmarks.bench_mount --only a,e --json results.json
+    python -m tests.benchmarks.bench_mount --tls                    # the same over HTTPS
 
 This is not a pytest test; it prints tables like bench_download (medians,
 MiB/s, mountd/tool ratios, every round's raw seconds, how each tool was run),
@@ -55,12 +67,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, small_name, stored_md5,
-                                             upload_big, upload_small)
+from tests.benchmarks.bench_download import (BIG_BLOB, SMALL_PREFIX, mountd_argv, mountd_header, small_name,
+                                             stored_md5, upload_big, upload_small)
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, blob_sas_url, dd_read, dir_bytes, drop_page_cache, file_md5, fmt_size,
-    fresh_dir, is_mounted, machine_info, mounts_under, parallel_read, print_count_report, print_report,
-    proc_status_bytes, remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle,
+    GiB, MiB, Scenario, ToolFailed, blob_sas_url, children_cpu_seconds, cpu_when_quiet, curl_tls_flags, dd_read,
+    dir_bytes, drop_page_cache, file_md5, fmt_size, fresh_dir, is_mounted, machine_info, make_azurite, median,
+    mounts_under, parallel_read, print_count_report, print_report, proc_status_bytes, process_cpu_seconds,
+    remove_dir, report_dict, run_timed, run_timed_capture, same_edges, settle, storage_header, tool_env,
     tool_version, wait_mounted, write_curl_config, write_rclone_config, write_workspace)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
 
@@ -136,16 +149,18 @@ def lazy_unmount(path: str) -> None:
 # --- setup ------------------------------------------------------------------------
 
 def blob_service(azurite: Azurite, pool: int = 32):
-    """A client whose connection pool is big enough for `pool` uploading threads."""
+    """A client whose connection pool is big enough for `pool` uploading
+    threads (trusting the run's CA over HTTPS)."""
     import requests
     from azure.core.pipeline.transport import RequestsTransport
-    from azure.storage.blob import BlobServiceClient
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=pool, pool_maxsize=pool)
     session.mount("http://", adapter)
-    return BlobServiceClient.from_connection_string(
-        azurite.connection_string, connection_data_block_size=256 * 1024,
-        transport=RequestsTransport(session=session, session_owner=False))
+    session.mount("https://", adapter)
+    # A transport of our own takes the connection settings the client would have given the SDK's.
+    transport = RequestsTransport(session=session, session_owner=False, connection_data_block_size=256 * 1024,
+                                  connection_verify=azurite.ca if azurite.tls else True)
+    return azurite.blob_service(transport=transport)
 
 
 def upload_list(container, count: int, threads: int = 32) -> None:
@@ -212,9 +227,9 @@ class MountdMount(Mount):
 
 
 class RcloneMount(Mount):
-    def __init__(self, path: str, mode: str, cache_dir: str | None, conf: str, log: str):
-        self.tool, self.path, self.mode, self.cache_dir, self.conf, self.log = \
-            f"rclone-{mode}", path, mode, cache_dir, conf, log
+    def __init__(self, path: str, mode: str, cache_dir: str | None, conf: str, log: str, env: dict):
+        self.tool, self.path, self.mode, self.cache_dir, self.conf, self.log, self.env = \
+            f"rclone-{mode}", path, mode, cache_dir, conf, log, env
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -229,7 +244,7 @@ class RcloneMount(Mount):
             argv += ["--cache-dir", self.cache_dir]
         start = time.perf_counter()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
         self.pid = self.proc.pid
         try:
@@ -271,12 +286,23 @@ class MemoryRound:
 
 
 @dataclass
+class CpuRound:
+    """CPU seconds one tool spent on one cold read of (a)."""
+    round: int
+    tool: str
+    nbytes: int  # what was read
+    process: float  # the mount process (mountd's worker, rclone), or curl
+    reader: float | None  # dd reading through the mount; None for curl
+
+
+@dataclass
 class Results:
     a: Scenario | None = None
     b: Scenario | None = None
     c: Scenario | None = None
     d: Scenario | None = None
     memory: list[MemoryRound] = field(default_factory=list)
+    cpu: list[CpuRound] = field(default_factory=list)
     other_hwm: dict[str, list[int]] = field(default_factory=dict)  # the other mounts' VmHWM after the cold read
     startup: dict[str, list[float]] = field(default_factory=dict)  # "scenario tool" -> mount seconds
 
@@ -293,7 +319,7 @@ class Bench:
         for d in (self.conf, self.mnt_root, self.cache_root, self.logs):
             os.makedirs(d, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(MOUNTD_ENV_PREFIXES)}
-        self.env = {**env, KEY_ENV: KEY}
+        self.env = {**tool_env(azurite, env), KEY_ENV: KEY}
         self.workspace = write_workspace(
             os.path.join(self.conf, "workspace.yaml"),
             {DATASTORE: blob_workspace_entry(azurite, CONTAINER, key_env=KEY_ENV)}, default=DATASTORE)
@@ -318,7 +344,8 @@ class Bench:
             mode = tool.split("-", 1)[1]
             if mode != "off":
                 cache = fresh_dir(os.path.join(self.cache_root, f"{label}-{tool}"))
-            m = RcloneMount(mp, mode, cache, self.rclone_conf, os.path.join(self.logs, f"{label}-{tool}.log"))
+            m = RcloneMount(mp, mode, cache, self.rclone_conf, os.path.join(self.logs, f"{label}-{tool}.log"),
+                            self.env)
         self.active.append(m)
         try:
             self.res.startup.setdefault(f"{label} {tool}", []).append(m.start())
@@ -355,7 +382,8 @@ class Bench:
                         "mountd-direct": MountdMount.how(tool="mountd-direct") + big_how,
                         "rclone-off": RcloneMount.how("off") + big_how,
                         "rclone-full": RcloneMount.how("full") + big_how,
-                        "curl": "drop caches; curl -s -S -f -K CONF (SAS URL of the blob, output /dev/null)"}
+                        "curl": " ".join(["drop caches; curl -s -S -f", *curl_tls_flags(self.azurite, ca="CA"),
+                                          "-K CONF (SAS URL of the blob, output /dev/null)"])}
         if "b" in self.only:
             sc = self.res.b = Scenario("b-epoch2", 1, self.big_bytes)
             again = "the mount of a-cold right after its read, no cache drop; dd if=MNT/big/blob.bin of=/dev/null bs=1M"
@@ -375,17 +403,20 @@ class Bench:
     # -- one measurement each
 
     def big_mount(self, tool: str, r: int) -> None:
-        """(a) cold read, then (e) memory/cache for mountd, then (b) the second read."""
+        """(a) cold read, then (e) CPU, and memory/cache for mountd, then (b) the second read."""
         res = self.res
         with self.mounted(tool, "big") as (m, cache):
             path = os.path.join(m.path, BIG_BLOB)
             drop_page_cache()
+            cpu_before, reader_before = process_cpu_seconds(m.pid), children_cpu_seconds()
             secs, n = dd_read(path, timeout=RUN_TIMEOUT)
+            reader_cpu = children_cpu_seconds() - reader_before
             if n != self.big_bytes:
                 raise ToolFailed(f"{tool}: read {n} bytes of {BIG_BLOB}, expected {self.big_bytes}")
             if res.a:
                 res.a.add(tool, secs)
             self.progress(r, "a-cold", tool, secs, self.big_bytes)
+            res.cpu.append(CpuRound(r + 1, tool, n, cpu_when_quiet(m.pid) - cpu_before, reader_cpu))
             if tool == "mountd":
                 settle()
                 res.memory.append(MemoryRound(r + 1, proc_status_bytes(m.pid, "VmHWM"),
@@ -406,12 +437,15 @@ class Bench:
         url = blob_sas_url(self.azurite.account_url, ACCOUNT, KEY, CONTAINER, BIG_BLOB)
         cfg = write_curl_config(os.path.join(self.conf, "big.curlrc"), [(url, "/dev/null")])
         drop_page_cache()
-        secs, out = run_timed_capture(["curl", "-s", "-S", "-f", "-K", cfg, "-w", "%{size_download}"],
-                                      timeout=RUN_TIMEOUT)
+        cpu_before = children_cpu_seconds()
+        secs, out = run_timed_capture(["curl", "-s", "-S", "-f", *curl_tls_flags(self.azurite), "-K", cfg,
+                                       "-w", "%{size_download}"], timeout=RUN_TIMEOUT)
+        cpu = children_cpu_seconds() - cpu_before
         if int(float(out.decode().strip() or 0)) != self.big_bytes:
             raise ToolFailed(f"curl: downloaded {out.decode().strip()} bytes, expected {self.big_bytes}")
         self.res.a.add("curl", secs)
         self.progress(r, "a-cold", "curl", secs, self.big_bytes)
+        self.res.cpu.append(CpuRound(r + 1, "curl", self.big_bytes, cpu, None))
 
     def big_local(self, r: int) -> None:
         dd_read(self.local_big)  # warm
@@ -493,6 +527,21 @@ def ratio(x: float, y: float) -> float:
     return x / y if y else float("nan")
 
 
+def cpu_per_gib(res: Results) -> dict[str, dict[str, object]]:
+    """Per tool of (e), in the order first measured: the median over rounds
+    of the CPU seconds per GiB of its process ("process"), of dd ("reader",
+    None for curl), of both ("total"), and each round's process figure."""
+    out: dict[str, dict[str, object]] = {}
+    for tool in dict.fromkeys(c.tool for c in res.cpu):
+        rounds = [c for c in res.cpu if c.tool == tool]
+        proc = [c.process * GiB / c.nbytes for c in rounds]
+        readers = [c.reader * GiB / c.nbytes for c in rounds if c.reader is not None]
+        out[tool] = {"process": median(proc), "reader": median(readers) if readers else None,
+                     "total": median([(c.process + (c.reader or 0)) * GiB / c.nbytes for c in rounds]),
+                     "rounds": proc}
+    return out
+
+
 def goals(res: Results) -> list[tuple[str, str, str]]:
     """(scenario, what, value) rows of the ratios the project's goals use."""
     rows = []
@@ -529,6 +578,14 @@ def goals(res: Results) -> list[tuple[str, str, str]]:
         limit = MEMORY_CACHE_BYTES + RSS_MARGIN
         rows.append(("(e) worker peak RSS", f"max VmHWM vs memory cache + {RSS_MARGIN // MiB} MiB",
                      f"{peak / MiB:.0f} / {limit / MiB:.0f} MiB ({'ok' if peak <= limit else 'OVER'})"))
+    cpu = cpu_per_gib(res)
+    if "curl" in cpu:
+        first = True
+        for t in (t for t in MOUNTD_FLAGS if t in cpu):
+            rows.append(("(e) CPU per cold GiB" if first else "", f"curl s / {t} worker s",
+                         f"{ratio(cpu['curl']['process'], cpu[t]['process']):.2f}x "
+                         f"({cpu['curl']['process']:.2f} / {cpu[t]['process']:.2f} s)"))
+            first = False
     return rows
 
 
@@ -551,6 +608,19 @@ def print_memory(res: Results, disk_cap: int, out=sys.stdout) -> None:
             f"{t} {sorted(v)[len(v) // 2] / MiB:.0f} MiB" for t, v in res.other_hwm.items()))
 
 
+def print_cpu(res: Results, out=sys.stdout) -> None:
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    cpu = cpu_per_gib(res)
+    tw = max([14] + [len(t) for t in cpu])
+    p("(e) CPU seconds per GiB of the cold read of a-cold (user + system, median over rounds): the mount "
+      "process (mountd's worker, rclone) from dd's start until it is quiet after dd, and dd; curl's whole command:")
+    p(f"  {'tool':<{tw}} {'process':>8} {'dd':>6} {'total':>6}   process, each round")
+    for tool, c in cpu.items():
+        reader = "-" if c["reader"] is None else f"{c['reader']:.2f}"
+        p(f"  {tool:<{tw}} {c['process']:>8.2f} {reader:>6} {c['total']:>6.2f}   "
+          + "  ".join(f"{v:.2f}" for v in c["rounds"]))
+
+
 def print_all(res: Results, header: dict, disk_cap: int, out=sys.stdout) -> None:
     p = lambda s="": print(s, file=out)  # noqa: E731
     byte_scenarios = [sc for sc in (res.a, res.b, res.c) if sc]
@@ -565,6 +635,9 @@ def print_all(res: Results, header: dict, disk_cap: int, out=sys.stdout) -> None
     if res.memory:
         p()
         print_memory(res, disk_cap, out)
+    if res.cpu:
+        p()
+        print_cpu(res, out)
     if res.startup:
         p()
         p("mount start-up seconds per round (not part of any timing above):")
@@ -585,6 +658,7 @@ def results_json(res: Results, header: dict, disk_cap: int) -> dict:
     doc["memory"] = {"memory_cache_bytes": MEMORY_CACHE_BYTES, "vmhwm_limit_bytes": MEMORY_CACHE_BYTES + RSS_MARGIN,
                      "disk_cap_bytes": disk_cap, "rounds": [m.__dict__ for m in res.memory],
                      "other_vmhwm_bytes": res.other_hwm}
+    doc["cpu"] = {"rounds": [c.__dict__ for c in res.cpu], "median_seconds_per_gib": cpu_per_gib(res)}
     doc["mount_startup_seconds"] = res.startup
     doc["goals"] = [{"scenario": s, "what": w, "value": v} for s, w, v in goals(res)]
     return doc
@@ -604,6 +678,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(LETTERS), metavar="a,b,c,d,e",
                    help="measurements to run (default all); b and e need a's cold read, which then runs for "
                         "the tools they use")
+    p.add_argument("--tls", action="store_true",
+                   help="Azurite over HTTPS (a CA made for the run), every tool over TLS to it")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
     args = p.parse_args(argv)
@@ -628,21 +704,22 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_session(tmp_prefix: str, tmp_dir: str | None, body) -> int:
-    """One benchmark run against an Azurite of its own in a fresh temporary
-    directory: `body(tmp, azurite, keep)` does the work, calling `keep(bench)`
-    as soon as it has something whose `cleanup()` unmounts what it mounted.
+def run_session(tmp_prefix: str, tmp_dir: str | None, body, tls: bool = False) -> int:
+    """One benchmark run against an Azurite of its own (over HTTPS with
+    `tls`, see common.make_azurite) in a fresh temporary directory:
+    `body(tmp, azurite, keep)` does the work, calling `keep(bench)` as soon
+    as it has something whose `cleanup()` unmounts what it mounted.
     Failures, Ctrl-C and SIGTERM end in the same clean-up; returns the exit
     code."""
     signal.signal(signal.SIGTERM, _sigterm)
     tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=tmp_dir)
-    azurite = Azurite(location=os.path.join(tmp, "azurite"))
     held = []
     leftover: list[str] = []
     ok = False
+    azurite = None
     try:
-        os.makedirs(os.path.join(tmp, "azurite"), exist_ok=True)
-        print(f"starting Azurite, data under {tmp}", flush=True)
+        azurite = make_azurite(tmp, tls)
+        print(f"starting Azurite{' (HTTPS)' if tls else ''}, data under {tmp}", flush=True)
         azurite.start()
         body(tmp, azurite, held.append)
         ok = True
@@ -661,7 +738,8 @@ def run_session(tmp_prefix: str, tmp_dir: str | None, body) -> int:
         try:
             leftover = held[0].cleanup() if held else mounts_under(tmp)
         finally:
-            azurite.stop()
+            if azurite is not None:
+                azurite.stop()
             if leftover:
                 print(f"WARNING: still mounted, left {tmp} in place: {', '.join(leftover)}", file=sys.stderr)
             else:
@@ -688,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, args.only)
         keep(bench)
-        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+        header = {"storage": storage_header(azurite), **machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"], words=2),
                   "curl": tool_version(["curl", "--version"]), "rounds": args.repeat,
                   "measurements": ",".join(sorted(args.only))}
@@ -719,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n")
             print(f"\nwrote {args.json}")
 
-    return run_session("mountd-bench-mount-", args.tmp_dir, body)
+    return run_session("mountd-bench-mount-", args.tmp_dir, body, tls=args.tls)
 
 
 if __name__ == "__main__":

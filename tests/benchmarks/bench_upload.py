@@ -53,12 +53,19 @@ mountd by reference (`account_key_env` in the workspace file, the key in the
 environment) and rclone through a config file of mode 0600 in the temporary
 directory; neither ever sees it on its command line.
 
+With --tls, Azurite serves HTTPS alone, with a certificate from a CA made
+for the run, and mountd, rclone and the checks talk HTTPS to it trusting
+that CA (see common.tool_env), as real Azure storage is HTTPS only; the
+report's header says which.
+
 Run from the repository root as root (needs azurite-blob, rclone, dd,
-fusermount3 on PATH and mountd installed):
+fusermount3 on PATH and mountd's dependencies installed; the mountd measured
+is the repository's, run as `python -m mountd`):
 
     python -m tests.benchmarks.bench_upload                          # 400 x 1 MiB, 1 GiB, 1 GiB write; 3 rounds
     python -m tests.benchmarks.bench_upload --repeat 1 --big-mib 64 --small-count 50 --write-mib 64   # quick check
     python -m tests.benchmarks.bench_upload --skip-mount --json results.json
+    python -m tests.benchmarks.bench_upload --tls                   # the same over HTTPS
 
 This is not a pytest test; it prints a table like bench_download (medians,
 MiB/s, mountd/tool throughput ratios, every round's raw seconds, how each tool
@@ -82,13 +89,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.benchmarks.bench_download import mountd_argv
+from tests.benchmarks.bench_download import mountd_argv, mountd_header
 from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
                                           blob_service, lazy_unmount, run_session, worker_record)
 from tests.benchmarks.common import (
     MiB, Scenario, ToolFailed, fresh_dir, is_mounted, machine_info, mounts_under, print_report, remove_dir,
-    report_dict, run_timed, settle, tool_version, tree_stats, wait_mounted, write_random_file,
-    write_rclone_config)
+    report_dict, run_timed, settle, storage_header, tool_env, tool_version, tree_stats, wait_mounted,
+    write_random_file, write_rclone_config)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
 
 CONTAINER = "bench"
@@ -241,8 +248,8 @@ class RwMountdMount(MountdMount):
 
 
 class RwRcloneMount(RcloneMount):
-    def __init__(self, tool: str, path: str, cache_dir: str, conf: str, log: str, extra: list[str]):
-        super().__init__(path, "writes", cache_dir, conf, log)
+    def __init__(self, tool: str, path: str, cache_dir: str, conf: str, log: str, env: dict, extra: list[str]):
+        super().__init__(path, "writes", cache_dir, conf, log, env)
         self.tool, self.extra = tool, extra
 
     @staticmethod
@@ -255,7 +262,7 @@ class RwRcloneMount(RcloneMount):
                 "--vfs-cache-mode", "writes", "--cache-dir", self.cache_dir] + self.extra
         start = time.perf_counter()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
         self.pid = self.proc.pid
         try:
@@ -296,7 +303,7 @@ class Bench:
         for d in self.dirs.values():
             os.makedirs(d, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(MOUNTD_ENV_PREFIXES)}
-        self.env = {**env, KEY_ENV: KEY}
+        self.env = {**tool_env(azurite, env), KEY_ENV: KEY}
         self.workspace = self.write_workspace()
         self.rclone_conf = write_rclone_config(os.path.join(self.dirs["conf"], "rclone.conf"), RCLONE_REMOTE,
                                                ACCOUNT, KEY, azurite.account_url)
@@ -421,7 +428,7 @@ class Bench:
             m = RwMountdMount(mp, cache, work, self.workspace, self.env)
         else:
             m = RwRcloneMount(tool, mp, cache, self.rclone_conf, os.path.join(self.dirs["logs"], f"{s}.log"),
-                              RCLONE_MOUNTS[tool])
+                              self.env, RCLONE_MOUNTS[tool])
         self.active.append(m)
         try:
             self.res.startup.setdefault(tool, []).append(m.start())
@@ -579,6 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-outputs", action="store_true", help="leave out the many-outputs scenario")
     p.add_argument("--skip-checkpoint", action="store_true", help="leave out the checkpoint scenario")
     p.add_argument("--skip-mount", action="store_true", help="leave out the read-write mount scenario")
+    p.add_argument("--tls", action="store_true",
+                   help="Azurite over HTTPS (a CA made for the run), every tool over TLS to it")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
     args = p.parse_args(argv)
@@ -608,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         container = blob_service(azurite).create_container(CONTAINER)
         bench = Bench(args, tmp, azurite, container)
         keep(bench)
-        header = {**machine_info(), "mountd": tool_version(mountd_argv() + ["--version"]),
+        header = {"storage": storage_header(azurite), **machine_info(), "mountd": mountd_header(),
                   "rclone": tool_version(["rclone", "version"], words=2), "rounds": args.repeat}
         bench.prepare()
         settle()
@@ -624,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n")
             print(f"\nwrote {args.json}")
 
-    return run_session("mountd-bench-upload-", args.tmp_dir, body)
+    return run_session("mountd-bench-upload-", args.tmp_dir, body, tls=args.tls)
 
 
 if __name__ == "__main__":

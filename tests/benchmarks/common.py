@@ -9,6 +9,12 @@ Azurite needs:
 - preparing the other tools: an rclone `azureblob` config file for an Azurite
   (`write_rclone_config`), a SAS token/URL for curl (`blob_sas_url`,
   `container_sas_token`), a curl config file (`write_curl_config`);
+- plain HTTP or TLS: the run's Azurite (`make_azurite`, over HTTPS with
+  `--tls`), the environment and curl flags that make every tool trust its CA
+  (`tool_env`, `curl_tls_flags`), and the header line saying which it was
+  (`storage_header`);
+- CPU time: of a live process (`process_cpu_seconds`, `cpu_when_quiet`) and
+  of the commands run to completion (`children_cpu_seconds`);
 - test data: a random file of N MiB written in chunks (`write_random_file`),
   a mountd workspace file (`write_workspace`);
 - checking a tool's output (`tree_stats`, `file_md5`, `same_edges`);
@@ -34,8 +40,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from mountd.run.mounts import is_mounted, mount_points  # noqa: F401 - re-exported for the benchmarks
+from tests.support.azurite import Azurite
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 # --- running and timing ------------------------------------------------------
@@ -56,6 +64,40 @@ def run_timed(argv: list[str], env: dict | None = None, timeout: float | None = 
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-15:]
         raise ToolFailed(f"{os.path.basename(argv[0])} exited with {proc.returncode}:\n  " + "\n  ".join(tail))
     return elapsed
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child this process has waited for
+    so far (RUSAGE_CHILDREN). The difference around one run_timed* call is
+    that command's CPU, as long as no other child is reaped meanwhile (the
+    benchmarks run their commands one at a time; mounts are reaped later)."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far, all its
+    threads together (utime and stime of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # the name may hold spaces; fields from 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_when_quiet(pid: int, quiet: float = 0.3, timeout: float = 10.0) -> float:
+    """process_cpu_seconds(pid) once the process has used less than one clock
+    tick in `quiet` seconds (work a read left behind, such as cache writes,
+    done), or after `timeout` seconds."""
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout
+    last = process_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = process_cpu_seconds(pid)
+        if now - last < tick:
+            return now
+        last = now
+    return last
 
 
 def settle() -> None:
@@ -224,6 +266,80 @@ def write_curl_config(path: str, transfers: list[tuple[str, str]]) -> str:
     for url, out in transfers:
         lines += [f"url = {q(url)}", f"output = {q(out)}"]
     return write_private(path, "\n".join(lines) + "\n")
+
+
+# --- plain HTTP or TLS ----------------------------------------------------------
+
+# The variables through which the tools find the CAs they trust: OpenSSL
+# (curl's defaults), Python's ssl module and Go's crypto/x509 (rclone) read
+# SSL_CERT_FILE and SSL_CERT_DIR; mountd's transport takes REQUESTS_CA_BUNDLE,
+# then CURL_CA_BUNDLE, before them; curl takes CURL_CA_BUNDLE.
+CA_FILE_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+CA_DIR_VARIABLES = ("SSL_CERT_DIR",)
+
+
+def make_azurite(tmp: str, tls: bool = False) -> Azurite:
+    """The run's Azurite (not started), its data under TMP/azurite: over
+    plain HTTP, or with `tls` over HTTPS alone, its certificate for 127.0.0.1
+    signed by a CA made for this run under TMP/ca (tests/support/tls.py),
+    which `tool_env` and `curl_tls_flags` make the tools trust."""
+    location = os.path.join(tmp, "azurite")
+    os.makedirs(location, exist_ok=True)
+    if not tls:
+        return Azurite(location=location)
+    from tests.support.tls import make_local_ca
+    ca = make_local_ca(os.path.join(tmp, "ca"))
+    return Azurite(location=location, cert=ca.cert_path, key=ca.key_path, ca=ca.ca_path)
+
+
+def tool_env(azurite: Azurite, base: dict | None = None) -> dict:
+    """The environment the benchmarked tools run in: `base` (default this
+    process's), and for an HTTPS Azurite trust in its CA: every variable of
+    CA_FILE_VARIABLES names the CA's certificate and SSL_CERT_DIR is unset,
+    whatever the machine's environment said (a system bundle, which does not
+    hold the run's CA)."""
+    env = dict(os.environ if base is None else base)
+    if azurite.tls:
+        for var in CA_DIR_VARIABLES:
+            env.pop(var, None)
+        env.update({var: azurite.ca for var in CA_FILE_VARIABLES})
+    return env
+
+
+def curl_tls_flags(azurite: Azurite, ca: str | None = None) -> list[str]:
+    """curl's flags for the run's Azurite: over HTTPS, trust its CA and
+    refuse any protocol but HTTPS (`--proto =https`); none over HTTP. `ca`
+    stands in for the CA's path (in a report's "how each tool was run")."""
+    return ["--proto", "=https", "--cacert", ca or azurite.ca] if azurite.tls else []
+
+
+def storage_header(azurite: Azurite) -> str:
+    """What the tools talk to, for a report's header. Over HTTPS it is
+    checked first: a TLS handshake trusting the run's CA alone succeeds, and
+    a plain-HTTP request to the same port gets no HTTP answer, so a tool that
+    got any data from this Azurite spoke TLS to it. Raises ToolFailed if not."""
+    if not azurite.tls:
+        return f"Azurite over plain HTTP ({azurite.account_url})"
+    import socket
+    import ssl
+    context = ssl.create_default_context(cafile=azurite.ca)
+    try:
+        with socket.create_connection(("127.0.0.1", azurite.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            version, cipher = conn.version(), conn.cipher()[0]
+    except (OSError, ssl.SSLError) as e:
+        raise ToolFailed(f"no TLS handshake with Azurite at {azurite.account_url}: {e}") from None
+    try:
+        with socket.create_connection(("127.0.0.1", azurite.port), timeout=10) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = plain.recv(64)
+    except OSError:
+        answer = b""
+    if answer.startswith(b"HTTP/"):
+        raise ToolFailed(f"Azurite at port {azurite.port} answers plain HTTP too: {answer!r}")
+    return (f"TLS: Azurite over HTTPS only ({azurite.account_url}; plain HTTP gets no answer there), "
+            f"its certificate from a CA made for this run, the only one every tool is pointed at "
+            f"(Python negotiates {version} {cipher})")
 
 
 # --- results --------------------------------------------------------------------
