@@ -139,6 +139,8 @@ from typing import Callable, Iterable, Optional
 from urllib.parse import quote, unquote, urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
+from tests.support.background import BackgroundServer
+
 ACCOUNT_NAME = "devstoreaccount1"
 # The public, well-known development storage key (also used by Azurite).
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -2271,11 +2273,13 @@ class _Server(ThreadingHTTPServer):
                 socket.socket.shutdown(connection, socket.SHUT_RDWR)
 
 
-class FileShareEmulator:
+class FileShareEmulator(BackgroundServer):
     """Runs the emulator in a background thread, for test fixtures.
 
     ``location`` defaults to a fresh temporary directory that is removed by
     ``stop()``; a directory passed in is left in place."""
+
+    thread_name = "fileshare-emulator"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, location: Optional[str] = None,
                  verbose: bool = False, page_limit: int = MAX_LIST_RESULTS, conditional_reads: bool = True,
@@ -2290,46 +2294,25 @@ class FileShareEmulator:
         self._owns_location = location is None
         self.location = location or tempfile.mkdtemp(prefix="fileshare-emulator-")
         self.verbose = verbose
-        self._server: Optional[_Server] = None
-        self._thread: Optional[threading.Thread] = None
+        super().__init__()
 
-    def start(self) -> "FileShareEmulator":
+    def _make_server(self):
         store = FileStore(self.location)
         context = None
         if self.certfile is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.certfile, self.keyfile)
-        self._server = _Server((self.host, self._requested_port), Emulator(store, page_limit=self.page_limit,
-                                                                        conditional_reads=self.conditional_reads),
-                               self.verbose, ssl_context=context)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fileshare-emulator", daemon=True)
-        self._thread.start()
-        return self
+        return _Server((self.host, self._requested_port), Emulator(store, page_limit=self.page_limit,
+                                                                 conditional_reads=self.conditional_reads),
+                       self.verbose, ssl_context=context)
+
+    def _cut(self, server) -> None:
+        server.close_connections()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.close_connections()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        super().stop()
         if self._owns_location:
             shutil.rmtree(self.location, ignore_errors=True)
-
-    def __enter__(self) -> "FileShareEmulator":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the emulator is not running")
-        return self._server.server_address[1]
 
     @property
     def tls(self) -> bool:

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from tests.support.background import BackgroundServer
+
 STORAGE_RESOURCE = "https://storage.azure.com"
 TENANT_ID = "72f988bf-0000-4000-8000-00000000c0de"  # made up; any GUID-looking id does
 ISSUER = f"https://sts.windows.net/{TENANT_ID}/"
@@ -128,8 +130,10 @@ class _Fault:
     body: dict = field(default_factory=dict)
 
 
-class IdentityEndpoint:
+class IdentityEndpoint(BackgroundServer):
     """The token server; `start()` it (or use `with`), read `env()`."""
+
+    thread_name = "identity-endpoint"
 
     def __init__(self, secret: str | None = None, lifetime: float = 3600, audience: str | None = None,
                  issuer: str = ISSUER, path: str = "/msi/token"):
@@ -142,41 +146,19 @@ class IdentityEndpoint:
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     # ----- lifecycle --------------------------------------------------------
 
-    def start(self) -> "IdentityEndpoint":
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.endpoint = self
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="identity-endpoint", daemon=True)
-        self._thread.start()
-        return self
+    def _make_server(self):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server.daemon_threads = True
+        server.endpoint = self
+        return server
 
     def stop(self) -> None:
         self._release.set()  # stalled requests end now
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def __enter__(self) -> "IdentityEndpoint":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the identity endpoint is not running")
-        return self._server.server_address[1]
+        super().stop()
 
     @property
     def url(self) -> str:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from tests.support.background import BackgroundServer
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Headers that concern one connection, not the request (RFC 9110 7.6.1).
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -49,8 +51,10 @@ class ProxyRecord:
         return f"{self.host}:{self.port}"
 
 
-class ConnectProxy:
+class ConnectProxy(BackgroundServer):
     """The proxy; `start()` it (or use `with`), give clients `url`."""
+
+    thread_name = "connect-proxy"
 
     def __init__(self, auth: tuple[str, str] | None = None, routes: dict[str, tuple[str, int]] | None = None,
                  timeout: float = 30.0):
@@ -59,38 +63,13 @@ class ConnectProxy:
         self.timeout = timeout
         self.log: list[ProxyRecord] = []
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    def start(self) -> "ConnectProxy":
-        self._server = _Server(("127.0.0.1", 0), self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="connect-proxy", daemon=True)
-        self._thread.start()
-        return self
+    def _make_server(self):
+        return _Server(("127.0.0.1", 0), self)
 
-    def stop(self) -> None:
-        """Stop listening and cut every open connection and tunnel."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.close_all()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def __enter__(self) -> "ConnectProxy":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the proxy is not running")
-        return self._server.server_address[1]
+    def _cut(self, server) -> None:
+        server.close_all()  # open connections and tunnels too
 
     @property
     def url(self) -> str:
