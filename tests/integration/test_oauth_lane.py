@@ -4,17 +4,24 @@ credential is `managed_identity: true`, tokens from the identity endpoint
 CA through the environment, no account key anywhere. Downloads, uploads
 (the SDK's path), read-only mounts (the lean read path) and read-write
 mounts (staged, uploaded on close) over Azurite with `--oauth basic` and
-over the Files emulator, which takes a bearer only with the backup intent."""
+over the Files emulator, which takes a bearer only with the backup intent.
+
+And when tokens do not come: a moment of endpoint failures is retried; an
+outage longer than the retry budget gives a mount reader EIO and the worker
+a log line, a command one `mountd: error:` line (exit 2 or 3), and reads
+work again once the endpoint answers."""
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 import uuid
 
 import pytest
 import yaml
 
-from mountd.run import mounts
+from mountd.run import mounts, runtime
 from tests.conftest import KEY_ENV
 from tests.support.remotes import BlobRemote, ShareRemote, datastore_entry
 
@@ -125,3 +132,90 @@ def test_read_write_mount_writes_through_a_token(oauth_store, identity_endpoint,
     assert not mounts.is_mounted(str(mp))
     assert oauth_store.files("out") == {"checkpoint.bin": body}
     bearer_was_used(oauth_store, identity_endpoint)
+
+
+# ----- when tokens do not come -------------------------------------------------------------
+
+blob_only = pytest.mark.parametrize("oauth_store", ["blob"], indirect=True)
+# Storage retries kept short: the outages below outlast them on purpose.
+FAST_RETRIES = {"MOUNTD_STORAGE_RETRIES": "2", "MOUNTD_STORAGE_BACKOFF": "0.05"}
+LONG_OUTAGE = 1000  # scripted failures: more than any retry budget asks
+# Today a credential that gives up raises azure-identity's
+# ClientAuthenticationError through mountd: the CLI calls it an internal
+# error (exit 1) and a mount read gets EINVAL from mfusepy. The managed
+# identity wrapper (mountd/storage/identity.py, with retries) is to turn it
+# into a mountd error; remove these marks when it is in.
+AWAITING_IDENTITY = pytest.mark.xfail(
+    reason="credential failures are not mountd errors until the managed identity wrapper "
+           "(mountd/storage/identity.py) is merged", strict=True)
+
+
+def one_error_line(r) -> str:
+    """The single `mountd: error:` line of a failed command (no traceback,
+    no internal error)."""
+    assert r.code in (2, 3), r
+    assert "Traceback" not in r.err and "internal error" not in r.err, r
+    errors = [line for line in r.err.splitlines() if line.startswith("mountd: error:")]
+    assert len(errors) == 1, r
+    return errors[0]
+
+
+@blob_only
+def test_a_moment_without_tokens_is_retried(oauth_store, identity_endpoint, tmp_path, mountd_cli):
+    identity_endpoint.fail_next(2)
+    down = mountd_cli("download", "mi", tmp_path / "dl", "--prefix", "in/", "--no-progress")
+    assert down.code == 0, down
+    assert tree(tmp_path / "dl") == TREE
+    statuses = [r.status for r in identity_endpoint.requests]
+    assert statuses[:2] == [500, 500] and 200 in statuses, statuses
+
+
+@AWAITING_IDENTITY
+@blob_only
+def test_a_mount_read_during_a_long_outage_of_the_endpoint_is_eio(oauth_store, identity_endpoint, mounter):
+    # Tokens that live under 5 minutes are fetched again for every request
+    # (by mountd and by MSAL), so a read needs the endpoint.
+    identity_endpoint.lifetime = 200
+    mp = mounter("mi", env=FAST_RETRIES)
+    assert sorted(os.listdir(mp / "in/sub")) == ["b.bin"]  # names and sizes known; no data read yet
+    asked = len(identity_endpoint.requests)
+    identity_endpoint.fail_next(LONG_OUTAGE)
+    with pytest.raises(OSError) as caught:
+        with open(mp / "in/sub/b.bin", "rb") as f:
+            f.read()
+    assert caught.value.errno == errno.EIO, caught.value
+    assert len(identity_endpoint.requests) > asked  # the token was asked for, and refused
+    log = open(runtime.log_path(str(mp))).read()
+    assert any("b.bin" in line and ("token" in line.lower() or "credential" in line.lower() or "identity" in line.lower())
+               for line in log.splitlines()), log
+    # Once the endpoint answers again, the same file reads right, no remount.
+    identity_endpoint.clear_faults()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert (mp / "in/sub/b.bin").read_bytes() == TREE["in/sub/b.bin"]
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@AWAITING_IDENTITY
+@blob_only
+@pytest.mark.parametrize("command", ["download", "upload", "mount"])
+def test_no_token_at_all_is_one_line_not_an_internal_error(command, oauth_store, identity_endpoint, tmp_path,
+                                                          mountd_cli, mounter):
+    identity_endpoint.fail_next(LONG_OUTAGE)
+    if command == "download":
+        r = mountd_cli("download", "mi", tmp_path / "dl", "--no-progress", env=FAST_RETRIES)
+    elif command == "upload":
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src/x.txt").write_bytes(b"x")
+        r = mountd_cli("upload", "mi", tmp_path / "src", "--no-progress", env=FAST_RETRIES)
+    else:
+        mp, r = mounter("mi", expect_ok=False, env=FAST_RETRIES)
+        assert not mounts.is_mounted(str(mp))
+    line = one_error_line(r)
+    assert "token" in line.lower() or "identity" in line.lower() or "credential" in line.lower(), line
+    assert identity_endpoint.requests and not identity_endpoint.tokens_issued
