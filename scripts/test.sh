@@ -1,8 +1,33 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (see install.sh) and runs the suite.
-set -euo pipefail
+# Installs everything the tests need (see install.sh) and runs the suite,
+# then the TLS lane: the storage, mount and run tests again over HTTPS
+# (strict Azurite, the Files emulator over HTTPS, the test CA trusted through
+# the environment; see tests/conftest.py). Arguments go to both pytest runs.
+# Fails if either run fails.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh --test
+bash scripts/install.sh --test || exit
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-exec "$PY" -m pytest tests "$@"
+
+TLS_LANE=(tests/integration/test_lane.py tests/integration/test_storage.py tests/integration/test_fileshare.py
+          tests/integration/test_mount.py tests/integration/test_rw_mount.py tests/integration/test_run.py)
+
+start=$SECONDS
+"$PY" -m pytest tests "$@"
+main=$?
+main_time=$((SECONDS - start))
+
+start=$SECONDS
+echo
+echo "=== TLS lane: ${TLS_LANE[*]#tests/integration/} ==="
+MOUNTD_TEST_LANE=tls "$PY" -m pytest "${TLS_LANE[@]}" "$@"
+lane=$?
+lane_time=$((SECONDS - start))
+
+verdict() { case "$1" in 0) echo "passed";; 5) echo "no tests selected (exit 5)";; *) echo "FAILED (exit $1)";; esac; }
+echo
+echo "main run: $(verdict $main) in ${main_time}s; TLS lane: $(verdict $lane) in ${lane_time}s"
+# A filter of the caller's that selects nothing in the lane (pytest's exit 5) is not a failure.
+[ "$lane" = 5 ] && [ "$#" -gt 0 ] && lane=0
+[ "$main" = 0 ] && [ "$lane" = 0 ]

@@ -7,7 +7,14 @@ HTTPS with the key (`azurite_tls`) and with bearer tokens (`azurite_oauth`),
 both strict; the Files emulator over HTTPS (`fileshare_tls`, takes bearer
 tokens too); a managed-identity token endpoint (`identity_endpoint`), a
 forward proxy (`connect_proxy`), and `trust_test_ca` for processes that
-should trust the CA through the environment."""
+should trust the CA through the environment.
+
+MOUNTD_TEST_LANE=tls runs the same tests over HTTPS: `azurite` is then the
+strict HTTPS Azurite (`azurite_tls`) and `fileshare` the HTTPS Files
+emulator (`fileshare_tls`), and for the whole session the test CA alone is
+trusted through the environment (SSL_CERT_FILE and REQUESTS_CA_BUNDLE; the
+other trust variables unset), which the `mountd` processes tests start
+inherit. scripts/test.sh runs the storage, mount and run tests again so."""
 
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import pytest
 import yaml
 
 from tests.support import faultproxy
-from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
+from tests.support.azurite import ACCOUNT, KEY, SDK_API_VERSION, Azurite, blob_workspace_entry
 from tests.support.identity import IdentityEndpoint
 from tests.support.proxy import ConnectProxy
 from tests.support.remotes import BlobRemote, ShareRemote
@@ -31,6 +38,12 @@ KEY_ENV = "AZURITE_ACCOUNT_KEY"  # the Files emulator's key is the same well-kno
 # The Files emulator ends listing pages after this many entries (the service
 # may too), so every test that lists a larger directory follows markers.
 SHARE_PAGE_LIMIT = 250
+# The lane: "plain" (HTTP, the default) or "tls" (see the docstring).
+LANE = os.environ.get("MOUNTD_TEST_LANE", "").strip().lower() or "plain"
+if LANE not in ("plain", "tls"):
+    raise ValueError(f"MOUNTD_TEST_LANE={LANE!r}: 'tls', or unset (or 'plain') for plain HTTP")
+# What decides trust for Python's ssl, urllib3, requests and mountd.
+TRUST_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 def _need_azurite() -> None:
@@ -41,20 +54,43 @@ def _need_azurite() -> None:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _lane_trust(request):
+    """In the TLS lane, the test CA alone is trusted through the environment
+    for the whole session (tests may still change it for themselves)."""
+    if LANE != "tls":
+        yield
+        return
+    ca = request.getfixturevalue("test_ca")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in TRUST_VARIABLES:
+            mp.delenv(name, raising=False)
+            mp.delenv(name.lower(), raising=False)
+        for name, value in ca.env().items():
+            mp.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="session")
-def azurite():
+def azurite(request):
+    """The Azurite of the lane: plain HTTP with the key, or in the TLS lane
+    the strict HTTPS one (`azurite_tls`)."""
+    if LANE == "tls":
+        return request.getfixturevalue("azurite_tls")
     _need_azurite()
     server = Azurite().start()
-    yield server
-    server.stop()
+    request.addfinalizer(server.stop)
+    return server
 
 
 @pytest.fixture
 def container(azurite, monkeypatch):
-    """A new, empty container; its account key is in $AZURITE_ACCOUNT_KEY."""
+    """A new, empty container; its account key is in $AZURITE_ACCOUNT_KEY.
+    The client trusts what the environment says and pins an API version a
+    strict Azurite knows."""
     from azure.storage.blob import BlobServiceClient
     name = f"t{uuid.uuid4().hex[:16]}"
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    service = BlobServiceClient.from_connection_string(azurite.connection_string, api_version=SDK_API_VERSION)
     service.create_container(name)
     monkeypatch.setenv(KEY_ENV, KEY)
     client = service.get_container_client(name)
@@ -75,8 +111,12 @@ def fuse_available():
 
 
 @pytest.fixture(scope="session")
-def fileshare():
-    """The Azure Files emulator, in this process, on a free port."""
+def fileshare(request):
+    """The Azure Files emulator, in this process, on a free port (in the TLS
+    lane the HTTPS one, `fileshare_tls`)."""
+    if LANE == "tls":
+        yield request.getfixturevalue("fileshare_tls")
+        return
     from tests.emulators.fileshare import FileShareEmulator
     # Reads refuse conditional headers, as the real service's do.
     with FileShareEmulator(page_limit=SHARE_PAGE_LIMIT, conditional_reads=False) as emulator:
@@ -88,7 +128,7 @@ def share(fileshare, monkeypatch):
     """A new, empty file share; its account key is in $AZURITE_ACCOUNT_KEY."""
     from azure.core.exceptions import ResourceNotFoundError
     from azure.storage.fileshare import ShareServiceClient
-    service = ShareServiceClient.from_connection_string(fileshare.connection_string)
+    service = ShareServiceClient.from_connection_string(fileshare.connection_string, api_version=SDK_API_VERSION)
     client = service.create_share(f"t{uuid.uuid4().hex[:16]}")
     monkeypatch.setenv(KEY_ENV, KEY)
     yield client
@@ -286,6 +326,11 @@ def fault_proxy():
     yield make
     for proxy in started:
         proxy.stop()
+
+
+def pytest_report_header(config):
+    return f"mountd test lane: {LANE}" + (" (HTTPS, strict Azurite, the test CA trusted through the environment)"
+                                          if LANE == "tls" else "")
 
 
 def pytest_terminal_summary(terminalreporter):

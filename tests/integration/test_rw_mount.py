@@ -228,8 +228,7 @@ def test_upload_failure_gives_eio_keeps_data_and_resume_finishes(azurite, contai
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
     body = os.urandom(3 * MiB)
-    from azure.storage.blob import BlobServiceClient
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    service = azurite.blob_service()
     f = open(mp / "out.bin", "wb")
     f.write(body)
     container.delete_container()  # storage refuses every upload from now on
@@ -292,8 +291,7 @@ def test_a_new_mount_of_the_work_dir_finishes_pending_uploads(azurite, container
         rw_mount, mountd_cli):
     work = tmp_path / "work"
     mp = rw_mount(work_dir=work)
-    from azure.storage.blob import BlobServiceClient
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    service = azurite.blob_service()
     f = open(mp / "late.txt", "wb")
     f.write(b"late")
     container.delete_container()

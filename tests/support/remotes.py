@@ -10,7 +10,7 @@ import posixpath
 
 from azure.core.exceptions import ResourceExistsError
 
-from tests.support.azurite import ACCOUNT, blob_workspace_entry, credential_entry
+from tests.support.azurite import ACCOUNT, SDK_API_VERSION, blob_workspace_entry, credential_entry
 
 
 class BlobRemote:
@@ -29,7 +29,8 @@ class BlobRemote:
     def sibling(self, name: str) -> "BlobRemote":
         """Another container of the same Azurite, not created yet."""
         from azure.storage.blob import ContainerClient
-        return BlobRemote(self.azurite, ContainerClient.from_connection_string(self.azurite.connection_string, name))
+        return BlobRemote(self.azurite, ContainerClient.from_connection_string(
+            self.azurite.connection_string, name, api_version=SDK_API_VERSION))
 
     def create(self) -> None:
         self.client.create_container()
@@ -118,7 +119,8 @@ class ShareRemote:
     def sibling(self, name: str) -> "ShareRemote":
         """Another share of the same emulator, not created yet."""
         from azure.storage.fileshare import ShareClient
-        return ShareRemote(self.emulator, ShareClient.from_connection_string(self.emulator.connection_string, name))
+        return ShareRemote(self.emulator, ShareClient.from_connection_string(
+            self.emulator.connection_string, name, api_version=SDK_API_VERSION))
 
     def create(self) -> None:
         self.client.create_share()
