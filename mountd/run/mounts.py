@@ -144,7 +144,10 @@ def start(spec: dict, supervised: bool = False, log_level: str = "info", debug: 
             os.close(sup_w)
         if answer.startswith("error "):
             code, _, message = answer[6:].partition(": ")
-            raise UsageError(message) if code == "2" else MountdError(message)
+            error = UsageError(message) if code == "2" else MountdError(message)
+            if code.isdigit():
+                error.exit_code = int(code)  # as the worker's error said (3: storage out of reach, ...)
+            raise error
         where = "its log lines above" if log_to_stderr else runtime.log_path(mountpoint)
         raise MountdError(f"mount worker for {mountpoint} did not come up ({answer or 'no answer'}); "
                           f"see {where}")

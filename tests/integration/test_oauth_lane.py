@@ -140,15 +140,6 @@ blob_only = pytest.mark.parametrize("oauth_store", ["blob"], indirect=True)
 # Storage retries kept short: the outages below outlast them on purpose.
 FAST_RETRIES = {"MOUNTD_STORAGE_RETRIES": "2", "MOUNTD_STORAGE_BACKOFF": "0.05"}
 LONG_OUTAGE = 1000  # scripted failures: more than any retry budget asks
-# Today a credential that gives up raises azure-identity's
-# ClientAuthenticationError through mountd: the CLI calls it an internal
-# error (exit 1) and a mount read gets EINVAL from mfusepy. The managed
-# identity wrapper (mountd/storage/identity.py, with retries) is to turn it
-# into a mountd error; remove these marks when it is in.
-AWAITING_IDENTITY = pytest.mark.xfail(
-    reason="credential failures are not mountd errors until the managed identity wrapper "
-           "(mountd/storage/identity.py) is merged", strict=True)
-
 
 def one_error_line(r) -> str:
     """The single `mountd: error:` line of a failed command (no traceback,
@@ -170,7 +161,6 @@ def test_a_moment_without_tokens_is_retried(oauth_store, identity_endpoint, tmp_
     assert statuses[:2] == [500, 500] and 200 in statuses, statuses
 
 
-@AWAITING_IDENTITY
 @blob_only
 def test_a_mount_read_during_a_long_outage_of_the_endpoint_is_eio(oauth_store, identity_endpoint, mounter):
     # Tokens that live under 5 minutes are fetched again for every request
@@ -201,7 +191,6 @@ def test_a_mount_read_during_a_long_outage_of_the_endpoint_is_eio(oauth_store, i
             time.sleep(1)
 
 
-@AWAITING_IDENTITY
 @blob_only
 @pytest.mark.parametrize("command", ["download", "upload", "mount"])
 def test_no_token_at_all_is_one_line_not_an_internal_error(command, oauth_store, identity_endpoint, tmp_path,
