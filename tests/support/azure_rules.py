@@ -54,13 +54,13 @@ import datetime
 import http.client
 import socket
 import ssl
-import threading
 import uuid
 from email.utils import formatdate
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 from xml.sax.saxutils import escape
 
 from tests.support.azurite import ACCOUNT, KEY
+from tests.support.relay import Relay
 from tests.support.faultproxy import _Closed, _Reader, _body_pieces, _headers, _read_head
 
 SYNC_COPY_MAX = 256 * 1024 * 1024  # Copy Blob From URL: "source blob sizes up to 256 MiB"
@@ -91,9 +91,12 @@ def _source_refused(status: int, code: str, message: str) -> Refusal:
     return Refusal(status, "CannotVerifyCopySource", message, (status, code, message))
 
 
-class AzureRules:
+class AzureRules(Relay):
+    thread_name = "azure-rules"
+
     def __init__(self, upstream_port: int, account: str = ACCOUNT, key: str = KEY, tokens=(),
                  tls: tuple[str, str] | None = None, pending_polls: int = 0, copy_outcome: str = "success"):
+        super().__init__()
         self.upstream = ("127.0.0.1", upstream_port)
         self.account, self.key = account, key
         self.tokens = set(tokens)  # bearer tokens of identities allowed in the account
@@ -105,45 +108,12 @@ class AzureRules:
         if tls:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._tls.load_cert_chain(*tls)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._listener: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self.port = 0
 
     # -- control -----------------------------------------------------------------
-    def start(self) -> "AzureRules":
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name="azure-rules-accept", daemon=True).start()
-        return self
-
     def url(self, account_url: str) -> str:
         """`account_url` with the gateway's scheme, host and port."""
         parts = urlsplit(account_url)
         return urlunsplit(("https" if self._tls else "http", f"127.0.0.1:{self.port}", parts.path, "", ""))
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._listener:
-            self._listener.close()
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def refused(self) -> list[dict]:
         """The copy-like requests the gateway refused."""
@@ -290,19 +260,6 @@ class AzureRules:
             return True
 
     # -- the work ----------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._conns.add(client)
-            threading.Thread(target=self._serve, args=(client,), name="azure-rules-conn", daemon=True).start()
-
     def _serve(self, client: socket.socket) -> None:
         upstream = ureader = None
         raw = client

@@ -31,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit, urlunsplit
 
+from tests.support.relay import Relay
+
 # Everything every proxy of this process injected and relayed, and what the
 # tests verified: the figures printed at the end of a test run.
 TOTALS: Counter = Counter()
@@ -137,8 +139,11 @@ def _exactly(reader, left: int):
         yield data
 
 
-class FaultProxy:
+class FaultProxy(Relay):
+    thread_name = "faultproxy"
+
     def __init__(self, upstream: tuple[str, int], seed: int = 0, rewrite=None, **rates):
+        super().__init__()
         self.upstream = upstream
         self.rates = Rates(**rates)
         self.rewrite = rewrite  # f(method, target, body: bytes) -> bytes | None, for hostile answers
@@ -146,26 +151,11 @@ class FaultProxy:
         self.limit: int | None = None  # faults left to inject (None: no limit)
         self.counts: Counter = Counter()
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
         self._outage: str | None = None
         self._outage_over = threading.Event()
         self._outage_over.set()
-        self._stop = threading.Event()
-        self._listener: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self.port = 0
 
     # -- control -----------------------------------------------------------------
-    def start(self) -> "FaultProxy":
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name="faultproxy-accept", daemon=True).start()
-        return self
-
     def url(self, account_url: str) -> str:
         """`account_url` with its host and port replaced by the proxy's."""
         parts = urlsplit(account_url)
@@ -187,11 +177,11 @@ class FaultProxy:
         self._outage_over.clear()
         self._outage = mode
         if mode == "reset":
-            self._reset_all()
+            self._cut_all()
 
     def cut(self) -> None:
         """Reset every open connection now (requests in flight break)."""
-        self._reset_all()
+        self._cut_all()
 
     def restore(self) -> None:
         self._outage = None
@@ -204,43 +194,13 @@ class FaultProxy:
     def stop(self) -> None:
         if not self._stop.is_set():
             TOTALS.update(self.counts)
-        self._stop.set()
         self._outage_over.set()
-        if self._listener:
-            self._listener.close()
-        self._reset_all()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().stop()
 
     # -- the work ----------------------------------------------------------------
-    def _reset_all(self) -> None:
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            # Another thread serves it: wake that thread (shutdown), which
-            # then closes the socket, with a reset as SO_LINGER 0 asks.
-            try:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._conns.add(client)
-            threading.Thread(target=self._serve, args=(client,), name="faultproxy-conn", daemon=True).start()
+    def _before_cut(self, conn: socket.socket) -> None:
+        # the serving thread then closes the socket with a reset, as SO_LINGER 0 asks
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
