@@ -41,15 +41,35 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
 fi
 if [ "$USE_VENV" = 1 ]; then
     [ -x .venv/bin/python ] || python3 -m venv .venv
-    PY=.venv/bin/python
+    PY="$PWD/.venv/bin/python"
 fi
 extra=""
 [ "$WITH_TESTS" = 1 ] && extra="[test]"
-"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".${extra}"
+# pip only when something changed: the interpreter, the declared dependencies,
+# the extra, or where the installed mountd points (each run of the tests would
+# otherwise spend ~10 s reinstalling what is there)
+stamp="$("$PY" -c 'import sys; print(sys.executable)') $(sha256sum pyproject.toml | cut -c1-16) ${extra}"
+here="$PWD"
+installed_here() { (cd / && "$PY" -c 'import mountd, os, sys; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(mountd.__file__))) != sys.argv[1])' "$here") 2>/dev/null; }
+if [ "$(cat .install-stamp 2>/dev/null)" != "$stamp" ] || ! installed_here; then
+    "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".${extra}"
+    echo "$stamp" > .install-stamp
+fi
 if [ "$WITH_TESTS" = 1 ]; then
     if [ "$(azurite-blob --version 2>/dev/null)" != "$AZURITE_VERSION" ]; then
         npm install -g --silent --no-fund --no-audit "azurite@${AZURITE_VERSION}" >/dev/null 2>&1 \
             || npm install -g --no-fund --no-audit "azurite@${AZURITE_VERSION}"
     fi
 fi
-echo "mountd installed: $("$PY" -c 'import sys, os; print(os.path.join(os.path.dirname(sys.executable), "mountd"))')"
+where="$("$PY" -c 'import sys, os; print(os.path.join(os.path.dirname(sys.executable), "mountd"))')"
+# In a virtual environment the command is not on PATH: link it from
+# /usr/local/bin when that is ours to write and holds no other mountd.
+if [ "$USE_VENV" = 1 ] && [ -w /usr/local/bin ]; then
+    if [ ! -e /usr/local/bin/mountd ] || [ "$(readlink /usr/local/bin/mountd)" = "$where" ]; then
+        ln -sfn "$where" /usr/local/bin/mountd
+        where="$where (linked from /usr/local/bin/mountd)"
+    else
+        where="$where (/usr/local/bin/mountd is another one: call this one by its path)"
+    fi
+fi
+echo "mountd installed: $where"
