@@ -16,6 +16,7 @@ file, line and field, e.g.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import secrets
@@ -37,6 +38,8 @@ from mountd.errors import ConfigError, UsageError
 from mountd.errors import shorten as _short
 from mountd.storage.base import normalize_path
 
+log = logging.getLogger(__name__)
+
 MODES = ("mount", "download", "upload")
 UPLOAD_WHEN = ("always", "on_success")
 ENV_PREFIX = "AZUREML_DATAREFERENCE_"
@@ -54,13 +57,18 @@ SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/proc", "/sys", "/dev"
 
 _TOP_KEYS = ("run_id", "work_dir", "datastores", "data_references", "dataReferences", "command", "environment",
              "pass_environment", "upload_when", "cache")
-# The rest of an Azure ML v1 run configuration: accepted and not used
-# (`script`/`arguments` and `environment.environmentVariables` excepted).
+# The rest of an Azure ML v1 run configuration as RunConfiguration.save()
+# writes it (azureml-core 1.x; tests/data/runconfigs). Honoured: `script`,
+# `arguments`, `environmentVariables`, `environment.environmentVariables` and
+# `environment.python.interpreterPath`; refused when they would change the
+# job: a non-empty `data` or `outputData`, `nodeCount` above 1; the rest is
+# accepted and ignored, with one info line naming what was set.
 _V1_KEYS = {k.lower() for k in (
     "script", "arguments", "target", "framework", "communicator", "maxRunDurationSeconds", "nodeCount",
     "priority", "history", "spark", "hdi", "tensorflow", "mpi", "pytorch", "paralleltask", "sourceDirectoryDataStore",
-    "amlcompute", "kubernetescompute", "credentialPassthrough", "docker", "datacaches", "instanceTypes",
-    "applicationEndpoints", "environmentVariables", "data", "outputData")}
+    "amlcompute", "autoClusterComputeSpecification", "kubernetescompute", "credentialPassthrough", "docker",
+    "datacaches", "instanceTypes", "applicationEndpoints", "environmentVariables", "data", "outputData")}
+_V1_USED_KEYS = {"script", "arguments", "environmentVariables", "dataReferences", "environment", "command"}
 _V1_ENV_KEYS = {"python", "docker", "spark", "databricks", "r", "environmentVariables", "inferencingStackVersion"}
 _REF_KEYS = ("datastore", "path_on_datastore", "uri", "mode", "path_on_compute", "overwrite", "read_write")
 _V1_REF_KEYS = {"dataStoreName": "datastore", "pathOnDataStore": "path_on_datastore", "mode": "mode",
@@ -339,6 +347,10 @@ class _Parser:
         pass_environment = self._pass_environment(raw.get("pass_environment"), environment)
         upload_when = self._choice(("upload_when",), raw.get("upload_when"), UPLOAD_WHEN) or "always"
         self._check_credentials(references)
+        ignored = self._v1_ignored(raw) if v1 else []
+        if ignored:
+            log.info("%s: Azure ML v1 settings ignored (the command runs on this node, as it is): %s",
+                     self.src.display, ", ".join(ignored))
         return Manifest(path=abspath, run_id=run_id, node_rank=self.values["node_rank"], work_dir=work_dir,
                         references=references, command=command, environment=environment,
                         upload_when=upload_when, cache=cache,
@@ -367,7 +379,60 @@ class _Parser:
                 # Silently dropping a run's dataset inputs would fail it later, obscurely.
                 raise self.src.error((key,), "Azure ML datasets are not supported; "
                                              "describe the data with dataReferences")
+        if v1:
+            self._v1_node_count(data)
+            if isinstance(data.get("environment"), str):
+                data = dict(data, environment=self._v1_environment_file(data["environment"]))
         return data
+
+    def _v1_environment_file(self, name: str) -> dict:
+        """save(separate_environment_yaml=True) writes the environment to a
+        file of its own and its path, relative to the project directory (the
+        one holding .azureml/ or aml_config/), or to the run configuration's."""
+        base = os.path.dirname(os.path.abspath(self.src.display))
+        if os.path.basename(base) in (".azureml", "aml_config"):
+            base = os.path.dirname(base)
+        path = os.path.join(base, self._plain(("environment",), name))
+        if not os.path.isfile(path):
+            raise self.src.error(("environment",), f"names an environment file that does not exist: {path}")
+        data, _ = _load(path)
+        if not isinstance(data, dict):
+            raise self.src.error(("environment",), f"{path} must hold a mapping (name, python, "
+                                                   f"environmentVariables...), got {_kind(data)}")
+        return data
+
+    def _v1_node_count(self, data: dict) -> None:
+        """A run on several nodes would run here once: refuse it. The
+        distributed sections carry their own nodeCount in older files."""
+        for path in (("nodeCount",), ("mpi", "nodeCount"), ("pytorch", "nodeCount")):
+            value = data
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.src.error(path, f"must be a whole number, got {_short(value)}")
+            if value > 1:
+                raise self.src.error(path, f"is {value}: mountd runs the command once, on this node; "
+                                           "a run on several nodes is not supported (use nodeCount: 1)")
+
+    def _v1_ignored(self, raw: dict) -> list[str]:
+        """The settings of a v1 run configuration mountd does not use, those
+        set to something (not null, empty or false)."""
+        def set_(value: object) -> bool:
+            return value not in (None, "", False) and value != {} and value != []
+        ignored = [key for key, value in raw.items()
+                   if key not in _V1_USED_KEYS and key not in _TOP_KEYS and str(key).lower() != "nodecount"
+                   and set_(value)]
+        env = raw.get("environment")
+        if isinstance(env, dict) and any(k in _V1_ENV_KEYS for k in env if isinstance(k, str)):
+            for key, value in env.items():
+                if key == "python" and isinstance(value, dict):
+                    ignored += [f"environment.python.{k}" for k, v in value.items()
+                                if k != "interpreterPath" and set_(v)]
+                elif key != "environmentVariables" and set_(value):
+                    ignored.append(f"environment.{key}")
+        return [_short(str(k), 60, bare=True) for k in ignored]
 
     def _run_id(self, value: object) -> str:
         if value is None:
@@ -647,7 +712,8 @@ class _Parser:
             arguments = raw.get("arguments") or []
             if not isinstance(arguments, list):
                 raise self.src.error(("arguments",), f"must be a list, got {_kind(arguments)}")
-            return ["python", script] + [self._arg(("arguments", _Index(i)), a) for i, a in enumerate(arguments)]
+            return [self._interpreter(raw), script] + [self._arg(("arguments", _Index(i)), a)
+                                                        for i, a in enumerate(arguments)]
         if value is None:
             return []
         if isinstance(value, str):
@@ -660,6 +726,15 @@ class _Parser:
             return [self._arg(path + (_Index(i),), item) for i, item in enumerate(value)]
         raise self.src.error(path, f"must be a list of strings or one string, got {_kind(value)}")
 
+    def _interpreter(self, raw: dict) -> str:
+        """environment.python.interpreterPath of a v1 run configuration, or python."""
+        env = raw.get("environment")
+        python = env.get("python") if isinstance(env, dict) else None
+        value = python.get("interpreterPath") if isinstance(python, dict) else None
+        if value is None or value == "":
+            return "python"
+        return self._arg(("environment", "python", "interpreterPath"), value)
+
     def _arg(self, path: tuple, value: object) -> str:
         if isinstance(value, (list, dict)) or value is None:
             raise self.src.error(path, f"must be a string, got {_kind(value)}")
@@ -671,6 +746,15 @@ class _Parser:
         if v1 and isinstance(value, dict) and any(k in _V1_ENV_KEYS for k in value if isinstance(k, str)):
             # A v1 environment definition: only its variables concern us.
             path, value = path + ("environmentVariables",), value.get("environmentVariables")
+        environment = self._variables(path, value, references)
+        if v1:
+            # The run's own variables (RunConfiguration.environment_variables)
+            # come on top of its environment's.
+            environment.update(self._variables(("environmentVariables",), raw.get("environmentVariables"),
+                                               references))
+        return environment
+
+    def _variables(self, path: tuple, value: object, references: dict[str, DataReference]) -> dict[str, str]:
         if value is None:
             return {}
         if not isinstance(value, dict):
