@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import traceback
 
 from mountd import __version__, tuning
@@ -214,6 +217,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _interrupted() -> int:
+    """Ctrl-C: one line and exit 130, now. A second Ctrl-C while leaving is
+    ignored (it would print a traceback from wherever it lands), and worker
+    threads still finishing a request are not waited for: what they were
+    writing is unnamed until complete, so nothing half-written stays."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("mountd: error: interrupted", file=sys.stderr)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     from mountd import logsetup
 
@@ -238,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mountd: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("mountd: error: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except Exception as e:  # a bug: say so in one line; --debug shows where
         if args.debug:
             traceback.print_exc()

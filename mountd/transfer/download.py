@@ -33,6 +33,10 @@ class UnsafeName(MountdError):
     pass
 
 
+class _Cancelled(Exception):
+    """The transfer was interrupted: a stream stops at its next piece."""
+
+
 def local_path_for(target_dir: str, name: str) -> str:
     """Where object `name` lands under target_dir; refuses names that would
     land elsewhere (absolute, '..', '.', empty parts, backslashes, NUL)."""
@@ -87,9 +91,30 @@ class _Download:
         self.lock = threading.Lock()
         self.remaining = len(self.parts)
         self.error: str | None = None
+        self.running = 0  # parts being fetched now: the file is closed only when none is
+        self.abandoned = False
+        self.finishing = False  # the last part is in: _finish owns the file
+
+    def abandon(self) -> None:
+        """The transfer stopped: drop the file now if no part is being
+        fetched, else when the last one running returns (closing it under a
+        worker that writes could hand the descriptor to another file)."""
+        with self.lock:
+            if self.finishing:
+                return
+            self.abandoned = True
+            idle = self.running == 0
+        if idle:
+            self.file.discard()
 
     def fetch(self, start: int, length: int) -> None:
+        with self.lock:
+            if self.abandoned:
+                return
+            self.running += 1
         def sink(offset: int, piece: memoryview) -> None:
+            if self.job.cancelled.is_set():
+                raise _Cancelled()
             self.file.pwrite(piece, offset)
             self.job.progress.bytes_moved(len(piece))
         try:
@@ -102,9 +127,13 @@ class _Download:
             with self.lock:
                 self.error = self.error or str(e)
         with self.lock:
+            self.running -= 1
             self.remaining -= 1
-            last = self.remaining == 0
-        if last:
+            drop = self.abandoned and self.running == 0
+            last = self.finishing = self.remaining == 0 and not self.abandoned
+        if drop:
+            self.file.discard()
+        elif last:
             self._finish()
 
     def _md5_of_file(self) -> bytes:
@@ -141,6 +170,10 @@ class _DownloadJob:
         self._made_dirs: set[str] = set()
         self.unfinished: set[_Download] = set()  # for clean-up after an abort
         self.lock = threading.Lock()
+        # Set when the transfer is interrupted: workers stop at their next
+        # piece or file, and each discards the file it was filling itself
+        # (closing it under a worker still writing gave EBADF).
+        self.cancelled = threading.Event()
 
     def makedirs(self, path: str) -> None:
         if path not in self._made_dirs:  # a set lookup instead of a system call per file
@@ -181,6 +214,8 @@ class _DownloadJob:
             pool.submit(download.fetch, start, length)
 
     def small_file(self, entry: Entry, final: str) -> None:
+        if self.cancelled.is_set():
+            return
         new = None
         try:
             if not _check_target(final, entry, self.overwrite):
@@ -208,6 +243,8 @@ class _DownloadJob:
                 new.discard()
 
     def failed(self, entry: Entry, reason: str) -> None:
+        if self.cancelled.is_set():
+            return  # not a failure of the file: the transfer was stopped
         self.progress.failed(entry.path, reason)
         log.error("download of %s failed: %s", entry.path, reason)
 
@@ -229,8 +266,11 @@ def download(store: ObjectStore, target_dir: str, prefix: str = "", overwrite: b
         with BoundedPool(workers, "download") as pool:
             for entry in store.walk(prefix or ""):
                 job.plan(entry, pool)
+    except BaseException:
+        job.cancelled.set()  # (an interrupt, or a listing that failed)
+        raise
     finally:
-        for leftover in job.unfinished:  # only after an abort: drop partial files
-            leftover.file.discard()
+        for leftover in list(job.unfinished):  # only after an abort: drop partial files
+            leftover.abandon()
         report = progress.close()
     return report

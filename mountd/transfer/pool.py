@@ -28,7 +28,11 @@ class BoundedPool:
         self._pool.submit(run)
 
     def close(self, cancel: bool = False) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        """Wait for every task; with `cancel` (the caller is failing or was
+        interrupted), drop the queued ones and wait for none: a task in the
+        middle of a request would hold an interrupted command up for as long
+        as storage takes to answer (up to the read timeout)."""
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
         if self.error is not None and not cancel:
             raise self.error
 

@@ -302,3 +302,50 @@ def test_a_container_or_share_sas_that_can_read_and_list_is_enough(kind, tmp_pat
     assert (tmp_path / "out" / "data" / "a.txt").read_bytes() == b"alpha"
     mp = mounter("sasstore:data", env=env)
     assert (mp / "a.txt").read_bytes() == b"alpha"
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_stops_a_download_at_once_with_one_line(signals, tmp_path, azurite, container, fault_proxy):
+    # Workers are in the middle of long reads (storage stalls) when Ctrl-C
+    # comes: the command must not wait for them, must not report the files
+    # they were writing as failed, and a second Ctrl-C must not print a
+    # traceback. Nothing half-written appears under a file's name.
+    import signal
+    import subprocess
+    import sys
+    import time
+    big = os.urandom(1 << 20) * 40
+    for i in range(3):
+        container.upload_blob(f"big/{i}.bin", big)
+    for i in range(200):
+        container.upload_blob(f"small/{i:03d}.bin", b"s" * 1000)
+    proxy = fault_proxy(azurite.port)
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(yaml.safe_dump({"datastores": {"slow": dict(blob_workspace_entry(azurite, container.container_name),
+                                                             endpoint=proxy.url(azurite.account_url))}}))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "download", "slow", out, "--no-progress"],
+                            env={**os.environ, "MOUNTD_WORKSPACE": str(ws), KEY_ENV: KEY}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (out / "small").exists() and time.monotonic() < deadline:  # transfers under way
+        time.sleep(0.02)
+    proxy.outage("stall")  # every request in flight, and any new one, hangs
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    if signals == 2:
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proxy.restore()
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - started
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["mountd: error: interrupted"], err
+    assert took < 2.5
+    for f in (out / "big").glob("*") if (out / "big").exists() else ():
+        assert f.read_bytes() == big  # complete, or not there at all
