@@ -52,8 +52,11 @@ class SignalState:
             log.info("passed signal %s to the training process", signal.Signals(signum).name)
         elif signum in STOP_SIGNALS:
             if self.stops >= 2 or child is not None:
+                # the training process has ended (on its own, or on the first
+                # signal): this one is for the uploads
                 self.abort_uploads.set()
-                log.warning("second stop signal: aborting uploads; local outputs are kept")
+                log.warning("stop signal: aborting uploads: files not started stay journaled and the local "
+                            "outputs are kept (`mountd resume` finishes them)")
             else:
                 log.warning("stop signal before the training process started: stopping")
                 raise KeyboardInterrupt

@@ -223,9 +223,10 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
                 continue
             with open_store(ref.datastore) as store:
                 store.check()
-                report = upload_mod.upload(store, job.remaining(), ref.overwrite, show_progress=False,
+                # a bar per reference on a terminal, as staging shows for downloads
+                report = upload_mod.upload(store, job.remaining(), ref.overwrite, show_progress=True,
                                            empty_dirs=empty_dirs, refused=refused, cancel=signals.abort_uploads,
-                                           job=job)
+                                           job=job, label=ref.name)
         except MountdError as e:
             state.failures.append(f"upload {ref.name}: {e}")
             log.error("upload of %s failed: %s (the files stay in %s)", ref.name, e, ref.path_on_compute)

@@ -499,3 +499,58 @@ def test_pid1_sigterm_forwards_reaps_and_uploads(job, tmp_path):
     assert b"a.txt" in uploaded["listing"]
     assert "passed signal SIGTERM to the training process" in err
     assert no_mounts_under(tmp_path)
+
+
+def test_a_first_stop_signal_during_uploads_aborts_them_as_it_says(job, tmp_path):
+    # The training process ends on its own; a Ctrl-C while its outputs go up
+    # is the first stop signal of the run, and it stops the uploads (files
+    # not started stay journaled for `mountd resume`).
+    script = _write_outputs_script(tmp_path, 600, 256 * 1024)
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(job()), "--", sys.executable, str(script)],
+                            cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "training process exited" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(60)
+    assert "stop signal: aborting uploads" in rest and "second" not in rest, rest
+    assert proc.returncode == 3, rest  # the job succeeded; not all of its outputs reached storage
+    uploaded = job.remote.files("runs/r1/out")
+    assert len(uploaded) < 600, "the uploads were not stopped"
+    r = run_cli("resume", "--work-dir", tmp_path / "work", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert len({n for n in job.remote.files("runs/r1/out") if not is_temporary(n)}) == 600
+
+
+@pytest.mark.parametrize("remote", ["blob"], indirect=True)
+def test_uploads_show_a_progress_bar_on_a_terminal(job, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    script = _write_outputs_script(tmp_path, 40, 256 * 1024)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(job()), "--", sys.executable, str(script)],
+                            cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stdin=secondary, stdout=secondary,
+                            stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # the terminal is gone: the run ended
+            break
+        if not data:
+            break
+        screen += data
+    proc.wait(60)
+    os.close(primary)
+    text = screen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    # tqdm draws "outputs:  ...%|...| n/total" for the upload reference
+    assert "outputs:" in text and "%|" in text.split("training process exited", 1)[1], text
