@@ -137,6 +137,9 @@ def _plan_upload(ref: DataReference) -> tuple[list, list, list]:
     target = ref.path_on_datastore
     if target.rpartition("/")[2] != name:
         target = f"{target}/{name}" if target else name
+    # as for a tree: a link is followed only within the directory it is in
+    if os.path.islink(path) and not upload_mod._is_inside(path, os.path.dirname(path)):
+        return [], [], [(path, "symbolic link points outside its directory")]
     return [(path, target)], [], []
 
 

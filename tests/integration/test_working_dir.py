@@ -104,3 +104,15 @@ def test_validate_shows_paths_under_the_working_dir(setup):
     assert r.returncode == 0, r.stderr
     assert f"-> {job}/bar.pkl" in r.stdout and f"-> {job}/outputs" in r.stdout, r.stdout
     assert f"  working dir: {job}\n" in r.stdout, r.stdout
+
+
+def test_a_file_upload_that_is_a_link_out_of_its_directory_is_refused(setup, tmp_path):
+    remote, job, manifest = setup
+    (tmp_path / "secret.txt").write_text("not an output")
+    path = manifest(job, data_references={
+        "model": {"path_on_datastore": "models", "mode": "upload", "path_on_compute": "bar.pkl"}},
+        command=["ln", "-s", str(tmp_path / "secret.txt"), "bar.pkl"])
+    r = mountd("run", path, cwd=job)
+    assert r.returncode == 3, r.stderr  # the command succeeded, an output did not upload
+    assert f"{job}/bar.pkl: symbolic link points outside its directory" in r.stderr, r.stderr
+    assert remote.files("models") == {}
