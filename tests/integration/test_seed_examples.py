@@ -309,3 +309,20 @@ def test_estimator_with_inputs(ws, azurite, fileshare, code_directory):
     assert seen["AZUREML_DATAREFERENCE_ds1"] == [os.path.join("sub", "x.txt")]  # all of ds1, before the script
     foo = [v for k, v in seen.items() if k not in ("AZUREML_DATAREFERENCE_ds1", "AZUREML_DATAREFERENCE_ds3")]
     assert foo == [["f.txt"]]  # ds2's ./foo only
+
+
+def test_estimator_bad_input_is_refused_before_anything_runs(ws, code_directory):
+    from mountd.api import Estimator, RunManifest, Workspace
+    from mountd.errors import UsageError
+    with pytest.raises(UsageError, match="entry_script nothere.py is not a file in .*your code directory"):
+        Estimator(source_directory='your code directory', entry_script='nothere.py')
+    other = Workspace.from_config(os.path.abspath("other/ws.yaml"))
+    a = local_store(ws, "a").as_download()
+    b = other.get_default_datastore().as_download()
+    with pytest.raises(UsageError, match="different workspaces"):
+        RunManifest(command=["true"], references=[a, b]).run()
+    # a relative path_on_compute leading out of the working dir is refused: nothing ran, nothing made
+    with pytest.raises(UsageError, match="outside the allowed roots"):
+        Estimator(source_directory='your code directory', entry_script='train.py',
+                  inputs=[local_store(ws, "c").as_download(path_on_compute="../../../escape")]).run()
+    assert not (code_directory / "bar.pkl").exists() and not os.path.exists("mountd-runs")
