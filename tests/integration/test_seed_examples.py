@@ -10,7 +10,6 @@ import os
 import uuid
 
 import pytest
-import yaml
 
 from tests.conftest import KEY
 
@@ -71,7 +70,7 @@ def local_store(ws, name, files=None):
 # -- Vereisten ---------------------------------------------------------------------------
 def test_workspace_from_config(tmp_path, monkeypatch):
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "cfg" / "workspace.yaml"))
-    import mountd.api
+    import mountd.api  # noqa: F401 (the seed's `import azureml.data`)
     from mountd.api import Workspace, Datastore
 
     ws = Workspace.from_config()
@@ -168,7 +167,7 @@ def test_set_default_datastore(ws, azurite):
 # -- Uploaden en downloaden van gegevens -----------------------------------------------------
 @pytest.mark.parametrize("kind", ["blob", "file"])
 def test_upload(ws, kind, request, capsys):
-    import mountd.api
+    import mountd.api  # noqa: F401 (the seed's `import azureml.data`)
     from mountd.api import AzureFileDatastore, AzureBlobDatastore
     ds = register_blob(ws, request.getfixturevalue("azurite")) if kind == "blob" else \
         register_share(ws, request.getfixturevalue("fileshare"))
@@ -207,7 +206,7 @@ def test_download(ws, kind, request, capsys):
 
 # -- Toegang tot gegevensopslag tijdens de training -------------------------------------------
 def test_as_mount_as_download_as_upload(ws, fuse_available):
-    import mountd.api
+    import mountd.api  # noqa: F401 (the seed's `import azureml.data`)
     from mountd.api import DataReference, RunManifest
     ds = local_store(ws, "your_datastore", {"data.txt": "payload"})
 
