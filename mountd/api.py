@@ -11,7 +11,11 @@ against mountd's workspace file:
     images = ds.path("datasets/cifar").as_mount()
     outputs = ds.path("runs/{run_id}/outputs").as_upload(path_on_compute="./outputs")
     RunManifest(command=["python", "train.py", "--data", images, "--out", outputs]).write("job.yaml")
-    # then: mountd run job.yaml
+    # then: mountd run job.yaml, or run it here: RunManifest(...).run()
+
+    est = Estimator(source_directory=".", entry_script="train.py", script_params={"--data_dir": images},
+                    inputs=[outputs])
+    est.run()  # on this node, as `mountd run` would; returns the script's exit code
 
 A literal secret passed to a register call is kept in a private file
 (mode 0600) beside the workspace file and referenced from it, never written
@@ -20,7 +24,9 @@ into the workspace file itself.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 import uuid
 
@@ -63,7 +69,15 @@ class Workspace:
 
 
 class Datastore:
-    """A registered datastore: upload to it, download from it."""
+    """A registered datastore: upload to it, download from it. A blob
+    container is an AzureBlobDatastore, a file share an AzureFileDatastore,
+    as in the seed."""
+
+    def __new__(cls, workspace: Workspace, config: DatastoreConfig | str):
+        if cls is Datastore:
+            kind = (workspace._file.get(config) if isinstance(config, str) else config).type
+            cls = {"azure_blob": AzureBlobDatastore, "azure_file": AzureFileDatastore}.get(kind, Datastore)
+        return super().__new__(cls)
 
     def __init__(self, workspace: Workspace, config: DatastoreConfig | str):
         if isinstance(config, str):
@@ -208,6 +222,14 @@ class Datastore:
         return _result(report, show_progress)
 
 
+class AzureBlobDatastore(Datastore):
+    """A datastore on an Azure Blob container."""
+
+
+class AzureFileDatastore(Datastore):
+    """A datastore on an Azure File share."""
+
+
 def _result(report, show_progress: bool) -> int:
     if show_progress:
         print(report.summary())
@@ -295,7 +317,8 @@ class RunManifest:
     command may hold DataReference objects; each stands for its local path."""
 
     def __init__(self, references=(), command=(), environment: dict | None = None, run_id: str | None = None,
-                 upload_when: str = "always", cache: dict | None = None, work_dir: str | None = None):
+                 upload_when: str = "always", cache: dict | None = None, work_dir: str | None = None,
+                 working_dir: str | None = None):
         self.references = list(references)
         for arg in command:  # references used only as arguments count too
             if isinstance(arg, DataReference) and all(arg is not r for r in self.references):
@@ -306,6 +329,7 @@ class RunManifest:
         self.command = [str(a) for a in command]
         self.environment = dict(environment or {})
         self.run_id, self.upload_when, self.cache, self.work_dir = run_id, upload_when, cache, work_dir
+        self.working_dir = working_dir  # where the command runs; default: the current directory
 
     def to_dict(self) -> dict:
         body = {}
@@ -321,10 +345,87 @@ class RunManifest:
             body["cache"] = self.cache
         if self.work_dir:
             body["work_dir"] = self.work_dir
+        if self.working_dir:
+            body["working_dir"] = self.working_dir
         return body
 
     def write(self, path: str) -> str:
-        import yaml
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False, allow_unicode=True)
-        return path
+        return _write_yaml(self.to_dict(), path)
+
+    def run(self, workspace: Workspace | None = None, log_level: str = "info") -> int:
+        """Run it on this node through the same lifecycle as `mountd run`
+        (stage, mount, run the command, unmount, upload) and return the exit
+        code `mountd run` would. The manifest is kept as WORK_DIR/manifest.yaml,
+        where `mountd resume` finds it. Relative work_dir and working_dir are
+        relative to the current directory, as everywhere in Python. Bad input
+        raises UsageError (nothing started)."""
+        from mountd import logsetup, tuning
+        from mountd.config.manifest import generate_run_id, load_manifest
+        from mountd.run import lifecycle
+
+        workspace = workspace or self._workspace()
+        body = self.to_dict()
+        body["run_id"] = self.run_id or generate_run_id()
+        for key in ("work_dir", "working_dir"):
+            if body.get(key):
+                body[key] = os.path.abspath(os.path.expanduser(body[key]))
+        with tempfile.TemporaryDirectory(prefix="mountd-manifest-") as tmp:
+            draft = _write_yaml(body, os.path.join(tmp, "manifest.yaml"))
+            manifest = load_manifest(draft, workspace._file)  # validated before anything is created
+        os.makedirs(manifest.work_dir, exist_ok=True)
+        manifest = load_manifest(_write_yaml(body, os.path.join(manifest.work_dir, "manifest.yaml")),
+                                 workspace._file)
+        if not logging.getLogger().handlers:  # say what happens, as `mountd run` does
+            logsetup.setup(log_level)
+        tuning.for_transfers()
+        return lifecycle.run(manifest, log_level=log_level)
+
+    def _workspace(self) -> Workspace:
+        workspaces = {id(r.datastore.workspace): r.datastore.workspace for r in self.references}
+        if len(workspaces) > 1:
+            raise UsageError("the data references come from different workspaces: pass run(workspace=...)")
+        return next(iter(workspaces.values())) if workspaces else Workspace.from_config()
+
+
+def _write_yaml(body: dict, path: str) -> str:
+    import yaml
+    # 0600: a manifest's environment may hold what the job needs kept private
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        yaml.safe_dump(body, f, sort_keys=False, allow_unicode=True)
+    return path
+
+
+class Estimator:
+    """The seed's Estimator, run on this node: `python ENTRY_SCRIPT
+    [--param value ...]` in `source_directory` (the job's working directory,
+    so the script's ./bar.pkl is the as_upload(path_on_compute='./bar.pkl')
+    reference's file), with the references of `script_params` and `inputs`
+    mounted, downloaded or uploaded as in `mountd run`. `compute_target` is
+    accepted for the seed's sake; the job runs here."""
+
+    def __init__(self, source_directory: str, entry_script: str, script_params: dict | None = None,
+                 inputs=(), compute_target=None, environment_variables: dict | None = None,
+                 run_id: str | None = None, work_dir: str | None = None, python: str | None = None):
+        if not isinstance(entry_script, str) or not entry_script:
+            raise UsageError("entry_script must name the script to run")
+        self.source_directory = os.path.abspath(os.path.expanduser(source_directory))
+        if not os.path.isfile(os.path.join(self.source_directory, entry_script)):
+            raise UsageError(f"entry_script {entry_script} is not a file in {self.source_directory}")
+        self.entry_script = entry_script
+        self.script_params = dict(script_params or {})
+        self.inputs = list(inputs or [])
+        self.compute_target = compute_target
+        arguments = []
+        for key, value in self.script_params.items():
+            arguments.append(str(key))
+            if value is not None:  # a flag without a value
+                arguments.append(value if isinstance(value, DataReference) else str(value))
+        # the interpreter mountd runs under, unless told: the one the job's packages are in
+        self.manifest = RunManifest(references=self.inputs,
+                                    command=[python or sys.executable, entry_script, *arguments],
+                                    environment=environment_variables, run_id=run_id, work_dir=work_dir,
+                                    working_dir=self.source_directory)
+
+    def run(self, workspace: Workspace | None = None, log_level: str = "info") -> int:
+        """Run it here through `mountd run`'s lifecycle; returns the exit code."""
+        return self.manifest.run(workspace, log_level)

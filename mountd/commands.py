@@ -217,6 +217,7 @@ def _load_manifest(args):
 def validate(args) -> int:
     manifest = _load_manifest(args)
     print(f"{manifest.path}: valid (run {manifest.run_id}, node rank {manifest.node_rank}, work dir {manifest.work_dir})")
+    print(f"  working dir: {manifest.working_dir}")
     for ref in manifest.references.values():
         rw = " read-write" if ref.read_write else ""
         print(f"  {ref.env_name}: {ref.mode}{rw} {ref.datastore.name}:{ref.path_on_datastore or '/'} "

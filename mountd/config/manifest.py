@@ -56,7 +56,7 @@ SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/proc", "/sys", "/dev"
                "/var/spool", "/var/mail", "/var/db")
 
 _TOP_KEYS = ("run_id", "work_dir", "datastores", "data_references", "dataReferences", "command", "environment",
-             "pass_environment", "upload_when", "cache")
+             "pass_environment", "upload_when", "cache", "working_dir")
 # The rest of an Azure ML v1 run configuration as RunConfiguration.save()
 # writes it (azureml-core 1.x; tests/data/runconfigs). Honoured: `script`,
 # `arguments`, `environmentVariables`, `environment.environmentVariables` and
@@ -86,7 +86,7 @@ class DataReference:
     datastore: DatastoreConfig  # a workspace datastore, an inline one, or one implied by a URI
     path_on_datastore: str  # normalized (no leading/trailing '/'); "" is the root
     mode: str  # mount | download | upload
-    path_on_compute: str  # absolute, inside the allowed roots
+    path_on_compute: str  # absolute, inside the allowed roots; a relative one was taken from working_dir
     overwrite: bool
     read_write: bool  # mounts only
 
@@ -116,6 +116,10 @@ class Manifest:
     # passed to the command unless listed in `pass_environment`.
     secret_variables: frozenset[str] = frozenset()
     pass_environment: tuple[str, ...] = ()  # passed on from mountd's environment as they are
+    # The job's working directory: where the command runs and what a relative
+    # path_on_compute is relative to (as in Azure ML). Absolute; by default the
+    # directory mountd was started in when none is given.
+    working_dir: str = ""
 
     def reference_environment(self) -> dict[str, str]:
         """$AZUREML_DATAREFERENCE_<name> -> path_on_compute, for the child."""
@@ -331,6 +335,9 @@ class _Parser:
         self.origins: dict[str, tuple] = {}  # reference -> the field that chose its datastore
         self.compute_fields: dict[str, tuple] = {}  # reference -> its path_on_compute field
         self.reals: dict[str, str] = {}  # reference -> path_on_compute, links resolved
+        self.working_dir = ""  # the base of relative path_on_compute; "" when that is a system directory
+        self.working_dir_base = ""  # the working directory, even a system one (for messages)
+        self.working_dir_note = ""
 
     def parse(self, data: object, abspath: str, work_dir_arg: str | None) -> Manifest:
         raw = self._top(data)
@@ -338,8 +345,9 @@ class _Parser:
         run_id = self._run_id(raw.get("run_id"))
         self.values = {"run_id": run_id, "node_rank": detect_node_rank(self.environ)}
         work_dir = self._work_dir(raw.get("work_dir"), work_dir_arg, run_id)
+        working_dir = self._working_dir(raw.get("working_dir"), abspath)
         cache = self._cache(raw.get("cache"))
-        self._set_roots(work_dir, cache)
+        self._set_roots(work_dir, cache, working_dir)
         self._datastores(raw.get("datastores"))
         references = self._references(raw, v1, work_dir)
         command = self._command(raw, v1)
@@ -356,7 +364,7 @@ class _Parser:
                         upload_when=upload_when, cache=cache,
                         allowed_roots=tuple(dict.fromkeys(r.path for r in self.roots)),
                         workspace_path=self.workspace.path, secret_variables=self._secret_variables(),
-                        pass_environment=pass_environment)
+                        pass_environment=pass_environment, working_dir=working_dir)
 
     # -- top level --------------------------------------------------------------
     def _top(self, data: object) -> dict:
@@ -464,6 +472,35 @@ class _Parser:
             raise fail(f"{work_dir!r}{note} exists and is not a directory")
         return work_dir
 
+    def _working_dir(self, value: object, manifest_path: str) -> str:
+        """The job's working directory: `working_dir` (relative to the
+        manifest's directory), else the current directory. It may not be a
+        system directory; the current directory may be one (a service starts
+        in /), and then only a relative path_on_compute is refused."""
+        path = ("working_dir",)
+        self.working_dir_note = " (the directory mountd was started in; set working_dir)"
+        if value is None:
+            working_dir = _norm(os.getcwd())
+            self.working_dir = "" if self._system_dir(working_dir) else working_dir
+            self.working_dir_base = working_dir
+            return working_dir
+        text = self._expand(self._plain(path, value), self._failer(path))
+        if not text.strip():
+            raise self.src.error(path, "must not be empty (leave it out for the directory mountd is started in)")
+        working_dir = _norm(os.path.join(os.path.dirname(manifest_path), os.path.expanduser(text)))
+        system = self._system_dir(working_dir)
+        if system:
+            raise self.src.error(path, f"{working_dir!r} is {'the root directory' if system == '/' else 'in ' + system}"
+                                       "; choose a directory of your own (or list it in the workspace's "
+                                       "allowed_roots)")
+        if not os.path.isdir(working_dir):
+            problem = "is not a directory" if os.path.lexists(working_dir) else "does not exist"
+            raise self.src.error(path, f"{working_dir!r} {problem} (a relative working_dir is relative to the "
+                                       "manifest's directory)")
+        self.working_dir = self.working_dir_base = working_dir
+        self.working_dir_note = ""
+        return working_dir
+
     def _cache(self, section: object) -> CacheSettings:
         # defaults < workspace `cache:` < manifest `cache:` < DATASET_MOUNT_* variables
         ws_section, ws_path = self.workspace.cache, self.workspace.path
@@ -503,12 +540,14 @@ class _Parser:
         except (ValueError, TypeError, OverflowError) as e:  # e.g. a number too large for a float
             raise self.src.error(path, f"invalid setting: {_short(str(e), bare=True)}") from None
 
-    def _set_roots(self, work_dir: str, cache: CacheSettings) -> None:
+    def _set_roots(self, work_dir: str, cache: CacheSettings, working_dir: str) -> None:
         def root(path: str, what: str, strict: bool) -> _Root:
             path = _norm(path)
             return _Root(path, _real(path), what, strict)
         self.roots = [root(work_dir, "the work directory", True),
                       root(cache.directory, "the cache directory", True)]
+        if self.working_dir:  # not when it is a system directory
+            self.roots.append(root(working_dir, "the working directory", True))
         self.roots += [root(r, "an allowed root", False) for r in self.workspace.allowed_roots]
 
     def _datastores(self, section: object) -> None:
@@ -633,8 +672,12 @@ class _Parser:
             text = self._expand(self._plain(path, value), self._failer(path))
             if not text.strip():
                 raise self.src.error(path, "must not be empty (leave it out for the default)")
-            # Relative paths are relative to the work dir; os.path.join keeps an absolute one.
-            compute = _norm(os.path.join(work_dir, os.path.expanduser(text)))
+            text = os.path.expanduser(text)
+            if not os.path.isabs(text) and not self.working_dir:
+                raise self.src.error(path, f"{text!r} is relative to the working directory "
+                                           f"{self.working_dir_base!r}{self.working_dir_note}, a system directory")
+            # Relative paths are relative to the job's working directory, as in Azure ML.
+            compute = _norm(os.path.join(self.working_dir, text))
         real = _real(compute)
         self._check_inside_roots(path, compute, real)
         self.reals[name] = real
@@ -644,7 +687,7 @@ class _Parser:
         if not self._allowed(compute, real):
             inside_lexically = any(_within(compute, r.path) for r in self.roots)
             if inside_lexically and any(compute == r.path for r in self.roots if r.strict):
-                reason = "is the work or cache directory itself; give a directory inside it"
+                reason = "is the work, cache or working directory itself; give a directory inside it"
             elif inside_lexically and real != compute:
                 reason = f"leads through a symbolic link to {real!r}, outside the allowed roots"
             else:

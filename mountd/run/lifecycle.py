@@ -80,7 +80,7 @@ def check_local_paths(manifest: Manifest, fuse_ok: bool) -> None:
     where a reference's directory goes. Checked before anything changes."""
     for ref in manifest.references.values():
         path = ref.path_on_compute
-        if os.path.exists(path) and not os.path.isdir(path):
+        if os.path.exists(path) and not os.path.isdir(path) and ref.mode != "upload":
             raise UsageError(f"data reference {ref.name}: path_on_compute {path} exists and is not a directory")
         if ref.mode == "mount" and fuse_ok and os.path.isdir(path):
             if mounts.is_mounted(path):
@@ -108,11 +108,39 @@ def plan(manifest: Manifest) -> Plan:
     return result
 
 
+def upload_is_file(ref: DataReference) -> bool:
+    """An upload reference names one file (the seed's `./bar.pkl`) when a file
+    is there, or, before the command ran, when its last part has a suffix."""
+    path = ref.path_on_compute
+    if os.path.lexists(path):
+        return not os.path.isdir(path)
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    return bool(stem and suffix)
+
+
 def prepare_uploads(state: RunState, refs: list[DataReference]) -> None:
-    """Create the directories outputs are written to."""
+    """Create the directories outputs are written to (for a file, the
+    directory it goes in)."""
     for ref in refs:
-        os.makedirs(ref.path_on_compute, exist_ok=True)
+        os.makedirs(os.path.dirname(ref.path_on_compute) if upload_is_file(ref) else ref.path_on_compute,
+                    exist_ok=True)
         state.paths[ref.name] = ref.path_on_compute
+
+
+def _plan_upload(ref: DataReference) -> tuple[list, list, list]:
+    """(files, empty directories, refused) of one upload reference. A file
+    goes to path_on_datastore when that ends in its name, else under it."""
+    path = ref.path_on_compute
+    if os.path.isdir(path):
+        return upload_mod.plan_tree(path, ref.path_on_datastore)
+    name = os.path.basename(path)
+    target = ref.path_on_datastore
+    if target.rpartition("/")[2] != name:
+        target = f"{target}/{name}" if target else name
+    # as for a tree: a link is followed only within the directory it is in
+    if os.path.islink(path) and not upload_mod._is_inside(path, os.path.dirname(path)):
+        return [], [], [(path, "symbolic link points outside its directory")]
+    return [(path, target)], [], []
 
 
 def _stage(state: RunState, ref: DataReference) -> None:
@@ -211,11 +239,11 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
     manifest = state.manifest
     journal = Journal(manifest.work_dir)
     for ref in refs:
-        if not os.path.isdir(ref.path_on_compute):
+        if not os.path.isdir(ref.path_on_compute) and not os.path.isfile(ref.path_on_compute):
             log.warning("upload %s: %s does not exist; nothing to upload", ref.name, ref.path_on_compute)
             continue
         try:
-            files, empty_dirs, refused = upload_mod.plan_tree(ref.path_on_compute, ref.path_on_datastore)
+            files, empty_dirs, refused = _plan_upload(ref)
             job = journal.add(datastore_record(ref.datastore, credential_source(manifest)), files, empty_dirs,
                               ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
             if signals.abort_uploads.is_set():
@@ -279,8 +307,8 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
             env.update(values)
             env["MOUNTD_RUN_ID"] = manifest.run_id
             argv = substitute(command, values)
-            log.info("running: %s", " ".join(argv))
-            code = child_mod.run_child(argv, env, None, signals)
+            log.info("running in %s: %s", manifest.working_dir or os.getcwd(), " ".join(argv))
+            code = child_mod.run_child(argv, env, manifest.working_dir or None, signals)
             log.info("training process exited with code %d", code)
     except KeyboardInterrupt:
         log.warning("interrupted before the training process started")

@@ -64,9 +64,11 @@ def load(env, text: str, **kw) -> Manifest:
 # -- the happy paths ------------------------------------------------------------------
 def test_every_field(env, monkeypatch):
     monkeypatch.setenv("EXTRA_SAS", "sv=2022&sig=x")
+    (env.tmp / "job").mkdir()
     m = load(env, """\
         run_id: exp42-7
         work_dir: @TMP@/work/{run_id}
+        working_dir: job
         datastores:
           extra:
             type: azure_blob
@@ -105,7 +107,8 @@ def test_every_field(env, monkeypatch):
     assert images.env_name == "AZUREML_DATAREFERENCE_images"
     assert (labels.datastore.name, labels.datastore.account_name) == ("extra", "extraacct")
     assert (labels.path_on_datastore, labels.mode, labels.overwrite) == ("labels/2", "download", True)
-    assert labels.path_on_compute == f"{work}/inputs/labels"
+    assert m.working_dir == str(env.tmp / "job")  # relative to the manifest
+    assert labels.path_on_compute == str(env.tmp / "job" / "inputs" / "labels")
     assert (outputs.datastore.name, outputs.path_on_datastore) == ("localdata", "runs/exp42-7/outputs/2")
     assert outputs.path_on_compute == str(env.tmp / "allowed" / "outputs")
     assert m.command == ["python", "train.py", "--epochs", "2"]
@@ -113,7 +116,7 @@ def test_every_field(env, monkeypatch):
     assert m.upload_when == "on_success"
     assert (m.cache.dir, m.cache.max_size, m.cache.memory) == (str(env.tmp / "cache"), 50 * 10**9, 512 * 10**6)
     assert (m.cache.block_size, m.cache.readahead_blocks, m.cache.attribute_ttl) == (8 * MiB, 16, 120.0)
-    assert set(m.allowed_roots) == {work, str(env.tmp / "cache"), str(env.tmp / "allowed")}
+    assert set(m.allowed_roots) == {work, str(env.tmp / "cache"), str(env.tmp / "allowed"), m.working_dir}
     assert m.reference_environment()["AZUREML_DATAREFERENCE_outputs"] == outputs.path_on_compute
     assert "c2VjcmV0" not in repr(m) and "EPOCHS" not in repr(m)
 
@@ -133,6 +136,43 @@ def test_defaults(env):
     assert (data.overwrite, data.read_write) == (False, False)
     assert (m.node_rank, m.upload_when, m.command, m.environment) == ("0", "always", [], {})
     assert m.cache.max_size == 10 * GiB
+
+
+def test_working_dir_is_the_base_of_relative_paths_and_work_dir_stays_mountds(env):
+    m = load(env, """\
+        run_id: r1
+        data_references:
+          model: {mode: upload, path_on_compute: ./bar.pkl}
+          outputs: {mode: upload, path_on_compute: outputs}
+          data: {mode: download}
+        """)
+    assert m.working_dir == env.cwd  # the directory mountd was started in
+    assert m.work_dir == os.path.join(env.cwd, "mountd-runs", "r1")
+    assert m.references["model"].path_on_compute == os.path.join(env.cwd, "bar.pkl")
+    assert m.references["outputs"].path_on_compute == os.path.join(env.cwd, "outputs")
+    assert m.references["data"].path_on_compute == os.path.join(m.work_dir, "downloads", "data")
+    (env.tmp / "job" / "sub").mkdir(parents=True)
+    m = load(env, "working_dir: job/sub/..\ndata_references:\n  o: {mode: upload, path_on_compute: ./o}\n")
+    assert m.working_dir == str(env.tmp / "job")  # relative to the manifest, not to the cwd
+    assert m.references["o"].path_on_compute == str(env.tmp / "job" / "o")
+    m = load(env, f"working_dir: {env.tmp}/job\ndata_references:\n  o: {{mode: upload, path_on_compute: "
+                  f"{env.tmp}/allowed/o}}\n")
+    assert m.references["o"].path_on_compute == str(env.tmp / "allowed" / "o")
+
+
+def test_a_system_directory_as_working_dir(env, monkeypatch):
+    with pytest.raises(UsageError, match=r"working_dir: '/etc/x' is in /etc; choose a directory of your own"):
+        load(env, "working_dir: /etc/x\n")
+    with pytest.raises(UsageError, match=r"working_dir: '/' is the root directory"):
+        load(env, "working_dir: /\n")
+    # started in / (as a service is): the command runs there, but nothing
+    # relative may be written there
+    monkeypatch.chdir("/")
+    m = load(env, f"work_dir: {env.tmp}/w\ndata_references:\n  o: {{mode: upload, path_on_compute: {env.tmp}/w/o}}\n")
+    assert m.working_dir == "/"
+    with pytest.raises(UsageError, match=r"'etc/x' is relative to the working directory '/' \(the directory mountd "
+                                         r"was started in; set working_dir\), a system directory"):
+        load(env, f"work_dir: {env.tmp}/w\ndata_references:\n  o: {{mode: upload, path_on_compute: etc/x}}\n")
 
 
 def test_run_ids_differ():
@@ -237,7 +277,7 @@ def test_v1_run_configuration(env):
     assert (inp.datastore.name, inp.path_on_datastore, inp.mode) == ("training", "datasets/cifar", "mount")
     assert inp.path_on_compute == os.path.join(m.work_dir, "mounts", "input_data")
     assert (out.mode, out.overwrite, out.path_on_datastore) == ("upload", True, f"runs/{m.run_id}")
-    assert out.path_on_compute == os.path.join(m.work_dir, "outputs")
+    assert out.path_on_compute == os.path.join(env.cwd, "outputs")
 
 
 def test_v1_with_an_explicit_command_and_plain_environment(env):
@@ -358,7 +398,7 @@ def test_placeholders_in_every_path_field(env):
         """, environ={"RANK": "4"})
     assert m.work_dir == str(env.tmp / "w" / "r9-4")
     assert m.references["a"].path_on_datastore == "in/{literal}/r9"
-    assert m.references["a"].path_on_compute == os.path.join(m.work_dir, "in-4")
+    assert m.references["a"].path_on_compute == os.path.join(env.cwd, "in-4")
     assert m.references["b"].path_on_datastore == "r9/4"
 
 
@@ -366,6 +406,7 @@ def test_placeholders_in_every_path_field(env):
 def _symlink_to_etc(env, monkeypatch):
     (env.tmp / "work").mkdir()
     os.symlink("/etc", env.tmp / "work" / "link")
+    os.symlink("/etc", os.path.join(env.cwd, "link"))  # relative path_on_compute: under the working dir
 
 
 def _etc_link_outside(env, monkeypatch):
@@ -448,6 +489,14 @@ BAD = [
      "  b: {mode: download, path_on_compute: in/a/b}  #<\n", "data_references.b.path_on_compute", None),
     ("compute-same", "data_references:\n  a: {mode: mount, path_on_compute: in/a}\n"
      "  b: {mode: download, path_on_compute: in/a/}  #<\n", "data_references.b.path_on_compute", None),
+    ("working-dir-in-etc", "working_dir: /etc/cron.d  #<\n", "working_dir", None),
+    ("working-dir-missing", "working_dir: nowhere  #<\n", "working_dir", None),
+    ("working-dir-a-file", "working_dir: manifest.yaml  #<\n", "working_dir", None),
+    ("working-dir-empty", "working_dir: ''  #<\n", "working_dir", None),
+    ("compute-is-working-dir", REF + "    mode: upload\n    path_on_compute: ./  #<\n",
+     "data_references.images.path_on_compute", None),
+    ("compute-contains-working-dir", REF + "    mode: download\n    path_on_compute: ..  #<\n",
+     "data_references.images.path_on_compute", None),
     ("compute-control-character", REF + "    mode: download\n    path_on_compute: \"a\\tb\"  #<\n",
      "data_references.images.path_on_compute", None),
     ("work-dir-etc", "work_dir: /etc  #<\n", "work_dir", None),
