@@ -23,8 +23,8 @@ CREDENTIAL_FLAGS = {
 }
 
 
-def _workspace(args) -> Workspace:
-    return Workspace.load(getattr(args, "workspace", None))
+def _workspace(args, missing_ok: bool = False) -> Workspace:
+    return Workspace.load(getattr(args, "workspace", None), missing_ok=missing_ok)
 
 
 def _credential_spec(args) -> dict:
@@ -39,7 +39,7 @@ def _credential_spec(args) -> dict:
 
 
 def _register(args, raw: dict) -> int:
-    ws = _workspace(args)
+    ws = _workspace(args, missing_ok=True)  # the first registration creates the file
     cfg = datastores.parse(args.name, raw, "datastore register")
     if not args.skip_validation or args.create_if_not_exists:
         with open_store(cfg, create=args.create_if_not_exists) as store:

@@ -183,6 +183,12 @@ COMMANDS = [
     ("remove-built-in", ["datastore", "remove", "workspacelocalstore"], {}, "built in and cannot be removed"),
     ("run-missing-manifest", ["run", "@TMP@/absent.yaml"], {}, "does not exist"),
     ("validate-missing-manifest", ["validate", "@TMP@/absent.yaml"], {}, "does not exist"),
+    ("workspace-missing", ["--workspace", "@TMP@/absent.yaml", "datastore", "list"], {},
+     "the workspace file @TMP@/absent.yaml (named by --workspace) does not exist"),
+    ("workspace-missing-after-command", ["upload", "good", "@TMP@/src", "--workspace", "@TMP@/absent.yaml"], {},
+     "does not exist: check the path"),
+    ("workspace-variable-missing", ["datastore", "list"], {"MOUNTD_WORKSPACE": "/nonexistent/ws.yaml"},
+     "the workspace file /nonexistent/ws.yaml (named by $MOUNTD_WORKSPACE) does not exist"),
     ("workspace-is-a-directory", ["--workspace", "@TMP@/root", "datastore", "list"], {}, "@TMP@/root"),
 ]
 

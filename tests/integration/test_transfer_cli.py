@@ -269,6 +269,7 @@ def test_unreachable_endpoint_and_bad_yaml_exit_2(tmp_path, mountd_cli, monkeypa
 
 
 def test_debug_shows_traceback(tmp_path, mountd_cli):
+    (tmp_path / "w.yaml").write_text("datastores: {}\n")
     r = mountd_cli("--debug", "--workspace", tmp_path / "w.yaml", "download", "nope", tmp_path / "o")
     assert r.code == 2 and "Traceback" in r.err and r.err.strip().endswith("unknown datastore 'nope' (known: workspacelocalstore)")
 
