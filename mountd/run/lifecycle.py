@@ -60,6 +60,26 @@ def substitute(args: list[str], values: dict[str, str]) -> list[str]:
     return [_REF.sub(repl, a) for a in args]
 
 
+def check_references_named(args: list[str], manifest: Manifest) -> None:
+    """UsageError for a $AZUREML_DATAREFERENCE_x in the command that names no
+    data reference of the manifest: passed through unchanged, the script
+    would get a literal '$AZUREML_DATAREFERENCE_x' for a path."""
+    import difflib
+    known = sorted(ref.env_name for ref in manifest.references.values())
+    for arg in args:
+        for m in _REF.finditer(arg):
+            name = m.group(1) or m.group(2)
+            if name in known:
+                continue
+            # compared on the part after the common prefix, which would make every name look close
+            tails = {k[len("AZUREML_DATAREFERENCE_"):]: k for k in known}
+            close = difflib.get_close_matches(name[len("AZUREML_DATAREFERENCE_"):], list(tails), n=1, cutoff=0.6)
+            hint = (f"did you mean ${tails[close[0]]}?" if close else
+                    f"the manifest's references are {', '.join('$' + k for k in known)}" if known else
+                    "the manifest has no data references")
+            raise UsageError(f"the command names ${name}, which is no data reference of the manifest: {hint}")
+
+
 def child_environment(manifest: Manifest, environ) -> dict[str, str]:
     """The training process's environment: mountd's own without the
     variables that hold datastore secrets (unless the manifest lists them
@@ -255,6 +275,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     command = command or manifest.command
     if not command:
         raise UsageError("no command: give one in the manifest (command:) or after `--`")
+    check_references_named(command, manifest)
     refs = list(manifest.references.values())
     todo = plan(manifest)
     upload_refs = todo.uploads

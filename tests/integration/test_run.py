@@ -299,6 +299,17 @@ def test_bad_manifests_exit_2_and_touch_nothing(case, tmp_path, azurite, contain
     assert no_mounts_under(tmp_path)
 
 
+def test_a_misspelt_data_reference_in_the_command_exits_2_before_anything(job, tmp_path):
+    r = run_cli("run", job(), "--", sys.executable, "-c", "pass", "--data=${AZUREML_DATAREFERENCE_inputz}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("mountd: error: the command names $AZUREML_DATAREFERENCE_inputz, which is no data "
+                                "reference of the manifest: did you mean $AZUREML_DATAREFERENCE_inputs?")
+    r = run_cli("run", job(command=["echo", "$AZUREML_DATAREFERENCE_zzz"]))
+    assert r.returncode == 2 and "the manifest's references are $AZUREML_DATAREFERENCE_inputs, " in r.stderr, r.stderr
+    assert not (tmp_path / "work").exists()
+    assert no_mounts_under(tmp_path)
+
+
 def test_the_command_does_not_inherit_datastore_secrets(job, tmp_path):
     """The variables datastore credentials name are not passed to the
     command (the workspace's, and an inline datastore's no reference uses),
