@@ -232,10 +232,14 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
     journal = Journal(manifest.work_dir)
     for ref in refs:
         if not os.path.isdir(ref.path_on_compute):
-            log.warning("upload %s: %s does not exist; nothing to upload", ref.name, ref.path_on_compute)
+            log.warning("upload %s: %s does not exist; nothing to upload", ref.name,
+                        os.path.abspath(ref.path_on_compute))
             continue
         try:
             files, empty_dirs, refused = upload_mod.plan_tree(ref.path_on_compute, ref.path_on_datastore)
+            if not files and not empty_dirs and not refused:
+                log.warning("upload %s: %s is empty; nothing to upload (did the command write its outputs "
+                            "elsewhere?)", ref.name, os.path.abspath(ref.path_on_compute))
             job = journal.add(datastore_record(ref.datastore, credential_source(manifest)), files, empty_dirs,
                               ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
             if signals.abort_uploads.is_set():

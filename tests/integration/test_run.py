@@ -310,6 +310,17 @@ def test_a_misspelt_data_reference_in_the_command_exits_2_before_anything(job, t
     assert no_mounts_under(tmp_path)
 
 
+def test_an_upload_reference_left_empty_or_removed_is_a_warning_naming_its_path(job, tmp_path):
+    out = tmp_path / "work" / "uploads" / "outputs"
+    r = run_cli("run", job(), "--", sys.executable, "-c", "pass", env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert [x for x in r.stderr.splitlines() if "warning" in x and f"upload outputs: {out} is empty" in x], r.stderr
+    r = run_cli("run", job(), "--", sys.executable, "-c", f"import os; os.rmdir({str(out)!r})",
+                env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"upload outputs: {out} does not exist" in r.stderr, r.stderr
+
+
 def test_the_command_does_not_inherit_datastore_secrets(job, tmp_path):
     """The variables datastore credentials name are not passed to the
     command (the workspace's, and an inline datastore's no reference uses),
