@@ -281,14 +281,44 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
         raise UsageError("no command: give one in the manifest (command:) or after `--`")
     check_references_named(command, manifest)
     refs = list(manifest.references.values())
+    from mountd.locks import is_locked
+    if os.path.isdir(manifest.work_dir) and is_locked(manifest.work_dir):
+        _refuse_work_dir(manifest)  # before anything else is said or done
     todo = plan(manifest)
-    upload_refs = todo.uploads
+    os.makedirs(manifest.work_dir, exist_ok=True)
+    held = lock_work_dir(manifest)
+    try:
+        return _run(manifest, command, refs, todo, log_level, debug)
+    finally:
+        held.close()
 
+
+def lock_work_dir(manifest: Manifest):
+    """Hold the run's work dir for this process: a second run on it would
+    stage over the first one's inputs and upload each other's outputs."""
+    from mountd.locks import lock_as
+    held = lock_as(manifest.work_dir, f"(mountd run {manifest.run_id})")
+    if held is None:
+        _refuse_work_dir(manifest)
+    return held
+
+
+def _refuse_work_dir(manifest: Manifest):
+    from mountd.locks import holder
+    raise UsageError(f"work dir {manifest.work_dir} is in use by another mountd "
+                     f"({holder(manifest.work_dir) or 'holder unknown'}): wait for it to finish, or give this "
+                     f"run another --work-dir or run_id")
+
+
+def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo: Plan, log_level: str,
+         debug: bool) -> int:
+    upload_refs = todo.uploads
     state = RunState(manifest)
     signals = child_mod.SignalState()
     signals.install()
-    os.makedirs(manifest.work_dir, exist_ok=True)
-    resume_pending(manifest)
+    # what an earlier attempt left and still cannot be uploaded: the run goes
+    # on, and the failures count in its exit code like its own uploads'
+    resumed_failures = resume_pending(manifest)
     code = None
     try:
         prepare_uploads(state, upload_refs)
@@ -317,6 +347,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
         elif upload_refs:
             log.info("not uploading outputs (upload_when: %s, exit code %s)", manifest.upload_when, code)
         signals.restore()
+    state.failures[:0] = resumed_failures
     if state.failures:
         for failure in state.failures:
             log.error("failed: %s", failure)

@@ -472,6 +472,52 @@ def test_run_finishes_an_earlier_attempts_uploads_first(job, tmp_path):
         late.delete()
 
 
+def test_a_resume_failure_at_the_start_of_a_run_counts_in_its_exit_code(job, tmp_path):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    late = job.remote.sibling("not-yet-there")
+    body["datastores"] = {"blob": late.entry(KEY_ENV)}
+    body["data_references"] = {"outputs": body["data_references"]["outputs"]}
+    manifest.write_text(yaml.safe_dump(body))
+    write = ("import os; open(os.path.join(os.environ['AZUREML_DATAREFERENCE_outputs'], 'first.txt'), 'w')"
+             ".write('first')")
+    r = run_cli("run", manifest, "--", sys.executable, "-c", write)
+    assert r.returncode == 3, r.stderr
+    (tmp_path / "work" / "uploads" / "outputs" / "first.txt").unlink()  # the earlier attempt's file is gone
+    late.create()
+    try:
+        r = run_cli("run", manifest, "--", sys.executable, "-c", "pass")
+        assert r.returncode == 3, r.stderr  # the command succeeded, but an earlier output is lost
+        assert "failed: resume " in r.stderr and "first.txt: local file is gone" in r.stderr, r.stderr
+    finally:
+        late.delete()
+
+
+def test_a_second_run_on_a_work_dir_in_use_is_refused(job, tmp_path):
+    manifest = job()
+    go = tmp_path / "go"
+    wait = f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)"
+    first = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(manifest), "--", sys.executable, "-c",
+                              wait], cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "work" / "uploads").exists():  # the first run holds the work dir by then
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        r = run_cli("run", manifest, "--", sys.executable, "-c", "open('/dev/null', 'w')",
+                    env={"MOUNTD_NO_FUSE": "1"})
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip() == (f"mountd: error: work dir {tmp_path / 'work'} is in use by another mountd "
+                                    f"(pid {first.pid} (mountd run r1)): wait for it to finish, or give this run "
+                                    "another --work-dir or run_id")
+    finally:
+        go.write_text("")
+        assert first.wait(60) == 0, first.stderr.read()
+    r = run_cli("run", manifest, "--", sys.executable, "-c", "pass", env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr  # free again once the first one is done
+
+
 @pytest.mark.fuse
 def test_read_write_mount_reference_lands_in_storage(job, tmp_path):
     manifest = job()
