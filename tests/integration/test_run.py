@@ -362,6 +362,37 @@ def test_validate_has_no_side_effects(job, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_validate_asks_storage_unless_offline(job, tmp_path):
+    body = yaml.safe_load(job().read_text())
+    body["data_references"]["staged"]["path_on_datastore"] = "datasets/nope"
+    body["data_references"]["scratch"] = {"datastore": "blob", "path_on_datastore": "new/dir", "mode": "mount",
+                                          "read_write": True}  # a read-write mount may start empty
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("validate", manifest)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.strip() == (f"mountd: error: {manifest}: data reference staged: datasets/nope does not exist "
+                                "in datastore blob")
+    r = run_cli("validate", "--offline", manifest)
+    assert r.returncode == 0 and "file only (--offline)" in r.stdout, r
+    r = run_cli("validate", job(), env={KEY_ENV: "d3Jvbmcta2V5LWJ1dC1iYXNlNjQ="})  # base64, not the key
+    assert r.returncode == 2 and "refused the credentials" in r.stderr and len(r.stderr.splitlines()) == 1, r
+    assert not (tmp_path / "work").exists()
+
+
+def test_validate_says_when_the_run_id_is_generated(job, tmp_path):
+    body = yaml.safe_load(job().read_text())
+    del body["run_id"], body["work_dir"]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("validate", manifest)
+    assert r.returncode == 0, r
+    first = r.stdout.splitlines()[0]
+    assert "run id generated at run time" in first and f"work dir {REPO}/mountd-runs/{{run_id}};" in first, first
+    assert "outputs: upload blob:runs/{run_id}/out" in r.stdout, r.stdout
+    assert "run-2" not in r.stdout  # no made-up id the next run would not use
+
+
 @pytest.mark.fuse
 def test_quickstart_manifest(tmp_path):
     env = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
