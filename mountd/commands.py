@@ -41,6 +41,8 @@ def _credential_spec(args) -> dict:
 def _register(args, raw: dict) -> int:
     ws = _workspace(args, missing_ok=True)  # the first registration creates the file
     cfg = datastores.parse(args.name, raw, "datastore register")
+    if cfg.type != "local":
+        _need_credential(args, cfg)
     if not args.skip_validation or args.create_if_not_exists:
         with open_store(cfg, create=args.create_if_not_exists) as store:
             store.check()
@@ -49,6 +51,16 @@ def _register(args, raw: dict) -> int:
         ws.set_default(cfg.name)
     print(f"registered datastore {cfg.name} ({cfg.label}, {cfg.location}) in {ws.path}")
     return EXIT_OK
+
+
+def _need_credential(args, cfg) -> None:
+    """With no credential option the default chain's token is used, and a
+    token goes only over https: over http, say which options there are."""
+    from urllib.parse import urlsplit
+    if not _credential_spec(args) and urlsplit(cfg.account_url()).scheme != "https":
+        raise UsageError(f"no credential given for {cfg.account_url()}: use --account-key-env, --sas-token-env, "
+                         "--connection-string-env (or their -file forms), or --anonymous for a public container "
+                         "(a token from --managed-identity or the default chain needs an https endpoint)")
 
 
 def register_blob(args) -> int:

@@ -284,6 +284,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     from mountd.locks import is_locked
     if os.path.isdir(manifest.work_dir) and is_locked(manifest.work_dir):
         _refuse_work_dir(manifest)  # before anything else is said or done
+    check_sources(manifest)
     todo = plan(manifest)
     os.makedirs(manifest.work_dir, exist_ok=True)
     held = lock_work_dir(manifest)
@@ -291,6 +292,21 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
         return _run(manifest, command, refs, todo, log_level, debug)
     finally:
         held.close()
+
+
+def check_sources(manifest: Manifest) -> None:
+    """Each datastore a download or mount reads from must take its
+    credential and hold its container or share: a ConfigError (exit 2, one
+    line, nothing touched) now, rather than the same message from every
+    staging thread and an exit 3 after the work dir was made."""
+    seen = set()
+    for ref in manifest.references.values():
+        cfg = ref.datastore
+        if ref.mode == "upload" or cfg.type == "local" or cfg.name.lower() in seen:
+            continue
+        seen.add(cfg.name.lower())
+        with open_store(cfg) as store:
+            store.check()
 
 
 def lock_work_dir(manifest: Manifest):

@@ -164,6 +164,14 @@ def test_staging_failure_does_not_run_the_child(job, tmp_path):
     assert not (tmp_path / "work" / "uploads" / "outputs" / "report.json").exists()
 
 
+def test_a_source_refusing_the_credential_is_one_line_and_exit_2_before_anything(job, tmp_path):
+    # (was: the same message from staging, 'not starting', and 'failed', then exit 3)
+    r = run_cli("run", job(), env={"MOUNTD_NO_FUSE": "1", KEY_ENV: "d3Jvbmcta2V5LWJ1dC1iYXNlNjQ="})
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "refused the credentials" in r.stderr, r.stderr
+    assert not (tmp_path / "work").exists()
+
+
 def test_upload_failure_after_success_exits_3_and_keeps_outputs(job, tmp_path, azurite):
     manifest = job()
     body = yaml.safe_load(manifest.read_text())
