@@ -282,7 +282,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     check_references_named(command, manifest)
     refs = list(manifest.references.values())
     from mountd.locks import is_locked
-    if os.path.isdir(manifest.work_dir) and is_locked(manifest.work_dir):
+    if os.path.exists(os.path.join(manifest.work_dir, ".lock")) and is_locked(manifest.work_dir):
         _refuse_work_dir(manifest)  # before anything else is said or done
     check_sources(manifest)
     todo = plan(manifest)
