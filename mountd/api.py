@@ -43,12 +43,15 @@ from mountd.transfer import upload as _upload
 class Workspace:
     """A workspace: registered datastores and one default."""
 
-    def __init__(self, path: str | None = None):
-        self._file = _WorkspaceFile.load(path)
+    def __init__(self, path: str | None = None, create: bool = False):
+        self._file = _WorkspaceFile.load(path, missing_ok=create, named_by="Workspace.from_config")
 
     @classmethod
-    def from_config(cls, path: str | None = None) -> "Workspace":
-        return cls(path)
+    def from_config(cls, path: str | None = None, create: bool = False) -> "Workspace":
+        """The workspace in `path` (else $MOUNTD_WORKSPACE's, else the
+        default location's). A file named that does not exist is a
+        UsageError, unless `create`: then registering a datastore makes it."""
+        return cls(path, create=create)
 
     @property
     def path(self) -> str:
@@ -65,7 +68,7 @@ class Workspace:
         self._file.set_default(name)
 
     def _reload(self) -> None:
-        self._file = _WorkspaceFile.load(self._file.path)
+        self._file = _WorkspaceFile.load(self._file.path, missing_ok=True)
 
 
 class Datastore:

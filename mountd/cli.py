@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--prometheus", action="store_true", help="in Prometheus text format")
     p.set_defaults(func=c.status)
 
-    p = subs.add_parser("validate", help="check a manifest without touching anything", parents=[common])
+    p = subs.add_parser("validate", help="check a manifest, its credentials and that what it reads exists in "
+                        "storage, without changing anything", parents=[common])
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("--work-dir", metavar="DIR")
+    p.add_argument("--offline", action="store_true", help="check the file only; do not ask storage")
     p.set_defaults(func=c.validate)
 
     # -- datastore --------------------------------------------------------------

@@ -23,8 +23,8 @@ CREDENTIAL_FLAGS = {
 }
 
 
-def _workspace(args) -> Workspace:
-    return Workspace.load(getattr(args, "workspace", None))
+def _workspace(args, missing_ok: bool = False) -> Workspace:
+    return Workspace.load(getattr(args, "workspace", None), missing_ok=missing_ok)
 
 
 def _credential_spec(args) -> dict:
@@ -39,8 +39,10 @@ def _credential_spec(args) -> dict:
 
 
 def _register(args, raw: dict) -> int:
-    ws = _workspace(args)
+    ws = _workspace(args, missing_ok=True)  # the first registration creates the file
     cfg = datastores.parse(args.name, raw, "datastore register")
+    if cfg.type != "local":
+        _need_credential(args, cfg)
     if not args.skip_validation or args.create_if_not_exists:
         with open_store(cfg, create=args.create_if_not_exists) as store:
             store.check()
@@ -49,6 +51,16 @@ def _register(args, raw: dict) -> int:
         ws.set_default(cfg.name)
     print(f"registered datastore {cfg.name} ({cfg.label}, {cfg.location}) in {ws.path}")
     return EXIT_OK
+
+
+def _need_credential(args, cfg) -> None:
+    """With no credential option the default chain's token is used, and a
+    token goes only over https: over http, say which options there are."""
+    from urllib.parse import urlsplit
+    if not _credential_spec(args) and urlsplit(cfg.account_url()).scheme != "https":
+        raise UsageError(f"no credential given for {cfg.account_url()}: use --account-key-env, --sas-token-env, "
+                         "--connection-string-env (or their -file forms), or --anonymous for a public container "
+                         "(a token from --managed-identity or the default chain needs an https endpoint)")
 
 
 def register_blob(args) -> int:
@@ -215,16 +227,69 @@ def _load_manifest(args):
 
 
 def validate(args) -> int:
+    from mountd.config.manifest import _load
     manifest = _load_manifest(args)
-    print(f"{manifest.path}: valid (run {manifest.run_id}, node rank {manifest.node_rank}, work dir {manifest.work_dir})")
-    print(f"  working dir: {manifest.working_dir}")
+    data, _ = _load(manifest.path)
+    generated = not isinstance(data, dict) or data.get("run_id") is None
+
+    def shown(text: str) -> str:  # a generated id is not the one the next run will use
+        return text.replace(manifest.run_id, "{run_id}") if generated else text
+
+    if not getattr(args, "offline", False):
+        problems = _check_storage(manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+            raise UsageError(f"{manifest.path}: {problems[0]}{more}")
+    run = "run id generated at run time" if generated else f"run {manifest.run_id}"
+    checked = "file only (--offline)" if getattr(args, "offline", False) else "storage checked"
+    print(f"{manifest.path}: valid ({run}, node rank {manifest.node_rank}, work dir {shown(manifest.work_dir)}; "
+          f"{checked})")
+    print(f"  working dir: {shown(manifest.working_dir)}")
     for ref in manifest.references.values():
         rw = " read-write" if ref.read_write else ""
-        print(f"  {ref.env_name}: {ref.mode}{rw} {ref.datastore.name}:{ref.path_on_datastore or '/'} "
-              f"-> {ref.path_on_compute}")
+        print(f"  {ref.env_name}: {ref.mode}{rw} {ref.datastore.name}:{shown(ref.path_on_datastore) or '/'} "
+              f"-> {shown(ref.path_on_compute)}")
     if manifest.command:
         print(f"  command: {' '.join(manifest.command)}")
     return EXIT_OK
+
+
+def _check_storage(manifest) -> list[str]:
+    """What storage says of the manifest's references: each datastore must
+    take its credential and hold its container or share, and what a
+    download or read-only mount reads must exist. One line per problem."""
+    from mountd.errors import ConfigError, NotFound
+    problems, stores = [], {}
+    try:
+        for ref in manifest.references.values():
+            key = ref.datastore.name.lower()
+            if key not in stores:
+                try:
+                    if ref.datastore.type == "local":  # never open_store: it makes the built-in store's root
+                        from mountd.storage.local import LocalStore
+                        from mountd.config.workspace import LOCAL_STORE_NAME
+                        stores[key] = LocalStore(ref.datastore.root)
+                        if key != LOCAL_STORE_NAME or os.path.isdir(ref.datastore.root):  # (made when used)
+                            stores[key].check()
+                    else:
+                        stores[key] = open_store(ref.datastore)
+                        stores[key].check()
+                except ConfigError as e:
+                    stores[key] = None
+                    problems.append(f"datastore {ref.datastore.name}: {e}")
+            store = stores[key]
+            if store is None or ref.mode == "upload" or ref.read_write or not ref.path_on_datastore:
+                continue
+            try:
+                store.stat(ref.path_on_datastore)
+            except NotFound:
+                problems.append(f"data reference {ref.name}: {ref.path_on_datastore} does not exist in datastore "
+                                f"{ref.datastore.name}")
+    finally:
+        for store in stores.values():
+            if store is not None:
+                store.close()
+    return problems
 
 
 def run(args) -> int:

@@ -32,3 +32,24 @@ def is_locked(directory: str) -> bool:
         return True
     held.close()
     return False
+
+
+def holder(directory: str) -> str | None:
+    """What the lock file of `directory` says of its holder (`pid N ...`),
+    if a holder wrote it."""
+    try:
+        with open(os.path.join(directory, ".lock"), encoding="utf-8", errors="replace") as f:
+            return f.read(200).strip() or None
+    except OSError:
+        return None
+
+
+def lock_as(directory: str, note: str) -> IO | None:
+    """try_lock, then write `pid <pid> <note>` into the lock file so that a
+    process refused the directory can name the holder."""
+    f = try_lock(directory)
+    if f is not None:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} {note}\n")
+        f.flush()
+    return f

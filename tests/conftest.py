@@ -34,6 +34,7 @@ from tests.support.proxy import ConnectProxy
 from tests.support.remotes import BlobRemote, ShareRemote
 from tests.support.tls import LocalCA, make_local_ca
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY_ENV = "AZURITE_ACCOUNT_KEY"  # the Files emulator's key is the same well-known one
 # The Files emulator ends listing pages after this many entries (the service
 # may too), so every test that lists a larger directory follows markers.
@@ -272,6 +273,8 @@ def mountd_cli(tmp_path):
     def run(*args, env=None, input=None, timeout=120) -> CliResult:
         full_env = dict(os.environ)
         full_env.update(env or {})
+        # this checkout's mountd whatever the current directory (not an installed copy)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, full_env.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, "-m", "mountd", *map(str, args)], capture_output=True,
                               text=True, env=full_env, input=input, timeout=timeout)
         return CliResult(proc)

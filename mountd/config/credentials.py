@@ -16,6 +16,8 @@ Two kinds get Microsoft Entra tokens (`mountd.storage.identity` makes them):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from dataclasses import dataclass
 
@@ -129,17 +131,53 @@ def resolve(spec: dict | None, where: str) -> Credential:
             except OSError as e:
                 raise ConfigError(f"{where}: cannot read {kind} file {ref}: {e.strerror}") from None
         value = value.strip()
+        origin = f"{'$' if source == 'env' else 'file '}{ref}"
         if not value:
-            raise ConfigError(f"{where}: {kind} from {'$' if source == 'env' else 'file '}{ref} is empty")
+            raise ConfigError(f"{where}: {kind} from {origin} is empty")
+        if kind == "account_key":
+            check_account_key(value, f"{where}: the account key from {origin}")
         return Credential(kind, value, where=where)
     for key in INLINE_KEYS:
         if spec.get(key):
-            return Credential(key, str(spec[key]).strip(), where=where)
+            value = str(spec[key]).strip()
+            if key == "account_key":
+                check_account_key(value, f"{where}: the inline account key")
+            return Credential(key, value, where=where)
     if spec.get("anonymous"):
         return Credential("anonymous", where=where)
     if spec.get("managed_identity"):
         return Credential("managed_identity", client_id=spec.get("client_id"), where=where)
     return Credential("default", client_id=spec.get("client_id"), where=where)
+
+
+def check_account_key(value: str, what: str) -> None:
+    """ConfigError unless an account key is base64 (a key cut short by a
+    paste, or a SAS or connection string given as a key, is not): else
+    every request would fail deep inside the signing code."""
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{what} is not valid base64: check for a truncated paste (an account key is "
+                          "88 characters ending in '==')") from None
+
+
+def check_endpoint_account(url: str, where: str) -> None:
+    """ConfigError for an emulator's endpoint (an IP address or localhost)
+    without the account in its path: such a service takes the first path
+    segment for the account, so every request would go astray and storage
+    would answer with a puzzling 400 or 404. (Azure's own hosts carry the
+    account in the host name.)"""
+    import ipaddress
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        literal = bool(ipaddress.ip_address(host))
+    except ValueError:
+        literal = host == "localhost" or host.endswith(".localhost")
+    if literal and not parts.path.strip("/"):
+        raise ConfigError(f"{where}: the endpoint {url} names no account: an emulator's endpoint must include "
+                          f"the account, e.g. {parts.scheme}://{parts.netloc}/devstoreaccount1")
 
 
 # Azurite's documented development account (UseDevelopmentStorage=true).
@@ -160,12 +198,15 @@ def connection_string_parts(secret: str, service: str, where: str) -> tuple[str,
     if fields.get("usedevelopmentstorage", "").lower() == "true":
         fields = {**_DEVELOPMENT, **{k: v for k, v in fields.items() if k != "usedevelopmentstorage"}}
     name, key, sas = fields.get("accountname"), fields.get("accountkey"), fields.get("sharedaccesssignature")
+    if key:
+        check_account_key(key, f"{where}: the connection string's AccountKey")
     url = fields.get(f"{service}endpoint")
     if not url:
         if not name:
             raise ConfigError(f"{where}: the connection string names no AccountName or {service.capitalize()}Endpoint")
         protocol = fields.get("defaultendpointsprotocol", "https")
         url = f"{protocol}://{name}.{service}.{fields.get('endpointsuffix', 'core.windows.net')}"
+    check_endpoint_account(url, f"{where}: the connection string's {service.capitalize()}Endpoint")
     if not name:  # an endpoint alone: the account is its host's first label, or the path's for emulators
         from urllib.parse import urlsplit
         parts = urlsplit(url)

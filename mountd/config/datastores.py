@@ -135,6 +135,7 @@ def parse(name: object, raw: object, where: str) -> DatastoreConfig:
         if url.query:
             raise ConfigError(f"{where}: endpoint must not carry a query string; "
                               "put a SAS token in the credential")
+        credentials.check_endpoint_account(raw["endpoint"], where)
     return DatastoreConfig(
         name=name, type=kind, account_name=raw.get("account_name"),
         container_name=raw.get("container_name"), share_name=raw.get("share_name"),

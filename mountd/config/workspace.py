@@ -65,11 +65,24 @@ class Workspace:
 
     # -- loading --------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | None = None) -> "Workspace":
+    def load(cls, path: str | None = None, missing_ok: bool = False,
+             named_by: str = "--workspace") -> "Workspace":
+        """The workspace in `path`, else $MOUNTD_WORKSPACE's, else the default
+        location's. Only the default location may be absent (the embedded
+        local datastore then serves): a file named explicitly that does not
+        exist is a ConfigError, unless `missing_ok` (a registration creates
+        it). `named_by` says who named `path`, for that message."""
+        if not path and os.environ.get("MOUNTD_WORKSPACE"):
+            named_by = "$MOUNTD_WORKSPACE"
+        explicit = bool(path or os.environ.get("MOUNTD_WORKSPACE"))
         path = os.path.abspath(os.path.expanduser(path or default_path()))
         ws = cls(path=path)
         ws._add(embedded_local_store())
         if not os.path.exists(path):
+            if explicit and not missing_ok:
+                raise ConfigError(f"the workspace file {path} (named by {named_by}) does not exist: check the "
+                                  f"path, or register a datastore into it (mountd --workspace {path} datastore "
+                                  f"register-...) to create it")
             ws.default_name = LOCAL_STORE_NAME
             return ws
         ws.exists = True

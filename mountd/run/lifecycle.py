@@ -60,6 +60,26 @@ def substitute(args: list[str], values: dict[str, str]) -> list[str]:
     return [_REF.sub(repl, a) for a in args]
 
 
+def check_references_named(args: list[str], manifest: Manifest) -> None:
+    """UsageError for a $AZUREML_DATAREFERENCE_x in the command that names no
+    data reference of the manifest: passed through unchanged, the script
+    would get a literal '$AZUREML_DATAREFERENCE_x' for a path."""
+    import difflib
+    known = sorted(ref.env_name for ref in manifest.references.values())
+    for arg in args:
+        for m in _REF.finditer(arg):
+            name = m.group(1) or m.group(2)
+            if name in known:
+                continue
+            # compared on the part after the common prefix, which would make every name look close
+            tails = {k[len("AZUREML_DATAREFERENCE_"):]: k for k in known}
+            close = difflib.get_close_matches(name[len("AZUREML_DATAREFERENCE_"):], list(tails), n=1, cutoff=0.6)
+            hint = (f"did you mean ${tails[close[0]]}?" if close else
+                    f"the manifest's references are {', '.join('$' + k for k in known)}" if known else
+                    "the manifest has no data references")
+            raise UsageError(f"the command names ${name}, which is no data reference of the manifest: {hint}")
+
+
 def child_environment(manifest: Manifest, environ) -> dict[str, str]:
     """The training process's environment: mountd's own without the
     variables that hold datastore secrets (unless the manifest lists them
@@ -240,10 +260,14 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
     journal = Journal(manifest.work_dir)
     for ref in refs:
         if not os.path.isdir(ref.path_on_compute) and not os.path.isfile(ref.path_on_compute):
-            log.warning("upload %s: %s does not exist; nothing to upload", ref.name, ref.path_on_compute)
+            log.warning("upload %s: %s does not exist; nothing to upload", ref.name,
+                        os.path.abspath(ref.path_on_compute))
             continue
         try:
             files, empty_dirs, refused = _plan_upload(ref)
+            if not files and not empty_dirs and not refused:
+                log.warning("upload %s: %s is empty; nothing to upload (did the command write its outputs "
+                            "elsewhere?)", ref.name, os.path.abspath(ref.path_on_compute))
             job = journal.add(datastore_record(ref.datastore, credential_source(manifest)), files, empty_dirs,
                               ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
             if signals.abort_uploads.is_set():
@@ -284,15 +308,62 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
     command = command or manifest.command
     if not command:
         raise UsageError("no command: give one in the manifest (command:) or after `--`")
+    check_references_named(command, manifest)
     refs = list(manifest.references.values())
+    from mountd.locks import is_locked
+    if os.path.exists(os.path.join(manifest.work_dir, ".lock")) and is_locked(manifest.work_dir):
+        _refuse_work_dir(manifest)  # before anything else is said or done
+    check_sources(manifest)
     todo = plan(manifest)
-    upload_refs = todo.uploads
+    os.makedirs(manifest.work_dir, exist_ok=True)
+    held = lock_work_dir(manifest)
+    try:
+        return _run(manifest, command, refs, todo, log_level, debug)
+    finally:
+        held.close()
 
+
+def check_sources(manifest: Manifest) -> None:
+    """Each datastore a download or mount reads from must take its
+    credential and hold its container or share: a ConfigError (exit 2, one
+    line, nothing touched) now, rather than the same message from every
+    staging thread and an exit 3 after the work dir was made."""
+    seen = set()
+    for ref in manifest.references.values():
+        cfg = ref.datastore
+        if ref.mode == "upload" or cfg.type == "local" or cfg.name.lower() in seen:
+            continue
+        seen.add(cfg.name.lower())
+        with open_store(cfg) as store:
+            store.check()
+
+
+def lock_work_dir(manifest: Manifest):
+    """Hold the run's work dir for this process: a second run on it would
+    stage over the first one's inputs and upload each other's outputs."""
+    from mountd.locks import lock_as
+    held = lock_as(manifest.work_dir, f"(mountd run {manifest.run_id})")
+    if held is None:
+        _refuse_work_dir(manifest)
+    return held
+
+
+def _refuse_work_dir(manifest: Manifest):
+    from mountd.locks import holder
+    raise UsageError(f"work dir {manifest.work_dir} is in use by another mountd "
+                     f"({holder(manifest.work_dir) or 'holder unknown'}): wait for it to finish, or give this "
+                     f"run another --work-dir or run_id")
+
+
+def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo: Plan, log_level: str,
+         debug: bool) -> int:
+    upload_refs = todo.uploads
     state = RunState(manifest)
     signals = child_mod.SignalState()
     signals.install()
-    os.makedirs(manifest.work_dir, exist_ok=True)
-    resume_pending(manifest)
+    # what an earlier attempt left and still cannot be uploaded: the run goes
+    # on, and the failures count in its exit code like its own uploads'
+    resumed_failures = resume_pending(manifest)
     code = None
     try:
         prepare_uploads(state, upload_refs)
@@ -321,6 +392,7 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
         elif upload_refs:
             log.info("not uploading outputs (upload_when: %s, exit code %s)", manifest.upload_when, code)
         signals.restore()
+    state.failures[:0] = resumed_failures
     if state.failures:
         for failure in state.failures:
             log.error("failed: %s", failure)

@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 from mountd.config import datastores
 from mountd.config.settings import CacheSettings
-from mountd.errors import EXIT_USAGE, MountdError
+from mountd.errors import EXIT_USAGE, MountdError, NotFound, UsageError
 from mountd.locks import try_lock
 from mountd import tuning
 from mountd.run import control, runtime
@@ -101,7 +101,16 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     store = open_store(cfg)
     store.check()
     if prefix:
-        entry = store.stat(prefix)
+        try:
+            entry = store.stat(prefix)
+        except NotFound:
+            if spec.get("read_only", True):
+                raise UsageError(f"{prefix} does not exist in datastore {cfg.name}: check the path (or mount "
+                                 "it --read-write to start an empty directory there)") from None
+            # Outputs usually do not exist yet: a read-write mount of a new
+            # directory starts empty (made as `mkdir` in the mount would).
+            store.mkdir(prefix)
+            entry = store.stat(prefix)
         if not entry.is_dir:
             raise MountdError(f"{prefix} in datastore {cfg.name} is a file, not a directory")
     cache_dir = disk = None

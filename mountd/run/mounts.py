@@ -63,6 +63,24 @@ def mount_device(path: str) -> str | None:
     return found[-1] if found else None
 
 
+def mount_type(path: str) -> str | None:
+    """The filesystem type ("fuse.mountd", "tmpfs", ...) of the last mount at
+    `path`, from /proc/self/mountinfo (nothing is stat'ed); None if none."""
+    path = os.path.abspath(path)
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            head, sep, tail = line.partition(" - ")
+            x = head.split()
+            if sep and len(x) > 4 and _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), x[4]) == real:
+                found = (tail.split() or [""])[0]
+    return found
+
+
+MOUNTD_FSTYPE = "fuse.mountd"  # the subtype the mount worker gives its FUSE mounts
+
+
 def is_mounted(path: str) -> bool:
     # Resolve symbolic links in the parent only: stat'ing the mountpoint
     # itself would wait on the filesystem mounted there.
@@ -183,6 +201,10 @@ def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, wor
         if record is None and worker is None:
             raise UsageError(f"{path} is not mounted")
     else:
+        kind = mount_type(path) if worker is None else MOUNTD_FSTYPE
+        if kind != MOUNTD_FSTYPE:
+            raise UsageError(f"{path} is a {kind or 'unknown'} mount that mountd did not make: mountd unmounts only "
+                             "its own (use umount for others)")
         cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:

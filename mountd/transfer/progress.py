@@ -31,13 +31,26 @@ class TransferReport:
     directories: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # skipped because storage holds a different version (uploads without overwrite)
+    differing: list[str] = field(default_factory=list)
+
+    def first_differing(self, count: int = 3) -> str:
+        names = sorted(self.differing)
+        return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
 
     def summary(self) -> str:
         rate = self.bytes / self.seconds if self.seconds > 0 else 0.0
         line = (f"{self.verb} {self.files} file{'s' if self.files != 1 else ''} "
                 f"({human_size(self.bytes)}) in {self.seconds:.1f} s ({human_size(rate)}/s)")
-        if self.skipped:
+        if self.skipped and not self.differing:
             line += f"; skipped {self.skipped} existing or unchanged (--overwrite replaces changed ones)"
+        elif self.skipped:
+            same = self.skipped - len(self.differing)
+            if same:
+                line += f"; skipped {same} existing and unchanged"
+            if self.differing:
+                line += (f"; NOT uploaded {len(self.differing)} that storage holds in a different version "
+                         f"({self.first_differing()}; overwrite replaces them)")
         if self.failed:
             line += f"; {len(self.failed)} failed"
         return line
@@ -84,9 +97,13 @@ class Progress:
             if self._bar is not None:
                 self._bar.set_postfix_str(f"{self.report.files}/{self._total_files} files", refresh=False)
 
-    def skipped(self) -> None:
+    def skipped(self, differing: str | None = None) -> None:
+        """A file not transferred because the target exists; `differing`
+        names it when the target is a different version."""
         with self._lock:
             self.report.skipped += 1
+            if differing is not None:
+                self.report.differing.append(differing)
 
     def failed(self, name: str, reason: str) -> None:
         with self._lock:

@@ -46,7 +46,8 @@ def job_datastore(job: Job) -> DatastoreConfig:
     if source is None:
         return datastores.parse(name, body, f"journal {job.path}")
     from mountd.config.workspace import Workspace
-    workspace = Workspace.load(source.get("workspace"))
+    # the run's workspace, as it was then (it may have been the absent default)
+    workspace = Workspace.load(source.get("workspace"), missing_ok=True)
     if source.get("manifest"):
         from mountd.config.manifest import load_manifest
         try:

@@ -81,6 +81,35 @@ def upload_file(store: ObjectStore, local: str, remote: str, overwrite: bool, pr
     raise MountdError(f"{local} keeps changing while it is uploaded")
 
 
+COMPARE_LIMIT = 16 * 1024 * 1024  # same-size files without an MD5 in storage are compared up to this size
+
+
+def differs(store: ObjectStore, local: str, remote: str) -> bool:
+    """Whether storage's `remote` is another version than the file `local`
+    (by size, then by MD5 where storage keeps one, else by content for
+    smaller files; a larger file that cannot be compared counts as
+    different, so it is reported rather than passed over in silence)."""
+    import hashlib
+    try:
+        entry = store.stat(remote)
+        size = os.path.getsize(local)
+        if entry.is_dir or entry.size != size:
+            return True
+        if entry.md5 is not None:
+            h = hashlib.md5()
+            with open(local, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.digest() != entry.md5
+        if size > COMPARE_LIMIT:
+            return True
+        with open(local, "rb") as f:
+            return f.read() != (store.read(remote, 0, size) if size else b"")
+    except (MountdError, OSError) as e:
+        log.debug("could not compare %s with %s: %s", local, remote, e)
+        return True
+
+
 def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool = False,
            workers: int = DEFAULT_WORKERS, show_progress: bool = True,
            empty_dirs: Iterable[str] = (), refused: Iterable[tuple[str, str]] = (),
@@ -103,7 +132,7 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
             if upload_file(store, local, remote, overwrite, progress.bytes_moved) is not None:
                 progress.file_done()
             else:
-                progress.skipped()
+                progress.skipped(remote if differs(store, local, remote) else None)
             if job is not None:
                 job.confirm(remote)
         except (MountdError, OSError) as e:
@@ -127,6 +156,9 @@ def upload(store: ObjectStore, pairs: Iterable[tuple[str, str]], overwrite: bool
                 progress.failed(remote, str(e))
     finally:
         report = progress.close()
+    if report.differing:
+        log.warning("%d file(s) NOT uploaded: storage already holds a different version of %s (set overwrite, "
+                    "or --overwrite, to replace them)", len(report.differing), report.first_differing())
     if job is not None and len(report.failed) == failed_before and not job.remaining():
         job.finish()
     return report

@@ -12,7 +12,8 @@ from tests.conftest import KEY
 
 
 def test_seed_workflow_with_blob_container(tmp_path, azurite, container, monkeypatch):
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "cfg" / "workspace.yaml"))
+    # no workspace file yet, at the default location: registering creates it
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     ws = Workspace.from_config()
     ds = Datastore.register_azure_blob_container(workspace=ws,
                                                  datastore_name="your_datastore",
@@ -23,9 +24,9 @@ def test_seed_workflow_with_blob_container(tmp_path, azurite, container, monkeyp
                                                  create_if_not_exists=True)
     assert ds.datastore_type == "AzureBlob"
     # the literal key went to a private file, not into the workspace file
-    text = (tmp_path / "cfg" / "workspace.yaml").read_text()
+    text = (tmp_path / "xdg" / "mountd" / "workspace.yaml").read_text()
     assert KEY not in text and "account_key_file" in text
-    secret_file = tmp_path / "cfg" / "secrets" / "your_datastore.account_key"
+    secret_file = tmp_path / "xdg" / "mountd" / "secrets" / "your_datastore.account_key"
     assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
 
     ws = Workspace.from_config()
@@ -52,7 +53,8 @@ def test_seed_workflow_with_blob_container(tmp_path, azurite, container, monkeyp
 
 def test_seed_workflow_with_file_share(tmp_path, fileshare, monkeypatch):
     from azure.storage.fileshare import ShareServiceClient
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "cfg" / "workspace.yaml"))
+    # no workspace file yet, at the default location: registering creates it
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     ws = Workspace.from_config()
     ds = Datastore.register_azure_file_share(workspace=ws,
                                              datastore_name="your_datastore",
@@ -64,7 +66,7 @@ def test_seed_workflow_with_file_share(tmp_path, fileshare, monkeypatch):
     share = ShareServiceClient.from_connection_string(fileshare.connection_string).get_share_client("seed-share")
     try:
         assert ds.datastore_type == "AzureFile"
-        assert KEY not in (tmp_path / "cfg" / "workspace.yaml").read_text()
+        assert KEY not in (tmp_path / "xdg" / "mountd" / "workspace.yaml").read_text()
         src = tmp_path / "src"
         (src / "sub").mkdir(parents=True)
         (src / "a.txt").write_bytes(b"a")
@@ -79,7 +81,7 @@ def test_seed_workflow_with_file_share(tmp_path, fileshare, monkeypatch):
 
 
 def test_default_local_datastore_needs_no_account(tmp_path):
-    ws = Workspace.from_config(str(tmp_path / "none.yaml"))
+    ws = Workspace.from_config()  # no file at the default location
     ds = ws.get_default_datastore()
     assert ds.name == "workspacelocalstore" and ds.datastore_type == "Local"
     src = tmp_path / "src"
@@ -91,7 +93,7 @@ def test_default_local_datastore_needs_no_account(tmp_path):
 
 
 def test_failed_registration_keeps_no_secret(tmp_path, azurite):
-    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
     with pytest.raises(Exception):
         Datastore.register_azure_blob_container(ws, "nope", "no-such-container", "devstoreaccount1",
                                                 account_key=KEY, endpoint=azurite.account_url)
@@ -100,7 +102,7 @@ def test_failed_registration_keeps_no_secret(tmp_path, azurite):
 
 
 def test_bad_name_and_unknown_datastore(tmp_path):
-    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
     with pytest.raises(UsageError):
         Datastore.register_local(ws, "bad name!", str(tmp_path))
     with pytest.raises(UsageError, match="unknown datastore"):
@@ -108,7 +110,7 @@ def test_bad_name_and_unknown_datastore(tmp_path):
 
 
 def test_upload_failure_raises_with_names(tmp_path):
-    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
     ds = ws.get_default_datastore()
     src = tmp_path / "src"
     src.mkdir()
@@ -119,7 +121,7 @@ def test_upload_failure_raises_with_names(tmp_path):
 
 def test_data_references_follow_the_seed(tmp_path):
     from mountd.api import DataReference
-    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
     ds = ws.get_default_datastore()
     assert str(ds) == "$AZUREML_DATAREFERENCE_workspacelocalstore"
     assert str(ds.as_mount()) == "$AZUREML_DATAREFERENCE_workspacelocalstore"
@@ -140,7 +142,7 @@ def test_run_manifest_written_by_the_api_runs(tmp_path, monkeypatch):
     import sys
     from mountd.api import RunManifest
     monkeypatch.setenv("MOUNTD_NO_FUSE", "1")  # mount falls back to download: no FUSE needed here
-    ws = Workspace.from_config(str(tmp_path / "ws.yaml"))
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
     src = tmp_path / "src"
     (src / "data").mkdir(parents=True)
     (src / "data" / "x.txt").write_text("payload")
@@ -154,3 +156,14 @@ def test_run_manifest_written_by_the_api_runs(tmp_path, monkeypatch):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (src / "results" / "x.txt").read_text() == "payload"
+
+
+def test_a_named_workspace_file_that_does_not_exist_is_refused(tmp_path):
+    # Only the default location may be absent: a named file that is not there
+    # must not silently become the built-in local datastore.
+    with pytest.raises(UsageError, match=r"none.yaml \(named by Workspace.from_config\) does not exist"):
+        Workspace.from_config(str(tmp_path / "none.yaml"))
+    ws = Workspace.from_config(str(tmp_path / "new.yaml"), create=True)
+    Datastore.register_local(ws, "scratch", str(tmp_path))
+    assert (tmp_path / "new.yaml").exists()
+    assert Workspace.from_config(str(tmp_path / "new.yaml")).datastores.keys() >= {"scratch"}

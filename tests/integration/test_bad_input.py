@@ -68,6 +68,11 @@ WORKSPACES = [
      "endpoint must be an http(s) URL"),
     ("endpoint-no-host", "datastores: {a: {type: azure_blob, container_name: data, endpoint: 'http://'}}\n", LIST,
      "endpoint must be an http(s) URL"),
+    ("endpoint-without-account", "datastores: {a: {type: azure_blob, container_name: data, "
+     "endpoint: 'http://127.0.0.1:10000'}}\n", LIST, "must include the account, e.g. "
+     "http://127.0.0.1:10000/devstoreaccount1"),
+    ("endpoint-localhost-without-account", "datastores: {a: {type: azure_file, share_name: data, "
+     "endpoint: 'http://localhost:10004/'}}\n", LIST, "names no account"),
     ("endpoint-with-sas", "datastores: {a: {type: azure_blob, container_name: data, endpoint: 'https://x/y?sig="
      + SECRET + "'}}\n", LIST, "must not carry a query string"),
     ("credential-scalar", "datastores: {a: {type: azure_blob, account_name: x, container_name: data, "
@@ -148,6 +153,10 @@ COMMANDS = [
      "environment variable BLOB_KEY"),
     ("credential-variable-unset", BLOB_OUT, {"BLOB_KEY": None}, "environment variable BLOB_KEY"),
     ("credential-variable-empty", BLOB_OUT, {"BLOB_KEY": ""}, "from $BLOB_KEY is empty"),
+    ("account-key-not-base64", BLOB_OUT, {"BLOB_KEY": "c2VjcmV0LXZhbHVlLXRoYXQtbXVzd"},
+     "the account key from $BLOB_KEY is not valid base64: check for a truncated paste"),
+    ("account-key-not-base64-mount", ["mount", "blob", "@TMP@/mp"], {"BLOB_KEY": "not a key!"},
+     "is not valid base64"),
     ("credential-variable-blank", BLOB_OUT, {"BLOB_KEY": "  \n"}, "from $BLOB_KEY is empty"),
     ("storage-retries-not-a-number", BLOB_OUT, {"MOUNTD_STORAGE_RETRIES": "many"}, "$MOUNTD_STORAGE_RETRIES"),
     ("storage-retries-huge", BLOB_OUT, {"MOUNTD_STORAGE_RETRIES": "100000"}, "$MOUNTD_STORAGE_RETRIES"),
@@ -157,6 +166,9 @@ COMMANDS = [
      "invalid datastore name 'bad-name'"),
     ("register-bad-endpoint", ["datastore", "register-blob", "x", "--container-name", "data", "--endpoint",
                                "ftp://host/acct", "--anonymous"], {}, "endpoint must be an http(s) URL"),
+    ("register-no-credential-over-http", ["datastore", "register-blob", "x", "--container-name", "data",
+                                          "--endpoint", "http://127.0.0.1:9/acct"], {},
+     "no credential given for http://127.0.0.1:9/acct: use --account-key-env, --sas-token-env"),
     ("register-bad-container", ["datastore", "register-blob", "x", "--account-name", "a", "--container-name",
                                 "UPPER", "--anonymous"], {}, "invalid container_name 'UPPER'"),
     ("register-no-container", ["datastore", "register-blob", "x", "--account-name", "a"], {},
@@ -174,6 +186,12 @@ COMMANDS = [
     ("remove-built-in", ["datastore", "remove", "workspacelocalstore"], {}, "built in and cannot be removed"),
     ("run-missing-manifest", ["run", "@TMP@/absent.yaml"], {}, "does not exist"),
     ("validate-missing-manifest", ["validate", "@TMP@/absent.yaml"], {}, "does not exist"),
+    ("workspace-missing", ["--workspace", "@TMP@/absent.yaml", "datastore", "list"], {},
+     "the workspace file @TMP@/absent.yaml (named by --workspace) does not exist"),
+    ("workspace-missing-after-command", ["upload", "good", "@TMP@/src", "--workspace", "@TMP@/absent.yaml"], {},
+     "does not exist: check the path"),
+    ("workspace-variable-missing", ["datastore", "list"], {"MOUNTD_WORKSPACE": "/nonexistent/ws.yaml"},
+     "the workspace file /nonexistent/ws.yaml (named by $MOUNTD_WORKSPACE) does not exist"),
     ("workspace-is-a-directory", ["--workspace", "@TMP@/root", "datastore", "list"], {}, "@TMP@/root"),
 ]
 

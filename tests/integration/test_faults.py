@@ -334,5 +334,6 @@ def test_a_lost_answer_to_a_create_only_upload_is_not_a_skip_or_failure(flaky, t
     (src / "small.bin").write_bytes(b"changed")
     flaky.limit = 1
     r = mountd_cli("upload", "flaky", src)
-    assert r.code == 0 and "skipped 2 existing" in r.out, r
+    assert r.code == 0 and "skipped 1 existing and unchanged" in r.out, r  # large.bin
+    assert "NOT uploaded 1 that storage holds in a different version (small.bin;" in r.out, r  # and said so
     assert flaky.container.download_blob("small.bin").readall() == small

@@ -374,3 +374,22 @@ def test_direct_io_read_write_mount_uploads_what_was_written(datastore, mount, m
     assert (mp / "new.bin").read_bytes() == data
     assert mountd_cli("unmount", mp).code == 0
     assert (mount() / "new.bin").read_bytes() == data
+
+
+def test_unmount_refuses_a_mount_mountd_did_not_make(tmp_path, mountd_cli):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "mountd-test", str(other)], check=True)
+    try:
+        (other / "precious.txt").write_text("keep me")
+        r = mountd_cli("unmount", other)
+        assert r.code == 2 and r.out == "", r
+        assert r.err.strip() == (f"mountd: error: {other} is a tmpfs mount that mountd did not make: mountd "
+                                 "unmounts only its own (use umount for others)")
+        assert mounts.is_mounted(str(other)) and (other / "precious.txt").read_text() == "keep me"
+        r = mountd_cli("unmount", other, "--lazy")
+        assert r.code == 2 and mounts.is_mounted(str(other)), r
+    finally:
+        subprocess.run(["umount", "-l", str(other)], check=False)

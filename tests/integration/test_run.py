@@ -164,6 +164,14 @@ def test_staging_failure_does_not_run_the_child(job, tmp_path):
     assert not (tmp_path / "work" / "uploads" / "outputs" / "report.json").exists()
 
 
+def test_a_source_refusing_the_credential_is_one_line_and_exit_2_before_anything(job, tmp_path):
+    # (was: the same message from staging, 'not starting', and 'failed', then exit 3)
+    r = run_cli("run", job(), env={"MOUNTD_NO_FUSE": "1", KEY_ENV: "d3Jvbmcta2V5LWJ1dC1iYXNlNjQ="})
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "refused the credentials" in r.stderr, r.stderr
+    assert not (tmp_path / "work").exists()
+
+
 def test_upload_failure_after_success_exits_3_and_keeps_outputs(job, tmp_path, azurite):
     manifest = job()
     body = yaml.safe_load(manifest.read_text())
@@ -299,6 +307,28 @@ def test_bad_manifests_exit_2_and_touch_nothing(case, tmp_path, azurite, contain
     assert no_mounts_under(tmp_path)
 
 
+def test_a_misspelt_data_reference_in_the_command_exits_2_before_anything(job, tmp_path):
+    r = run_cli("run", job(), "--", sys.executable, "-c", "pass", "--data=${AZUREML_DATAREFERENCE_inputz}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("mountd: error: the command names $AZUREML_DATAREFERENCE_inputz, which is no data "
+                                "reference of the manifest: did you mean $AZUREML_DATAREFERENCE_inputs?")
+    r = run_cli("run", job(command=["echo", "$AZUREML_DATAREFERENCE_zzz"]))
+    assert r.returncode == 2 and "the manifest's references are $AZUREML_DATAREFERENCE_inputs, " in r.stderr, r.stderr
+    assert not (tmp_path / "work").exists()
+    assert no_mounts_under(tmp_path)
+
+
+def test_an_upload_reference_left_empty_or_removed_is_a_warning_naming_its_path(job, tmp_path):
+    out = tmp_path / "work" / "uploads" / "outputs"
+    r = run_cli("run", job(), "--", sys.executable, "-c", "pass", env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert [x for x in r.stderr.splitlines() if "warning" in x and f"upload outputs: {out} is empty" in x], r.stderr
+    r = run_cli("run", job(), "--", sys.executable, "-c", f"import os; os.rmdir({str(out)!r})",
+                env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"upload outputs: {out} does not exist" in r.stderr, r.stderr
+
+
 def test_the_command_does_not_inherit_datastore_secrets(job, tmp_path):
     """The variables datastore credentials name are not passed to the
     command (the workspace's, and an inline datastore's no reference uses),
@@ -338,6 +368,37 @@ def test_validate_has_no_side_effects(job, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "AZUREML_DATAREFERENCE_inputs: mount" in r.stdout
     assert not (tmp_path / "work").exists()
+
+
+def test_validate_asks_storage_unless_offline(job, tmp_path):
+    body = yaml.safe_load(job().read_text())
+    body["data_references"]["staged"]["path_on_datastore"] = "datasets/nope"
+    body["data_references"]["scratch"] = {"datastore": "blob", "path_on_datastore": "new/dir", "mode": "mount",
+                                          "read_write": True}  # a read-write mount may start empty
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("validate", manifest)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.strip() == (f"mountd: error: {manifest}: data reference staged: datasets/nope does not exist "
+                                "in datastore blob")
+    r = run_cli("validate", "--offline", manifest)
+    assert r.returncode == 0 and "file only (--offline)" in r.stdout, r
+    r = run_cli("validate", job(), env={KEY_ENV: "d3Jvbmcta2V5LWJ1dC1iYXNlNjQ="})  # base64, not the key
+    assert r.returncode == 2 and "refused the credentials" in r.stderr and len(r.stderr.splitlines()) == 1, r
+    assert not (tmp_path / "work").exists()
+
+
+def test_validate_says_when_the_run_id_is_generated(job, tmp_path):
+    body = yaml.safe_load(job().read_text())
+    del body["run_id"], body["work_dir"]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    r = run_cli("validate", manifest)
+    assert r.returncode == 0, r
+    first = r.stdout.splitlines()[0]
+    assert "run id generated at run time" in first and f"work dir {REPO}/mountd-runs/{{run_id}};" in first, first
+    assert "outputs: upload blob:runs/{run_id}/out" in r.stdout, r.stdout
+    assert "run-2" not in r.stdout  # no made-up id the next run would not use
 
 
 @pytest.mark.fuse
@@ -448,6 +509,52 @@ def test_run_finishes_an_earlier_attempts_uploads_first(job, tmp_path):
         assert not list((tmp_path / "work" / "journal").glob("*.json"))
     finally:
         late.delete()
+
+
+def test_a_resume_failure_at_the_start_of_a_run_counts_in_its_exit_code(job, tmp_path):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    late = job.remote.sibling("not-yet-there")
+    body["datastores"] = {"blob": late.entry(KEY_ENV)}
+    body["data_references"] = {"outputs": body["data_references"]["outputs"]}
+    manifest.write_text(yaml.safe_dump(body))
+    write = ("import os; open(os.path.join(os.environ['AZUREML_DATAREFERENCE_outputs'], 'first.txt'), 'w')"
+             ".write('first')")
+    r = run_cli("run", manifest, "--", sys.executable, "-c", write)
+    assert r.returncode == 3, r.stderr
+    (tmp_path / "work" / "uploads" / "outputs" / "first.txt").unlink()  # the earlier attempt's file is gone
+    late.create()
+    try:
+        r = run_cli("run", manifest, "--", sys.executable, "-c", "pass")
+        assert r.returncode == 3, r.stderr  # the command succeeded, but an earlier output is lost
+        assert "failed: resume " in r.stderr and "first.txt: local file is gone" in r.stderr, r.stderr
+    finally:
+        late.delete()
+
+
+def test_a_second_run_on_a_work_dir_in_use_is_refused(job, tmp_path):
+    manifest = job()
+    go = tmp_path / "go"
+    wait = f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)"
+    first = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(manifest), "--", sys.executable, "-c",
+                              wait], cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "work" / "uploads").exists():  # the first run holds the work dir by then
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        r = run_cli("run", manifest, "--", sys.executable, "-c", "open('/dev/null', 'w')",
+                    env={"MOUNTD_NO_FUSE": "1"})
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip() == (f"mountd: error: work dir {tmp_path / 'work'} is in use by another mountd "
+                                    f"(pid {first.pid} (mountd run r1)): wait for it to finish, or give this run "
+                                    "another --work-dir or run_id")
+    finally:
+        go.write_text("")
+        assert first.wait(60) == 0, first.stderr.read()
+    r = run_cli("run", manifest, "--", sys.executable, "-c", "pass", env={"MOUNTD_NO_FUSE": "1"})
+    assert r.returncode == 0, r.stderr  # free again once the first one is done
 
 
 @pytest.mark.fuse

@@ -390,3 +390,29 @@ def test_status_shows_what_a_read_write_mount_has_not_uploaded_yet(storage, rw_m
     finally:
         writer.communicate("", timeout=30)
     assert storage.files()["open.bin"] == b"x"
+
+
+def test_a_read_write_mount_of_a_missing_directory_starts_empty(storage, tmp_path, mountd_cli):
+    # Outputs usually do not exist yet: the mount is an empty directory, and
+    # what is written there lands under the new path.
+    storage.put("other.txt", b"o")
+    mp = tmp_path / "out"
+    mp.mkdir()
+    r = mountd_cli("mount", "data:runs/7/outputs", mp, "--read-write", "--work-dir", tmp_path / "work",
+                   "--cache-dir", tmp_path / "cache")
+    assert r.code == 0, r
+    try:
+        assert os.listdir(mp) == []
+        (mp / "model.bin").write_bytes(b"weights")
+    finally:
+        unmount(mountd_cli, mp)
+    assert storage.files() == {"other.txt": b"o", "runs/7/outputs/model.bin": b"weights"}
+
+
+def test_a_read_only_mount_of_a_missing_directory_is_a_usage_error(storage, tmp_path, mountd_cli):
+    mp = tmp_path / "in"
+    mp.mkdir()
+    r = mountd_cli("mount", "data:no/such/dir", mp, "--cache-dir", tmp_path / "cache")
+    assert r.code == 2 and r.err.strip().count("\n") == 0, r
+    assert "no/such/dir does not exist in datastore data" in r.err and "internal error" not in r.err, r
+    assert not mounts.is_mounted(str(mp))

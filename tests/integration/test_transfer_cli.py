@@ -81,8 +81,15 @@ def test_overwrite_semantics(tmp_path, store_workspace, remote, mountd_cli):
     assert mountd_cli("--workspace", store_workspace, "upload", "store", src).code == 0
     (src / "a.txt").write_bytes(b"v2")
     again = mountd_cli("--workspace", store_workspace, "upload", "store", src)
-    assert again.code == 0 and "skipped 2 existing" in again.out
+    # b.txt is the same: skipped quietly; a.txt is not: said on the summary and in a warning
+    assert again.code == 0 and "skipped 1 existing and unchanged" in again.out, again
+    assert "NOT uploaded 1 that storage holds in a different version (a.txt;" in again.out, again
+    assert "1 file(s) NOT uploaded: storage already holds a different version of a.txt" in again.err, again
     assert remote.get("a.txt") == b"v1"
+    (src / "a.txt").write_bytes(b"v1")  # back to what storage holds: unchanged again
+    assert "skipped 2 existing or unchanged" in mountd_cli("--workspace", store_workspace, "upload", "store",
+                                                           src).out
+    (src / "a.txt").write_bytes(b"v2")
     forced = mountd_cli("--workspace", store_workspace, "upload", "store", src, "--overwrite")
     assert forced.code == 0 and "uploaded 2 files" in forced.out
     assert remote.get("a.txt") == b"v2"
@@ -269,6 +276,7 @@ def test_unreachable_endpoint_and_bad_yaml_exit_2(tmp_path, mountd_cli, monkeypa
 
 
 def test_debug_shows_traceback(tmp_path, mountd_cli):
+    (tmp_path / "w.yaml").write_text("datastores: {}\n")
     r = mountd_cli("--debug", "--workspace", tmp_path / "w.yaml", "download", "nope", tmp_path / "o")
     assert r.code == 2 and "Traceback" in r.err and r.err.strip().endswith("unknown datastore 'nope' (known: workspacelocalstore)")
 

@@ -62,10 +62,10 @@ def test_parse_rejects(raw, fragment):
 
 
 def test_resolve_env_credential(monkeypatch):
-    monkeypatch.setenv("KEY_VAR", " secret-value \n")
+    monkeypatch.setenv("KEY_VAR", " c2VjcmV0LXZhbHVl \n")
     cred = credentials.resolve({"account_key_env": "KEY_VAR"}, "ds")
-    assert (cred.kind, cred.secret) == ("account_key", "secret-value")
-    assert "secret-value" not in repr(cred)
+    assert (cred.kind, cred.secret) == ("account_key", "c2VjcmV0LXZhbHVl")
+    assert "c2VjcmV0LXZhbHVl" not in repr(cred)
 
 
 def test_resolve_missing_and_empty_env(monkeypatch):
@@ -104,8 +104,12 @@ def test_describe_never_shows_inline_secret():
     assert "TOPSECRET" not in text and "redacted" in text
 
 
-def test_no_workspace_file_gives_embedded_local_store(tmp_path):
-    ws = Workspace.load(str(tmp_path / "none.yaml"))
+def test_no_workspace_file_gives_embedded_local_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    ws = Workspace.load()  # nothing at the default location
+    assert not ws.exists
+    assert ws.default.name == LOCAL_STORE_NAME
+    ws = Workspace.load(str(tmp_path / "none.yaml"), missing_ok=True)
     assert not ws.exists
     assert ws.default.name == LOCAL_STORE_NAME
     assert ws.default.root.startswith(str(tmp_path / "data"))
@@ -113,7 +117,7 @@ def test_no_workspace_file_gives_embedded_local_store(tmp_path):
 
 def test_register_save_reload_case_insensitive(tmp_path):
     path = tmp_path / "cfg" / "ws.yaml"
-    ws = Workspace.load(str(path))
+    ws = Workspace.load(str(path), missing_ok=True)
     ws.register(datastores.parse("Training", BLOB, "t"))
     ws.set_default("TRAINING")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -166,6 +170,39 @@ def test_inline_secret_in_readable_file_warns(tmp_path, caplog):
 
 
 def test_embedded_store_cannot_be_removed(tmp_path):
-    ws = Workspace.load(str(tmp_path / "ws.yaml"))
+    ws = Workspace.load(str(tmp_path / "ws.yaml"), missing_ok=True)
     with pytest.raises(UsageError, match="built in"):
         ws.remove(LOCAL_STORE_NAME)
+
+
+@pytest.mark.parametrize("key", ["c2VjcmV0LXZhbHVl==x", "abc", "not a key!", "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1"
+                                 "OUzFT50uSRZ6IFsuFq2UVE"])
+def test_an_account_key_that_is_not_base64_is_a_config_error(monkeypatch, tmp_path, key):
+    monkeypatch.setenv("KEY_VAR", key)
+    with pytest.raises(ConfigError, match=r"ds: the account key from \$KEY_VAR is not valid base64: check for a "
+                                          "truncated paste"):
+        credentials.resolve({"account_key_env": "KEY_VAR"}, "ds")
+    with pytest.raises(ConfigError, match="the inline account key is not valid base64"):
+        credentials.resolve({"account_key": key}, "ds")
+    with pytest.raises(ConfigError, match="the connection string's AccountKey is not valid base64"):
+        credentials.connection_string_parts(f"AccountName=a;AccountKey={key}", "blob", "ds")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:10000", "http://127.0.0.1:10000/", "https://localhost:10004",
+                                 "http://[::1]:10000"])
+def test_an_emulator_endpoint_without_the_account_is_a_config_error(url):
+    with pytest.raises(ConfigError, match="names no account: an emulator's endpoint must include the account"):
+        datastores.parse("d", {"type": "azure_blob", "container_name": "data", "endpoint": url}, "ws")
+    with pytest.raises(ConfigError, match="BlobEndpoint.*names no account"):
+        credentials.connection_string_parts(f"BlobEndpoint={url};AccountKey=c2VjcmV0LXZhbHVl", "blob", "ds")
+    for fine in ("http://127.0.0.1:10000/devstoreaccount1", "https://acct.blob.core.windows.net",
+                 "https://acct.privatelink.blob.core.windows.net/"):
+        datastores.parse("d", {"type": "azure_blob", "container_name": "data", "endpoint": fine}, "ws")
+
+
+def test_a_named_workspace_file_must_exist(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"none.yaml \(named by --workspace\) does not exist: check the path"):
+        Workspace.load(str(tmp_path / "none.yaml"))
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "none.yaml"))
+    with pytest.raises(ConfigError, match=r"none.yaml \(named by \$MOUNTD_WORKSPACE\) does not exist"):
+        Workspace.load()

@@ -135,10 +135,10 @@ def test_a_referenced_credential_is_kept_as_a_reference(tmp_path):
     assert job_datastore(job).credential == {"account_key_env": "MY_KEY"}
 
 
-def test_resume_command_errors(tmp_path, mountd_cli):
+def test_resume_command_errors(tmp_path, mountd_cli, monkeypatch):
     r = mountd_cli("resume", "--work-dir", tmp_path / "nope")
     assert r.code == 2 and r.err.startswith("mountd: error: work dir") and "does not exist" in r.err
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # (restored after: later tests' processes must not start from here)
     r = mountd_cli("resume")
     assert r.code == 0 and "no pending uploads" in r.out
     (tmp_path / "a").mkdir()

@@ -136,7 +136,7 @@ def test_first_matching_store_wins():
 
 def test_accepts_a_workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    ws = Workspace.load(str(tmp_path / "none.yaml"))
+    ws = Workspace.load(str(tmp_path / "none.yaml"), missing_ok=True)
     cfg, path = parse_uri("azureml://datastores/workspacelocalstore/paths/a", ws)
     assert cfg.type == "local" and path == "a"
 
