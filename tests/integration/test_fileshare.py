@@ -230,7 +230,7 @@ def test_missing_share_bad_key_dead_endpoint(fileshare, share, monkeypatch):
     with open_store(parse("s", share_workspace_entry(fileshare, "doesnotexist"), "t")) as store, \
             pytest.raises(ConfigError, match="does not exist"):
         store.check()
-    monkeypatch.setenv("WRONG_KEY", "d3Jvbmc=" * 11)
+    monkeypatch.setenv("WRONG_KEY", "d3Jvbmc" + "A" * 79 + "==")  # well-formed (88 characters), not the key
     entry = share_workspace_entry(fileshare, share.share_name, key_env="WRONG_KEY")
     with open_store(parse("s", entry, "t")) as store, pytest.raises(Unreachable, match="refused"):
         store.check()

@@ -36,7 +36,10 @@ sys.exit(int(os.environ.get("EXIT_WITH", "0")))
 def ws(tmp_path, monkeypatch):
     """Workspace.from_config() finds this workspace file; the tests run in
     tmp_path, as a user's notebook would in its project directory."""
-    monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "cfg" / "workspace.yaml"))
+    path = tmp_path / "cfg" / "workspace.yaml"  # the workspace's config.json, as the portal would give it
+    path.parent.mkdir()
+    path.write_text("{}\n")
+    monkeypatch.setenv("MOUNTD_WORKSPACE", str(path))
     monkeypatch.chdir(tmp_path)
     from mountd.api import Workspace
     return Workspace.from_config()
@@ -69,6 +72,8 @@ def local_store(ws, name, files=None):
 
 # -- Vereisten ---------------------------------------------------------------------------
 def test_workspace_from_config(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "workspace.yaml").write_text("{}\n")
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(tmp_path / "cfg" / "workspace.yaml"))
     import mountd.api  # noqa: F401 (the seed's `import azureml.data`)
     from mountd.api import Workspace, Datastore
@@ -315,7 +320,7 @@ def test_estimator_bad_input_is_refused_before_anything_runs(ws, code_directory)
     from mountd.errors import UsageError
     with pytest.raises(UsageError, match="entry_script nothere.py is not a file in .*your code directory"):
         Estimator(source_directory='your code directory', entry_script='nothere.py')
-    other = Workspace.from_config(os.path.abspath("other/ws.yaml"))
+    other = Workspace.from_config(os.path.abspath("other/ws.yaml"), create=True)
     a = local_store(ws, "a").as_download()
     b = other.get_default_datastore().as_download()
     with pytest.raises(UsageError, match="different workspaces"):

@@ -183,7 +183,7 @@ def test_missing_container_and_bad_key_and_dead_endpoint(azurite, container, mon
     entry = blob_workspace_entry(azurite, "doesnotexist")
     with open_store(parse("s", entry, "t")) as store, pytest.raises(ConfigError, match="does not exist"):
         store.check()
-    monkeypatch.setenv("WRONG_KEY", "d3Jvbmc=" * 11)
+    monkeypatch.setenv("WRONG_KEY", "d3Jvbmc" + "A" * 79 + "==")  # well-formed (88 characters), not the key
     entry = blob_workspace_entry(azurite, container.container_name, key_env="WRONG_KEY")
     with open_store(parse("s", entry, "t")) as store, pytest.raises(Unreachable, match="refused"):
         store.check()

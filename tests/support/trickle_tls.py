@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-import threading
+
+from tests.support.relay import Relay
 
 SIZE = 1 << 30  # every object's size
 _BLOCK = bytes(range(256)) * 256  # 64 KiB
@@ -29,28 +30,20 @@ def pattern(offset: int, length: int) -> bytes:
     return bytes(out)
 
 
-class TrickleTLSServer:
+class TrickleTLSServer(Relay):
+    """Started at once; `close()` stops it."""
+
+    thread_name = "trickle-tls"
+
     def __init__(self, cert_file: str, key_file: str, piece: int = 1500):
+        super().__init__()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert_file, key_file)
         self.piece = piece
         self.requests = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.start()
 
     def _serve(self, conn: socket.socket):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = self.ctx.wrap_bio(incoming, outgoing, server_side=True)
         try:
@@ -106,4 +99,4 @@ class TrickleTLSServer:
                 return b""
 
     def close(self):
-        self.sock.close()
+        self.stop()

@@ -54,7 +54,7 @@ def ws(tmp_path, monkeypatch):
 
 def validate(ws: str, manifest: str):
     env = dict(os.environ, WS_BLOB_KEY="c2VjcmV0", PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "mountd", "validate", "--workspace", ws, manifest],
+    return subprocess.run([sys.executable, "-m", "mountd", "validate", "--offline", "--workspace", ws, manifest],
                           capture_output=True, text=True, env=env, timeout=120, cwd=os.getcwd())
 
 
