@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 from mountd.errors import ConfigError, TokenUnavailable
 from mountd.redact import redact
-from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy
+from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class RetryingTokenCredential:
         def hook(pipeline_response) -> None:  # each answer of a token endpoint, before it is read
             response = pipeline_response.http_response
             seen.status = response.status_code
-            seen.retry_after = _retry_after(response.headers)
+            seen.retry_after = retry_after(response.headers) if response.headers is not None else None
 
         # One budget: azure-identity does not retry, get_token does; the
         # storage timeouts bound each request.
@@ -281,10 +281,3 @@ def _first_line(error: BaseException) -> str:
     text = lines[0] if lines else type(error).__name__
     return redact(text[:300])
 
-
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(float(value), 0.0) if value else None
-    except ValueError:
-        return None  # an HTTP date: our own backoff

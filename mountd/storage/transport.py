@@ -269,8 +269,7 @@ class Transport:
     def _route(self, origin: str):
         """(the pool for requests to `origin`, whether they name the whole URL
         (plain HTTP through a proxy)). Remembered per origin: the pool
-        manager's own look-up parses the URL again for every request, a
-        tenth of the lean path's CPU per request."""
+        manager's own look-up would parse the URL again for every request."""
         route = self._routes.get(origin)
         if route is None or route[0].pool is None:  # none yet, or closed by the manager
             pool = self.pool_for(origin + "/")
@@ -303,12 +302,6 @@ class Transport:
         session.mount("https://", adapter)
         return session
 
-    def close(self) -> None:
-        self.direct.clear()
-        with self._lock:
-            for manager in self._proxied.values():
-                manager.clear()
-
 
 def release(response) -> None:
     """Give a preload=False answer's connection back if its body was read
@@ -336,33 +329,33 @@ def body_reader(response) -> http.client.HTTPResponse:
     return response._fp
 
 
+def _chain(error: BaseException | None):
+    """`error` and every exception it wraps, once each: urllib3, requests
+    and azure-core each wrap the cause once more (in args, `reason`,
+    `inner_exception`, or as cause or context)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        todo += [getattr(e, "reason", None), getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+
+
 def _wraps(error: BaseException | None, kind: type) -> bool:
-    seen = set()
-    while isinstance(error, BaseException) and id(error) not in seen:
-        if isinstance(error, kind):
-            return True
-        seen.add(id(error))
-        reason = getattr(error, "reason", None)
-        error = reason if isinstance(reason, BaseException) else error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, kind) for e in _chain(error))
 
 
 def certificate_problem(error: BaseException | None) -> str | None:
     """The reason a certificate failed to verify, if that is what `error`
-    is or wraps (urllib3, requests and azure-core each wrap it once more)."""
-    todo, seen = [error], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    is or wraps."""
+    for e in _chain(error):
         if isinstance(e, ssl.SSLCertVerificationError):
             return e.verify_message or str(e)
         if isinstance(e, ssl.CertificateError):
             return str(e)
-        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
-        todo += [x for x in (getattr(e, "reason", None), getattr(e, "inner_exception", None), e.__cause__,
-                             e.__context__) if isinstance(x, BaseException)]
     return None
 
 
