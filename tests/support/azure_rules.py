@@ -317,14 +317,7 @@ class AzureRules(Relay):
         except (_Closed, OSError, ValueError):
             pass  # either side went away: the connection ends
         finally:
-            with self._lock:
-                self._conns.discard(raw)
-            for s in (client, upstream):
-                if s is not None:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+            self._forget(raw, client, upstream)
 
 
 def _auth_kind(headers: dict, query: dict) -> str:

@@ -283,14 +283,7 @@ class FaultProxy(Relay):
         except (_Closed, OSError, ValueError):
             pass  # either side went away, or the proxy cut it: the connection ends
         finally:
-            with self._lock:
-                self._conns.discard(client)
-            for s in (client, upstream):
-                if s is not None:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+            self._forget(client, client, upstream)
 
     def _error_answer(self, fault: str) -> bytes:
         if fault == "error_503":

@@ -71,3 +71,14 @@ class Relay:
 
     def _serve(self, client: socket.socket) -> None:
         raise NotImplementedError
+
+    def _forget(self, conn: socket.socket, *sockets) -> None:
+        """A served connection has ended: stop tracking it and close its sockets."""
+        with self._lock:
+            self._conns.discard(conn)
+        for s in sockets:
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
