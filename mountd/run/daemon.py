@@ -119,11 +119,18 @@ class Daemon:
     def run(self) -> int:
         self.plan = lifecycle.plan(self.manifest)  # UsageError before anything is touched
         self._register()
+        try:
+            # one holder per work dir, as for `mountd run` (a run and a daemon
+            # on one work dir would stage over and upload each other's files)
+            os.makedirs(self.manifest.work_dir, exist_ok=True)
+            held = lifecycle.lock_work_dir(self.manifest, f"(mountd daemon {self.manifest.path})")
+        except BaseException:
+            self._unregister()
+            raise
         self.signals.install()
         started = False
         try:
             try:
-                os.makedirs(self.manifest.work_dir, exist_ok=True)
                 started = self._start()
                 if started:
                     self._hold()
@@ -133,6 +140,7 @@ class Daemon:
             return self._stop(started)
         finally:
             self.signals.restore()
+            held.close()
             self._unregister()
             self.notifier.close()
 
@@ -201,13 +209,12 @@ class Daemon:
         if self.state.failures:
             for failure in self.state.failures:
                 log.error("failed: %s", failure)
-            log.error("stopped with exit code %d: %d step(s) failed (first: %s)", EXIT_TRANSFER,
-                      len(self.state.failures), self.state.failures[0])
+            log.error("stopped with exit code %d: %d step(s) failed (first: %s); %s", EXIT_TRANSFER,
+                      len(self.state.failures), self.state.failures[0],
+                      lifecycle.outputs_summary(self.plan.uploads, self.state.outputs))
             return EXIT_TRANSFER
-        if not started:
-            log.info("stopped before becoming ready")
-            return EXIT_OK
-        log.info("stopped: mounts detached, %d upload reference(s) uploaded", len(self.plan.uploads))
+        log.info("stopped%s with exit code 0: mounts detached; %s", "" if started else " before becoming ready",
+                 lifecycle.outputs_summary(self.plan.uploads, self.state.outputs))
         return EXIT_OK
 
     def _deadline(self) -> None:

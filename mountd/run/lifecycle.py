@@ -25,7 +25,7 @@ from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
 from mountd.transfer.journal import Journal, datastore_record
-from mountd.transfer.progress import Progress, TransferReport
+from mountd.transfer.progress import Progress, TransferReport, human_size
 from mountd.transfer.resume import resume
 
 log = logging.getLogger("mountd.run")
@@ -41,6 +41,7 @@ class RunState:
     workers: list = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     staging: dict[str, Progress] = field(default_factory=dict)  # reference name -> its download, live
+    outputs: dict[str, str] = field(default_factory=dict)  # upload reference name -> what became of it
 
 
 @dataclass
@@ -262,6 +263,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
         if not os.path.isdir(ref.path_on_compute) and not os.path.isfile(ref.path_on_compute):
             log.warning("upload %s: %s does not exist; nothing to upload", ref.name,
                         os.path.abspath(ref.path_on_compute))
+            state.outputs[ref.name] = f"nothing ({os.path.abspath(ref.path_on_compute)} does not exist)"
             continue
         try:
             files, empty_dirs, refused = _plan_upload(ref)
@@ -272,6 +274,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
                               ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
             if signals.abort_uploads.is_set():
                 state.failures.append(f"upload {ref.name}: aborted; {len(files)} file(s) pending")
+                state.outputs[ref.name] = f"aborted, {len(files)} file(s) kept in {ref.path_on_compute}"
                 continue
             with open_store(ref.datastore) as store:
                 store.check()
@@ -282,13 +285,42 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
         except MountdError as e:
             state.failures.append(f"upload {ref.name}: {e}")
             log.error("upload of %s failed: %s (the files stay in %s)", ref.name, e, ref.path_on_compute)
+            state.outputs[ref.name] = f"FAILED, files kept in {ref.path_on_compute}"
             continue
         log.info("uploaded %s: %s", ref.name, report.summary())
+        state.outputs[ref.name] = _outcome(ref, report)
         _note_failed_files(state, "upload", ref, report)
     pending = journal.pending(manifest.run_id)
     if pending:
         log.warning("%d upload job(s) not finished; the local files are kept and `mountd resume --work-dir %s` "
                     "finishes them", len(pending), manifest.work_dir)
+
+
+def storage_url(ref: DataReference) -> str:
+    """Where a reference's path lives in storage, for messages (no secret)."""
+    base = ref.datastore.location
+    sep = "" if base.endswith("/") or not ref.path_on_datastore else "/"
+    return f"{base}{sep}{ref.path_on_datastore}"
+
+
+def _outcome(ref: DataReference, report: TransferReport) -> str:
+    """One upload reference's part of the run's last line."""
+    line = f"{report.files} file{'s' if report.files != 1 else ''} ({human_size(report.bytes)}) to {storage_url(ref)}"
+    same = report.skipped - len(report.differing)
+    if same:
+        line += f", {same} unchanged"
+    if report.differing:
+        line += f", {len(report.differing)} NOT uploaded (storage holds another version)"
+    if report.failed:
+        line += f", {len(report.failed)} FAILED"
+    return line
+
+
+def outputs_summary(uploads: list[DataReference], outputs: dict[str, str]) -> str:
+    """Per upload reference, what went to which storage URL (or why nothing
+    did): the end of the last line of a run and of a daemon's stop."""
+    parts = [f"{ref.name}: {outputs.get(ref.name, 'not uploaded')}" for ref in uploads]
+    return "outputs: " + "; ".join(parts) if parts else "no upload references"
 
 
 def resume_pending(manifest: Manifest, cancel: threading.Event | None = None) -> list[str]:
@@ -338,11 +370,12 @@ def check_sources(manifest: Manifest) -> None:
             store.check()
 
 
-def lock_work_dir(manifest: Manifest):
+def lock_work_dir(manifest: Manifest, note: str | None = None):
     """Hold the run's work dir for this process: a second run on it would
-    stage over the first one's inputs and upload each other's outputs."""
+    stage over the first one's inputs and upload each other's outputs.
+    `note` names the holder for whoever is refused."""
     from mountd.locks import lock_as
-    held = lock_as(manifest.work_dir, f"(mountd run {manifest.run_id})")
+    held = lock_as(manifest.work_dir, note or f"(mountd run {manifest.run_id})")
     if held is None:
         _refuse_work_dir(manifest)
     return held
@@ -391,11 +424,16 @@ def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo
             upload_outputs(state, upload_refs, signals)
         elif upload_refs:
             log.info("not uploading outputs (upload_when: %s, exit code %s)", manifest.upload_when, code)
+            reason = (f"upload_when: {manifest.upload_when}, exit code {code}" if code is not None
+                      else "the training process did not run")
+            for ref in upload_refs:
+                state.outputs[ref.name] = f"not uploaded ({reason}; files kept in {ref.path_on_compute})"
         signals.restore()
     state.failures[:0] = resumed_failures
-    if state.failures:
-        for failure in state.failures:
-            log.error("failed: %s", failure)
-        if code in (0, None):
-            return EXIT_TRANSFER
-    return code if code is not None else EXIT_TRANSFER
+    for failure in state.failures:
+        log.error("failed: %s", failure)
+    if code is None or (state.failures and code == 0):
+        code = EXIT_TRANSFER
+    (log.warning if state.failures else log.info)("run %s finished with exit code %d; %s", manifest.run_id, code,
+                                                  outputs_summary(upload_refs, state.outputs))
+    return code

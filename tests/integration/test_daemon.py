@@ -241,6 +241,24 @@ def test_daemon_lifecycle_under_a_notify_socket(service):
     assert status_json() == {"daemons": [], "mounts": []}
     log = p["stderr"].read_text()
     assert KEY not in log and "Traceback" not in log
+    # its last line says what went where
+    last = log.strip().splitlines()[-1]
+    assert "stopped with exit code 0: mounts detached; outputs: outputs: 1 file (1000 B) to http" in last, last
+    assert last.endswith(f"/{service.container.container_name}/runs/svc1/out/0"), last
+
+
+def test_a_run_on_the_daemons_work_dir_is_refused_naming_the_daemon(service):
+    proc, systemd = service({"inputs": None}, env={"MOUNTD_NO_FUSE": "1"})
+    assert systemd.wait_for("READY", proc=proc), service.paths["stderr"].read_text()
+    manifest = service.paths["work"].parent / "svc.yaml"
+    r = subprocess.run([sys.executable, "-m", "mountd", "run", str(manifest), "--", sys.executable, "-c", "pass"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60, env=dict(os.environ, MOUNTD_NO_FUSE="1"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"mountd: error: work dir {service.paths['work']} is in use by another mountd "
+                                f"(pid {proc.pid} (mountd daemon {manifest})): wait for it to finish, or give this "
+                                "run another --work-dir or run_id"), r.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
 
 
 def test_failed_upload_exits_3_with_a_clear_line(service, azurite):

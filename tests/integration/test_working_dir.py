@@ -116,3 +116,35 @@ def test_a_file_upload_that_is_a_link_out_of_its_directory_is_refused(setup, tmp
     assert r.returncode == 3, r.stderr  # the command succeeded, an output did not upload
     assert f"{job}/bar.pkl: symbolic link points outside its directory" in r.stderr, r.stderr
     assert remote.files("models") == {}
+
+
+def _last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+def test_the_runs_last_line_says_what_went_to_which_storage_url(setup):
+    remote, job, manifest = setup
+    r = mountd("run", manifest(job), cwd=job)
+    assert r.returncode == 0, r.stderr
+    last = _last_line(r.stderr)
+    target = remote.entry(KEY_ENV)
+    where = target.get("container_name") or target.get("share_name")
+    assert "run r1 finished with exit code 0; outputs: model: " in last, last
+    assert f"model: 1 file (13 B) to " in last and f"/{where}/results;" in last, last
+    assert f"outputs: 2 files (" in last and f"/{where}/results/outputs" in last, last
+    # a re-run whose outputs changed: the last line says they did not go up
+    (job / "train.py").write_text(TRAIN.replace("pickled model", "another model"))
+    again = mountd("run", manifest(job), cwd=job)
+    assert again.returncode == 0, again.stderr
+    assert "model: 0 files (0 B) to " in _last_line(again.stderr), again.stderr
+    assert "1 NOT uploaded (storage holds another version)" in _last_line(again.stderr), again.stderr
+
+
+def test_the_last_line_of_a_failed_job_says_its_outputs_stayed(setup):
+    remote, job, manifest = setup
+    r = mountd("run", manifest(job, upload_when="on_success"), cwd=job, env={"EXIT_WITH": "4"})
+    assert r.returncode == 4, r.stderr
+    last = _last_line(r.stderr)
+    assert ("run r1 finished with exit code 4; outputs: model: not uploaded "
+            "(upload_when: on_success, exit code 4; files kept in ") in last, last
+    assert remote.files("results") == {}
