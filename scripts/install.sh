@@ -63,13 +63,15 @@ if [ "$WITH_TESTS" = 1 ]; then
 fi
 where="$("$PY" -c 'import sys, os; print(os.path.join(os.path.dirname(sys.executable), "mountd"))')"
 # In a virtual environment the command is not on PATH: link it from
-# /usr/local/bin when that is ours to write and holds no other mountd.
-if [ "$USE_VENV" = 1 ] && [ -w /usr/local/bin ]; then
-    if [ ! -e /usr/local/bin/mountd ] || [ "$(readlink /usr/local/bin/mountd)" = "$where" ]; then
-        ln -sfn "$where" /usr/local/bin/mountd
-        where="$where (linked from /usr/local/bin/mountd)"
+# /usr/local/bin (or $MOUNTD_BIN_DIR) when that is ours to write and holds no
+# other mountd.
+bin_dir="${MOUNTD_BIN_DIR:-/usr/local/bin}"
+if [ "$USE_VENV" = 1 ] && [ -w "$bin_dir" ]; then
+    if [ ! -e "$bin_dir/mountd" ] || [ "$(readlink "$bin_dir/mountd")" = "$where" ]; then
+        ln -sfn "$where" "$bin_dir/mountd"
+        where="$where (linked from $bin_dir/mountd)"
     else
-        where="$where (/usr/local/bin/mountd is another one: call this one by its path)"
+        where="$where ($bin_dir/mountd is another one: call this one by its path)"
     fi
 fi
 echo "mountd installed: $where"
