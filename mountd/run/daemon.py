@@ -64,6 +64,7 @@ class _Slot:
     state: str = "live"  # live | restarting | failed
     deaths: list[float] = field(default_factory=list)  # monotonic times, within RESTART_WINDOW
     next_try: float = 0.0
+    restarts: int = 0  # since the daemon started: what mountd_mount_restarts_total counts, so it never goes down
 
 
 class _Signals:
@@ -260,6 +261,7 @@ class Daemon:
             self.notifier.status(f"degraded: mount {slot.ref.name} given up; {self._ready_line()}")
             return
         slot.state = "restarting"
+        slot.restarts += 1
         slot.next_try = now + RESTART_DELAYS[min(len(slot.deaths), len(RESTART_DELAYS)) - 1]
 
     def _clean_up_dead(self, worker: mounts.Worker) -> None:
@@ -315,7 +317,7 @@ class Daemon:
             "mounts": [{"name": s.ref.name, "datastore": s.ref.datastore.name, "path": s.ref.path_on_datastore,
                         "mountpoint": s.ref.path_on_compute, "mode": "rw" if s.ref.read_write else "ro",
                         "state": s.state, "worker_pid": s.worker.pid if s.worker else None,
-                        "restarts": len(s.deaths)} for s in slots],
+                        "restarts": s.restarts, "recent_deaths": len(s.deaths)} for s in slots],
             "downloads": [{"name": r.name, "datastore": r.datastore.name, "path": r.path_on_datastore,
                            "path_on_compute": r.path_on_compute} for r in (self.plan.downloads if self.plan else [])],
             "uploads": [{"name": r.name, "datastore": r.datastore.name, "path": r.path_on_datastore,

@@ -218,12 +218,13 @@ def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, wor
         worker.supervisor_fd = None
     # After a lazy detach the worker goes on serving the files still open and
     # exits when they close: give it a moment, never kill it.
-    _wait_exit(pid, worker, min(timeout, 1.0) if lazy else timeout, lazy)
+    _wait_exit(pid, worker, min(timeout, 1.0) if lazy else timeout, lazy, (record or {}).get("pid_start"))
     if pid is None or not runtime.pid_alive(pid):
         runtime.remove_record(path)
 
 
-def _wait_exit(pid: int | None, worker: Worker | None, timeout: float, lazy: bool) -> None:
+def _wait_exit(pid: int | None, worker: Worker | None, timeout: float, lazy: bool,
+               pid_start: int | None = None) -> None:
     if worker and worker.process:
         try:
             worker.process.wait(timeout)
@@ -235,9 +236,17 @@ def _wait_exit(pid: int | None, worker: Worker | None, timeout: float, lazy: boo
         return
     if pid is None:
         return
+
+    # The pid comes from a record on disk: the worker may be long gone and
+    # its pid another process's now. Wait for, and kill, only the process the
+    # record names (a record without a start time: a process running mountd).
+    def ours() -> bool:
+        return runtime.is_process(pid, pid_start) if pid_start is not None else runtime.is_mountd(pid)
+    if not ours():
+        return
     deadline = time.monotonic() + timeout
     while runtime.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if runtime.pid_alive(pid) and not lazy:
+    if runtime.pid_alive(pid) and not lazy and ours():
         log.warning("mount worker %d did not exit in %.0f s; killing it", pid, timeout)
         os.kill(pid, 9)

@@ -151,6 +151,23 @@ def is_mountd(pid) -> bool:
         return True  # alive, and not ours to read: leave its record alone
 
 
+def process_start(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, field 22 of
+    /proc/PID/stat): with the pid it names one process, even once the pid
+    has been reused by another."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_process(pid: int, started: int | None) -> bool:
+    """Whether `pid` is still the process that started at `started` (as
+    process_start gave it); a record without one proves nothing: False."""
+    return started is not None and pid_alive(pid) and process_start(pid) == started
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -169,7 +169,7 @@ def as_prometheus(status: dict) -> str:
             x.add("mountd_staging_files_planned", "gauge", "Files of a download reference listed so far.",
                   labels, s["files_total"])
         for m in d["mounts"]:
-            x.add("mountd_mount_restarts_total", "counter", "Mount workers restarted after dying (recent window).",
+            x.add("mountd_mount_restarts_total", "counter", "Mount workers restarted after dying, since the daemon started.",
                   dict(base, reference=m["name"]), m["restarts"])
         x.add("mountd_pending_uploads", "gauge", "Upload references an earlier run left pending.",
               base, len(d["pending_uploads"]))

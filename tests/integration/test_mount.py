@@ -214,6 +214,24 @@ def test_worker_killed_leaves_no_dead_mount(datastore, mount):
     assert os.listdir(mp) == []  # an empty directory again, not "Transport endpoint is not connected"
 
 
+def test_unmount_never_kills_a_process_that_took_a_dead_workers_pid(datastore, mount, mountd_cli):
+    mp = mount()
+    record = runtime.read_record(str(mp))
+    assert record["pid_start"] == runtime.process_start(record["pid"])
+    # the record names a pid that is another process's now (as after the
+    # worker died and the pid was reused)
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        runtime.write_record(str(mp), dict(record, pid=stranger.pid))
+        r = mountd_cli("unmount", mp)
+        assert r.code == 0, r
+        assert not mounts.is_mounted(str(mp))
+        assert stranger.poll() is None  # alive: not killed, not waited for
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 @pytest.mark.parametrize("case", ["missing", "not-empty", "file", "unknown-datastore", "bad-size", "already"])
 def test_mount_refuses_bad_input_with_exit_2(datastore, tmp_path, mount, mountd_cli, case):
     target, mp = "data", tmp_path / "mp"

@@ -177,3 +177,19 @@ def test_credential_files_may_live_in_the_systemd_credentials_directory(tmp_path
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(credentials.ConfigError, match="cannot read account_key file"):
         credentials.resolve({"account_key_file": "${CREDENTIALS_DIRECTORY}/storage-key"}, "ds")
+
+
+def test_the_restart_counter_never_goes_down_when_old_deaths_leave_the_window(monkeypatch):
+    from mountd.run import daemon
+    from mountd.run.notify import Notifier
+
+    class Ref:
+        name = "inputs"
+    slot = daemon._Slot(ref=Ref(), worker=None, spec={})
+    d = daemon.Daemon.__new__(daemon.Daemon)
+    d.notifier = Notifier()
+    seen = []
+    for i in range(4):  # a death every 20 minutes: never more than one in the window
+        d._count_death(slot, now=i * 2 * daemon.RESTART_WINDOW)
+        seen.append(slot.restarts)
+    assert seen == [1, 2, 3, 4] and len(slot.deaths) == 1 and slot.state == "restarting"
