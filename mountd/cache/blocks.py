@@ -96,6 +96,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
         self.used = 0
+        self._writing = 0  # bytes of blocks being written, which the disk's free space does not show yet
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._adopt_existing()
 
@@ -168,21 +169,24 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def put(self, key: BlockKey, data) -> None:
+    def put(self, key: BlockKey, data, evict: bool = True) -> bool:
         """Store a block (a Block or bytes) unless it is here already or
-        there is no room for it within the cap and the reserve."""
+        there is no room for it within the cap and the reserve; whether the
+        tier holds it now. Without `evict`, only into free room: a dataset
+        prefetch must not push out what it stored a moment before."""
         view = data.view if isinstance(data, Block) else memoryview(data)
         name = self._name(key)
         size = len(view)
         if size > self.max_bytes:
-            return
+            return False
         with self._lock:
             if name in self._files:
-                return
-            if not self._evict(size):
-                return  # no room without breaking the reserve: do not cache
+                return True
+            if not (self._evict(size) if evict else self._room(size, self._free_disk())):
+                return False  # no room without breaking the cap or the reserve: do not cache
             self._files[name] = size  # reserve the space before writing
             self.used += size
+            self._writing += align_up(size)  # not on the disk yet: statvfs does not count it
         path = os.path.join(self.directory, name)
         new = None
         try:
@@ -197,12 +201,29 @@ class DiskTier:
             if new is not None:
                 new.discard()
             with self._lock:
+                self._writing -= align_up(size)
                 self.used -= self._files.pop(name, 0)
             if e.errno == errno.ENOSPC:  # the disk filled under us: shed some cache
                 with self._lock:
                     self._evict(self.used // 4 or size)
             else:
                 log.warning("disk cache: cannot write a block: %s", e.strerror)
+            return False
+        with self._lock:
+            self._writing -= align_up(size)
+        return True
+
+    def has_room(self, size: int) -> bool:
+        """Whether `size` more bytes fit within the cap and the reserve
+        without evicting anything."""
+        with self._lock:
+            return self._room(size, self._free_disk())
+
+    def _room(self, incoming: int, free: int) -> bool:
+        """Lock held. Blocks are written by several threads at once (the
+        dataset prefetch), so the free space counts what they are writing."""
+        return (self.used + incoming <= self.max_bytes
+                and free - self._writing - align_up(incoming) >= self.reserved_free)
 
     def _free_disk(self) -> int:
         st = os.statvfs(self.directory)
@@ -211,7 +232,7 @@ class DiskTier:
     def _evict(self, incoming: int) -> bool:
         """Make room for `incoming` bytes (lock held). False if impossible."""
         free = self._free_disk()
-        while self._files and (self.used + incoming > self.max_bytes or free - incoming < self.reserved_free):
+        while self._files and not self._room(incoming, free):
             name, size = self._files.popitem(last=False)
             try:
                 os.unlink(os.path.join(self.directory, name))
@@ -219,7 +240,7 @@ class DiskTier:
             except FileNotFoundError:
                 pass
             self.used -= size
-        return self.used + incoming <= self.max_bytes and free - incoming >= self.reserved_free
+        return self._room(incoming, free)
 
     def clear(self) -> None:
         with self._lock:
@@ -267,14 +288,21 @@ class _DiskWriter:
             pass
 
 
+class _FillFailed(Exception):
+    """A dataset prefetch's fetch of a block failed: a reader that waited
+    for it fetches the block itself (the prefetch's error is not its own)."""
+
+
 class BlockCache:
-    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0):
+    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0,
+                 fill_blocks: int = 0):
         # The memory cap covers every block buffer the worker holds: blocks
         # being fetched (one per fetch thread), fetched by readers themselves,
-        # queued for the disk writer, and the LRU. The LRU holds what the
-        # readers read ahead (the file system core shares it among them).
+        # queued for the disk writer, being prefetched into the disk tier
+        # (`fill_blocks`, for a dataset prefetch), and the LRU. The LRU holds
+        # what the readers read ahead (the file system core shares it among them).
         size = max(block_size, 1)
-        spare = memory_bytes // size - DEMAND_BLOCKS - (WRITER_DEPTH if disk else 0)
+        spare = memory_bytes // size - DEMAND_BLOCKS - (WRITER_DEPTH if disk else 0) - fill_blocks
         # A quarter of the spare blocks at most for fetches in flight: a
         # sequential reader streams several blocks per fetch, and what it
         # needs is depth (blocks waiting ahead of it), not more fetches;
@@ -291,6 +319,9 @@ class BlockCache:
         self.disk = disk
         self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
+        self._demand_done = threading.Condition(self._lock)  # a fill waiting for leftover concurrency waits here
+        self._fill_waiting = 0
+        self._filling: set[BlockKey] = set()  # blocks a dataset prefetch is fetching (in _inflight too)
         self._inflight: dict[BlockKey, Future] = {}
         self._queued = 0  # fetches submitted to the pool and not started yet
         self._closed = False
@@ -321,7 +352,55 @@ class BlockCache:
                 mine = False
         if mine:  # a demand read never queues behind prefetches on the pool
             self._load(key, fetch, future)
-        return future.result()
+        try:
+            return future.result()
+        except _FillFailed:  # the dataset prefetch gave this block up: fetch it here
+            return self.get(key, fetch)
+
+    def fill(self, key: BlockKey, size: int, fetch: Fetch, budget: int) -> str:
+        """Prefetch one block of `size` bytes into the disk tier (not into
+        memory: the job has not asked for it) with the concurrency readers
+        leave: it waits while the blocks readers are fetching and the fills
+        under way reach `budget`. A reader wanting the block meanwhile waits
+        for this fetch instead of making its own. Returns "stored",
+        "cached" (memory or disk has it, or a reader is fetching it), "full"
+        (no room within the disk tier's cap and reserve) or "closed";
+        raises the fetch's error."""
+        with self._lock:
+            while True:
+                if self._closed:
+                    return "closed"
+                if self._held(key) or self._on_disk(key):
+                    return "cached"
+                if len(self._filling) < budget - (len(self._inflight) - len(self._filling)):
+                    break
+                self._fill_waiting += 1
+                self._demand_done.wait(0.5)
+                self._fill_waiting -= 1
+            if self.disk is None or not self.disk.has_room(size):
+                return "full"
+            future = Future()
+            self._inflight[key] = future
+            self._filling.add(key)
+        try:
+            data = as_block(fetch())
+            # on disk before the block leaves _inflight: a reader then finds it in one place or the other
+            stored = self.disk.put(key, data, evict=False)
+        except BaseException as e:
+            self._end_fill(key)
+            future.set_exception(_FillFailed(str(e)))
+            future.exception()  # nobody may be waiting: mark it seen
+            raise
+        self._end_fill(key)
+        future.set_result(data)
+        return "stored" if stored else "full"
+
+    def _end_fill(self, key: BlockKey) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._filling.discard(key)
+            if self._fill_waiting:
+                self._demand_done.notify_all()
 
     def let_go(self, key: BlockKey) -> None:
         """Drop a block from memory (not from the disk tier): its reader is
@@ -461,6 +540,8 @@ class BlockCache:
             if len(data) <= self._memory.maxsize:
                 self._memory[key] = data
             self._inflight.pop(key, None)
+            if self._fill_waiting:
+                self._demand_done.notify_all()
         future.set_result(data)
         if self._writer and not from_disk:
             self._writer.submit(key, data)
@@ -468,6 +549,8 @@ class BlockCache:
     def _fail(self, key: BlockKey, future: Future, error: BaseException) -> None:
         with self._lock:
             self._inflight.pop(key, None)
+            if self._fill_waiting:
+                self._demand_done.notify_all()
         future.set_exception(error)
         future.exception()  # nobody may wait for a failed prefetch: mark it seen
 
