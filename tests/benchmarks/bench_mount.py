@@ -191,8 +191,11 @@ class Mount:
 
 
 class MountdMount(Mount):
-    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, tool: str = "mountd"):
+    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, tool: str = "mountd",
+                 target: str = DATASTORE, flags: tuple | None = None):
         self.tool, self.path, self.cache_dir, self.workspace, self.env = tool, path, cache_dir, workspace, env
+        self.target = target  # DATASTORE[:PATH]
+        self.flags = tuple(MOUNTD_FLAGS[tool] if flags is None else flags)
 
     @staticmethod
     def how(cache: str = "EMPTY_DIR", tool: str = "mountd") -> str:
@@ -200,8 +203,8 @@ class MountdMount(Mount):
         return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE}{more} (otherwise defaults)"
 
     def start(self) -> float:
-        argv = mountd_argv() + ["--workspace", self.workspace, "mount", DATASTORE, self.path,
-                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + list(MOUNTD_FLAGS[self.tool])
+        argv = mountd_argv() + ["--workspace", self.workspace, "mount", self.target, self.path,
+                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + list(self.flags)
         secs = run_timed(argv, env=self.env, timeout=120)
         rec = worker_record(self.path)
         self.pid = int(rec["pid"])
