@@ -42,6 +42,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import time
 import zlib
@@ -66,6 +67,13 @@ EPOCHS_SHOWN = (1, 2, 5, 10)
 
 
 # --- the loaders ----------------------------------------------------------------------
+
+def _loader_start() -> None:
+    """A loader process leaves Ctrl-C and SIGTERM to the benchmark, which
+    cleans up and then ends the loaders itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 
 def _load(path: str) -> tuple[str, int, int]:
     """One sample: the whole file, as a loader process reads it; (path, size, CRC-32)."""
@@ -177,7 +185,7 @@ class Bench:
         self.rclone_conf = write_rclone_config(os.path.join(self.conf, "rclone.conf"), RCLONE_REMOTE, ACCOUNT, KEY,
                                                azurite.account_url)
         self.active: list = []
-        self.pool = multiprocessing.get_context("fork").Pool(LOADERS)
+        self.pool = multiprocessing.get_context("fork").Pool(LOADERS, initializer=_loader_start)
 
     def cleanup(self) -> list[str]:
         for m in list(self.active):
