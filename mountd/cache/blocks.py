@@ -95,6 +95,11 @@ class DiskTier:
         self.reserved_free = reserved_free
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
+        # Blocks the dataset prefetch stored and no read has used yet: never
+        # evicted, so the job's own reads cannot push out what was fetched
+        # for them before they get to it (that was fetching the data twice
+        # on a dataset larger than the cache). Read once, a block joins the LRU.
+        self._held: dict[str, int] = {}
         self.used = 0
         self._writing = 0  # bytes of blocks being written, which the disk's free space does not show yet
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -124,16 +129,28 @@ class DiskTier:
 
     def contains(self, key: BlockKey) -> bool:
         with self._lock:
-            return self._name(key) in self._files
+            name = self._name(key)
+            return name in self._files or name in self._held
+
+    def _touch(self, name: str) -> int | None:
+        """The size of a block this tier has, now the most recently used
+        (lock held); None if it has not."""
+        size = self._held.pop(name, None)
+        if size is not None:
+            self._files[name] = size
+            return size
+        size = self._files.get(name)
+        if size is not None:
+            self._files.move_to_end(name)
+        return size
 
     def get(self, key: BlockKey, buffers: BufferPool | None = None) -> Block | None:
         """The block if this tier has it, read into a buffer of `buffers`."""
         name = self._name(key)
         with self._lock:
-            size = self._files.get(name)
+            size = self._touch(name)
             if size is None:
                 return None
-            self._files.move_to_end(name)
         path = os.path.join(self.directory, name)
         buffer = buffers.buffer(size) if buffers else bytearray(size)
         try:
@@ -154,10 +171,9 @@ class DiskTier:
         worth of disk reads each time."""
         name = self._name(key)
         with self._lock:
-            size = self._files.get(name)
+            size = self._touch(name)
             if size is None:
                 return None
-            self._files.move_to_end(name)
         try:
             fd = os.open(os.path.join(self.directory, name), os.O_RDONLY)
         except OSError:
@@ -169,22 +185,23 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def put(self, key: BlockKey, data, evict: bool = True) -> bool:
+    def put(self, key: BlockKey, data, prefetched: bool = False) -> bool:
         """Store a block (a Block or bytes) unless it is here already or
         there is no room for it within the cap and the reserve; whether the
-        tier holds it now. Without `evict`, only into free room: a dataset
-        prefetch must not push out what it stored a moment before."""
+        tier holds it now. A `prefetched` block goes only into free room
+        (a dataset prefetch must not push out what it stored a moment
+        before) and is held until read."""
         view = data.view if isinstance(data, Block) else memoryview(data)
         name = self._name(key)
         size = len(view)
         if size > self.max_bytes:
             return False
         with self._lock:
-            if name in self._files:
+            if name in self._files or name in self._held:
                 return True
-            if not (self._evict(size) if evict else self._room(size, self._free_disk())):
+            if not (self._room(size, self._free_disk()) if prefetched else self._evict(size)):
                 return False  # no room without breaking the cap or the reserve: do not cache
-            self._files[name] = size  # reserve the space before writing
+            (self._held if prefetched else self._files)[name] = size  # reserve the space before writing
             self.used += size
             self._writing += align_up(size)  # not on the disk yet: statvfs does not count it
         path = os.path.join(self.directory, name)
@@ -202,7 +219,7 @@ class DiskTier:
                 new.discard()
             with self._lock:
                 self._writing -= align_up(size)
-                self.used -= self._files.pop(name, 0)
+                self.used -= self._files.pop(name, 0) or self._held.pop(name, 0)
             if e.errno == errno.ENOSPC:  # the disk filled under us: shed some cache
                 with self._lock:
                     self._evict(self.used // 4 or size)
@@ -244,6 +261,8 @@ class DiskTier:
 
     def clear(self) -> None:
         with self._lock:
+            self._files.update(self._held)
+            self._held.clear()
             while self._files:
                 name, _ = self._files.popitem()
                 try:
@@ -385,7 +404,7 @@ class BlockCache:
         try:
             data = as_block(fetch())
             # on disk before the block leaves _inflight: a reader then finds it in one place or the other
-            stored = self.disk.put(key, data, evict=False)
+            stored = self.disk.put(key, data, prefetched=True)
         except BaseException as e:
             self._end_fill(key)
             future.set_exception(_FillFailed(str(e)))

@@ -183,6 +183,27 @@ def test_disk_tier_keeps_reserved_free_space(tmp_path, monkeypatch):
     assert disk.used <= 2 * MiB  # 5 MiB free, 3 reserved
 
 
+def test_prefetched_blocks_fill_free_room_only_and_stay_until_read(tmp_path):
+    """A dataset prefetch never evicts, and the job's reads never evict
+    what it prefetched before reading it (a dataset larger than the cache
+    would otherwise be fetched twice)."""
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=3 * MiB, reserved_free=0)
+    assert disk.put(("old", "e", 0), b"o" * MiB)  # a block some earlier read cached
+    assert [disk.put(("p", "e", i), bytes([i]) * MiB, prefetched=True) for i in range(3)] == [True, True, False]
+    assert disk.get(("old", "e", 0)) is not None  # the prefetch did not push it out
+    for i in range(3):  # the job's reads evict each other and the old block, never an unread prefetched one
+        assert disk.put(("read", "e", i), b"r" * MiB)
+    assert disk.get(("old", "e", 0)) is None and disk.get(("read", "e", 1)) is None
+    assert disk.contains(("p", "e", 0)) and disk.contains(("p", "e", 1)) and disk.used <= 3 * MiB
+    assert bytes(disk.get(("p", "e", 0))) == bytes([0]) * MiB  # read once, it is an ordinary cached block:
+    assert disk.put(("read", "e", 3), b"r" * MiB) and disk.put(("read", "e", 4), b"r" * MiB)
+    assert not disk.contains(("p", "e", 0)) and disk.contains(("p", "e", 1))  # evicted in its turn
+
+    full = DiskTier(str(tmp_path / "d"), max_bytes=2 * MiB, reserved_free=0)
+    assert all(full.put(("p", "e", i), b"p" * MiB, prefetched=True) for i in range(2))
+    assert not full.put(("read", "e", 0), b"r" * MiB)  # nothing it may evict: the read's block is not cached
+
+
 def test_disk_tier_survives_enospc(tmp_path, monkeypatch):
     disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
     disk.put(("p", "e", 0), b"a" * 1000)
