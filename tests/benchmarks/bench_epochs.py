@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from tests.benchmarks.bench_download import mountd_argv, mountd_header
 from tests.benchmarks.bench_mount import (CONTAINER, DATASTORE, KEY_ENV, MEMORY_CACHE, MOUNTD_ENV_PREFIXES,
                                           RCLONE_REMOTE, MountdMount, RcloneMount, blob_service,
-                                          is_mounted, require, run_session)
+                                          is_mounted, require, run_session, unmount_all)
 from tests.benchmarks.common import (MiB, ToolFailed, drop_page_cache, fmt_size, fresh_dir, machine_info, median,
-                                     mounts_under, remove_dir, run_timed, storage_header, tool_env, tool_version,
+                                     remove_dir, run_timed, storage_header, tool_env, tool_version,
                                      write_rclone_config, write_workspace)
 from tests.support.azurite import ACCOUNT, KEY, blob_workspace_entry
 
@@ -188,14 +188,8 @@ class Bench:
         self.pool = multiprocessing.get_context("fork").Pool(LOADERS, initializer=_loader_start)
 
     def cleanup(self) -> list[str]:
-        for m in list(self.active):
-            try:
-                m.stop()
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
-            self.active.remove(m)
         self.pool.terminate()
-        return mounts_under(self.tmp)
+        return unmount_all(self.active, self.tmp, self.workspace, self.env)
 
     def mountd_flags(self, tool: str) -> tuple:
         flags = ("--prefetch",) if tool == "mountd-prefetch" else ()

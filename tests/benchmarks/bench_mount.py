@@ -146,6 +146,23 @@ def lazy_unmount(path: str) -> None:
     subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
 
 
+def unmount_all(active: list, tmp: str, workspace: str, env: dict) -> list[str]:
+    """Undo every mount in `active` (stopping each) and any other still
+    live under `tmp`; returns the mount points that would not go."""
+    for m in list(active):
+        try:
+            m.stop()
+        except Exception as e:  # noqa: BLE001 - keep cleaning up
+            print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
+        active.remove(m)
+    for mp in mounts_under(tmp):
+        subprocess.run(mountd_argv() + ["--workspace", workspace, "unmount", "--lazy", mp], env=env,
+                       capture_output=True)
+        if is_mounted(mp):
+            lazy_unmount(mp)
+    return mounts_under(tmp)
+
+
 # --- setup ------------------------------------------------------------------------
 
 def blob_service(azurite: Azurite, pool: int = 32):
@@ -362,18 +379,7 @@ class Bench:
                 remove_dir(cache)
 
     def cleanup(self) -> list[str]:
-        """Undo every mount still live; returns the mount points that would not go."""
-        for m in list(self.active):
-            try:
-                m.stop()
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
-            self.active.remove(m)
-        for mp in mounts_under(self.tmp):
-            subprocess.run(mountd_argv() + ["--workspace", self.workspace, "unmount", "--lazy", mp], env=self.env, capture_output=True)
-            if is_mounted(mp):
-                lazy_unmount(mp)
-        return mounts_under(self.tmp)
+        return unmount_all(self.active, self.tmp, self.workspace, self.env)
 
     # -- scenario definitions
 
