@@ -376,12 +376,15 @@ class BlockCache:
         except _FillFailed:  # the dataset prefetch gave this block up: fetch it here
             return self.get(key, fetch)
 
-    def fill(self, key: BlockKey, size: int, fetch: Fetch, budget: int) -> str:
+    def fill(self, key: BlockKey, size: int, fetch: Fetch, budget: int, busy_budget: int) -> str:
         """Prefetch one block of `size` bytes into the disk tier (not into
         memory: the job has not asked for it) with the concurrency readers
-        leave: it waits while the blocks readers are fetching and the fills
-        under way reach `budget`. A reader wanting the block meanwhile waits
-        for this fetch instead of making its own. Returns "stored",
+        leave: up to `budget` fills while no reader is fetching, and while
+        readers are, only as many as take the readers' fetches and the
+        fills to `busy_budget` (each request the prefetch adds takes a
+        share of the storage's answers from the readers' requests). A
+        reader wanting the block meanwhile waits for this fetch instead of
+        making its own. Returns "stored",
         "cached" (memory or disk has it, or a reader is fetching it), "full"
         (no room within the disk tier's cap and reserve) or "closed";
         raises the fetch's error."""
@@ -391,7 +394,8 @@ class BlockCache:
                     return "closed"
                 if self._held(key) or self._on_disk(key):
                     return "cached"
-                if len(self._filling) < budget - (len(self._inflight) - len(self._filling)):
+                demand = len(self._inflight) - len(self._filling)
+                if len(self._filling) < (budget if not demand else busy_budget - demand):
                     break
                 self._fill_waiting += 1
                 self._demand_done.wait(0.5)

@@ -136,7 +136,7 @@ class DatasetPrefetch:
             if full:
                 self._big.acquire()  # a full block's buffer comes out of the memory set aside for the prefetch
             try:
-                outcome = self.core.blocks.fill(key, length, fetch, self.workers)
+                outcome = self.core.blocks.fill(key, length, fetch, self.workers, self.core.settings.threads)
             finally:
                 if full:
                     self._big.release()
