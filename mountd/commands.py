@@ -212,6 +212,8 @@ def mount(args) -> int:
         return EXIT_OK
     mounts.start(spec, log_level=args.log_level, debug=args.debug)
     mode = f"read-write, work dir {spec['work_dir']}" if args.read_write else "read-only"
+    if args.prefetch:
+        mode += ", prefetching into the disk cache: see mountd status"
     print(f"mounted {cfg.name}:{path or '/'} on {mountpoint} ({mode})")
     return EXIT_OK
 
