@@ -22,10 +22,13 @@ to the cap and the rest is left to on-demand reads, said in one log line.
 Storage faults are retried by the storage layer; a file that still fails is
 left to on-demand reads, and a run of such failures stops the prefetch.
 
-Compared with blobfuse2's preload (file_cache/block_cache `preload`), which
-also streams the container into its cache at mount time: here reads jump
-the queue, the cache's cap and reserve hold, progress is in `mountd status`
-and the metrics, and etag pinning holds for what was prefetched.
+blobfuse2 2.5's `--preload` (file-cache mode, a preview) also downloads a
+container or a directory into its local cache when it mounts. Here, in
+addition: reads jump the queue, the cache's cap and reserve hold (and what
+was prefetched is not evicted before it is read), progress is in `mountd
+status` and the metrics, and etag pinning holds for what was prefetched.
+(mountpoint-s3's prefetcher, by contrast, reads ahead within one file being
+read sequentially, as `cache/prefetch.py` does here.)
 """
 
 from __future__ import annotations
