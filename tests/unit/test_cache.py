@@ -568,3 +568,81 @@ def test_reading_through_a_small_cache_recycles_buffers(tmp_path):
                 return cache.buffers.block(buffer, block)
             assert bytes(cache.get(("p", "e", i), fetch)) == want
     assert cache.buffers.created <= 8
+
+
+def test_a_read_of_a_block_being_prefetched_waits_for_that_fetch(tmp_path):
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    release, fetches = threading.Event(), []
+
+    def slow(data):
+        def fetch():
+            fetches.append(data)
+            release.wait(5)
+            return data
+        return fetch
+    filler = threading.Thread(target=cache.fill, args=(("p", "e", 0), 4, slow(b"pref"), 16, 8))
+    filler.start()
+    while not fetches:
+        time.sleep(0.01)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(bytes(cache.get(("p", "e", 0), slow(b"mine")))))
+    reader.start()
+    time.sleep(0.1)
+    release.set()
+    filler.join(5)
+    reader.join(5)
+    assert got == [b"pref"] and fetches == [b"pref"]  # one fetch, shared
+    assert cache.disk.contains(("p", "e", 0)) and cache.counters()["misses"] == 0
+
+
+def test_a_read_whose_prefetch_fetch_fails_fetches_the_block_itself(tmp_path):
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    release, started = threading.Event(), threading.Event()
+
+    def failing():
+        started.set()
+        release.wait(5)
+        raise OSError("connection reset")
+    errors = []
+
+    def fill():
+        try:
+            cache.fill(("p", "e", 0), 4, failing, 16, 8)
+        except OSError as e:
+            errors.append(e)
+    filler = threading.Thread(target=fill)
+    filler.start()
+    started.wait(5)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(bytes(cache.get(("p", "e", 0), lambda: b"mine"))))
+    reader.start()
+    time.sleep(0.1)
+    release.set()
+    filler.join(5)
+    reader.join(5)
+    assert got == [b"mine"] and len(errors) == 1  # the prefetch's error stays the prefetch's
+
+
+def test_the_prefetch_waits_while_reads_fill_the_busy_budget(tmp_path):
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    release, reading, order = threading.Event(), threading.Event(), []
+
+    def read_fetch():
+        reading.set()
+        release.wait(5)
+        order.append("read")
+        return b"r"
+    reader = threading.Thread(target=cache.get, args=(("r", "e", 0), read_fetch))
+    reader.start()
+    reading.wait(5)
+    filler = threading.Thread(target=cache.fill, args=(("p", "e", 0), 1,
+                                                       lambda: order.append("prefetch") or b"p", 16, 1))
+    filler.start()
+    time.sleep(0.2)
+    assert order == []  # one read in flight takes the whole busy budget of 1
+    release.set()
+    reader.join(5)
+    filler.join(5)
+    assert order == ["read", "prefetch"]
+    # with no read in flight the prefetch uses its full budget at once
+    assert cache.fill(("p", "e", 1), 1, lambda: b"q", 16, 1) == "stored"
