@@ -46,7 +46,7 @@ from mountd.transfer.progress import human_size
 log = logging.getLogger(__name__)
 
 FILL_BLOCKS = 4  # full-size blocks being prefetched at once: the memory the block cache sets aside for them
-FAILURES_TO_STOP = 5  # files failing one after another (after the storage layer's retries): storage is down
+FAILURES_TO_STOP = 5  # blocks failing one after another (after the storage layer's retries): storage is down
 
 
 class _File:
