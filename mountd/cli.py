@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a directory per datastore path under mountd's data dir)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (with permission checks by the kernel)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="once mounted, fill the disk cache with the whole path in the background "
+                        "(read-only mounts; the job's reads go first)")
     g = p.add_argument_group("cache (defaults: the workspace's cache: section, then DATASET_MOUNT_* variables)")
     g.add_argument("--cache-dir", metavar="DIR", help="disk cache directory (default /var/cache/mountd as root)")
     g.add_argument("--cache-max-size", metavar="SIZE", help="disk cache cap, e.g. 50GB (default 10GiB)")

@@ -194,12 +194,15 @@ def mount(args) -> int:
     settings = settings_mod.resolve(ws.cache, f"{ws.path}", **_cache_flags(args))
     if args.work_dir and not args.read_write:
         raise UsageError("--work-dir is for --read-write mounts")
+    prefetch_problem = settings_mod.prefetch_problem(args.read_write, settings.disk)
+    if args.prefetch and prefetch_problem:
+        raise UsageError(f"--prefetch {prefetch_problem}")
     if cfg.type != "local":
         from mountd.storage import resolve_credential
         resolve_credential(cfg)  # a missing secret, or a token over http: exit 2 before a worker starts
     spec = mount_worker.make_spec(cfg, path, mountpoint, settings, read_only=not args.read_write,
                                   allow_other=args.allow_other, work_dir=args.work_dir,
-                                  credential_source={"workspace": ws.path})
+                                  credential_source={"workspace": ws.path}, prefetch=args.prefetch)
     if args.foreground:
         from mountd.tuning import return_freed_blocks
         return_freed_blocks()
@@ -209,6 +212,8 @@ def mount(args) -> int:
         return EXIT_OK
     mounts.start(spec, log_level=args.log_level, debug=args.debug)
     mode = f"read-write, work dir {spec['work_dir']}" if args.read_write else "read-only"
+    if args.prefetch:
+        mode += ", prefetching into the disk cache: see mountd status"
     print(f"mounted {cfg.name}:{path or '/'} on {mountpoint} ({mode})")
     return EXIT_OK
 

@@ -95,7 +95,13 @@ class DiskTier:
         self.reserved_free = reserved_free
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
+        # Blocks the dataset prefetch stored and no read has used yet: never
+        # evicted, so the job's own reads cannot push out what was fetched
+        # for them before they get to it (that was fetching the data twice
+        # on a dataset larger than the cache). Read once, a block joins the LRU.
+        self._held: dict[str, int] = {}
         self.used = 0
+        self._writing = 0  # bytes of blocks being written, which the disk's free space does not show yet
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._adopt_existing()
 
@@ -123,16 +129,28 @@ class DiskTier:
 
     def contains(self, key: BlockKey) -> bool:
         with self._lock:
-            return self._name(key) in self._files
+            name = self._name(key)
+            return name in self._files or name in self._held
+
+    def _touch(self, name: str) -> int | None:
+        """The size of a block this tier has, now the most recently used
+        (lock held); None if it has not."""
+        size = self._held.pop(name, None)
+        if size is not None:
+            self._files[name] = size
+            return size
+        size = self._files.get(name)
+        if size is not None:
+            self._files.move_to_end(name)
+        return size
 
     def get(self, key: BlockKey, buffers: BufferPool | None = None) -> Block | None:
         """The block if this tier has it, read into a buffer of `buffers`."""
         name = self._name(key)
         with self._lock:
-            size = self._files.get(name)
+            size = self._touch(name)
             if size is None:
                 return None
-            self._files.move_to_end(name)
         path = os.path.join(self.directory, name)
         buffer = buffers.buffer(size) if buffers else bytearray(size)
         try:
@@ -153,10 +171,9 @@ class DiskTier:
         worth of disk reads each time."""
         name = self._name(key)
         with self._lock:
-            size = self._files.get(name)
+            size = self._touch(name)
             if size is None:
                 return None
-            self._files.move_to_end(name)
         try:
             fd = os.open(os.path.join(self.directory, name), os.O_RDONLY)
         except OSError:
@@ -168,21 +185,25 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def put(self, key: BlockKey, data) -> None:
+    def put(self, key: BlockKey, data, prefetched: bool = False) -> bool:
         """Store a block (a Block or bytes) unless it is here already or
-        there is no room for it within the cap and the reserve."""
+        there is no room for it within the cap and the reserve; whether the
+        tier holds it now. A `prefetched` block goes only into free room
+        (a dataset prefetch must not push out what it stored a moment
+        before) and is held until read."""
         view = data.view if isinstance(data, Block) else memoryview(data)
         name = self._name(key)
         size = len(view)
         if size > self.max_bytes:
-            return
+            return False
         with self._lock:
-            if name in self._files:
-                return
-            if not self._evict(size):
-                return  # no room without breaking the reserve: do not cache
-            self._files[name] = size  # reserve the space before writing
+            if name in self._files or name in self._held:
+                return True
+            if not (self._room(size, self._free_disk()) if prefetched else self._evict(size)):
+                return False  # no room without breaking the cap or the reserve: do not cache
+            (self._held if prefetched else self._files)[name] = size  # reserve the space before writing
             self.used += size
+            self._writing += align_up(size)  # not on the disk yet: statvfs does not count it
         path = os.path.join(self.directory, name)
         new = None
         try:
@@ -197,12 +218,29 @@ class DiskTier:
             if new is not None:
                 new.discard()
             with self._lock:
-                self.used -= self._files.pop(name, 0)
+                self._writing -= align_up(size)
+                self.used -= self._files.pop(name, 0) or self._held.pop(name, 0)
             if e.errno == errno.ENOSPC:  # the disk filled under us: shed some cache
                 with self._lock:
                     self._evict(self.used // 4 or size)
             else:
                 log.warning("disk cache: cannot write a block: %s", e.strerror)
+            return False
+        with self._lock:
+            self._writing -= align_up(size)
+        return True
+
+    def has_room(self, size: int) -> bool:
+        """Whether `size` more bytes fit within the cap and the reserve
+        without evicting anything."""
+        with self._lock:
+            return self._room(size, self._free_disk())
+
+    def _room(self, incoming: int, free: int) -> bool:
+        """Lock held. Blocks are written by several threads at once (the
+        dataset prefetch), so the free space counts what they are writing."""
+        return (self.used + incoming <= self.max_bytes
+                and free - self._writing - align_up(incoming) >= self.reserved_free)
 
     def _free_disk(self) -> int:
         st = os.statvfs(self.directory)
@@ -211,7 +249,7 @@ class DiskTier:
     def _evict(self, incoming: int) -> bool:
         """Make room for `incoming` bytes (lock held). False if impossible."""
         free = self._free_disk()
-        while self._files and (self.used + incoming > self.max_bytes or free - incoming < self.reserved_free):
+        while self._files and not self._room(incoming, free):
             name, size = self._files.popitem(last=False)
             try:
                 os.unlink(os.path.join(self.directory, name))
@@ -219,10 +257,12 @@ class DiskTier:
             except FileNotFoundError:
                 pass
             self.used -= size
-        return self.used + incoming <= self.max_bytes and free - incoming >= self.reserved_free
+        return self._room(incoming, free)
 
     def clear(self) -> None:
         with self._lock:
+            self._files.update(self._held)
+            self._held.clear()
             while self._files:
                 name, _ = self._files.popitem()
                 try:
@@ -267,14 +307,21 @@ class _DiskWriter:
             pass
 
 
+class _FillFailed(Exception):
+    """A dataset prefetch's fetch of a block failed: a reader that waited
+    for it fetches the block itself (the prefetch's error is not its own)."""
+
+
 class BlockCache:
-    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0):
+    def __init__(self, memory_bytes: int, disk: DiskTier | None, threads: int, block_size: int = 0,
+                 fill_blocks: int = 0):
         # The memory cap covers every block buffer the worker holds: blocks
         # being fetched (one per fetch thread), fetched by readers themselves,
-        # queued for the disk writer, and the LRU. The LRU holds what the
-        # readers read ahead (the file system core shares it among them).
+        # queued for the disk writer, being prefetched into the disk tier
+        # (`fill_blocks`, for a dataset prefetch), and the LRU. The LRU holds
+        # what the readers read ahead (the file system core shares it among them).
         size = max(block_size, 1)
-        spare = memory_bytes // size - DEMAND_BLOCKS - (WRITER_DEPTH if disk else 0)
+        spare = memory_bytes // size - DEMAND_BLOCKS - (WRITER_DEPTH if disk else 0) - fill_blocks
         # A quarter of the spare blocks at most for fetches in flight: a
         # sequential reader streams several blocks per fetch, and what it
         # needs is depth (blocks waiting ahead of it), not more fetches;
@@ -291,6 +338,9 @@ class BlockCache:
         self.disk = disk
         self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
+        self._demand_done = threading.Condition(self._lock)  # a fill waiting for leftover concurrency waits here
+        self._fill_waiting = 0
+        self._filling: set[BlockKey] = set()  # blocks a dataset prefetch is fetching (in _inflight too)
         self._inflight: dict[BlockKey, Future] = {}
         self._queued = 0  # fetches submitted to the pool and not started yet
         self._closed = False
@@ -321,7 +371,59 @@ class BlockCache:
                 mine = False
         if mine:  # a demand read never queues behind prefetches on the pool
             self._load(key, fetch, future)
-        return future.result()
+        try:
+            return future.result()
+        except _FillFailed:  # the dataset prefetch gave this block up: fetch it here
+            return self.get(key, fetch)
+
+    def fill(self, key: BlockKey, size: int, fetch: Fetch, budget: int, busy_budget: int) -> str:
+        """Prefetch one block of `size` bytes into the disk tier (not into
+        memory: the job has not asked for it) with the concurrency readers
+        leave: up to `budget` fills while no reader is fetching, and while
+        readers are, only as many as take the readers' fetches and the
+        fills to `busy_budget` (each request the prefetch adds takes a
+        share of the storage's answers from the readers' requests). A
+        reader wanting the block meanwhile waits for this fetch instead of
+        making its own. Returns "stored",
+        "cached" (memory or disk has it, or a reader is fetching it), "full"
+        (no room within the disk tier's cap and reserve) or "closed";
+        raises the fetch's error."""
+        with self._lock:
+            while True:
+                if self._closed:
+                    return "closed"
+                if self._held(key) or self._on_disk(key):
+                    return "cached"
+                demand = len(self._inflight) - len(self._filling)
+                if len(self._filling) < (budget if not demand else busy_budget - demand):
+                    break
+                self._fill_waiting += 1
+                self._demand_done.wait(0.5)
+                self._fill_waiting -= 1
+            if self.disk is None or not self.disk.has_room(size):
+                return "full"
+            future = Future()
+            self._inflight[key] = future
+            self._filling.add(key)
+        try:
+            data = as_block(fetch())
+            # on disk before the block leaves _inflight: a reader then finds it in one place or the other
+            stored = self.disk.put(key, data, prefetched=True)
+        except BaseException as e:
+            self._end_fill(key)
+            future.set_exception(_FillFailed(str(e)))
+            future.exception()  # nobody may be waiting: mark it seen
+            raise
+        self._end_fill(key)
+        future.set_result(data)
+        return "stored" if stored else "full"
+
+    def _end_fill(self, key: BlockKey) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._filling.discard(key)
+            if self._fill_waiting:
+                self._demand_done.notify_all()
 
     def let_go(self, key: BlockKey) -> None:
         """Drop a block from memory (not from the disk tier): its reader is
@@ -461,6 +563,8 @@ class BlockCache:
             if len(data) <= self._memory.maxsize:
                 self._memory[key] = data
             self._inflight.pop(key, None)
+            if self._fill_waiting:
+                self._demand_done.notify_all()
         future.set_result(data)
         if self._writer and not from_disk:
             self._writer.submit(key, data)
@@ -468,6 +572,8 @@ class BlockCache:
     def _fail(self, key: BlockKey, future: Future, error: BaseException) -> None:
         with self._lock:
             self._inflight.pop(key, None)
+            if self._fill_waiting:
+                self._demand_done.notify_all()
         future.set_exception(error)
         future.exception()  # nobody may wait for a failed prefetch: mark it seen
 

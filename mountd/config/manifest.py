@@ -70,7 +70,8 @@ _V1_KEYS = {k.lower() for k in (
     "datacaches", "instanceTypes", "applicationEndpoints", "environmentVariables", "data", "outputData")}
 _V1_USED_KEYS = {"script", "arguments", "environmentVariables", "dataReferences", "environment", "command"}
 _V1_ENV_KEYS = {"python", "docker", "spark", "databricks", "r", "environmentVariables", "inferencingStackVersion"}
-_REF_KEYS = ("datastore", "path_on_datastore", "uri", "mode", "path_on_compute", "overwrite", "read_write")
+_REF_KEYS = ("datastore", "path_on_datastore", "uri", "mode", "path_on_compute", "overwrite", "read_write",
+             "prefetch")
 _V1_REF_KEYS = {"dataStoreName": "datastore", "pathOnDataStore": "path_on_datastore", "mode": "mode",
                 "pathOnCompute": "path_on_compute", "overwrite": "overwrite"}
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -89,6 +90,7 @@ class DataReference:
     path_on_compute: str  # absolute, inside the allowed roots; a relative one was taken from working_dir
     overwrite: bool
     read_write: bool  # mounts only
+    prefetch: bool = False  # read-only mounts only: fill the disk cache with the whole path once mounted
 
     @property
     def env_name(self) -> str:
@@ -346,7 +348,7 @@ class _Parser:
         self.values = {"run_id": run_id, "node_rank": detect_node_rank(self.environ)}
         work_dir = self._work_dir(raw.get("work_dir"), work_dir_arg, run_id)
         working_dir = self._working_dir(raw.get("working_dir"), abspath)
-        cache = self._cache(raw.get("cache"))
+        cache = self.cache = self._cache(raw.get("cache"))
         self._set_roots(work_dir, cache, working_dir)
         self._datastores(raw.get("datastores"))
         references = self._references(raw, v1, work_dir)
@@ -621,13 +623,19 @@ class _Parser:
         read_write = self._bool(paths.get("read_write", path), fields.get("read_write"))
         if read_write and mode != "mount":
             raise self.src.error(paths["read_write"], f"is only allowed with mode mount, not {mode}")
+        prefetch = self._bool(paths.get("prefetch", path), fields.get("prefetch"))
+        if prefetch and mode != "mount":
+            raise self.src.error(paths["prefetch"], f"is only allowed with mode mount, not {mode}")
+        if prefetch and (problem := settings.prefetch_problem(read_write, self.cache.disk)):
+            raise self.src.error(paths["prefetch"], problem.replace("--no-disk-cache, or ", ""))
         datastore, ds_path = self._target(path, name, fields, paths)
         compute = self._path_on_compute(paths["path_on_compute"], fields.get("path_on_compute"), name, mode,
                                         work_dir)
         self.compute_fields[name] = paths["path_on_compute"]
         self._check_local(name, datastore, ds_path, mode, read_write)
         return DataReference(name=name, datastore=datastore, path_on_datastore=ds_path, mode=mode,
-                             path_on_compute=compute, overwrite=overwrite, read_write=read_write)
+                             path_on_compute=compute, overwrite=overwrite, read_write=read_write,
+                             prefetch=prefetch)
 
     def _mode(self, path: tuple, value: object, v1: bool) -> str:
         if value is None:

@@ -125,6 +125,17 @@ _ENV = {
 }
 
 
+def prefetch_problem(read_write: bool, disk: bool) -> str | None:
+    """Why a mount cannot prefetch its dataset, or None. The prefetch fills
+    the disk cache; a read-write mount's data is what the job writes, and
+    it keeps no disk cache of its own writes to fill."""
+    if read_write:
+        return "is for read-only mounts (a read-write mount holds what the job writes): drop one of the two"
+    if not disk:
+        return "fills the disk cache, which is turned off (--no-disk-cache, or disk: false): drop one of the two"
+    return None
+
+
 def _path(value, what) -> str:
     if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
         raise UsageError(f"{what}: expected an absolute directory path, got {value!r}")

@@ -353,6 +353,11 @@ class FileSystemCore:
                 raise Stale(f"{entry.path}: expected {length} bytes at {start}, storage gave {got}")
         return stream
 
+    def block_fetch(self, entry: Entry, index: int) -> tuple:
+        """(key, length, fetch) of block `index` of `entry`: the dataset
+        prefetch fills the cache with the blocks reads look up."""
+        return self._key(entry, index), self._block_length(entry, index), self._fetcher(entry, index)
+
     def _block(self, entry: Entry, index: int) -> Block:
         return self.blocks.get(self._key(entry, index), self._fetcher(entry, index))
 

@@ -221,7 +221,7 @@ def start_mounts(state: RunState, refs: list[DataReference], log_level: str, deb
         spec = mount_worker.make_spec(ref.datastore, ref.path_on_datastore, ref.path_on_compute,
                                       state.manifest.cache, read_only=not ref.read_write,
                                       work_dir=rw_mount_dir(state.manifest, ref),
-                                      credential_source=credential_source(state.manifest))
+                                      credential_source=credential_source(state.manifest), prefetch=ref.prefetch)
         state.workers.append(mounts.start(spec, supervised=True, log_level=log_level, debug=debug,
                                           log_format=log_format, log_to_stderr=log_to_stderr))
         state.paths[ref.name] = ref.path_on_compute

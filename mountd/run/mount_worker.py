@@ -48,13 +48,16 @@ def default_work_dir(cfg: datastores.DatastoreConfig, path: str) -> str:
 
 def make_spec(cfg: datastores.DatastoreConfig, path: str, mountpoint: str, settings: CacheSettings,
               read_only: bool = True, allow_other: bool = False, work_dir: str | None = None,
-              credential_source: dict | None = None) -> dict:
+              credential_source: dict | None = None, prefetch: bool = False) -> dict:
     """The job of one mount worker. A read-write mount stages writes and
     keeps its upload journal in `work_dir`; the journal names the datastore
-    without secrets, an inline credential by the file it came from."""
+    without secrets, an inline credential by the file it came from.
+    `prefetch`: fill the disk cache with the whole path once live (read-only
+    mounts with a disk cache)."""
     from mountd.transfer.journal import datastore_record
     spec = {"datastore": {"name": cfg.name, **cfg.to_dict()}, "path": path, "mountpoint": mountpoint,
-            "settings": asdict(settings), "read_only": read_only, "allow_other": allow_other}
+            "settings": asdict(settings), "read_only": read_only, "allow_other": allow_other,
+            "prefetch": prefetch}
     if not read_only:
         spec["work_dir"] = os.path.abspath(work_dir or default_work_dir(cfg, path))
         spec["journal_datastore"] = datastore_record(cfg, credential_source)
@@ -91,6 +94,7 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     from mountd.cache.blocks import BlockCache, DiskTier
     from mountd.fs.core import FileSystemCore
     from mountd.fs.fuse_ops import serve
+    from mountd.fs.preload import FILL_BLOCKS, DatasetPrefetch
     from mountd.storage import normalize_path, open_store
 
     cfg = datastores.parse(spec["datastore"]["name"],
@@ -119,14 +123,23 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
         disk = DiskTier(cache_dir.path, settings.max_size, settings.reserved_free)
     read_only = spec.get("read_only", True)
     writeback = None if read_only else _writeback(store, spec)
-    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads, settings.block_size),
-                          prefix=prefix, read_only=read_only, writeback=writeback)
+    want_prefetch = spec.get("prefetch", False) and read_only and disk is not None
+    blocks = BlockCache(settings.memory, disk, settings.threads, settings.block_size,
+                        fill_blocks=FILL_BLOCKS if want_prefetch else 0)
+    core = FileSystemCore(store, settings, blocks, prefix=prefix, read_only=read_only, writeback=writeback)
+    prefetch = DatasetPrefetch(core) if want_prefetch else None
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
               "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
               "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint),
               "owner": spec.get("owner"), "started": time.time(),
               "pid_start": runtime.process_start(os.getpid())}  # tells this worker from a later user of its pid
     server = None
+
+    def status() -> dict:
+        out = dict(record, **core.counters())
+        if prefetch is not None:
+            out["prefetch"] = prefetch.counters()
+        return out
 
     def ready():
         nonlocal server
@@ -136,18 +149,21 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
         # mount cannot exit, and its dead mount stays.
         threading.Thread(target=_tune_readahead, args=(mountpoint,), daemon=True).start()
         try:
-            server = control.ControlServer(runtime.control_path(mountpoint),
-                                           lambda: dict(record, **core.counters()))
+            server = control.ControlServer(runtime.control_path(mountpoint), status)
         except OSError as e:  # the mount works without it; only `mountd status` loses its numbers
             log.warning("no control socket for %s: %s", mountpoint, e)
         runtime.write_record(mountpoint, record)
         log.info("mounted %s:%s on %s (%s)", cfg.name, prefix or "/", mountpoint, record["mode"])
         on_ready()
+        if prefetch is not None:  # in the background: the mount is live first, whatever the dataset's size
+            prefetch.start()
 
     try:
         serve(core, mountpoint, fsname=f"mountd:{cfg.name}", read_only=spec.get("read_only", True),
               allow_other=spec.get("allow_other", False), on_ready=ready, debug=debug)
     finally:
+        if prefetch is not None:
+            prefetch.close()
         if server is not None:
             server.close()
         runtime.remove_record(mountpoint)

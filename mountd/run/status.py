@@ -77,11 +77,29 @@ def as_text(status: dict) -> str:
                   f"  memory cache {human_size(c['memory_used'])} of {human_size(c['memory_max'])}; disk cache "
                   f"{human_size(c['disk_used'])} of {human_size(c['disk_max'])}; {m['open_files']} open file(s), "
                   f"{m['read_errors']} read error(s)"]
+        p = m.get("prefetch")
+        if p:
+            lines.append(_prefetch_line(p))
         w = m.get("writes")
         if w:
             lines.append(f"  writes: {w['uploads']} file(s) uploaded, {w['upload_errors']} failed upload(s), "
                          f"{w['pending_uploads']} not yet in storage, {w['staged_files']} staged in {w['work_dir']}")
     return "\n".join(lines)
+
+
+def _prefetch_line(p: dict) -> str:
+    listed = f"{p['files_listed']}" + ("+" if p["state"] == "listing" else "")
+    line = (f"  prefetch {p['state']}: {p['files']} of {listed} files, {human_size(p['bytes'])} of "
+            f"{human_size(p['bytes_listed'])}, {human_size(p['rate'])}/s from storage")
+    if p["state"] == "prefetching" and p["eta"] is not None:
+        line += f", {p['eta']:.0f} s left"
+    if p["files_cached"]:
+        line += f"; {p['files_cached']} were cached already"
+    if p["files_failed"]:
+        line += f"; {p['files_failed']} failed (read on demand)"
+    if p["stopped"]:
+        line += f"; stopped: {p['stopped']}"
+    return line
 
 
 def _clock(ts) -> str:
@@ -124,6 +142,8 @@ _MOUNT_COUNTERS = (  # (metric, key in cache or mount, help)
     ("mountd_mount_read_errors_total", None, "read_errors", "Reads answered with an error."),
     ("mountd_mount_uploads_total", "writes", "uploads", "Files a read-write mount uploaded."),
     ("mountd_mount_upload_errors_total", "writes", "upload_errors", "Uploads of a read-write mount that failed."),
+    ("mountd_mount_prefetch_bytes_from_storage_total", "prefetch", "bytes_from_storage",
+     "Bytes the dataset prefetch read from storage into the disk cache."),
 )
 _MOUNT_GAUGES = (
     ("mountd_mount_cache_hit_ratio", "cache", "hit_ratio", "Share of block lookups served by a cache."),
@@ -135,6 +155,12 @@ _MOUNT_GAUGES = (
     ("mountd_mount_staged_files", "writes", "staged_files", "Files of a read-write mount staged locally."),
     ("mountd_mount_pending_uploads", "writes", "pending_uploads",
      "Written files of a read-write mount not yet in storage."),
+    ("mountd_mount_prefetch_files", "prefetch", "files", "Files the dataset prefetch has in the disk cache."),
+    ("mountd_mount_prefetch_files_listed", "prefetch", "files_listed", "Files the dataset prefetch listed so far."),
+    ("mountd_mount_prefetch_bytes", "prefetch", "bytes", "Bytes of the files the dataset prefetch has cached."),
+    ("mountd_mount_prefetch_bytes_listed", "prefetch", "bytes_listed", "Bytes the dataset prefetch listed so far."),
+    ("mountd_mount_prefetch_rate_bytes", "prefetch", "rate", "Bytes per second the dataset prefetch reads."),
+    ("mountd_mount_prefetch_eta_seconds", "prefetch", "eta", "Seconds the dataset prefetch expects to take still."),
 )
 
 

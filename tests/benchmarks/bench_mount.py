@@ -146,6 +146,23 @@ def lazy_unmount(path: str) -> None:
     subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
 
 
+def unmount_all(active: list, tmp: str, workspace: str, env: dict) -> list[str]:
+    """Undo every mount in `active` (stopping each) and any other still
+    live under `tmp`; returns the mount points that would not go."""
+    for m in list(active):
+        try:
+            m.stop()
+        except Exception as e:  # noqa: BLE001 - keep cleaning up
+            print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
+        active.remove(m)
+    for mp in mounts_under(tmp):
+        subprocess.run(mountd_argv() + ["--workspace", workspace, "unmount", "--lazy", mp], env=env,
+                       capture_output=True)
+        if is_mounted(mp):
+            lazy_unmount(mp)
+    return mounts_under(tmp)
+
+
 # --- setup ------------------------------------------------------------------------
 
 def blob_service(azurite: Azurite, pool: int = 32):
@@ -191,8 +208,11 @@ class Mount:
 
 
 class MountdMount(Mount):
-    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, tool: str = "mountd"):
+    def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, tool: str = "mountd",
+                 target: str = DATASTORE, flags: tuple | None = None):
         self.tool, self.path, self.cache_dir, self.workspace, self.env = tool, path, cache_dir, workspace, env
+        self.target = target  # DATASTORE[:PATH]
+        self.flags = tuple(MOUNTD_FLAGS[tool] if flags is None else flags)
 
     @staticmethod
     def how(cache: str = "EMPTY_DIR", tool: str = "mountd") -> str:
@@ -200,8 +220,8 @@ class MountdMount(Mount):
         return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE}{more} (otherwise defaults)"
 
     def start(self) -> float:
-        argv = mountd_argv() + ["--workspace", self.workspace, "mount", DATASTORE, self.path,
-                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + list(MOUNTD_FLAGS[self.tool])
+        argv = mountd_argv() + ["--workspace", self.workspace, "mount", self.target, self.path,
+                                "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + list(self.flags)
         secs = run_timed(argv, env=self.env, timeout=120)
         rec = worker_record(self.path)
         self.pid = int(rec["pid"])
@@ -359,18 +379,7 @@ class Bench:
                 remove_dir(cache)
 
     def cleanup(self) -> list[str]:
-        """Undo every mount still live; returns the mount points that would not go."""
-        for m in list(self.active):
-            try:
-                m.stop()
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
-            self.active.remove(m)
-        for mp in mounts_under(self.tmp):
-            subprocess.run(mountd_argv() + ["--workspace", self.workspace, "unmount", "--lazy", mp], env=self.env, capture_output=True)
-            if is_mounted(mp):
-                lazy_unmount(mp)
-        return mounts_under(self.tmp)
+        return unmount_all(self.active, self.tmp, self.workspace, self.env)
 
     # -- scenario definitions
 

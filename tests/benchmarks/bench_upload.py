@@ -91,9 +91,9 @@ from typing import Callable
 
 from tests.benchmarks.bench_download import mountd_argv, mountd_header
 from tests.benchmarks.bench_mount import (MOUNT_TIMEOUT, MOUNTD_ENV_PREFIXES, MOUNTD_LOGS, MountdMount, RcloneMount,
-                                          blob_service, lazy_unmount, run_session, worker_record)
+                                          blob_service, run_session, unmount_all, worker_record)
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, fresh_dir, is_mounted, machine_info, mounts_under, print_report, remove_dir,
+    MiB, Scenario, ToolFailed, fresh_dir, is_mounted, machine_info, print_report, remove_dir,
     report_dict, run_timed, settle, storage_header, tool_env, tool_version, tree_stats, wait_mounted,
     write_random_file, write_rclone_config)
 from tests.support.azurite import ACCOUNT, KEY, Azurite, blob_workspace_entry
@@ -509,19 +509,7 @@ class Bench:
               f"{nbytes / MiB / secs:9.1f} MiB/s", flush=True)
 
     def cleanup(self) -> list[str]:
-        """Undo every mount still live; returns the mount points that would not go."""
-        for m in list(self.active):
-            try:
-                m.stop()
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                print(f"warning: stopping {m.tool} at {m.path}: {e}", file=sys.stderr)
-            self.active.remove(m)
-        for mp in mounts_under(self.tmp):
-            subprocess.run(mountd_argv() + ["--workspace", self.workspace, "unmount", "--lazy", mp],
-                           env=self.env, capture_output=True)
-            if is_mounted(mp):
-                lazy_unmount(mp)
-        return mounts_under(self.tmp)
+        return unmount_all(self.active, self.tmp, self.workspace, self.env)
 
 
 # --- report -----------------------------------------------------------------------------

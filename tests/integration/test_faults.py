@@ -337,3 +337,46 @@ def test_a_lost_answer_to_a_create_only_upload_is_not_a_skip_or_failure(flaky, t
     assert r.code == 0 and "skipped 1 existing and unchanged" in r.out, r  # large.bin
     assert "NOT uploaded 1 that storage holds in a different version (small.bin;" in r.out, r  # and said so
     assert flaky.container.download_blob("small.bin").readall() == small
+
+
+# -- the dataset prefetch --------------------------------------------------------------------
+def _prefetch_status(mp, timeout: float = 90) -> dict:
+    from mountd.run import control
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = control.query(runtime.control_path(str(mp)))["prefetch"]
+        if p["state"] in ("done", "stopped"):
+            return p
+        time.sleep(0.1)
+    raise AssertionError(f"prefetch of {mp} not finished after {timeout} s")
+
+
+def test_prefetch_through_resets_and_stalls_while_the_job_reads(flaky, tmp_path, mounter):
+    files = dataset(random.Random(7), small=120, big=3 << 20)
+    put_blobs(flaky.container, files)
+    flaky.set(**HARSH)
+    mp = mounter("flaky", "--prefetch", "--cache-dir", tmp_path / "cache", "--block-size", "256KiB",
+                 "--memory-cache", "4MiB")
+    got = tree(mp)  # the job reads everything while the prefetch runs: no error reaches it
+    assert_same(got, files)
+    p = _prefetch_status(mp)
+    assert p["state"] == "done" and p["files"] == len(files) and p["files_failed"] == 0, p
+    assert flaky.counts["reset"] >= 5 and flaky.counts["stall"] >= 3, flaky.counts
+    log = open(runtime.log_path(str(mp)), encoding="utf-8").read()
+    assert "error" not in log.lower() and "dataset prefetch done" in log, log
+
+
+def test_prefetch_in_an_outage_stops_and_leaves_the_rest_to_reads(flaky, tmp_path, mounter, monkeypatch):
+    monkeypatch.setenv("MOUNTD_STORAGE_RETRIES", "1")
+    files = {f"data/f{i:04d}.bin": random.Random(i).randbytes(20_000) for i in range(600)}
+    put_blobs(flaky.container, files)
+    mp = mounter("flaky", "--prefetch", "--cache-dir", tmp_path / "cache", "--block-size", "256KiB",
+                 "--memory-cache", "4MiB")
+    flaky.outage("reset")
+    p = _prefetch_status(mp, timeout=60)
+    assert p["state"] == "stopped" and p["files"] < len(files), p
+    assert "storage failed" in p["stopped"] or "cannot list" in p["stopped"], p
+    log = open(runtime.log_path(str(mp)), encoding="utf-8").read()
+    assert "dataset prefetch stopped" in log and "the rest is read on demand" in log, log
+    flaky.restore()
+    assert_same(tree(mp), files)  # on demand, without a remount

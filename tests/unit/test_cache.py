@@ -183,6 +183,27 @@ def test_disk_tier_keeps_reserved_free_space(tmp_path, monkeypatch):
     assert disk.used <= 2 * MiB  # 5 MiB free, 3 reserved
 
 
+def test_prefetched_blocks_fill_free_room_only_and_stay_until_read(tmp_path):
+    """A dataset prefetch never evicts, and the job's reads never evict
+    what it prefetched before reading it (a dataset larger than the cache
+    would otherwise be fetched twice)."""
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=3 * MiB, reserved_free=0)
+    assert disk.put(("old", "e", 0), b"o" * MiB)  # a block some earlier read cached
+    assert [disk.put(("p", "e", i), bytes([i]) * MiB, prefetched=True) for i in range(3)] == [True, True, False]
+    assert disk.get(("old", "e", 0)) is not None  # the prefetch did not push it out
+    for i in range(3):  # the job's reads evict each other and the old block, never an unread prefetched one
+        assert disk.put(("read", "e", i), b"r" * MiB)
+    assert disk.get(("old", "e", 0)) is None and disk.get(("read", "e", 1)) is None
+    assert disk.contains(("p", "e", 0)) and disk.contains(("p", "e", 1)) and disk.used <= 3 * MiB
+    assert bytes(disk.get(("p", "e", 0))) == bytes([0]) * MiB  # read once, it is an ordinary cached block:
+    assert disk.put(("read", "e", 3), b"r" * MiB) and disk.put(("read", "e", 4), b"r" * MiB)
+    assert not disk.contains(("p", "e", 0)) and disk.contains(("p", "e", 1))  # evicted in its turn
+
+    full = DiskTier(str(tmp_path / "d"), max_bytes=2 * MiB, reserved_free=0)
+    assert all(full.put(("p", "e", i), b"p" * MiB, prefetched=True) for i in range(2))
+    assert not full.put(("read", "e", 0), b"r" * MiB)  # nothing it may evict: the read's block is not cached
+
+
 def test_disk_tier_survives_enospc(tmp_path, monkeypatch):
     disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
     disk.put(("p", "e", 0), b"a" * 1000)
@@ -547,3 +568,81 @@ def test_reading_through_a_small_cache_recycles_buffers(tmp_path):
                 return cache.buffers.block(buffer, block)
             assert bytes(cache.get(("p", "e", i), fetch)) == want
     assert cache.buffers.created <= 8
+
+
+def test_a_read_of_a_block_being_prefetched_waits_for_that_fetch(tmp_path):
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    release, fetches = threading.Event(), []
+
+    def slow(data):
+        def fetch():
+            fetches.append(data)
+            release.wait(5)
+            return data
+        return fetch
+    filler = threading.Thread(target=cache.fill, args=(("p", "e", 0), 4, slow(b"pref"), 16, 8))
+    filler.start()
+    while not fetches:
+        time.sleep(0.01)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(bytes(cache.get(("p", "e", 0), slow(b"mine")))))
+    reader.start()
+    time.sleep(0.1)
+    release.set()
+    filler.join(5)
+    reader.join(5)
+    assert got == [b"pref"] and fetches == [b"pref"]  # one fetch, shared
+    assert cache.disk.contains(("p", "e", 0)) and cache.counters()["misses"] == 0
+
+
+def test_a_read_whose_prefetch_fetch_fails_fetches_the_block_itself(tmp_path):
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    release, started = threading.Event(), threading.Event()
+
+    def failing():
+        started.set()
+        release.wait(5)
+        raise OSError("connection reset")
+    errors = []
+
+    def fill():
+        try:
+            cache.fill(("p", "e", 0), 4, failing, 16, 8)
+        except OSError as e:
+            errors.append(e)
+    filler = threading.Thread(target=fill)
+    filler.start()
+    started.wait(5)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(bytes(cache.get(("p", "e", 0), lambda: b"mine"))))
+    reader.start()
+    time.sleep(0.1)
+    release.set()
+    filler.join(5)
+    reader.join(5)
+    assert got == [b"mine"] and len(errors) == 1  # the prefetch's error stays the prefetch's
+
+
+def test_the_prefetch_waits_while_reads_fill_the_busy_budget(tmp_path):
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    release, reading, order = threading.Event(), threading.Event(), []
+
+    def read_fetch():
+        reading.set()
+        release.wait(5)
+        order.append("read")
+        return b"r"
+    reader = threading.Thread(target=cache.get, args=(("r", "e", 0), read_fetch))
+    reader.start()
+    reading.wait(5)
+    filler = threading.Thread(target=cache.fill, args=(("p", "e", 0), 1,
+                                                       lambda: order.append("prefetch") or b"p", 16, 1))
+    filler.start()
+    time.sleep(0.2)
+    assert order == []  # one read in flight takes the whole busy budget of 1
+    release.set()
+    reader.join(5)
+    filler.join(5)
+    assert order == ["read", "prefetch"]
+    # with no read in flight the prefetch uses its full budget at once
+    assert cache.fill(("p", "e", 1), 1, lambda: b"q", 16, 1) == "stored"

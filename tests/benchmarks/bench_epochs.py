@@ -1,0 +1,349 @@
+"""Whole training jobs: the time to finish E epochs over a dataset in Azurite,
+with the data staged by `mountd download` first, read through `mountd mount`
+without and with `--prefetch`, and through `rclone mount --vfs-cache-mode
+full`, side by side in one run.
+
+A job here is what a PyTorch DataLoader over an ImageFolder does, without
+torch: 4 loader processes (multiprocessing) read whole files, in a new
+shuffled order every epoch. Every file read in every epoch is checked
+against the size and CRC-32 recorded at upload (outside nothing: the check
+is part of the job, as decoding would be). Two datasets:
+
+- small: --files files (default 20 000) of --size-kib KiB on average
+  (default 110; each file between half and 1.5 times that) under 50 class
+  directories, `small/classNN/imgNNNNNN.jpg`;
+- shards: --shards files (default 16) of --shard-mib MiB (default 64),
+  `shards/shard-NN.bin`.
+
+For each tool a round starts with the page cache dropped and a fresh mount
+and cache directory (or an empty download directory), then times: the set-up
+(the download; the mount command until it returns), and epochs 1, 2 and 3.
+The time to finish E epochs is extrapolated as the issue does it:
+set-up + epoch 1 + (E - 1) x the mean of epochs 2 and 3. Tools rotate their
+order from round to round; medians over --repeat rounds. Ratios are the
+download-then-train time over the tool's (above 1: the tool finishes first),
+and for later epochs the local copy's (page cache warm) epoch time over the
+tool's.
+
+Run from the repository root as root (drops the page cache, mounts FUSE):
+
+    python -m tests.benchmarks.bench_epochs                                 # both datasets, full size, 3 rounds
+    python -m tests.benchmarks.bench_epochs --dataset small --files 2000 --repeat 3
+    python -m tests.benchmarks.bench_epochs --dataset shards --shards 8 --shard-mib 32
+    python -m tests.benchmarks.bench_epochs --cache-max-size 100MiB         # mountd's disk cache smaller than the data
+
+Every mount it makes is unmounted at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from tests.benchmarks.bench_download import mountd_argv, mountd_header
+from tests.benchmarks.bench_mount import (CONTAINER, DATASTORE, KEY_ENV, MEMORY_CACHE, MOUNTD_ENV_PREFIXES,
+                                          RCLONE_REMOTE, MountdMount, RcloneMount, blob_service,
+                                          is_mounted, require, run_session, unmount_all)
+from tests.benchmarks.common import (MiB, ToolFailed, drop_page_cache, fmt_size, fresh_dir, machine_info, median,
+                                     remove_dir, run_timed, storage_header, tool_env, tool_version,
+                                     write_rclone_config, write_workspace)
+from tests.support.azurite import ACCOUNT, KEY, blob_workspace_entry
+
+TOOLS = ("download", "mountd", "mountd-prefetch", "rclone-full")
+LOADERS = 4
+CLASSES = 50
+READ_SIZE = MiB  # a loader reads a file in pieces of this size (a small file in one)
+EPOCHS_TIMED = 3
+EPOCHS_SHOWN = (1, 2, 5, 10)
+
+
+# --- the loaders ----------------------------------------------------------------------
+
+def _loader_start() -> None:
+    """A loader process leaves Ctrl-C and SIGTERM to the benchmark, which
+    cleans up and then ends the loaders itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _load(path: str) -> tuple[str, int, int]:
+    """One sample: the whole file, as a loader process reads it; (path, size, CRC-32)."""
+    crc = size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(READ_SIZE):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return path, size, crc
+
+
+def run_epoch(pool, root: str, expected: dict[str, tuple[int, int]], seed: int) -> float:
+    """Read every file under `root` once in a shuffled order with the loader
+    pool; the seconds it took. Raises ToolFailed on a wrong file."""
+    names = sorted(expected)
+    random.Random(seed).shuffle(names)
+    paths = [os.path.join(root, n) for n in names]
+    chunk = 8 if len(paths) >= 400 else 1
+    start = time.perf_counter()
+    results = list(pool.imap_unordered(_load, paths, chunksize=chunk))
+    secs = time.perf_counter() - start
+    for path, size, crc in results:
+        want = expected[os.path.relpath(path, root)]
+        if (size, crc) != want:
+            raise ToolFailed(f"{path}: read {size} bytes with CRC {crc:08x}, expected {want[0]} bytes, {want[1]:08x}")
+    if len(results) != len(expected):
+        raise ToolFailed(f"{root}: {len(results)} files read, expected {len(expected)}")
+    return secs
+
+
+# --- data ----------------------------------------------------------------------------------
+
+@dataclass
+class Dataset:
+    name: str  # the prefix in the container, without "/"
+    files: dict[str, tuple[int, int]]  # path under the prefix -> (size, CRC-32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+
+def upload_dataset(container, name: str, sizes: list[int], names: list[str], threads: int = 32) -> Dataset:
+    def one(i: int) -> tuple[str, tuple[int, int]]:
+        data = random.Random(i).randbytes(sizes[i])
+        container.upload_blob(f"{name}/{names[i]}", data, overwrite=True)
+        return names[i], (len(data), zlib.crc32(data))
+
+    with ThreadPoolExecutor(threads) as pool:
+        return Dataset(name, dict(pool.map(one, range(len(sizes)))))
+
+
+def small_dataset(container, files: int, size_kib: int) -> Dataset:
+    rng = random.Random(20)
+    sizes = [rng.randrange(size_kib * 512, size_kib * 1536) for _ in range(files)]
+    names = [f"class{i % CLASSES:02d}/img{i:06d}.jpg" for i in range(files)]
+    return upload_dataset(container, "small", sizes, names)
+
+
+def shard_dataset(container, shards: int, shard_mib: int) -> Dataset:
+    return upload_dataset(container, "shards", [shard_mib * MiB] * shards,
+                          [f"shard-{i:02d}.bin" for i in range(shards)], threads=4)
+
+
+# --- one tool's job -----------------------------------------------------------------------
+
+@dataclass
+class Job:
+    tool: str
+    round: int
+    setup: float
+    epochs: list[float]
+
+    def total(self, e: int) -> float:
+        """Seconds to finish `e` epochs: set-up, epoch 1, then later epochs
+        at the mean of the measured ones after the first."""
+        later = sum(self.epochs[1:]) / len(self.epochs[1:])
+        return self.setup + self.epochs[0] + (e - 1) * later
+
+    @property
+    def later(self) -> float:
+        return sum(self.epochs[1:]) / len(self.epochs[1:])
+
+
+@dataclass
+class Results:
+    dataset: str
+    nfiles: int
+    nbytes: int
+    jobs: list[Job] = field(default_factory=list)
+
+    def of(self, tool: str) -> list[Job]:
+        return [j for j in self.jobs if j.tool == tool]
+
+    def med(self, tool: str, what) -> float:
+        return median([what(j) for j in self.of(tool)])
+
+
+class Bench:
+    def __init__(self, args, tmp: str, azurite):
+        self.args, self.tmp = args, tmp
+        self.conf = fresh_dir(os.path.join(tmp, "conf"))
+        self.work = fresh_dir(os.path.join(tmp, "work"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(MOUNTD_ENV_PREFIXES)}
+        self.env = {**tool_env(azurite, env), KEY_ENV: KEY}
+        self.workspace = write_workspace(os.path.join(self.conf, "workspace.yaml"),
+                                         {DATASTORE: blob_workspace_entry(azurite, CONTAINER, key_env=KEY_ENV)},
+                                         default=DATASTORE)
+        self.rclone_conf = write_rclone_config(os.path.join(self.conf, "rclone.conf"), RCLONE_REMOTE, ACCOUNT, KEY,
+                                               azurite.account_url)
+        self.active: list = []
+        self.pool = multiprocessing.get_context("fork").Pool(LOADERS, initializer=_loader_start)
+
+    def cleanup(self) -> list[str]:
+        self.pool.terminate()
+        return unmount_all(self.active, self.tmp, self.workspace, self.env)
+
+    def mountd_flags(self, tool: str) -> tuple:
+        flags = ("--prefetch",) if tool == "mountd-prefetch" else ()
+        return flags + (("--cache-max-size", self.args.cache_max_size) if self.args.cache_max_size else ())
+
+    def how(self, tool: str, ds: str) -> str:
+        if tool == "download":
+            return f"mountd download {DATASTORE} DIR --prefix {ds}/ --no-progress, then epochs over DIR/{ds}"
+        if tool == "rclone-full":
+            return RcloneMount.how("full") + f"; epochs over MNT/{ds}"
+        return (f"mountd mount {DATASTORE}:{ds} MNT --cache-dir EMPTY_DIR --memory-cache {MEMORY_CACHE} "
+                + " ".join(self.mountd_flags(tool)) + " (otherwise defaults); epochs over MNT")
+
+    def job(self, tool: str, ds: Dataset, r: int) -> Job:
+        """One tool's whole job on a cold node: set-up, then the epochs."""
+        label = f"{ds.name}-{tool}-{r}"
+        mp = cache = None
+        m = None
+        drop_page_cache()
+        try:
+            if tool == "download":
+                local = fresh_dir(os.path.join(self.work, label))
+                setup = run_timed(mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, local,
+                                                   "--prefix", f"{ds.name}/", "--no-progress"], env=self.env,
+                                  timeout=3600)
+                root = os.path.join(local, ds.name)
+            else:
+                mp = fresh_dir(os.path.join(self.work, f"mnt-{label}"))
+                cache = fresh_dir(os.path.join(self.work, f"cache-{label}"))
+                if tool == "rclone-full":
+                    m = RcloneMount(mp, "full", cache, self.rclone_conf, os.path.join(self.work, f"{label}.log"),
+                                    self.env)
+                    root = os.path.join(mp, ds.name)
+                else:
+                    m = MountdMount(mp, cache, self.workspace, self.env, tool, target=f"{DATASTORE}:{ds.name}",
+                                    flags=self.mountd_flags(tool))
+                    root = mp
+                self.active.append(m)
+                setup = m.start()
+            epochs = [run_epoch(self.pool, root, ds.files, seed=1000 * r + e) for e in range(EPOCHS_TIMED)]
+        finally:
+            if m is not None:
+                m.stop()
+                self.active.remove(m)
+                if mp and not is_mounted(mp):
+                    os.rmdir(mp)
+            for d in (cache, os.path.join(self.work, label)):
+                if d:
+                    remove_dir(d)
+        job = Job(tool, r, setup, epochs)
+        print(f"  round {r} {tool:16s} set-up {setup:7.2f} s, epochs " + ", ".join(f"{e:.2f}" for e in epochs)
+              + f" s; {EPOCHS_SHOWN[-1]} epochs {job.total(EPOCHS_SHOWN[-1]):.1f} s", flush=True)
+        return job
+
+    def run(self, ds: Dataset) -> Results:
+        res = Results(ds.name, len(ds.files), ds.nbytes)
+        print(f"dataset {ds.name}: {len(ds.files)} files, {fmt_size(ds.nbytes)}", flush=True)
+        tools = [t for t in TOOLS if t in self.args.tools]
+        for r in range(self.args.repeat):
+            order = tools[r % len(tools):] + tools[:r % len(tools)]
+            for tool in order:
+                res.jobs.append(self.job(tool, ds, r))
+        return res
+
+
+# --- report -----------------------------------------------------------------------------
+
+def ratio(x: float, y: float) -> float:
+    return x / y if y > 0 else float("nan")
+
+
+def report(res: Results, bench: Bench, out=sys.stdout) -> dict:
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    tools = [t for t in TOOLS if res.of(t)]
+    p(f"\n== {res.dataset}: {res.nfiles} files, {fmt_size(res.nbytes)}; {LOADERS} loader processes, shuffled "
+      f"whole-file reads, every file's size and CRC-32 checked; medians of {len(res.of(tools[0]))} round(s)")
+    head = "".join(f"{'E=' + str(e):>9s}" for e in EPOCHS_SHOWN)
+    p(f"{'tool':17s}{'set-up':>8s}{'ep 1':>8s}{'ep 2':>8s}{'ep 3':>8s} |{head}   (seconds to finish E epochs)")
+    summary = {"dataset": res.dataset, "files": res.nfiles, "bytes": res.nbytes, "tools": {}}
+    for t in tools:
+        e = [res.med(t, lambda j, i=i: j.epochs[i]) for i in range(EPOCHS_TIMED)]
+        totals = [res.med(t, lambda j, k=k: j.total(k)) for k in EPOCHS_SHOWN]
+        p(f"{t:17s}{res.med(t, lambda j: j.setup):8.2f}" + "".join(f"{x:8.2f}" for x in e) + " |"
+          + "".join(f"{x:9.2f}" for x in totals))
+        summary["tools"][t] = {"setup": res.med(t, lambda j: j.setup), "epochs": e,
+                               "total": dict(zip(map(str, EPOCHS_SHOWN), totals)),
+                               "rounds": [{"setup": j.setup, "epochs": j.epochs} for j in res.of(t)]}
+    if "download" in tools:
+        p("\nratios: download-then-train time / the tool's (above 1: the tool finishes first); later epochs: the "
+          "local copy's epoch (page cache warm) / the tool's")
+        p(f"{'tool':17s}" + "".join(f"{'E=' + str(e):>9s}" for e in EPOCHS_SHOWN) + f"{'later ep':>10s}")
+        for t in tools:
+            if t == "download":
+                continue
+            rs = [ratio(res.med("download", lambda j, k=k: j.total(k)), res.med(t, lambda j, k=k: j.total(k)))
+                  for k in EPOCHS_SHOWN]
+            later = ratio(res.med("download", lambda j: j.later), res.med(t, lambda j: j.later))
+            p(f"{t:17s}" + "".join(f"{x:8.2f}x" for x in rs) + f"{later:9.2f}x")
+            summary["tools"][t]["ratio_vs_download"] = dict(zip(map(str, EPOCHS_SHOWN), rs))
+            summary["tools"][t]["later_epoch_vs_local"] = later
+    p("\nhow each tool ran:")
+    for t in tools:
+        p(f"  {t:17s}{bench.how(t, res.dataset)}")
+    return summary
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_epochs",
+                                 description="Time whole multi-epoch jobs: download-then-train, mountd mount "
+                                             "(with and without --prefetch), rclone mount --vfs-cache-mode full.")
+    ap.add_argument("--dataset", choices=("small", "shards", "both"), default="both")
+    ap.add_argument("--files", type=int, default=20000, help="files of the small-file dataset (default 20000)")
+    ap.add_argument("--size-kib", type=int, default=110, help="their mean size in KiB (default 110)")
+    ap.add_argument("--shards", type=int, default=16, help="files of the shard dataset (default 16)")
+    ap.add_argument("--shard-mib", type=int, default=64, help="their size in MiB (default 64)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
+    ap.add_argument("--cache-max-size", metavar="SIZE", help="mountd's disk cache cap (default: mountd's)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--tmp-dir", metavar="DIR", help="where the run's data lives (default: the system's)")
+    args = ap.parse_args(argv)
+    args.tools = set(args.tools.split(","))
+    if not args.tools <= set(TOOLS):
+        ap.error(f"--tools: unknown {', '.join(sorted(args.tools - set(TOOLS)))}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    require()
+
+    def body(tmp, azurite, keep):
+        container = blob_service(azurite).create_container(CONTAINER)
+        bench = Bench(args, tmp, azurite)
+        keep(bench)
+        header = {"storage": storage_header(azurite), **machine_info(), "mountd": mountd_header(),
+                  "rclone": tool_version(["rclone", "version"], words=2), "rounds": args.repeat}
+        print(json.dumps(header), flush=True)
+        datasets = []
+        if args.dataset in ("small", "both"):
+            print(f"uploading {args.files} files of ~{args.size_kib} KiB under small/", flush=True)
+            datasets.append(small_dataset(container, args.files, args.size_kib))
+        if args.dataset in ("shards", "both"):
+            print(f"uploading {args.shards} shards of {args.shard_mib} MiB under shards/", flush=True)
+            datasets.append(shard_dataset(container, args.shards, args.shard_mib))
+        summaries = [report(bench.run(ds), bench) for ds in datasets]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"header": header, "datasets": summaries}, f, indent=2)
+                f.write("\n")
+            print(f"\nwrote {args.json}")
+
+    return run_session("mountd-bench-epochs-", args.tmp_dir, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
