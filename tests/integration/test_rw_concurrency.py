@@ -194,6 +194,9 @@ def test_a_file_unlinked_while_open_for_writing_keeps_writing_and_leaves_nothing
         f.seek(0)
         assert f.read() == b"x" * 5000 + b"y" * 3000
         assert os.fstat(f.fileno()).st_size == 8000
+        os.ftruncate(f.fileno(), 7000)
+        assert os.fstat(f.fileno()).st_size == 7000
+        assert os.pread(f.fileno(), 8000, 0) == b"x" * 5000 + b"y" * 2000
         f.close()
         assert "d/" + name not in storage.files()
     assert not storage.files()
