@@ -142,10 +142,12 @@ def test_an_open_file_unlinked_keeps_its_bytes_and_leaves_nothing(storage, rw_mo
         assert os.pread(fd, 5000, len(data) - 5000) == data[-5000:]
         assert os.pread(fd, len(data), 0) == data
         assert os.fstat(fd).st_size == len(data)
+        os.rmdir(mp / "d")  # nothing hidden keeps the directory, even while the file is open
+        assert os.pread(fd, 100, 7) == data[7:107]
     finally:
         os.close(fd)
-    os.rmdir(mp / "d")  # nothing hidden keeps the directory
     assert not storage.files()
+    assert not (mp / "d").exists()
 
 
 def test_an_open_file_renamed_keeps_its_bytes(storage, rw_mount):  # noqa: F811
