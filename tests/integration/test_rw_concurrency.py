@@ -150,36 +150,27 @@ def test_an_open_file_unlinked_keeps_its_bytes_and_leaves_nothing(storage, rw_mo
     assert not (mp / "d").exists()
 
 
-def test_an_open_file_renamed_keeps_its_bytes(storage, rw_mount):  # noqa: F811
-    data = os.urandom(3 * MiB + 99)
-    storage.put("old.bin", data)
+@pytest.mark.parametrize("how", ["renamed", "replaced"])
+def test_an_open_file_renamed_or_replaced_by_a_rename_keeps_its_bytes(storage, rw_mount, how):  # noqa: F811
+    data, other = os.urandom(3 * MiB + 99), os.urandom(1000)
+    storage.put("f.bin", data)
+    storage.put("other.bin", other)
     mp = rw_mount()
-    fd = os.open(mp / "old.bin", os.O_RDONLY)
+    fd = os.open(mp / "f.bin", os.O_RDONLY)
     try:
         assert os.pread(fd, 100, 0) == data[:100]
-        os.rename(mp / "old.bin", mp / "new.bin")
+        if how == "renamed":
+            os.rename(mp / "f.bin", mp / "new.bin")
+        else:
+            os.rename(mp / "other.bin", mp / "f.bin")
         assert os.pread(fd, 4000, 2 * MiB + 5) == data[2 * MiB + 5:2 * MiB + 4005]
         assert os.pread(fd, len(data), 0) == data
+        assert os.fstat(fd).st_size == len(data)
     finally:
         os.close(fd)
-    assert storage.files() == {"new.bin": data}
-
-
-def test_an_open_file_replaced_by_a_rename_keeps_its_bytes(storage, rw_mount):  # noqa: F811
-    old, new = os.urandom(2 * MiB + 5), os.urandom(1000)
-    storage.put("target.bin", old)
-    storage.put("source.bin", new)
-    mp = rw_mount()
-    fd = os.open(mp / "target.bin", os.O_RDONLY)
-    try:
-        assert os.pread(fd, 10, 0) == old[:10]
-        os.rename(mp / "source.bin", mp / "target.bin")
-        assert os.pread(fd, len(old), 0) == old
-        assert os.fstat(fd).st_size == len(old)
-        assert (mp / "target.bin").read_bytes() == new
-    finally:
-        os.close(fd)
-    assert storage.files() == {"target.bin": new}
+    assert storage.files() == ({"new.bin": data, "other.bin": other} if how == "renamed" else {"f.bin": other})
+    if how == "replaced":
+        assert (mp / "f.bin").read_bytes() == other
 
 
 def test_a_file_unlinked_while_open_for_writing_keeps_writing_and_leaves_nothing(storage, rw_mount):  # noqa: F811
