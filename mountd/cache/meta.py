@@ -19,6 +19,9 @@ from mountd.storage.base import Entry, ObjectStore
 
 MAX_ENTRIES = 500_000
 MAX_LISTINGS = 20_000
+# How long a change is remembered for the requests that were under way when
+# it was made: longer than any listing or stat takes.
+CHANGE_MEMORY = 600.0
 
 
 class MetadataCache:
@@ -32,6 +35,10 @@ class MetadataCache:
         self.list_parents = True  # answer a stat by listing its directory
         self._dir_locks: TTLCache = TTLCache(MAX_LISTINGS, max(ttl, 1.0))  # dir path -> Lock
         self.requests = 0  # metadata calls that went to storage
+        self._changes = 0  # how many changes this mount made so far
+        self._changed: TTLCache = TTLCache(MAX_ENTRIES, CHANGE_MEMORY)  # path -> number of its last change
+        self._changed_dirs: TTLCache = TTLCache(MAX_LISTINGS, CHANGE_MEMORY)  # dir -> last change of a child
+        self._cleared = 0  # the number of the last clear()
 
     def stat(self, path: str) -> Entry:
         cached = self._cached(path)
@@ -52,17 +59,36 @@ class MetadataCache:
             cached = self._cached(path)
             if cached is not None:
                 return cached
+        started = self._now()
         try:
             self.requests += 1
             entry = self.store.stat(path)
         except NotFound:
             if self.negative_enabled:
                 with self._lock:
-                    self._absent[path] = True
+                    if self._unchanged_since(started, path):
+                        self._absent[path] = True
             raise
         with self._lock:
-            self._entries[path] = entry
+            if self._unchanged_since(started, path):
+                self._entries[path] = entry
         return entry
+
+    def _now(self) -> int:
+        with self._lock:
+            return self._changes
+
+    def _unchanged_since(self, started: int, path: str, changed=None) -> bool:
+        """No change to `path` (a key of `changed`, by default the paths
+        themselves) since change number `started`. Under self._lock."""
+        return self._cleared <= started and (self._changed if changed is None else changed).get(path, 0) <= started
+
+    def _note_change(self, path: str, *dirs: str) -> None:
+        """Under self._lock: `path` changed here, and so did `dirs`' children."""
+        self._changes += 1
+        self._changed[path] = self._changes
+        for d in dirs:
+            self._changed_dirs[d] = self._changes
 
     def _cached(self, path: str) -> Entry | None:
         """The entry if known; NotFound if known absent; None if unknown."""
@@ -103,15 +129,22 @@ class MetadataCache:
             yield from cached
             return
         self.requests += 1
+        started = self._now()
         seen = set()
         for entry in self.store.list_dir(path):
             with self._lock:
-                self._entries[entry.path] = entry
-                self._absent.pop(entry.path, None)
+                if self._unchanged_since(started, entry.path):
+                    self._entries[entry.path] = entry
+                    self._absent.pop(entry.path, None)
+                else:
+                    # changed here since the listing was asked for: what
+                    # this mount knows now is newer than the page
+                    entry = self._entries.get(entry.path, entry)
             seen.add(entry.name)
             yield entry
         with self._lock:
-            self._listings[path] = frozenset(seen)
+            if self._unchanged_since(started, path, self._changed_dirs):
+                self._listings[path] = frozenset(seen)
 
     def forget(self, path: str) -> None:
         """Drop what is known of `path` and its parent's listing (after a change)."""
@@ -120,6 +153,7 @@ class MetadataCache:
             self._absent.pop(path, None)
             self._listings.pop(path, None)
             self._listings.pop(posixpath.dirname(path), None)
+            self._note_change(path, path, posixpath.dirname(path))
 
     def clear(self) -> None:
         """Forget everything (after a change too wide to follow name by name)."""
@@ -127,6 +161,8 @@ class MetadataCache:
             self._entries.clear()
             self._absent.clear()
             self._listings.clear()
+            self._changes += 1
+            self._cleared = self._changes
 
     def remember(self, entry: Entry) -> None:
         with self._lock:
@@ -136,6 +172,7 @@ class MetadataCache:
             names = self._listings.get(parent)
             if names is not None and entry.name not in names:
                 self._listings[parent] = names | {entry.name}
+            self._note_change(entry.path, parent)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -5,6 +5,14 @@ through staged local copies (`writeback`). No FUSE here: the glue in
 
 Paths arrive as FUSE gives them ("/a/b"); the store sees them under the
 mount's prefix ("prefix/a/b").
+
+Files open when their name goes (unlink, or a rename replacing them) keep
+their bytes, as POSIX has it: a handle writing the file has them in its
+staged copy already, which is then never uploaded; a handle reading it gets
+a staged copy of the version it opened before storage deletes it. Until the
+last handle closes, the file can go by a name of the mount's own (`unlink`'s
+`keep_as`), for calls that need a path (fstat, ftruncate). A handle
+reading a file renamed through the mount follows it to its new name.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from mountd.cache.blocks import BlockCache
@@ -28,7 +37,7 @@ from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
 from mountd.fs.listing import DirListing
-from mountd.fs.writeback import StagedFile, WriteBack
+from mountd.fs.writeback import StagedFile, WriteBack, at_or_below
 from mountd.storage.base import Entry, ObjectStore, join
 
 log = logging.getLogger(__name__)
@@ -42,7 +51,8 @@ class OpenFile:
     append: bool = False
     writable: bool = False  # only a writer's close uploads: a reader's must not publish its unfinished bytes
     run: Run | None = None  # the request streaming blocks ahead of a sequential reader
-    lock: threading.Lock = field(default_factory=threading.Lock)  # readahead steps in order
+    lock: threading.Lock = field(default_factory=threading.Lock)  # readahead steps in order; staged set once
+    released: bool = False  # closed: a copy made for it now would have no one to release it
 
 
 # Reads up to this size within one block are served from a cached block
@@ -72,6 +82,7 @@ class FileSystemCore:
         self._next_fh = itertools.count(1)
         self._lock = threading.Lock()
         self._opened_etags: dict[str, str] = {}  # path -> etag at last open, for keep_cache
+        self._kept: dict[str, bool] = {}  # names unlink(keep_as=) gave files still open (store paths)
         self.started = time.time()
         self.bytes_served = 0
         self.read_errors = 0
@@ -96,10 +107,21 @@ class FileSystemCore:
                 "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
 
     def getattr(self, path: str) -> dict:
-        staged = self.writeback.get(self._store_path(path)) if self.writeback else None
-        if staged is not None:
-            return self._staged_attributes(staged)
+        with self._borrowed(self._store_path(path)) as sf:
+            if sf is not None:
+                return self._staged_attributes(sf)
         return self.attributes(self._entry(path))
+
+    @contextmanager
+    def _borrowed(self, store_path: str):
+        """The staged copy of `store_path` (or None), usable until the block
+        ends whatever its handles do meanwhile. Never yield to a caller
+        inside the block: it would keep the copy for as long as it likes."""
+        if self.writeback is None:
+            yield None
+            return
+        with self.writeback.borrow(store_path) as sf:
+            yield sf
 
     def _staged_attributes(self, sf: StagedFile) -> dict:
         st = os.fstat(sf.fd)
@@ -113,14 +135,34 @@ class FileSystemCore:
         if not entry.is_dir:
             raise FsError(errno.ENOTDIR)
         store_path = self._store_path(path)
-        staged = {sf.path.rpartition("/")[2]: sf for sf in self.writeback.staged_under(store_path)} \
+        # Attributes are taken as each entry is handed out, not when the
+        # listing started: the kernel takes a listing's sizes as the files'
+        # (readdirplus), and a size from before the last write would cut
+        # the file short in its cache.
+        staged = {sf.path.rpartition("/")[2]: sf.path for sf in self.writeback.staged_under(store_path)} \
             if self.writeback else {}
         with errno_for(f"list {path}"):
             for child in self.meta.list_dir(store_path):
-                sf = staged.pop(child.name, None)
-                yield child.name, (self._staged_attributes(sf) if sf else self.attributes(child))
-        for name, sf in staged.items():  # created here, not in storage yet
-            yield name, self._staged_attributes(sf)
+                staged.pop(child.name, None)
+                yield child.name, self._child_attributes(child.path, child)
+            for name, child_path in staged.items():  # created here, not in storage when listed
+                attrs = self._child_attributes(child_path, None)
+                if attrs is not None:
+                    yield name, attrs
+
+    def _child_attributes(self, store_path: str, listed: Entry | None) -> dict | None:
+        """A listed file's attributes: its staged copy's if it has one, else
+        what storage listed, else (closed since the listing began) what is
+        known of it now; None if it is gone."""
+        with self._borrowed(store_path) as sf:
+            if sf is not None:
+                return self._staged_attributes(sf)
+        if listed is not None:
+            return self.attributes(listed)
+        try:
+            return self.attributes(self.meta.stat(store_path))
+        except NotFound:
+            return None
 
     def opendir(self, path: str) -> int:
         """A handle for reading the directory at `path` a buffer at a time
@@ -181,25 +223,30 @@ class FileSystemCore:
 
     def _open_staged(self, path: str, flags: int, create: bool) -> int:
         store_path = self._store_path(path)
+        found = []
+
+        def lookup() -> Entry | None:
+            """What storage holds at `path`; asked only when nothing is staged there."""
+            try:
+                entry = self.meta.stat(store_path)
+            except NotFound:
+                if not create:
+                    raise
+                self._parent_dir(path)
+                return None
+            if entry.is_dir:
+                raise FsError(errno.EISDIR)
+            if create and flags & os.O_EXCL:
+                raise FsError(errno.EEXIST)
+            found.append(entry)
+            return entry
         with errno_for(f"open {path}"):
-            entry = None
-            if self.writeback.get(store_path) is None:
-                try:
-                    entry = self.meta.stat(store_path)
-                except NotFound:
-                    if not create:
-                        raise
-                    self._parent_dir(path)
-                if entry is not None and entry.is_dir:
-                    raise FsError(errno.EISDIR)
-                if entry is not None and create and flags & os.O_EXCL:
-                    raise FsError(errno.EEXIST)
-            sf = self.writeback.open(store_path, entry, truncate=bool(flags & os.O_TRUNC))
+            sf = self.writeback.open(store_path, lookup, truncate=bool(flags & os.O_TRUNC))
         if create:
             self.meta.forget(store_path)  # it may be cached as absent
         with self._lock:
             fh = next(self._next_fh)
-            self._handles[fh] = OpenFile(entry, None, sf, append=bool(flags & os.O_APPEND),
+            self._handles[fh] = OpenFile(found[0] if found else None, None, sf, append=bool(flags & os.O_APPEND),
                                          writable=create or bool(flags & WRITE_FLAGS))
         return fh
 
@@ -389,10 +436,15 @@ class FileSystemCore:
     def release(self, fh: int) -> None:
         with self._lock:
             handle = self._handles.pop(fh, None)
-        if handle is not None and handle.run is not None:
+        if handle is None:
+            return
+        with handle.lock:  # against _keep_open_readers giving it a copy now
+            handle.released = True
+            staged = handle.staged
+        if handle.run is not None:
             handle.run.close()
-        if handle is not None and handle.staged is not None:
-            self.writeback.release(handle.staged)
+        if staged is not None:
+            self.writeback.release(staged)
 
     # -- namespace changes (read-write mounts) -------------------------------------------------
     def _writable(self) -> None:
@@ -401,11 +453,16 @@ class FileSystemCore:
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         self._writable()
-        sf = self._handle(fh).staged if fh is not None else self.writeback.get(self._store_path(path))
-        if sf is not None:
+        sf = self._handle(fh).staged if fh is not None else None
+        if sf is not None:  # the handle holds its copy
             with errno_for(f"truncate {path}"):
                 self.writeback.truncate(sf, length)
             return
+        with self._borrowed(self._store_path(path)) as sf:
+            if sf is not None:
+                with errno_for(f"truncate {path}"):
+                    self.writeback.truncate(sf, length)
+                return
         # not open here: open, truncate, close, as `truncate -s` does
         handle = self._open_staged(path, os.O_WRONLY | (os.O_TRUNC if length == 0 else 0), create=False)
         try:
@@ -416,14 +473,27 @@ class FileSystemCore:
         finally:
             self.release(handle)
 
-    def unlink(self, path: str) -> None:
+    def unlink(self, path: str, keep_as: str | None = None) -> None:
+        """Delete a file. Its open handles keep its bytes; `keep_as`, a name
+        no one else uses, reaches them meanwhile (stat, truncate) until it is
+        unlinked in turn, which touches nothing in storage."""
         self._writable()
         store_path = self._store_path(path)
+        with self._lock:
+            kept = self._kept.pop(store_path, None)
+        if kept is not None:  # storage lost the file when it took this name
+            self.writeback.unlink(store_path)
+            return
         with errno_for(f"delete {path}"):
             entry = None if self.writeback.get(store_path) else self._entry(path)
             if entry is not None and entry.is_dir:
                 raise FsError(errno.EISDIR)
-            local_only = self.writeback.unlink(store_path)
+            self._keep_open_readers(store_path)
+            keep = self._store_path(keep_as) if keep_as is not None else None
+            if keep is not None:
+                with self._lock:
+                    self._kept[keep] = True
+            local_only = self.writeback.unlink(store_path, keep_as=keep)
             if not local_only:
                 try:
                     self.store.delete(store_path)
@@ -431,6 +501,60 @@ class FileSystemCore:
                     if entry is not None:
                         raise
         self.meta.forget(store_path)
+
+    def _keep_open_readers(self, store_path: str) -> None:
+        """Before the file at `store_path` leaves storage (unlink, or a
+        rename over it): give its handles open for reading a staged copy of
+        the version they opened, so they keep reading it. Costs a download
+        of the file, made only when such a handle exists."""
+        with self._lock:
+            readers = [h for h in self._handles.values() if h.staged is None and h.entry.path == store_path]
+        for handle in readers:
+            try:
+                sf = self.writeback.open(store_path, lambda entry=handle.entry: entry, truncate=False)
+            except (MountdError, OSError) as e:
+                log.error("%s: deleted while open, and no copy could be kept for its reader (%s): its reads fail",
+                          store_path, e)
+                continue
+            with handle.lock:
+                if not handle.released:
+                    handle.staged, sf = sf, None
+                    if handle.run is not None:
+                        handle.run.close()
+                        handle.run = None
+            if sf is not None:  # released meanwhile: nobody needs the copy
+                self.writeback.release(sf)
+
+    def _follow_readers(self, src: str, dst: str):
+        """Before storage renames `src` (a file or a directory) to `dst`: the
+        handles reading the version storage holds now, and (after the
+        rename, by calling the result) point them at the new name. A copy
+        (blob) has another etag; a handle whose version storage no longer
+        held is left as it is and finds it gone."""
+        with self._lock:
+            readers = [h for h in self._handles.values() if h.staged is None and at_or_below(h.entry.path, src)]
+        current = []
+        for handle in readers:
+            try:
+                if self.store.stat(handle.entry.path).etag == handle.entry.etag:
+                    current.append(handle)
+            except MountdError:
+                pass
+
+        def follow() -> None:
+            for handle in current:
+                try:
+                    entry = self.store.stat(dst + handle.entry.path[len(src):])
+                except MountdError:
+                    continue
+                if entry.size != handle.entry.size:
+                    continue
+                with handle.lock:
+                    handle.entry = entry  # blocks are cached by path and etag: the old ones are not used
+                    if handle.run is not None:
+                        handle.run.close()
+                        handle.run = None
+        return follow
 
     def mkdir(self, path: str) -> None:
         self._writable()
@@ -501,13 +625,17 @@ class FileSystemCore:
                     if any(True for _ in self.meta.list_dir(dst)) or self.writeback.any_under(dst):
                         raise FsError(errno.ENOTEMPTY)
                     self.store.rmdir(dst)
+            if target is not None and not target.is_dir:
+                self._keep_open_readers(dst)
             if self.writeback.get(dst):
                 self.writeback.unlink(dst)  # replaced: its handles keep the old bytes
+            follow = self._follow_readers(src, dst)
             if source.is_dir and self.store.virtual_directories:
                 self._rename_tree(src, dst)
             else:
                 self.store.rename(src, dst)
             self.writeback.rename(src, dst)
+            follow()
         for p in (src, dst):
             self.meta.forget(p)
         if source.is_dir:
@@ -535,12 +663,12 @@ class FileSystemCore:
         modification time when the file is uploaded); accepted and without
         effect otherwise, so `touch` and `cp -p` work."""
         self._writable()
-        sf = self.writeback.get(self._store_path(path))
-        if sf is not None:
-            with errno_for(f"utimens {path}"):
-                self.writeback.touch(sf, times_ns)
-        else:
-            self._entry(path)
+        with self._borrowed(self._store_path(path)) as sf:
+            if sf is not None:
+                with errno_for(f"utimens {path}"):
+                    self.writeback.touch(sf, times_ns)
+                return
+        self._entry(path)
 
     def chmod(self, path: str, mode: int) -> None:
         """Storage keeps no permissions: accepted (tools like `shutil.copy`

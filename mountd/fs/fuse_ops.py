@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 
 # libfuse 3 first: mfusepy would otherwise pick libfuse 2 when both exist,
 # which caps reads at 128 KiB.
@@ -34,6 +35,12 @@ RENAME_NOREPLACE = 1  # renameat2 flag (linux/fs.h)
 READDIR_PLUS = 1  # libfuse: the kernel asks for attributes with the names
 FILL_DIR_PLUS = 2  # libfuse: this entry carries them
 CAP_READDIRPLUS_AUTO = 1 << 14  # libfuse: let the kernel decide per call whether to ask
+# The name libfuse gives a file unlinked while open (lib/fuse.c, hidden_name):
+# it renames the file to it, and unlinks that name at the file's last close.
+# Storage must never see it: a rename to it is the unlink. (libfuse's
+# hard_remove would spare the rename, but then fstat, ftruncate and fchmod
+# of the open file fail: libfuse has no path left to give them.)
+LIBFUSE_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 
 
 class _Fuse(mfusepy.FUSE):
@@ -182,6 +189,9 @@ class FuseOperations(mfusepy.Operations):
     def rename(self, old, new, flags=0):
         if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: storage cannot swap atomically
             raise OSError(errno.EINVAL, "rename flags not supported")
+        if LIBFUSE_HIDDEN.fullmatch(os.path.basename(new)):
+            self.core.unlink(old, keep_as=new)
+            return 0
         self.core.rename(old, new, no_replace=bool(flags & RENAME_NOREPLACE))
         return 0
 

@@ -5,7 +5,11 @@ fsynced.
 A staged copy is made when a file is created or opened for writing (filled
 from storage first unless the open truncates), shared by every handle of the
 file on this mount, and read by them too, so the mount sees its own writes at
-once. Flushing a changed copy records a journal job (durable before the first
+once. A copy's descriptor stays open while anyone may use it: every handle
+holds it, and so does each path-based caller (stat, listing, utimens) for
+the moment it reads it (`borrow`); it is closed when the last of them lets
+go, never under a caller still using it (a closed descriptor's number is
+soon reused by another file). Flushing a changed copy records a journal job (durable before the first
 byte goes up), uploads the whole file (block upload for large ones), checks
 what landed and marks the job done. The copy is dropped once the last handle
 is closed and storage holds its bytes; if the upload failed the copy and the
@@ -19,7 +23,9 @@ import logging
 import os
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from mountd.errors import MountdError
 from mountd.fs.errors import FsError
@@ -38,7 +44,7 @@ def staging_dir(work_dir: str) -> str:
     return os.path.join(os.path.abspath(work_dir), "staged")
 
 
-def _at_or_below(path: str, top: str) -> bool:
+def at_or_below(path: str, top: str) -> bool:
     """`path` is `top` or inside it (store paths; "" is the root)."""
     return path == top or path.startswith(top + "/") if top else True
 
@@ -48,7 +54,9 @@ class StagedFile:
     path: str  # store path
     local: str  # the staged copy
     fd: int
-    opens: int = 0
+    opens: int = 0  # handles open on it
+    borrowed: int = 0  # path-based callers using it right now
+    closed: bool = False  # its descriptor is closed and its local file gone
     version: int = 0  # bumped by every change
     uploaded: int = -1  # the version storage holds (-1: none yet)
     unlinked: bool = False
@@ -96,23 +104,56 @@ class WriteBack:
 
     # -- staged copies -----------------------------------------------------------------
     def get(self, path: str) -> StagedFile | None:
+        """The staged copy of `path`, to ask whether there is one; a caller
+        that uses its descriptor borrows it instead."""
         with self._lock:
             return self._files.get(path)
 
-    def staged_under(self, directory: str) -> list[StagedFile]:
-        """Staged files directly in `directory` (store path)."""
+    @contextmanager
+    def borrow(self, path: str):
+        """The staged copy of `path` (or None), its descriptor open until the
+        block ends even if its last handle is released meanwhile."""
         with self._lock:
-            return [sf for p, sf in self._files.items() if p.rpartition("/")[0] == directory]
+            sf = self._files.get(path)
+            if sf is not None:
+                sf.borrowed += 1
+        try:
+            yield sf
+        finally:
+            if sf is not None:
+                with self._lock:
+                    sf.borrowed -= 1
+                    last = self._unused(sf)
+                if last:
+                    self._discard(sf)
+
+    def _unused(self, sf: StagedFile) -> bool:
+        """Under self._lock: whether `sf` is no longer named by a path nor
+        used by anyone, and so its copy goes now (true once only)."""
+        if sf.opens > 0 or sf.borrowed > 0 or sf.closed or self._files.get(sf.path) is sf:
+            return False
+        sf.closed = True
+        return True
+
+    def staged_under(self, directory: str) -> list[StagedFile]:
+        """Staged files directly in `directory` (store path); not those
+        kept for their handles after an unlink."""
+        with self._lock:
+            return [sf for p, sf in self._files.items() if p.rpartition("/")[0] == directory and not sf.unlinked]
 
     def any_under(self, directory: str) -> bool:
-        """A staged copy inside `directory` (not `directory` itself)."""
+        """A staged copy inside `directory` (not `directory` itself), other
+        than those kept for their handles after an unlink."""
         with self._lock:
-            return any(p != directory and _at_or_below(p, directory) for p in self._files)
+            return any(p != directory and at_or_below(p, directory) and not sf.unlinked
+                       for p, sf in self._files.items())
 
-    def open(self, path: str, entry: Entry | None, truncate: bool) -> StagedFile:
+    def open(self, path: str, lookup: Callable[[], Entry | None], truncate: bool) -> StagedFile:
         """The staged copy of `path`, made if needed: empty for a new file or
-        a truncating open, else filled with `entry`'s bytes from storage.
-        Counts one more open handle."""
+        a truncating open, else filled with the bytes of the entry `lookup()`
+        gives from storage (asked only if there is no copy: one found is
+        taken in the same step, so that its last handle cannot drop it in
+        between). Counts one more open handle."""
         with self._lock:
             sf = self._files.get(path)
             if sf is not None:
@@ -121,6 +162,7 @@ class WriteBack:
             if truncate and sf.size():
                 self.truncate(sf, 0)
             return sf
+        entry = lookup()
         local = os.path.join(self.staging, uuid.uuid4().hex)
         fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fresh = StagedFile(path, local, fd, opens=1, in_storage=entry is not None)
@@ -217,11 +259,11 @@ class WriteBack:
         """One handle fewer; the last one drops a copy storage holds."""
         with self._lock:
             sf.opens -= 1
-            if sf.opens > 0 or sf.dirty:
-                return
-            if self._files.get(sf.path) is sf:
+            if sf.opens == 0 and not sf.dirty and self._files.get(sf.path) is sf:
                 del self._files[sf.path]
-        self._discard(sf)
+            last = self._unused(sf)
+        if last:
+            self._discard(sf)
 
     def _discard(self, sf: StagedFile) -> None:
         os.close(sf.fd)
@@ -233,29 +275,37 @@ class WriteBack:
     def under(self, path: str) -> list[StagedFile]:
         """The staged copies of `path` and of everything below it."""
         with self._lock:
-            return [sf for p, sf in self._files.items() if _at_or_below(p, path)]
+            return [sf for p, sf in self._files.items() if at_or_below(p, path)]
 
     def rename(self, old: str, new: str) -> None:
         """Re-key staged copies after storage renamed `old` (a file or a
         directory) to `new`. The caller flushed them first, so no journal
         job names the old path."""
         with self._lock:
-            moves = [(p, sf) for p, sf in self._files.items() if _at_or_below(p, old)]
+            moves = [(p, sf) for p, sf in self._files.items() if at_or_below(p, old)]
             for p, sf in moves:
                 del self._files[p]
                 sf.path = new + p[len(old):]
                 self._files[sf.path] = sf
 
-    def unlink(self, path: str) -> bool:
-        """Forget the staged copy of a deleted file (open handles keep
-        reading it); True if there was one and storage never held the path."""
+    def unlink(self, path: str, keep_as: str | None = None) -> bool:
+        """Forget the staged copy of a deleted file: never uploaded from now
+        on, and its open handles keep reading and writing it. `keep_as` names
+        it for them meanwhile (a name of the mount's own, never stored nor
+        listed). True if there was a copy and storage never held the path."""
         with self._lock:
             sf = self._files.pop(path, None)
-        if sf is None:
-            return False
-        with sf.lock:
+            if sf is None:
+                return False
             sf.unlinked = True
-        if sf.opens <= 0:
+            if keep_as is not None and sf.opens > 0:
+                sf.path = keep_as
+                self._files[keep_as] = sf
+            last = self._unused(sf)
+        if sf.job is not None:  # a failed upload's job: the file is deleted, nothing is to be uploaded
+            sf.job.finish(keep_local=True)
+            sf.job = None
+        if last:
             self._discard(sf)
         return not sf.in_storage
 
@@ -274,7 +324,9 @@ class WriteBack:
             with self._lock:
                 if self._files.get(sf.path) is sf:
                     del self._files[sf.path]
-            self._discard(sf)
+                last = self._unused(sf)
+            if last:
+                self._discard(sf)
         if not self._lock_file.closed:
             self._lock_file.close()
         return left

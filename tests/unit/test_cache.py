@@ -105,6 +105,56 @@ def test_zero_negative_ttl_disables_negative_caching(store, tmp_path):
     assert meta.stat("dir/c.txt").size == 1
 
 
+def test_a_change_made_while_a_listing_runs_is_not_undone_by_it(store, tmp_path):
+    """A file written here (remember) or deleted here (forget) while a
+    listing of its directory was under way: the listing's older view is not
+    cached over it (the file missing from the listing, or its old size, or a
+    deleted file present, for a whole TTL)."""
+    root = tmp_path / "root" / "dir"
+
+    class Paged(LocalStore):
+        def list_dir(self, path):
+            yield from list(super().list_dir(path))  # one page, as a remote store answers: read before it is used
+    store = Paged(str(tmp_path / "root"))
+    meta = MetadataCache(store, ttl=60, negative_ttl=60)
+    listing = meta.list_dir("dir")
+    first = next(listing)  # the listing is under way
+    (root / "new.txt").write_bytes(b"new file")
+    meta.remember(store.stat("dir/new.txt"))  # as an upload through the mount does
+    (root / "a.txt").write_bytes(b"rewritten a")
+    meta.remember(store.stat("dir/a.txt"))
+    (root / "b.txt").unlink()
+    meta.forget("dir/b.txt")
+    rest = list(listing)
+    assert {e.name for e in [first, *rest]} <= {"a.txt", "b.txt", "new.txt"}
+    assert [e.size for e in [first, *rest] if e.name == "a.txt"] == [11]  # not the page's older size
+    assert sorted(e.name for e in meta.list_dir("dir")) == ["a.txt", "new.txt"]
+    assert meta.stat("dir/new.txt").size == 8
+    assert meta.stat("dir/a.txt").size == 11
+    with pytest.raises(NotFound):
+        meta.stat("dir/b.txt")
+
+
+def test_a_stat_under_way_when_the_file_changes_here_is_not_cached_over_the_change(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f.txt").write_bytes(b"old")
+    changed = []
+
+    class SlowStat(LocalStore):
+        def stat(self, path):
+            entry = super().stat(path)
+            if not changed:  # the answer is on its way when the mount writes the file
+                (root / "f.txt").write_bytes(b"newer bytes")
+                meta.remember(super().stat(path))
+                changed.append(path)
+            return entry
+    meta = MetadataCache(SlowStat(str(root)), ttl=60, negative_ttl=60)
+    meta.list_parents = False
+    meta.stat("f.txt")
+    assert meta.stat("f.txt").size == 11
+
+
 # -- block cache -----------------------------------------------------------------------
 
 def test_concurrent_gets_fetch_once():

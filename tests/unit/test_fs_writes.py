@@ -138,3 +138,46 @@ def test_write_errors_reach_the_writer_with_their_errno(world, monkeypatch):
 
 def test_fserror_is_an_oserror_with_its_errno():
     assert isinstance(FsError(errno.EIO), OSError) and FsError(errno.EIO).errno == errno.EIO
+
+
+def test_a_borrowed_copy_outlives_its_last_handle(world):
+    """A stat or listing that looked the copy up keeps its descriptor open
+    while it reads it, even if the last handle is released meanwhile; the
+    copy goes when the borrower lets go."""
+    core, _, work = world
+    fh = core.create("/dir/b.bin", os.O_WRONLY | os.O_CREAT)
+    core.write(fh, b"12345", 0)
+    core.flush(fh)
+    with core.writeback.borrow("dir/b.bin") as sf:
+        core.release(fh)  # the last handle, while a stat is using the copy
+        assert os.fstat(sf.fd).st_size == 5
+        assert core.writeback.get("dir/b.bin") is None  # no longer found by path
+    assert sf.closed
+    assert errno_of(lambda: os.fstat(sf.fd)) == errno.EBADF
+    assert os.listdir(work / "staged") == [".lock"]
+    assert core.getattr("/dir/b.bin")["st_size"] == 5  # storage's, as uploaded
+
+
+def test_an_open_file_unlinked_keeps_its_bytes_under_a_private_name(world):
+    core, root, work = world
+    reader = core.open("/dir/old.txt", os.O_RDONLY)[0]
+    writer = core.create("/dir/new.bin", os.O_WRONLY | os.O_CREAT)
+    core.write(writer, b"unfinished", 0)
+    core.unlink("/dir/old.txt", keep_as="/dir/.kept1")
+    core.unlink("/dir/new.bin", keep_as="/dir/.kept2")
+    assert not (root / "dir" / "old.txt").exists()
+    assert core.read(reader, 100, 0) == b"old content"  # a copy of the version it opened
+    assert core.getattr("/dir/.kept1")["st_size"] == 11
+    core.write(writer, b" more", 10)
+    core.truncate("/dir/.kept2", 12)
+    assert core.getattr("/dir/.kept2")["st_size"] == 12
+    assert [n for n, _ in core.readdir("/dir")] == []  # neither the names nor the private ones
+    core.flush(writer)  # nothing to upload: the file is gone
+    core.release(writer)
+    core.release(reader)
+    core.unlink("/dir/.kept1")  # the private names go without storage
+    core.unlink("/dir/.kept2")
+    core.rmdir("/dir")
+    assert os.listdir(root) == []
+    assert os.listdir(work / "staged") == [".lock"]
+    assert not list((work / "journal").glob("*.json"))
