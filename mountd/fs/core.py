@@ -73,12 +73,32 @@ class FileSystemCore:
         self._lock = threading.Lock()
         self._opened_etags: dict[str, str] = {}  # path -> etag at last open, for keep_cache
         self.started = time.time()
+        # asked once: a local store's answer costs a statvfs
+        self.name_limits = store.name_limits()
+        # directory (store path) -> when this mount last added, removed or
+        # renamed a name in it (ns): storage does not stamp a directory when a
+        # file is created (it reaches storage at close) and blob has no
+        # directory times at all, so its times come from here where later
+        self._dir_changed: dict[str, int] = {}
         self.bytes_served = 0
         self.read_errors = 0
 
     # -- paths and attributes --------------------------------------------------------
     def _store_path(self, path: str) -> str:
-        return join(self.prefix, path.strip("/"))
+        """The store's path for a mount path. Every call naming a path comes
+        through here, so a name the store could never hold is refused at
+        once (ENAMETOOLONG) instead of failing its upload at close."""
+        store_path = join(self.prefix, path.strip("/"))
+        if self.name_limits.too_long(store_path):
+            raise FsError(errno.ENAMETOOLONG)
+        return store_path
+
+    def _changed_dir_of(self, *store_paths: str) -> None:
+        """The parent directories of `store_paths` changed now: their mtime
+        and ctime say so (POSIX stamps a directory on create, delete, rename)."""
+        now = time.time_ns()
+        for p in store_paths:
+            self._dir_changed[p.rpartition("/")[0]] = now
 
     def _entry(self, path: str) -> Entry:
         with errno_for(f"stat {path}"):
@@ -91,6 +111,8 @@ class FileSystemCore:
         else:
             mode, nlink, size = stat.S_IFREG | (mode_bits & 0o666 if self.read_only else 0o644), 1, entry.size
         mtime_ns = int((entry.mtime or self.started) * 1e9)
+        if entry.is_dir:
+            mtime_ns = max(mtime_ns, self._dir_changed.get(entry.path, 0))
         return {"st_mode": mode, "st_nlink": nlink, "st_size": size, "st_uid": self.uid, "st_gid": self.gid,
                 "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
                 "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
@@ -190,6 +212,7 @@ class FileSystemCore:
                     if not create:
                         raise
                     self._parent_dir(path)
+                    self._changed_dir_of(store_path)
                 if entry is not None and entry.is_dir:
                     raise FsError(errno.EISDIR)
                 if entry is not None and create and flags & os.O_EXCL:
@@ -426,6 +449,7 @@ class FileSystemCore:
                     if entry is not None:
                         raise
         self.meta.forget(store_path)
+        self._changed_dir_of(store_path)
 
     def mkdir(self, path: str) -> None:
         self._writable()
@@ -436,6 +460,7 @@ class FileSystemCore:
             self._parent_dir(path)
             self.store.mkdir(store_path)
         self.meta.forget(store_path)
+        self._changed_dir_of(store_path)
 
     def _exists(self, path: str) -> bool:
         if self.writeback.get(self._store_path(path)):
@@ -460,6 +485,7 @@ class FileSystemCore:
                 raise FsError(errno.ENOTEMPTY)
             self.store.rmdir(store_path)
         self.meta.forget(store_path)
+        self._changed_dir_of(store_path)
 
     def rename(self, old: str, new: str, no_replace: bool = False) -> None:
         """A file, or a directory with everything in it. On storage with
@@ -505,6 +531,7 @@ class FileSystemCore:
             self.writeback.rename(src, dst)
         for p in (src, dst):
             self.meta.forget(p)
+        self._changed_dir_of(src, dst)
         if source.is_dir:
             self.meta.clear()  # cached entries below the old name are all wrong now
 
@@ -572,7 +599,8 @@ class FileSystemCore:
         block = 4096
         total = 1 << 50
         return {"f_bsize": block, "f_frsize": block, "f_blocks": total // block, "f_bfree": total // block,
-                "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_namemax": 1024}
+                "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32,
+                "f_namemax": self.name_limits.component}
 
     def close(self) -> None:
         left = self.close_writes()

@@ -35,6 +35,33 @@ class Entry:
         return posixpath.basename(self.path)
 
 
+@dataclass(frozen=True, slots=True)
+class NameLimits:
+    """The longest names a store accepts, counted as it counts them: a
+    local filesystem in UTF-8 bytes, Azure in characters. `path` is the whole
+    path from the store's root; `segments`, where set, caps its components."""
+
+    component: int
+    path: int
+    segments: int | None = None
+    in_bytes: bool = False
+
+    def too_long(self, path: str) -> bool:
+        """`path` (a store path) is one the store would refuse for its length."""
+        size = (lambda s: len(s.encode("utf-8", "surrogateescape"))) if self.in_bytes else len
+        if size(path) > self.path:
+            return True
+        parts = path.split("/")
+        if self.segments is not None and len(parts) > self.segments:
+            return True
+        return any(size(part) > self.component for part in parts)
+
+
+# POSIX's NAME_MAX and PATH_MAX less its terminating NUL: what a store that
+# says nothing else is held to.
+DEFAULT_NAME_LIMITS = NameLimits(component=255, path=4095, in_bytes=True)
+
+
 def normalize_path(path: str | None) -> str:
     """Canonical relative form of a datastore path: no leading/trailing '/',
     no empty, '.' or '..' components ('..' is refused, never resolved)."""
@@ -137,6 +164,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
         """Move a file to a new path, replacing what is there."""
+
+    def name_limits(self) -> NameLimits:
+        """The longest names this store accepts (see NameLimits): a mount
+        refuses longer ones when they are created (ENAMETOOLONG), rather
+        than when their upload fails."""
+        return DEFAULT_NAME_LIMITS
 
     def check(self) -> None:
         """Raise Unreachable/ConfigError if the store cannot be used at all

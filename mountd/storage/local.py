@@ -14,7 +14,7 @@ import tempfile
 from typing import Iterator
 
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError
-from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
+from mountd.storage.base import Entry, NameLimits, ObjectStore, ProgressCallback, normalize_path
 
 
 def _etag(st: os.stat_result) -> str:
@@ -46,6 +46,19 @@ class LocalStore(ObjectStore):
         if e.errno == errno.EEXIST:
             return AlreadyExists(f"{path} already exists in {self.description}")
         return StorageError(f"{path or '/'} in {self.description}: {e.strerror}")
+
+    def name_limits(self) -> NameLimits:
+        """The filesystem under the root: its own longest name (255 bytes on
+        ext4, statvfs's f_namemax) and PATH_MAX for the whole path, of which
+        the root's own path and the '/' after it take their share."""
+        try:
+            component = os.statvfs(self.root).f_namemax
+            path_max = os.pathconf(self.root, "PC_PATH_MAX")
+        except OSError:
+            return super().name_limits()
+        # PATH_MAX counts the terminating NUL
+        return NameLimits(component=component, in_bytes=True,
+                          path=path_max - 1 - len(os.fsencode(self.root)) - 1)
 
     def check(self) -> None:
         if not os.path.isdir(self.root):
