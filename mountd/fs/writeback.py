@@ -255,6 +255,9 @@ class WriteBack:
             return False
         with sf.lock:
             sf.unlinked = True
+            job, sf.job = sf.job, None
+        if job is not None:  # a failed upload of a file now deleted: nothing is left to upload
+            job.finish(keep_local=True)
         if sf.opens <= 0:
             self._discard(sf)
         return not sf.in_storage

@@ -124,7 +124,7 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
               "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
               "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint),
-              "owner": spec.get("owner"), "started": time.time()}
+              "owner": spec.get("owner"), "started": time.time(), "work_dir": spec.get("work_dir")}
     server = None
 
     def ready():

@@ -135,6 +135,8 @@ class LocalStore(ObjectStore):
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".mountd-", dir=os.path.dirname(full))
+        except FileExistsError:  # a parent is a file: not "the target exists"
+            raise StorageError(f"{path}: a parent directory is a file in {self.description}") from None
         except OSError as e:
             raise self._oserror(e, path) from None
         try:

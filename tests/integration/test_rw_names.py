@@ -107,3 +107,51 @@ def test_inode_numbers_survive_a_rename(storage, rw_mount):
     os.rename(mp / "d", mp / "e")
     assert os.stat(mp / "e").st_ino == dir_ino
     assert os.stat(mp / "e" / "g").st_ino == ino
+
+
+# Uploads fail here because a local datastore's directory is replaced by a
+# file behind the mount; what the journal, unmount and resume do with the
+# failure is the same on every backend.
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+def test_unmount_names_the_files_it_could_not_upload_and_exits_3(storage, rw_mount, mountd_cli, tmp_path):
+    work = tmp_path / "work"
+    mp = rw_mount(work_dir=work)
+    os.mkdir(mp / "d")
+    os.rmdir(storage.root / "d")  # behind the mount: a file where the directory was
+    (storage.root / "d").write_bytes(b"in the way")
+    f = open(mp / "d" / "out.txt", "wb")  # the mount still knows d as a directory
+    f.write(b"data")
+    with pytest.raises(OSError) as e:
+        f.close()
+    assert e.value.errno == errno.EIO
+    r = mountd_cli("unmount", mp)
+    assert r.code == 3, r
+    assert "not uploaded: d/out.txt" in r.out
+    assert r.err.startswith("mountd: error: 1 file(s) written through the mount could not be uploaded")
+
+
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+def test_a_job_whose_local_file_is_gone_is_dropped_with_one_warning(storage, rw_mount, mountd_cli, tmp_path):
+    work = tmp_path / "work"
+    mp = rw_mount(work_dir=work)
+    os.mkdir(mp / "d")
+    os.rmdir(storage.root / "d")
+    (storage.root / "d").write_bytes(b"in the way")
+    for name in ("kept.txt", "deleted.txt"):
+        f = open(mp / "d" / name, "wb")
+        f.write(b"data")
+        with pytest.raises(OSError):
+            f.close()
+    os.unlink(mp / "d" / "deleted.txt")  # deleted through the mount: nothing is left to upload
+    assert mountd_cli("unmount", mp).code == 3
+    jobs = [json.loads(p.read_text()) for p in (work / "journal").glob("*.json")]
+    assert [job["files"][0][1] for job in jobs] == ["d/kept.txt"]
+    os.unlink(jobs[0]["files"][0][0])  # the staged copy is lost (a wiped disk)
+    r = mountd_cli("resume", "--work-dir", work, "--no-progress")
+    assert r.code == 0, r
+    (warning,) = [line for line in r.err.splitlines() if "local copy is gone" in line]
+    assert "d/kept.txt" in warning
+    assert "1 dropped" in r.out
+    assert not list((work / "journal").glob("*.json"))
+    r = mountd_cli("resume", "--work-dir", work, "--no-progress")
+    assert r.code == 0 and "no pending uploads" in r.out, r
