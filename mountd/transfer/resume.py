@@ -25,7 +25,9 @@ class ResumeReport:
     finished: int = 0  # jobs now complete in storage
     files: int = 0  # files uploaded or confirmed now
     bytes: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (local file or job, reason)
+    # (local file or job, reason); a dropped file is a failure too, of the
+    # resume that drops it only (its data never reaches storage)
+    failed: list[tuple[str, str]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # remote paths given up: their local file is gone
 
     def summary(self) -> str:
@@ -35,8 +37,8 @@ class ResumeReport:
                 f"{self.files} file(s) ({human_size(self.bytes)}) uploaded")
         if self.dropped:
             line += f"; {len(self.dropped)} dropped (local file gone)"
-        if self.failed:
-            line += f"; {len(self.failed)} failed (local files kept)"
+        if len(self.failed) > len(self.dropped):
+            line += f"; {len(self.failed) - len(self.dropped)} failed (local files kept)"
         return line
 
 
@@ -86,6 +88,7 @@ def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False
             for _, remote in missing:
                 job.drop(remote)
             report.dropped.extend(remote for _, remote in missing)
+            report.failed.extend((local, "local file is gone; dropped, nothing can upload it") for local, _ in missing)
             log.warning("%s: dropped %d file(s) whose local copy is gone, so they cannot be uploaded: %s",
                         job.label, len(missing), ", ".join(f"{remote} ({local})" for local, remote in missing))
             todo = [pair for pair in todo if pair not in missing]

@@ -80,7 +80,8 @@ def test_missing_local_file_is_dropped_and_the_rest_uploaded(tmp_path, local_sto
     journal.add(datastore_record(cfg), files)
     os.unlink(files[1][0])
     report = resume(str(tmp_path / "work"))
-    assert report.finished == 1 and not report.failed and report.dropped == [files[1][1]]
+    assert report.finished == 1 and report.dropped == [files[1][1]]
+    assert [f for f, _ in report.failed] == [files[1][0]]  # this resume fails: an output is lost
     assert "1 dropped (local file gone)" in report.summary()
     assert not journal.pending()
     assert (root / files[0][1]).exists() and (root / files[2][1]).exists()
