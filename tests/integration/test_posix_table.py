@@ -8,6 +8,7 @@ fails the suite the day it starts passing, and any other failure fails it.
 (The real pjdfstest is run by hand: README, "what is tested".)"""
 
 import errno
+import importlib
 import os
 import subprocess
 import sys
@@ -18,13 +19,16 @@ import pytest
 import yaml
 
 from tests.conftest import KEY, KEY_ENV
-from tests.support.azurite import blob_workspace_entry
-from tests.support.remotes import share_workspace_entry
+from tests.support.azurite import SDK_API_VERSION
+from tests.support.remotes import BlobRemote, ShareRemote
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
 NAME_MAX = {"blob": 1024, "file": 255}  # local: the filesystem's own (statvfs)
 BACKENDS = ["blob", "file", "local"]
+# kind: (its server's fixture, the SDK module and client of a container or share, the test's view of it)
+REMOTES = {"blob": ("azurite", "azure.storage.blob", "ContainerClient", BlobRemote),
+           "file": ("fileshare", "azure.storage.fileshare", "ShareClient", ShareRemote)}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -34,22 +38,14 @@ def backend(request, tmp_path_factory, fuse_available):
     kind = request.param
     base = tmp_path_factory.mktemp(f"posix-{kind}")
     cleanup = None
-    if kind == "blob":
-        from azure.storage.blob import BlobServiceClient
-        azurite = request.getfixturevalue("azurite")
-        service = BlobServiceClient.from_connection_string(azurite.connection_string)
-        name = f"p{uuid.uuid4().hex[:16]}"
-        service.create_container(name)
-        entry = blob_workspace_entry(azurite, name, KEY_ENV)
-        cleanup = lambda: service.delete_container(name)  # noqa: E731
-    elif kind == "file":
-        from azure.storage.fileshare import ShareServiceClient
-        emulator = request.getfixturevalue("fileshare")
-        service = ShareServiceClient.from_connection_string(emulator.connection_string)
-        name = f"p{uuid.uuid4().hex[:16]}"
-        service.create_share(name)
-        entry = share_workspace_entry(emulator, name, KEY_ENV)
-        cleanup = lambda: service.delete_share(name)  # noqa: E731
+    if kind in REMOTES:
+        server, module, client_class, remote_class = REMOTES[kind]
+        emulator = request.getfixturevalue(server)
+        client = getattr(importlib.import_module(module), client_class).from_connection_string(
+            emulator.connection_string, f"p{uuid.uuid4().hex[:16]}", api_version=SDK_API_VERSION)
+        remote = remote_class(emulator, client)
+        remote.create()
+        entry, cleanup = remote.entry(KEY_ENV), remote.delete
     else:
         (base / "root").mkdir()
         entry = {"type": "local", "root": str(base / "root")}
