@@ -48,13 +48,14 @@ class NameLimits:
 
     def too_long(self, path: str) -> bool:
         """`path` (a store path) is one the store would refuse for its length."""
+        if self.segments is not None and path.count("/") >= self.segments:
+            return True
+        if len(path) * (4 if self.in_bytes else 1) <= min(self.component, self.path):
+            return False  # the common case, on every lookup: short whatever its characters
         size = (lambda s: len(s.encode("utf-8", "surrogateescape"))) if self.in_bytes else len
         if size(path) > self.path:
             return True
-        parts = path.split("/")
-        if self.segments is not None and len(parts) > self.segments:
-            return True
-        return any(size(part) > self.component for part in parts)
+        return any(size(part) > self.component for part in path.split("/"))
 
 
 # POSIX's NAME_MAX and PATH_MAX less its terminating NUL: what a store that
