@@ -76,9 +76,9 @@ class FileSystemCore:
         # asked once: a local store's answer costs a statvfs
         self.name_limits = store.name_limits()
         # directory (store path) -> when this mount last added, removed or
-        # renamed a name in it (ns): storage does not stamp a directory when a
-        # file is created (it reaches storage at close) and blob has no
-        # directory times at all, so its times come from here where later
+        # renamed a name in it (ns). Storage cannot say: a created file
+        # reaches it only at close, and blob has no directory times at all.
+        # A directory shows the later of this and storage's time.
         self._dir_changed: dict[str, int] = {}
         self.bytes_served = 0
         self.read_errors = 0
