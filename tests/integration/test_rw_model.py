@@ -184,7 +184,7 @@ def test_mount_behaves_like_a_local_directory(rw_world):
 # against an in-memory model; after unmount storage must hold the model's
 # bytes. A CI run is short; MOUNTD_FSX_OPS=100000 (and MOUNTD_FSX_SEED to
 # replay one) for a long run by hand.
-FSX_OPS = int(os.environ.get("MOUNTD_FSX_OPS", "3000"))
+FSX_OPS = int(os.environ.get("MOUNTD_FSX_OPS", "2000"))
 FSX_MAX_SIZE = int(os.environ.get("MOUNTD_FSX_MAX_SIZE", str(256 * 1024)))
 
 
