@@ -107,7 +107,9 @@ class FileSystemCore:
     def attributes(self, entry: Entry) -> dict:
         mode_bits = 0o555 if self.read_only else 0o755
         if entry.is_dir:
-            mode, nlink, size = stat.S_IFDIR | mode_bits, 2, 4096
+            # 2 + subdirectories where storage counts them (local); else 2:
+            # counting would cost a listing of every directory stat'ed
+            mode, nlink, size = stat.S_IFDIR | mode_bits, entry.links or 2, 4096
         else:
             mode, nlink, size = stat.S_IFREG | (mode_bits & 0o666 if self.read_only else 0o644), 1, entry.size
         mtime_ns = int((entry.mtime or self.started) * 1e9)
@@ -461,6 +463,7 @@ class FileSystemCore:
             self.store.mkdir(store_path)
         self.meta.forget(store_path)
         self._changed_dir_of(store_path)
+        self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def _exists(self, path: str) -> bool:
         if self.writeback.get(self._store_path(path)):
@@ -486,6 +489,7 @@ class FileSystemCore:
             self.store.rmdir(store_path)
         self.meta.forget(store_path)
         self._changed_dir_of(store_path)
+        self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def rename(self, old: str, new: str, no_replace: bool = False) -> None:
         """A file, or a directory with everything in it. On storage with

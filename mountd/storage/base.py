@@ -29,6 +29,7 @@ class Entry:
     mtime: float = 0.0  # seconds since the epoch
     etag: str | None = None
     md5: bytes | None = None  # content MD5 where storage keeps one
+    links: int = 0  # a directory's link count where storage keeps one (a local filesystem), else 0
 
     @property
     def name(self) -> str:

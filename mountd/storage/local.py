@@ -24,7 +24,7 @@ def _etag(st: os.stat_result) -> str:
 def _entry(path: str, st: os.stat_result) -> Entry:
     is_dir = statmod.S_ISDIR(st.st_mode)
     return Entry(path=path, is_dir=is_dir, size=0 if is_dir else st.st_size,
-                 mtime=st.st_mtime, etag=None if is_dir else _etag(st))
+                 mtime=st.st_mtime, etag=None if is_dir else _etag(st), links=st.st_nlink if is_dir else 0)
 
 
 class LocalStore(ObjectStore):

@@ -218,6 +218,15 @@ def mkdir_makes_empty_dir_and_stamps_parent(d, kind):
     assert os.listdir(d / "s") == [] and st.st_nlink == 2
 
 
+def directory_links_count_subdirectories(d, kind):
+    os.makedirs(d / "s" / "a")
+    os.mkdir(d / "s" / "b")
+    write(d / "s" / "f")
+    assert os.stat(d / "s").st_nlink == 4  # 2 + a and b
+    os.rmdir(d / "s" / "a")
+    assert os.stat(d / "s").st_nlink == 3
+
+
 def rmdir_errors(d, kind):
     fails("ENOENT", os.rmdir, d / "none")
     write(d / "f")
@@ -300,8 +309,8 @@ def rename_keeps_mtime_of_renamed_file(d, kind):
 CASES = [open_missing, open_excl_existing, open_through_a_file, open_directory_for_writing, open_name_too_long,
          open_creates_empty_file_and_stamps_parent, open_trunc_empties, truncate_errors, truncate_grows_and_shrinks,
          truncate_stamps_file, ftruncate_errors, unlink_errors, unlink_removes_and_stamps_parent, mkdir_errors,
-         mkdir_makes_empty_dir_and_stamps_parent, rmdir_errors, rmdir_removes_and_stamps_parent, rename_errors,
-         rename_file_replaces_target, rename_dir_replaces_empty_dir, rename_to_itself_changes_nothing,
+         mkdir_makes_empty_dir_and_stamps_parent, directory_links_count_subdirectories, rmdir_errors,
+         rmdir_removes_and_stamps_parent, rename_errors, rename_file_replaces_target, rename_dir_replaces_empty_dir, rename_to_itself_changes_nothing,
          rename_keeps_inode_and_stamps_both_parents, rename_stamps_ctime_of_renamed_file,
          rename_keeps_mtime_of_renamed_file]
 
@@ -315,6 +324,9 @@ DOCUMENTED = {
     # ...and Azure stamps anew (blob: a copy is a new object; Files: its rename)
     ("rename_keeps_mtime_of_renamed_file", "blob"): "a rename on blob is a copy, stamped when it is made",
     ("rename_keeps_mtime_of_renamed_file", "file"): "the File service stamps a renamed file",
+    # counting a directory's subdirectories would cost a listing per stat
+    ("directory_links_count_subdirectories", "blob"): "directories have 2 links",
+    ("directory_links_count_subdirectories", "file"): "directories have 2 links",
 }
 
 
