@@ -220,8 +220,13 @@ def mount(args) -> int:
 
 def unmount(args) -> int:
     from mountd.run import mounts
-    mounts.stop(args.mountpoint, lazy=args.lazy)
+    left = mounts.stop(args.mountpoint, lazy=args.lazy)
     print(f"unmounted {os.path.abspath(args.mountpoint)}")
+    if left:
+        for remote in left:
+            print(f"  not uploaded: {remote}")
+        raise TransferFailed(f"{len(left)} file(s) written through the mount could not be uploaded; their local "
+                             "copies are kept (run `mountd resume` once storage answers)")
     return EXIT_OK
 
 

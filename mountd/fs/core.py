@@ -84,12 +84,32 @@ class FileSystemCore:
         self._opened_etags: dict[str, str] = {}  # path -> etag at last open, for keep_cache
         self._kept: dict[str, bool] = {}  # names unlink(keep_as=) gave files still open (store paths)
         self.started = time.time()
+        # asked once: a local store's answer costs a statvfs
+        self.name_limits = store.name_limits()
+        # directory (store path) -> when this mount last added, removed or
+        # renamed a name in it (ns). Storage cannot say: a created file
+        # reaches it only at close, and blob has no directory times at all.
+        # A directory shows the later of this and storage's time.
+        self._dir_changed: dict[str, int] = {}
         self.bytes_served = 0
         self.read_errors = 0
 
     # -- paths and attributes --------------------------------------------------------
     def _store_path(self, path: str) -> str:
-        return join(self.prefix, path.strip("/"))
+        """The store's path for a mount path. Every call naming a path comes
+        through here, so a name the store could never hold is refused at
+        once (ENAMETOOLONG) instead of failing its upload at close."""
+        store_path = join(self.prefix, path.strip("/"))
+        if self.name_limits.too_long(store_path):
+            raise FsError(errno.ENAMETOOLONG)
+        return store_path
+
+    def _changed_dir_of(self, *store_paths: str) -> None:
+        """The parent directories of `store_paths` changed now: their mtime
+        and ctime say so (POSIX stamps a directory on create, delete, rename)."""
+        now = time.time_ns()
+        for p in store_paths:
+            self._dir_changed[p.rpartition("/")[0]] = now
 
     def _entry(self, path: str) -> Entry:
         with errno_for(f"stat {path}"):
@@ -98,10 +118,14 @@ class FileSystemCore:
     def attributes(self, entry: Entry) -> dict:
         mode_bits = 0o555 if self.read_only else 0o755
         if entry.is_dir:
-            mode, nlink, size = stat.S_IFDIR | mode_bits, 2, 4096
+            # 2 + subdirectories where storage counts them (local); else 2:
+            # counting would cost a listing of every directory stat'ed
+            mode, nlink, size = stat.S_IFDIR | mode_bits, entry.links or 2, 4096
         else:
             mode, nlink, size = stat.S_IFREG | (mode_bits & 0o666 if self.read_only else 0o644), 1, entry.size
         mtime_ns = int((entry.mtime or self.started) * 1e9)
+        if entry.is_dir:
+            mtime_ns = max(mtime_ns, self._dir_changed.get(entry.path, 0))
         return {"st_mode": mode, "st_nlink": nlink, "st_size": size, "st_uid": self.uid, "st_gid": self.gid,
                 "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
                 "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
@@ -233,6 +257,7 @@ class FileSystemCore:
                 if not create:
                     raise
                 self._parent_dir(path)
+                self._changed_dir_of(store_path)
                 return None
             if entry.is_dir:
                 raise FsError(errno.EISDIR)
@@ -501,6 +526,7 @@ class FileSystemCore:
                     if entry is not None:
                         raise
         self.meta.forget(store_path)
+        self._changed_dir_of(store_path)
 
     def _keep_open_readers(self, store_path: str) -> None:
         """Before the file at `store_path` leaves storage (unlink, or a
@@ -565,6 +591,8 @@ class FileSystemCore:
             self._parent_dir(path)
             self.store.mkdir(store_path)
         self.meta.forget(store_path)
+        self._changed_dir_of(store_path)
+        self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def _exists(self, path: str) -> bool:
         if self.writeback.get(self._store_path(path)):
@@ -589,6 +617,8 @@ class FileSystemCore:
                 raise FsError(errno.ENOTEMPTY)
             self.store.rmdir(store_path)
         self.meta.forget(store_path)
+        self._changed_dir_of(store_path)
+        self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def rename(self, old: str, new: str, no_replace: bool = False) -> None:
         """A file, or a directory with everything in it. On storage with
@@ -638,6 +668,7 @@ class FileSystemCore:
             follow()
         for p in (src, dst):
             self.meta.forget(p)
+        self._changed_dir_of(src, dst)
         if source.is_dir:
             self.meta.clear()  # cached entries below the old name are all wrong now
 
@@ -705,7 +736,8 @@ class FileSystemCore:
         block = 4096
         total = 1 << 50
         return {"f_bsize": block, "f_frsize": block, "f_blocks": total // block, "f_bfree": total // block,
-                "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_namemax": 1024}
+                "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32,
+                "f_namemax": self.name_limits.component}
 
     def close(self) -> None:
         left = self.close_writes()

@@ -302,9 +302,9 @@ class WriteBack:
                 sf.path = keep_as
                 self._files[keep_as] = sf
             last = self._unused(sf)
-        if sf.job is not None:  # a failed upload's job: the file is deleted, nothing is to be uploaded
-            sf.job.finish(keep_local=True)
-            sf.job = None
+            job, sf.job = sf.job, None
+        if job is not None:  # a failed upload of a file now deleted: nothing is left to upload
+            job.finish(keep_local=True)
         if last:
             self._discard(sf)
         return not sf.in_storage

@@ -230,9 +230,14 @@ def start_mounts(state: RunState, refs: list[DataReference], log_level: str, deb
 
 
 def stop_mounts(state: RunState) -> None:
+    """Unmount every mount; files a read-write mount could not upload are
+    failures of the run (their journal jobs stay for `mountd resume`)."""
     for worker in reversed(state.workers):
         try:
-            mounts.stop(worker.mountpoint, worker=worker)
+            left = mounts.stop(worker.mountpoint, worker=worker)
+            if left:
+                state.failures.append(f"mount {worker.mountpoint}: {len(left)} written file(s) not uploaded "
+                                      f"({', '.join(left)}); `mountd resume` uploads them")
         except MountdError as e:
             log.warning("%s; detaching it lazily", e)
             try:

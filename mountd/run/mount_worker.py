@@ -131,7 +131,7 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "datastore": cfg.name, "path": prefix,
               "mode": "ro" if spec.get("read_only", True) else "rw", "location": cfg.location,
               "cache_dir": cache_dir.path if cache_dir else None, "log": runtime.log_path(mountpoint),
-              "owner": spec.get("owner"), "started": time.time(),
+              "owner": spec.get("owner"), "started": time.time(), "work_dir": spec.get("work_dir"),
               "pid_start": runtime.process_start(os.getpid())}  # tells this worker from a later user of its pid
     server = None
 

@@ -192,10 +192,13 @@ def _read_line(fd: int, timeout: float, proc: subprocess.Popen) -> str:
     return data.decode(errors="replace").strip()
 
 
-def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, worker: Worker | None = None) -> None:
-    """Detach the mount and wait for its worker to exit."""
+def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, worker: Worker | None = None) -> list[str]:
+    """Detach the mount and wait for its worker to exit. Returns the files
+    written through a read-write mount that its worker could not upload
+    (their journal jobs stay in its work dir)."""
     path = os.path.abspath(mountpoint)
     record = runtime.read_record(path)
+    work_dir = (worker.spec or {}).get("work_dir") if worker else (record or {}).get("work_dir")
     pid = worker.pid if worker else (record or {}).get("pid")
     if not is_mounted(path):
         if record is None and worker is None:
@@ -221,6 +224,15 @@ def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, wor
     _wait_exit(pid, worker, min(timeout, 1.0) if lazy else timeout, lazy, (record or {}).get("pid_start"))
     if pid is None or not runtime.pid_alive(pid):
         runtime.remove_record(path)
+        return not_uploaded(work_dir) if work_dir else []
+    return []  # still serving open files (lazy): it uploads them as they close
+
+
+def not_uploaded(work_dir: str) -> list[str]:
+    """Storage paths a read-write mount of `work_dir` wrote and could not
+    upload: the remaining files of its journal's staged jobs."""
+    from mountd.transfer.journal import Journal
+    return [remote for job in Journal(work_dir).pending() if job.staged for _, remote in job.remaining()]
 
 
 def _wait_exit(pid: int | None, worker: Worker | None, timeout: float, lazy: bool,

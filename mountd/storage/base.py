@@ -29,10 +29,39 @@ class Entry:
     mtime: float = 0.0  # seconds since the epoch
     etag: str | None = None
     md5: bytes | None = None  # content MD5 where storage keeps one
+    links: int = 0  # a directory's link count where storage keeps one (a local filesystem), else 0
 
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class NameLimits:
+    """The longest names a store accepts, counted as it counts them: a
+    local filesystem in UTF-8 bytes, Azure in characters. `path` is the whole
+    path from the store's root; `segments`, where set, caps its components."""
+
+    component: int
+    path: int
+    segments: int | None = None
+    in_bytes: bool = False
+
+    def too_long(self, path: str) -> bool:
+        """`path` (a store path) is one the store would refuse for its length."""
+        if self.segments is not None and path.count("/") >= self.segments:
+            return True
+        if len(path) * (4 if self.in_bytes else 1) <= min(self.component, self.path):
+            return False  # the common case, on every lookup: short whatever its characters
+        size = (lambda s: len(s.encode("utf-8", "surrogateescape"))) if self.in_bytes else len
+        if size(path) > self.path:
+            return True
+        return any(size(part) > self.component for part in path.split("/"))
+
+
+# POSIX's NAME_MAX and PATH_MAX less its terminating NUL: what a store that
+# says nothing else is held to.
+DEFAULT_NAME_LIMITS = NameLimits(component=255, path=4095, in_bytes=True)
 
 
 def normalize_path(path: str | None) -> str:
@@ -137,6 +166,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
         """Move a file to a new path, replacing what is there."""
+
+    def name_limits(self) -> NameLimits:
+        """The longest names this store accepts (see NameLimits): a mount
+        refuses longer ones when they are created (ENAMETOOLONG), rather
+        than when their upload fails."""
+        return DEFAULT_NAME_LIMITS
 
     def check(self) -> None:
         """Raise Unreachable/ConfigError if the store cannot be used at all

@@ -23,7 +23,7 @@ from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, Unreachable
 from mountd.storage.azure_common import content_type, raise_for_status, upload_pieces
 from mountd.storage.azure_http import HttpError, RangeReader, Signer, raise_for_answer
 from mountd.storage.azure_store import AzureStore
-from mountd.storage.base import Entry, ProgressCallback, normalize_path
+from mountd.storage.base import Entry, NameLimits, ProgressCallback, normalize_path
 from mountd.storage.retry import policy
 
 MARKER_KEY = "hdi_isfolder"
@@ -84,6 +84,11 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else value
 
 
+# Azure's "Naming and Referencing Containers, Blobs, and Metadata": a blob
+# name is 1 to 1 024 characters, in at most 254 path segments.
+BLOB_NAME_LIMITS = NameLimits(component=1024, path=1024, segments=254)
+
+
 class BlobStore(AzureStore):
     virtual_directories = True
 
@@ -96,6 +101,9 @@ class BlobStore(AzureStore):
                          f"blob container {cfg.container_name!r} at {self.account_url}", UPLOAD_CONCURRENCY,
                          "blob-upload")
         self.container_name = cfg.container_name
+
+    def name_limits(self) -> NameLimits:
+        return BLOB_NAME_LIMITS
 
     def _make_service(self):
         from azure.storage.blob import BlobServiceClient

@@ -7,7 +7,8 @@ written (4 MiB at most per Put Range), and names are case-insensitive but
 case-preserving.
 
 Writes. A file is created under a temporary name in its target directory
-(`.mountd-<hex>.partial`, hidden from listings), filled with ranges sent in
+(`.mountd-<hex>.partial`, hidden from listings; in the share's root where
+that name would make the path too long for the service), filled with ranges sent in
 parallel, given the whole file's MD5, then moved onto its target by the
 service's own rename, which replaces an existing file only when asked. So a
 reader never sees a half-written file, and `overwrite=False` is decided by
@@ -43,12 +44,15 @@ from mountd.errors import AlreadyExists, NotFound, StorageError, UsageError
 from mountd.storage.azure_common import content_type, upload_pieces
 from mountd.storage.azure_http import RangeReader, Signer, raise_for_answer
 from mountd.storage.azure_store import AzureStore
-from mountd.storage.base import Entry, ProgressCallback, join, normalize_path
+from mountd.storage.base import Entry, NameLimits, ProgressCallback, join, normalize_path
 
 RANGE_SIZE = 4 * 1024 * 1024  # the service's maximum for one Put Range
 UPLOAD_CONCURRENCY = 8  # ranges in flight per large file
 LIST_PAGE = 5000  # the service's maximum page
 WALK_CONCURRENCY = 8  # directories listed at once by walk
+# Azure's "Naming and Referencing Shares, Directories, Files, and Metadata":
+# a directory or file name is at most 255 characters, a whole path 2 048.
+SHARE_NAME_LIMITS = NameLimits(component=255, path=2048)
 TEMP_PREFIX, TEMP_SUFFIX = ".mountd-", ".partial"
 
 
@@ -110,6 +114,9 @@ class FileShareStore(AzureStore):
         super().__init__(cfg.share_name, reader, f"file share {cfg.share_name!r} at {self.account_url}",
                          UPLOAD_CONCURRENCY, "share-upload")
         self.share_name = cfg.share_name
+
+    def name_limits(self) -> NameLimits:
+        return SHARE_NAME_LIMITS
 
     def _make_service(self):
         from azure.storage.fileshare import ShareServiceClient
@@ -227,7 +234,13 @@ class FileShareStore(AzureStore):
                 raise AlreadyExists(f"{path} already exists in {self.description}")
             except NotFound:
                 pass
-        temp = self.share.get_file_client(join(posixpath.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"))
+        temp_name = f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        temp_path = join(posixpath.dirname(path), temp_name)
+        if SHARE_NAME_LIMITS.too_long(temp_path):
+            # a path near the service's limit with a short last name: the
+            # temporary name beside it would be refused, the share's root takes it
+            temp_path = temp_name
+        temp = self.share.get_file_client(temp_path)
         from azure.storage.fileshare import ContentSettings
         settings = ContentSettings(content_type=content_type(path))
         small = size <= RANGE_SIZE

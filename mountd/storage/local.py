@@ -14,7 +14,7 @@ import tempfile
 from typing import Iterator
 
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError
-from mountd.storage.base import Entry, ObjectStore, ProgressCallback, normalize_path
+from mountd.storage.base import Entry, NameLimits, ObjectStore, ProgressCallback, normalize_path
 
 
 def _etag(st: os.stat_result) -> str:
@@ -24,7 +24,7 @@ def _etag(st: os.stat_result) -> str:
 def _entry(path: str, st: os.stat_result) -> Entry:
     is_dir = statmod.S_ISDIR(st.st_mode)
     return Entry(path=path, is_dir=is_dir, size=0 if is_dir else st.st_size,
-                 mtime=st.st_mtime, etag=None if is_dir else _etag(st))
+                 mtime=st.st_mtime, etag=None if is_dir else _etag(st), links=st.st_nlink if is_dir else 0)
 
 
 class LocalStore(ObjectStore):
@@ -46,6 +46,19 @@ class LocalStore(ObjectStore):
         if e.errno == errno.EEXIST:
             return AlreadyExists(f"{path} already exists in {self.description}")
         return StorageError(f"{path or '/'} in {self.description}: {e.strerror}")
+
+    def name_limits(self) -> NameLimits:
+        """The filesystem under the root: its own longest name (255 bytes on
+        ext4, statvfs's f_namemax) and PATH_MAX for the whole path, of which
+        the root's own path and the '/' after it take their share."""
+        try:
+            component = os.statvfs(self.root).f_namemax
+            path_max = os.pathconf(self.root, "PC_PATH_MAX")
+        except OSError:
+            return super().name_limits()
+        # PATH_MAX counts the terminating NUL
+        return NameLimits(component=component, in_bytes=True,
+                          path=path_max - 1 - len(os.fsencode(self.root)) - 1)
 
     def check(self) -> None:
         if not os.path.isdir(self.root):
@@ -122,6 +135,8 @@ class LocalStore(ObjectStore):
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".mountd-", dir=os.path.dirname(full))
+        except FileExistsError:  # a parent is a file: not "the target exists"
+            raise StorageError(f"{path}: a parent directory is a file in {self.description}") from None
         except OSError as e:
             raise self._oserror(e, path) from None
         try:

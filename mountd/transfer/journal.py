@@ -7,6 +7,7 @@ read-write mount), under `<work dir>/journal/`:
     <id>.json   the job: datastore (never a secret), the (local, remote) files,
                 empty directories, overwrite; written once, fsynced
     <id>.done   remote paths storage has confirmed, a line each, appended
+                (and those dropped: their local file is gone, see `drop`)
 
 A crash loses at most the tail of `.done`; those files are checked again on
 resume (an object already holding the same bytes counts as done), never lost.
@@ -103,6 +104,11 @@ class Job:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+
+    def drop(self, remote: str) -> None:
+        """Give up `remote`: its local file is gone, so no retry can upload
+        it, and a job kept for it would fail every resume forever."""
+        self.confirm(remote)
 
     def remaining(self) -> list[tuple[str, str]]:
         done = self.confirmed()

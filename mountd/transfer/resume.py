@@ -25,15 +25,20 @@ class ResumeReport:
     finished: int = 0  # jobs now complete in storage
     files: int = 0  # files uploaded or confirmed now
     bytes: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (local file or job, reason)
+    # (local file or job, reason); a dropped file is a failure too, of the
+    # resume that drops it only (its data never reaches storage)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # remote paths given up: their local file is gone
 
     def summary(self) -> str:
         if not self.jobs:
             return "no pending uploads"
         line = (f"resumed {self.jobs} pending upload job(s): {self.finished} finished, "
                 f"{self.files} file(s) ({human_size(self.bytes)}) uploaded")
-        if self.failed:
-            line += f"; {len(self.failed)} failed (local files kept)"
+        if self.dropped:
+            line += f"; {len(self.dropped)} dropped (local file gone)"
+        if len(self.failed) > len(self.dropped):
+            line += f"; {len(self.failed) - len(self.dropped)} failed (local files kept)"
         return line
 
 
@@ -76,14 +81,21 @@ def resume(work_dir: str, run_id: str | None = None, show_progress: bool = False
             continue
         report.jobs += 1
         todo = job.remaining()
-        missing = [local for local, _ in todo if not os.path.isfile(local)]
+        missing = [(local, remote) for local, remote in todo if not os.path.isfile(local)]
         if missing:
-            for local in missing:
-                report.failed.append((local, "local file is gone; cannot upload it"))
-            log.error("%s: %d file(s) to upload no longer exist locally, first %s; the job stays in %s",
-                      job.label, len(missing), missing[0], job.path)
-            gone = set(missing)
-            todo = [(local, remote) for local, remote in todo if local not in gone]
+            # Nothing can upload these any more: dropped, or every resume to
+            # come would fail on them.
+            for _, remote in missing:
+                job.drop(remote)
+            report.dropped.extend(remote for _, remote in missing)
+            report.failed.extend((local, "local file is gone; dropped, nothing can upload it") for local, _ in missing)
+            log.warning("%s: dropped %d file(s) whose local copy is gone, so they cannot be uploaded: %s",
+                        job.label, len(missing), ", ".join(f"{remote} ({local})" for local, remote in missing))
+            todo = [pair for pair in todo if pair not in missing]
+            if not todo and not job.dirs:
+                job.finish()
+                report.finished += 1
+                continue
         try:
             cfg = job_datastore(job)
             with open_store(cfg) as store:

@@ -69,6 +69,8 @@ def upload_file(store: ObjectStore, local: str, remote: str, overwrite: bool, pr
         try:
             entry = store.write_file(remote, local, overwrite=overwrite, progress=progress)
         except AlreadyExists:
+            if overwrite:  # not the skip asked for: a name storage cannot replace (a parent that is a file)
+                raise
             return None
         after = os.stat(local)
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):

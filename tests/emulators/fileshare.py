@@ -152,6 +152,7 @@ MAX_DRAINED_BODY = 256 * 1024 * 1024
 MAX_LIST_RESULTS = 5000
 DEFAULT_SHARE_QUOTA_GIB = 5120
 MAX_NAME_LENGTH = 255
+MAX_PATH_LENGTH = 2048  # a whole path below the share ("Naming and Referencing Shares, Directories, Files")
 # Id the real service reports for every share's root directory.
 ROOT_DIRECTORY_ID = "13835128424026341376"
 DEFAULT_PERMISSION_KEY = "4066528134148476695*1"
@@ -1149,7 +1150,10 @@ def split_target(raw_path: str, account: str, allow_trailing_dot: bool) -> tuple
     names = [segment for segment in segments[2:] if segment != ""]
     if not names:
         return None, [], ""
-    return names[0], [validate_name(name, allow_trailing_dot) for name in names[1:]], "/".join(names)
+    parts = [validate_name(name, allow_trailing_dot) for name in names[1:]]
+    if len("/".join(parts)) > MAX_PATH_LENGTH:
+        raise invalid_name()
+    return names[0], parts, "/".join(names)
 
 
 def parse_target(request: Request, account: str) -> None:

@@ -58,6 +58,16 @@ def test_everything_else_passes_through(gateway, azurite, container):
     assert gateway.copies == []
 
 
+def test_blob_names_azure_refuses_are_refused(gateway, azurite, container):
+    via = through(gateway, azurite, container)
+    via.upload_blob("n" * 1024, b"longest")  # at the limits: taken
+    via.upload_blob("/".join(["d"] * 254), b"deepest")
+    for name in ("n" * 1025, "/".join(["d"] * 255)):
+        e = refusal(lambda: via.upload_blob(name, b"x"))
+        assert e.status_code == 400 and e.error_code == "InvalidResourceName"
+    assert sorted(b.name for b in container.list_blobs()) == sorted(["n" * 1024, "/".join(["d"] * 254)])
+
+
 def test_synchronous_copy_reads_its_source_only_with_a_sas_or_token(gateway, azurite, container):
     container.upload_blob("src.bin", b"source bytes")
     via = through(gateway, azurite, container)

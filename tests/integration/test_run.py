@@ -575,6 +575,26 @@ def test_read_write_mount_reference_lands_in_storage(job, tmp_path):
 
 
 @pytest.mark.fuse
+@pytest.mark.parametrize("remote", ["blob"], indirect=True)
+def test_files_a_read_write_mount_could_not_upload_fail_the_run(job, tmp_path):
+    manifest = job()
+    body = yaml.safe_load(manifest.read_text())
+    body["data_references"] = {"scratch": {"datastore": "blob", "path_on_datastore": "live", "mode": "mount",
+                                           "read_write": True}}
+    manifest.write_text(yaml.safe_dump(body))
+    # the command writes, takes storage away, then closes: EIO, and the unmount cannot upload it either
+    write = ("import os, sys; from azure.storage.blob import BlobServiceClient\n"
+             "f = open(os.environ['AZUREML_DATAREFERENCE_scratch'] + '/ckpt.pt', 'wb'); f.write(b'w')\n"
+             "BlobServiceClient.from_connection_string(sys.argv[1]).delete_container(sys.argv[2])\n"
+             "try:\n    f.close()\nexcept OSError:\n    pass")
+    r = run_cli("run", manifest, "--", sys.executable, "-c", write, job.remote.azurite.connection_string,
+                job.remote.name)
+    job.remote.create()  # for the fixture's clean-up
+    assert r.returncode == 3, r.stderr
+    assert "1 written file(s) not uploaded (live/ckpt.pt)" in r.stderr
+
+
+@pytest.mark.fuse
 def test_pid1_sigterm_forwards_reaps_and_uploads(job, tmp_path):
     """As a container's entrypoint (PID 1 of a fresh PID namespace), `docker
     stop`'s SIGTERM reaches the command, orphans are reaped, the outputs are

@@ -1,8 +1,11 @@
-"""A reference-model test of read-write mounts: random sequences of file and
-directory operations are applied to a read-write mount of an Azurite
-container and to a plain local directory; both must give the same results
-(the same errno when an operation fails), the same tree, and storage must
-hold exactly that tree."""
+"""Reference-model tests of read-write mounts.
+
+- Random sequences of file and directory operations are applied to a
+  read-write mount of an Azurite container and to a plain local directory;
+  both must give the same results (the same errno when an operation fails),
+  the same tree, and storage must hold exactly that tree.
+- An fsx-style exerciser (`Fsx`): random data operations on one file, checked
+  against an in-memory model, on blob, file share and local mounts."""
 
 import errno
 import os
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from tests.conftest import KEY, KEY_ENV
+from tests.integration.test_rw_mount import rw_mount, storage  # noqa: F401 - fixtures
 from tests.support.azurite import blob_workspace_entry
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
@@ -172,3 +176,128 @@ def test_mount_behaves_like_a_local_directory(rw_world):
     run_state_machine_as_test(Model, settings=settings(
         max_examples=int(os.environ.get("MODEL_EXAMPLES", "40")), stateful_step_count=25, deadline=None,
         suppress_health_check=list(HealthCheck), database=None))
+
+
+# -- an exerciser in the spirit of fsx ----------------------------------------------------------------------------
+# One file, thousands of random reads, writes, truncates, appends, mmap reads
+# and writes, fsyncs, closes and reopens on a read-write mount, each checked
+# against an in-memory model; after unmount storage must hold the model's
+# bytes. A CI run is short; MOUNTD_FSX_OPS=100000 (and MOUNTD_FSX_SEED to
+# replay one) for a long run by hand.
+FSX_OPS = int(os.environ.get("MOUNTD_FSX_OPS", "2000"))
+FSX_MAX_SIZE = int(os.environ.get("MOUNTD_FSX_MAX_SIZE", str(256 * 1024)))
+
+
+class FsxFailure(AssertionError):
+    pass
+
+
+class Fsx:
+    """The file under test, its model and the log of what was done."""
+
+    def __init__(self, path, seed: int):
+        import random
+        self.path, self.seed = path, seed
+        self.rng = random.Random(seed)
+        self.model = bytearray()
+        self.log: list[str] = []
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def fail(self, message: str):
+        recent = "\n  ".join(self.log[-15:])
+        raise FsxFailure(f"fsx seed {self.seed}, op {len(self.log)}: {message}\n  last ops:\n  {recent}\n"
+                         f"replay: MOUNTD_FSX_SEED={self.seed} MOUNTD_FSX_OPS={len(self.log)}")
+
+    def check(self, offset: int, got: bytes, what: str) -> None:
+        want = bytes(self.model[offset:offset + len(got)])
+        if got != want:
+            first = next(i for i in range(len(got)) if got[i:i + 1] != want[i:i + 1])
+            self.fail(f"{what}: byte {offset + first:#x} is {got[first:first + 8].hex()}, "
+                      f"the model has {want[first:first + 8].hex()}")
+
+    def _offset_length(self, bound: int) -> tuple[int, int]:
+        offset = self.rng.randrange(bound + 1)
+        length = self.rng.randrange(1, max(2, min(64 * 1024, FSX_MAX_SIZE - offset) + 1))
+        return offset, length
+
+    def step(self) -> None:
+        rng, size = self.rng, len(self.model)
+        op = rng.choices(["read", "write", "append", "truncate", "mapread", "mapwrite", "fsync", "reopen",
+                          "stat"], weights=[25, 25, 8, 8, 10, 10, 3, 3, 8])[0]
+        if op == "read":
+            offset, length = self._offset_length(size)
+            self.log.append(f"read {offset:#x} +{length:#x} (size {size:#x})")
+            got = os.pread(self.fd, length, offset)
+            if len(got) != max(0, min(length, size - offset)):
+                self.fail(f"read gave {len(got):#x} bytes, the model {max(0, min(length, size - offset)):#x}")
+            self.check(offset, got, "read")
+        elif op in ("write", "append"):
+            offset, length = self._offset_length(min(size, FSX_MAX_SIZE - 1))
+            data = os.urandom(length)
+            if op == "append":
+                offset = size
+                self.log.append(f"append +{length:#x} at {offset:#x}")
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)  # another handle's close uploads: the mount's own handle must still agree
+            else:
+                self.log.append(f"write {offset:#x} +{length:#x}")
+                os.pwrite(self.fd, data, offset)
+            if offset > size:
+                self.model += bytes(offset - size)
+            self.model[offset:offset + length] = data
+        elif op == "truncate":
+            length = rng.randrange(FSX_MAX_SIZE + 1)
+            self.log.append(f"truncate {length:#x} (size {size:#x})")
+            os.ftruncate(self.fd, length)
+            del self.model[length:]
+            self.model += bytes(length - len(self.model))
+        elif op in ("mapread", "mapwrite"):
+            import mmap
+            if size == 0:
+                return
+            offset = rng.randrange(size)
+            length = rng.randrange(1, min(64 * 1024, size - offset) + 1)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            self.log.append(f"{op} {offset:#x} +{length:#x}")
+            with mmap.mmap(self.fd, offset + length - start, offset=start) as m:
+                if op == "mapread":
+                    self.check(offset, bytes(m[offset - start:offset - start + length]), "mmap read")
+                else:
+                    data = os.urandom(length)
+                    m[offset - start:offset - start + length] = data
+                    # no msync here: Python holds the GIL through it, and the
+                    # fsync it sends the mount uploads to the Files emulator,
+                    # a thread of this process (the real fsx, run by hand, does)
+                    self.model[offset:offset + length] = data
+        elif op == "fsync":
+            self.log.append("fsync")
+            os.fsync(self.fd)
+        elif op == "reopen":
+            self.log.append("close and reopen")
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_RDWR)
+            self.check(0, os.pread(self.fd, FSX_MAX_SIZE + 1, 0), "read after reopen")
+            if os.fstat(self.fd).st_size != len(self.model):
+                self.fail("size after reopen differs")
+        else:
+            self.log.append("stat")
+            got = os.stat(self.path).st_size
+            if got != size:
+                self.fail(f"stat says {got:#x} bytes, the model {size:#x}")
+
+
+@pytest.mark.parametrize("storage", ["blob", "file", "local"], indirect=True)
+def test_fsx_exerciser_against_a_model(storage, rw_mount, mountd_cli):
+    seed = int(os.environ.get("MOUNTD_FSX_SEED") or uuid.uuid4().int % 10**9)
+    print(f"fsx seed {seed}, {FSX_OPS} ops on {storage.kind}")
+    mp = rw_mount()
+    fsx = Fsx(mp / "fsx.bin", seed)
+    for _ in range(FSX_OPS):
+        fsx.step()
+    os.close(fsx.fd)
+    assert mountd_cli("unmount", mp).code == 0
+    if storage.files().get("fsx.bin") != bytes(fsx.model):
+        fsx.fail("storage after unmount does not hold the model's bytes")

@@ -26,6 +26,11 @@ REST reference of Copy Blob, Copy Blob From URL and Put Block From URL):
   the request covers only the destination, so a source named without a
   SAS is read anonymously then, as is any source in another account.
 
+- A blob written under a name over 1 024 characters or 254 path segments
+  ("Naming and Referencing Containers, Blobs, and Metadata": the reference
+  gives 400 Bad Request for names that break the rules; Azurite takes them):
+  400 InvalidResourceName.
+
 Everything else is forwarded unchanged, bodies streamed both ways.
 
 Two more things Azurite cannot do:
@@ -63,6 +68,7 @@ from tests.support.azurite import ACCOUNT, KEY
 from tests.support.relay import Relay
 from tests.support.faultproxy import _Closed, _Reader, _body_pieces, _headers, _read_head
 
+BLOB_NAME_MAX, BLOB_SEGMENTS_MAX = 1024, 254  # characters, path segments
 SYNC_COPY_MAX = 256 * 1024 * 1024  # Copy Blob From URL: "source blob sizes up to 256 MiB"
 # "From URL" writes: the request has `comp=` one of these, or is Put Blob From
 # URL (x-ms-blob-type), or Copy Blob From URL (x-ms-requires-sync).
@@ -282,6 +288,7 @@ class AzureRules(Relay):
                 try:
                     if headers.get("authorization", "").lower().startswith("bearer "):
                         head = self._resign(method, target, head, headers)
+                    _check_name(method, path)
                     record = self._judge(method, target, headers)
                 except Refusal as refusal:
                     for _ in body:  # the request is read whole before the answer
@@ -335,6 +342,16 @@ def _account_of(url) -> str:
     if host == "localhost" or host.replace(".", "").isdigit() or ":" in host:
         return _account_of_path(url.path)
     return host.split(".", 1)[0]
+
+
+def _check_name(method: str, path: str) -> None:
+    """Refuse a write of a blob whose name Azure would refuse (see the module
+    docstring); `path` is /account/container/name."""
+    name = unquote(path).lstrip("/").split("/", 2)[2:]
+    if method == "PUT" and name and name[0] and (len(name[0]) > BLOB_NAME_MAX
+                                                 or name[0].count("/") >= BLOB_SEGMENTS_MAX):
+        raise Refusal(400, "InvalidResourceName", "The specified resource name length is not within the "
+                      "permissible limits.")
 
 
 def _account_of_path(path: str) -> str:

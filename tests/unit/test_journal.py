@@ -71,17 +71,19 @@ def test_a_torn_last_line_of_done_is_not_taken_as_confirmed(tmp_path, local_stor
     assert job.remaining() == [files[1]]
 
 
-def test_missing_local_file_keeps_the_job_and_reports_it(tmp_path, local_store):
+def test_missing_local_file_is_dropped_and_the_rest_uploaded(tmp_path, local_store):
+    # No retry can upload a file that is gone: a job kept for it would make
+    # every resume fail (exit 3) forever.
     cfg, root = local_store
     files = outputs(tmp_path, 3)
     journal = Journal(tmp_path / "work")
     journal.add(datastore_record(cfg), files)
     os.unlink(files[1][0])
     report = resume(str(tmp_path / "work"))
-    assert report.finished == 0 and [f for f, _ in report.failed] == [files[1][0]]
-    assert "local file is gone" in report.failed[0][1]
-    (job,) = journal.pending()
-    assert job.remaining() == [files[1]]  # the others are confirmed
+    assert report.finished == 1 and report.dropped == [files[1][1]]
+    assert [f for f, _ in report.failed] == [files[1][0]]  # this resume fails: an output is lost
+    assert "1 dropped (local file gone)" in report.summary()
+    assert not journal.pending()
     assert (root / files[0][1]).exists() and (root / files[2][1]).exists()
 
 
