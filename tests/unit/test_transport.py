@@ -201,6 +201,7 @@ AZURE_ANSWER = (b"Content-Length: 4096\r\nContent-Type: application/octet-stream
     b"Good: 1\r\nno colon here\r\nAfter: 2\r\n\r\n",  # malformed: a defect, and the rest is not headers
     b": no name\r\nX: 1\r\n\r\n",
     b"Bare: newline\nEnds: too\n\n",
+    b"Colon: in: value\r\nStray: car\rriage\r\n\r\n",
     b"Cut: short",  # the connection closed inside the header block
 ])
 def test_header_fields_read_as_http_client_reads_them(block):
