@@ -45,8 +45,9 @@ class _RequestIds:
     """x-ms-client-request-id values: storage logs each with its request, so
     support can find a request from the line that names it. Shaped like a
     UUID: 64 random bits drawn once per process (again in a forked child)
-    and a counter, unique as uuid4's are for this purpose at a tenth of the
-    CPU (uuid4 reads the kernel's random source for every request)."""
+    and a counter, unique as uuid4's are for this purpose at a fifth of the
+    CPU (1.6 µs against 8.6: uuid4 reads the kernel's random source and
+    builds a UUID object for every request)."""
 
     def __init__(self):
         self.reseed()
