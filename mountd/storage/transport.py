@@ -31,12 +31,15 @@ from __future__ import annotations
 import base64
 import http.client
 import ipaddress
+import io
 import os
+import re
 import socket
 import ssl
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -60,6 +63,8 @@ POOL_SIZE = 64
 USER_AGENT = f"mountd/{__version__} (Python {'.'.join(map(str, sys.version_info[:3]))}; urllib3 {urllib3.__version__})"
 
 _TRUST_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+# retries=False, made once: urllib3 would build a Retry from it for every request.
+_NO_RETRIES = urllib3.Retry(False, redirect=False)
 
 
 class TransportError(OSError):
@@ -140,17 +145,78 @@ def _system_store_present() -> bool:
 
 
 # -- connections and pools ----------------------------------------------------
+# An answer's header block that needs no more than a split of each line at
+# its first colon: fields `Name: value` (a name of visible characters other
+# than ':', a value on one line), then the empty line. The value is what the
+# email package's compat32 policy makes of it: leading blanks dropped.
+_PLAIN_BLOCK = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n)*\r?\n")
+_FIELD = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
+
+
+class _Fields(http.client.HTTPMessage):
+    """An answer's header fields, the HTTPMessage that http.client and
+    urllib3 expect, made without the email package's parser: that parser,
+    and Message.get re-checking every field on each look-up, cost more CPU
+    than the rest of a small ranged read's handling in urllib3 and
+    http.client together (see `_parse_headers`). Look-ups scan the fields
+    as Message does, first match wins, so the message stays a plain
+    Message to anything that reads or changes it."""
+
+    def get(self, name, failobj=None):
+        name, size = name.lower(), len(name)
+        for k, v in self._headers:
+            if len(k) == size and k.lower() == name:  # (most names differ in length: no lower())
+                return v
+        return failobj
+
+    def items(self):
+        # Message.items passes each value through the policy, which changes
+        # only values holding surrogates: latin-1 text from the wire has none.
+        return list(self._headers)
+
+
+def _parse_headers(fp, _class=None):
+    """http.client.parse_headers, fast for the usual header block (see
+    _PLAIN_BLOCK); anything else (folded lines, malformed fields, a block
+    cut short) goes to http.client's own parser, defects and all. Measured
+    on 4 KiB ranged reads from Azurite, medians of 8 rounds of 1 500:
+    0.38 ms of CPU per request -> 0.29."""
+    block = b"".join(http.client._read_headers(fp))  # its limits on line length and count
+    text = block.decode("iso-8859-1")
+    if not _PLAIN_BLOCK.fullmatch(text):
+        return http.client.parse_headers(io.BytesIO(block))
+    message = _Fields()
+    message._headers = _FIELD.findall(text)
+    message.set_payload("")  # as the email parser leaves it: nothing after the header block
+    return message
+
+
+def _with_globals(function, module, **replaced):
+    """`function` (of `module`) as it is, but looking up the names in
+    `replaced` as given here: a library's own method with one helper it
+    calls swapped for ours, instead of a copy of its logic, and nothing
+    changed for the library's other users."""
+    copy = types.FunctionType(function.__code__, {**vars(module), **replaced}, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__, copy.__doc__ = function.__kwdefaults__, function.__doc__
+    return copy
+
+
 class _Answer(http.client.HTTPResponse):
     """A response that reads past interim answers: http.client skips
     100 Continue only, and would take 103 Early Hints for the answer,
-    leaving the real one on the connection for the next request."""
+    leaving the real one on the connection for the next request. Its
+    header fields are read by `_parse_headers`: http.client's own begin(),
+    run with that function in place of its parse_headers."""
+
+    begin = _with_globals(http.client.HTTPResponse.begin, http.client, parse_headers=_parse_headers)
 
     def _read_status(self):
         while True:
             version, status, reason = super()._read_status()
             if not (100 < status < 200) or status == 101:
                 return version, status, reason
-            http.client.parse_headers(self.fp)  # the interim answer's headers
+            http.client._read_headers(self.fp)  # the interim answer's headers, read and dropped
 
 
 _SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
@@ -171,9 +237,31 @@ class _TLSConnection(HTTPSConnection):
     idle_since = 0.0
 
 
+# A request target that urllib3 would send as it is: RFC 3986 path and
+# query characters, percent-encodings in upper case, no fragment.
+_SENDABLE_TARGET = re.compile(r"/(?:[\w\-.~!$&'()*+,;=:@/]|%[0-9A-F]{2})*"
+                              r"(?:\?(?:[\w\-.~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*)?", re.ASCII)
+
+
+def _encode_target(target: str) -> str:
+    """urllib3's _encode_target, skipped for a target it would not change
+    (every one the lean path builds: it quotes names itself). urllib3
+    checks the target one character at a time in Python. CPU per 4 KiB
+    read from Azurite, medians of 8 rounds of 1 500: with a SAS (some 150
+    characters of query) 0.302 ms -> 0.260, with the account key 0.272 ->
+    0.263."""
+    if _SENDABLE_TARGET.fullmatch(target):
+        return target
+    return urllib3.connectionpool._encode_target(target)
+
+
 class _Expiring:
     """Pool behaviour: a connection given back records when; one taken that
-    has been idle past IDLE_EXPIRY is closed, and reconnects on use."""
+    has been idle past IDLE_EXPIRY is closed, and reconnects on use.
+    urlopen is urllib3's own, with `_encode_target` in place of its
+    helper of that name."""
+
+    urlopen = _with_globals(HTTPConnectionPool.urlopen, urllib3.connectionpool, _encode_target=_encode_target)
 
     def _put_conn(self, conn):
         if conn is not None:
@@ -261,7 +349,7 @@ class Transport:
             pool, absolute = self._route(origin)
             return pool.urlopen(method, url if absolute else target, body=body,
                                 headers={"User-Agent": USER_AGENT, **headers}, redirect=False,
-                                assert_same_host=False, retries=False, preload_content=preload,
+                                assert_same_host=False, retries=_NO_RETRIES, preload_content=preload,
                                 decode_content=False, timeout=self.timeout)
         except urllib3.exceptions.HTTPError as e:
             raise self.translate(e, url) from None

@@ -13,6 +13,15 @@ noise:
          `rclone copy --transfers 16 --checkers 16` and
          `curl --parallel --parallel-max 16` over a list of SAS URLs.
 
+With --baseline DIR, the mountd of another source tree (e.g. an earlier
+commit checked out with `git worktree add` or `git archive`) runs as a
+fourth tool, `mountd-base`, in the same rounds: a change is compared with
+the code before it under the same noise, not against a run of another hour.
+
+Each round also records every tool's CPU (user + system of the command, from
+RUSAGE_CHILDREN), reported as median milliseconds per file: on 2 cores the
+client's CPU is taken from Azurite, and it varies less than wall time.
+
 Every run writes into an empty directory on the same disk, is checked for
 completeness (file count and bytes; content too, see `check_*`) outside the
 timed part, and is deleted and synced before the next run. The times are
@@ -31,6 +40,7 @@ run as `python -m mountd`):
     python -m tests.benchmarks.bench_download --big-mib 64 --small-count 200 --repeat 1   # quick check
     python -m tests.benchmarks.bench_download --skip-small --json results.json
     python -m tests.benchmarks.bench_download --tls                # the same over HTTPS
+    python -m tests.benchmarks.bench_download --skip-big --baseline /tmp/before   # against another tree
 
 This is not a pytest test; it prints a table (medians, MiB/s, mountd/tool
 throughput ratios, every round's raw seconds) and optionally writes JSON.
@@ -46,10 +56,12 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from statistics import median
 from typing import Callable
 
 from tests.benchmarks.common import (
-    MiB, Scenario, ToolFailed, blob_sas_url, check_tree, container_sas_token, curl_tls_flags, file_md5,
+    MiB, Scenario, ToolFailed, blob_sas_url, check_tree, children_cpu_seconds, container_sas_token,
+    curl_tls_flags, file_md5,
     fresh_dir, machine_info, make_azurite, print_report, remove_dir, run_timed, same_edges, settle,
     storage_header, tool_env, tool_version, write_curl_config, write_json, write_random_file,
     write_rclone_config, write_workspace)
@@ -160,8 +172,8 @@ def mountd_header() -> str:
 class Tools:
     """Builds the Tool entries of each scenario for one Azurite and temp dir."""
 
-    def __init__(self, azurite: Azurite, conf_dir: str, data: Data):
-        self.azurite, self.conf, self.data = azurite, conf_dir, data
+    def __init__(self, azurite: Azurite, conf_dir: str, data: Data, baseline: str | None = None):
+        self.azurite, self.conf, self.data, self.baseline = azurite, conf_dir, data, baseline
         self.env = {**tool_env(azurite), KEY_ENV: KEY}
         self.workspace = write_workspace(
             os.path.join(conf_dir, "workspace.yaml"),
@@ -169,15 +181,24 @@ class Tools:
         self.rclone_conf = write_rclone_config(os.path.join(conf_dir, "rclone.conf"), RCLONE_REMOTE,
                                                ACCOUNT, KEY, azurite.account_url)
 
-    def _timed(self, argv: list[str]) -> float:
-        return run_timed(argv, env=self.env, timeout=RUN_TIMEOUT)
+    def _timed(self, argv: list[str], cwd: str | None = None) -> float:
+        return run_timed(argv, env=self.env, timeout=RUN_TIMEOUT, cwd=cwd)
 
-    def mountd(self, prefix: str, check: Callable[[str], None]) -> Tool:
+    def mountd(self, prefix: str, check: Callable[[str], None], tree: str | None = None) -> Tool:
+        """mountd of this tree, or with `tree` of that source tree (run from
+        it: `-m mountd` imports the package of the working directory)."""
         def run(out: str) -> float:
             return self._timed(mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, out,
-                                                "--prefix", prefix, "--no-progress"])
-        return Tool("mountd", f"mountd download {DATASTORE} DIR --prefix {prefix} --no-progress (default workers)",
-                    run, check)
+                                                "--prefix", prefix, "--no-progress"], cwd=tree)
+        how = f"mountd download {DATASTORE} DIR --prefix {prefix} --no-progress (default workers)"
+        if tree is not None:
+            return Tool("mountd-base", f"{how}, the tree {tree}", run, check)
+        return Tool("mountd", how, run, check)
+
+    def with_baseline(self, tools: list[Tool], prefix: str, check: Callable[[str], None]) -> list[Tool]:
+        if self.baseline is None:
+            return tools
+        return tools + [self.mountd(prefix, check, tree=self.baseline)]
 
     def rclone(self, prefix: str, flags: list[str], check: Callable[[str], None]) -> Tool:
         src = f"{RCLONE_REMOTE}:{CONTAINER}/{prefix.rstrip('/')}"
@@ -199,15 +220,16 @@ class Tools:
     def big(self) -> list[Tool]:
         d = self.data
         url = blob_sas_url(self.azurite.account_url, ACCOUNT, KEY, CONTAINER, BIG_BLOB)
-        return [
-            self.mountd("big/", lambda out: (check_tree("mountd", out, 1, os.path.getsize(d.big_file)),
-                                             check_big("mountd", os.path.join(out, BIG_BLOB), d, full=True))),
+        check_mountd = lambda out: (check_tree("mountd", out, 1, os.path.getsize(d.big_file)),  # noqa: E731
+                                    check_big("mountd", os.path.join(out, BIG_BLOB), d, full=True))
+        return self.with_baseline([
+            self.mountd("big/", check_mountd),
             self.rclone("big/", [], lambda out: (check_tree("rclone", out, 1, os.path.getsize(d.big_file)),
                                                  check_big("rclone", os.path.join(out, "blob.bin"), d, full=False))),
             self.curl("curl", lambda out: [(url, os.path.join(out, "blob.bin"))], [],
                       lambda out: (check_tree("curl", out, 1, os.path.getsize(d.big_file)),
                                    check_big("curl", os.path.join(out, "blob.bin"), d, full=False))),
-        ]
+        ], "big/", check_mountd)
 
     def small(self) -> list[Tool]:
         d = self.data
@@ -216,30 +238,50 @@ class Tools:
 
         def urls(out: str) -> list[tuple[str, str]]:
             return [(f"{base}{name}?{token}", os.path.join(out, name[len(SMALL_PREFIX):])) for name in d.small]
-        return [
-            self.mountd(SMALL_PREFIX, lambda out: check_small("mountd", os.path.join(out, "small"), d)),
+        check_mountd = lambda out: check_small("mountd", os.path.join(out, "small"), d)  # noqa: E731
+        return self.with_baseline([
+            self.mountd(SMALL_PREFIX, check_mountd),
             self.rclone(SMALL_PREFIX, ["--transfers", "16", "--checkers", "16"],
                         lambda out: check_small("rclone", out, d)),
             self.curl("curl-parallel", urls, ["--parallel", "--parallel-max", "16"],
                       lambda out: check_small("curl-parallel", out, d)),
-        ]
+        ], SMALL_PREFIX, check_mountd)
 
 
 # --- rounds ---------------------------------------------------------------------------
 
-def run_rounds(scenarios: list[tuple[Scenario, list[Tool]]], repeat: int, out_root: str) -> None:
-    """Each round runs every scenario's tools once, in an order rotated by the round."""
+def run_rounds(scenarios: list[tuple[Scenario, list[Tool]]], repeat: int, out_root: str) -> dict:
+    """Each round runs every scenario's tools once, in an order rotated by
+    the round. Returns each run's CPU seconds: {(scenario, tool): [per round]}."""
+    cpu: dict[tuple[str, str], list[float]] = {}
     for r in range(repeat):
         for sc, tools in scenarios:
             shift = r % len(tools)
             for tool in tools[shift:] + tools[:shift]:
                 out = fresh_dir(os.path.join(out_root, f"{sc.name}-{tool.name}"))
                 settle()
+                before = children_cpu_seconds()
                 secs = tool.run(out)
+                used = children_cpu_seconds() - before
                 tool.check(out)
                 sc.add(tool.name, secs)
+                cpu.setdefault((sc.name, tool.name), []).append(used)
                 remove_dir(out)
-                print(f"round {r + 1}/{repeat}  {sc.name:<6} {tool.name:<14} {secs:8.2f} s", flush=True)
+                print(f"round {r + 1}/{repeat}  {sc.name:<6} {tool.name:<14} {secs:8.2f} s  cpu {used:6.2f} s",
+                      flush=True)
+    return cpu
+
+
+def print_cpu(scenarios: list[Scenario], cpu: dict) -> None:
+    """Median CPU seconds of each tool's command, and per file."""
+    print("\nCPU of each command (user + system), median over rounds:")
+    for sc in scenarios:
+        for tool in sc.seconds:
+            rounds = cpu.get((sc.name, tool), [])
+            if rounds:
+                med = median(rounds)
+                print(f"  {sc.name:<6} {tool:<14} {med:7.2f} s  {med / sc.files * 1000:7.3f} ms per file"
+                      f"   (rounds: {' '.join(f'{x:.2f}' for x in cpu[(sc.name, tool)])})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -255,7 +297,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Azurite over HTTPS (a CA made for the run), every tool over TLS to it")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--tmp-dir", metavar="DIR", help="where the temporary data goes (default: system temp dir)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run the mountd of the source tree DIR (tool `mountd-base`), in the same rounds")
     args = p.parse_args(argv)
+    if args.baseline is not None and not os.path.isfile(os.path.join(args.baseline, "mountd", "__main__.py")):
+        p.error(f"--baseline {args.baseline}: not a mountd source tree (no mountd/__main__.py in it)")
+    if args.baseline is not None:
+        args.baseline = os.path.abspath(args.baseline)
     if args.repeat < 1 or args.big_mib < 1 or args.small_count < 1 or args.small_kib < 1:
         p.error("--repeat, --big-mib, --small-count and --small-kib must be positive")
     if args.skip_big and args.skip_small:
@@ -285,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         container = blob_service(azurite).create_container(CONTAINER)
         data = Data()
         plan: list[tuple[Scenario, list[Tool]]] = []
-        tools = Tools(azurite, os.path.join(tmp, "conf"), data)
+        tools = Tools(azurite, os.path.join(tmp, "conf"), data, args.baseline)
         if not args.skip_big:
             print(f"uploading {BIG_BLOB} ({args.big_mib} MiB)", flush=True)
             data.big_file = os.path.join(tmp, "src", "blob.bin")
@@ -301,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         for sc, ts in plan:
             sc.tools = {t.name: t.how for t in ts}
         settle()
-        run_rounds(plan, args.repeat, os.path.join(tmp, "out"))
+        cpu = run_rounds(plan, args.repeat, os.path.join(tmp, "out"))
         scenarios = [sc for sc, _ in plan]
         header["times"] = "wall clock of the whole command, process start-up included; median over rounds"
         print()
         print_report(scenarios, subject="mountd", header=header)
+        print_cpu(scenarios, cpu)
         if args.json:
             write_json(args.json, scenarios, subject="mountd", header=header)
             print(f"\nwrote {args.json}")

@@ -52,13 +52,14 @@ class ToolFailed(RuntimeError):
     """A benchmarked command exited non-zero or produced wrong output."""
 
 
-def run_timed(argv: list[str], env: dict | None = None, timeout: float | None = None) -> float:
-    """Run one command to completion and return its wall-clock seconds
-    (process start-up included). Raises ToolFailed with the end of its stderr
-    if it exits non-zero; its stdout is discarded."""
+def run_timed(argv: list[str], env: dict | None = None, timeout: float | None = None,
+              cwd: str | None = None) -> float:
+    """Run one command to completion (in `cwd` if given) and return its
+    wall-clock seconds (process start-up included). Raises ToolFailed with
+    the end of its stderr if it exits non-zero; its stdout is discarded."""
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, timeout=timeout)
+                          stderr=subprocess.PIPE, timeout=timeout, cwd=cwd)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-15:]

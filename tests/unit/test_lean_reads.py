@@ -177,6 +177,25 @@ def test_requests_carry_version_date_user_agent_and_one_request_id_across_retrie
         assert re.search(r"User-Agent: mountd/\S+ ", request)
 
 
+def test_request_ids_are_unique_uuid_shaped_and_differ_in_a_forked_child():
+    import time as _time
+    from email.utils import parsedate_to_datetime
+    from mountd.storage.azure_http import http_date, new_request_id
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", i) for i in ids[:100])
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a process of its own must not repeat the parent's ids
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read), os.close(write)
+    assert child[:19] != ids[0][:19] and child not in ids
+    assert abs(parsedate_to_datetime(http_date()).timestamp() - _time.time()) < 2
+
+
 def test_retry_after_as_seconds_date_and_milliseconds():
     from email.utils import formatdate
     import time as _time

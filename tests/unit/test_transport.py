@@ -188,6 +188,70 @@ def test_interim_103_early_hints_is_skipped_and_nothing_is_left_for_the_next_req
     assert read_all(get(server, t)) == b"second blob"
 
 
+AZURE_ANSWER = (b"Content-Length: 4096\r\nContent-Type: application/octet-stream\r\n"
+                b"Content-Range: bytes 0-4095/4096\r\nLast-Modified: Sat, 05 Dec 2026 23:51:44 GMT\r\n"
+                b"ETag: \"0x8DE1234\"\r\nServer: Windows-Azure-Blob/1.0 Microsoft-HTTPAPI/2.0\r\n"
+                b"x-ms-request-id: 4b1f-0001\r\nx-ms-version: 2025-11-05\r\nx-ms-meta-Note:  two  spaces \r\n"
+                b"x-ms-meta-note: second\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nEmpty:\r\n\r\nbody")
+
+
+@pytest.mark.parametrize("block", [
+    AZURE_ANSWER,
+    b"X-Folded: first\r\n  continued\r\nOther: y\r\n\r\n",  # obsolete line folding
+    b"Good: 1\r\nno colon here\r\nAfter: 2\r\n\r\n",  # malformed: a defect, and the rest is not headers
+    b": no name\r\nX: 1\r\n\r\n",
+    b"Bare: newline\nEnds: too\n\n",
+    b"Colon: in: value\r\nStray: car\rriage\r\n\r\n",
+    b"Cut: short",  # the connection closed inside the header block
+])
+def test_header_fields_read_as_http_client_reads_them(block):
+    import http.client
+    import io
+    ours, stock = tp._parse_headers(io.BytesIO(block)), http.client.parse_headers(io.BytesIO(block))
+    assert isinstance(ours, http.client.HTTPMessage)
+    assert ours.items() == stock.items() and ours.keys() == stock.keys()
+    for name in ("content-length", "ETAG", "x-ms-meta-note", "set-cookie", "empty", "x-folded", "missing", "after"):
+        assert ours.get(name) == stock.get(name) and ours[name] == stock[name] and (name in ours) == (name in stock)
+        assert ours.get_all(name) == stock.get_all(name)
+    assert [type(d) for d in ours.defects] == [type(d) for d in stock.defects]
+    assert ours.get_payload() == stock.get_payload() and ours.is_multipart() is False
+    if block == AZURE_ANSWER:
+        assert type(ours) is tp._Fields  # the fast path took it
+        assert ours["x-ms-meta-note"] == "two  spaces " and ours["empty"] == ""
+
+
+def test_answers_parsed_on_the_fast_path_frame_their_bodies_alike(serve):
+    head_only = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nConnection: keep-alive\r\n\r\n"
+    server = serve(b"HTTP/1.1 206 Partial Content\r\n" + AZURE_ANSWER[:-4].replace(b"4096", b"5") + b"hello",
+                   head_only, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye")
+    t = server.transport()
+    r = get(server, t)
+    assert r.status == 206 and r.headers["etag"] == '"0x8DE1234"' and r.headers.getlist("set-cookie") == ["a=1", "b=2"]
+    assert read_all(r) == b"hello"
+    tp.release(r)
+    r = t.request("HEAD", server.url + "/", {})
+    assert r.status == 200 and r.data == b""  # a HEAD's Content-Length announces no body
+    r = get(server, t)
+    assert read_all(r) == b"bye" and tp.body_reader(r).will_close
+    tp.release(r)
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("target", [
+    "/devstoreaccount1/bench/small/f00001.bin", "/a/b%20c/d?x=1&y=%2B%3D&z=a?b", "/_x_/A-Z.~",
+    "/c/b%2Fc?comp=list&restype=container&marker=2%21abc&sig=ab%2Bc%3D",
+    # what urllib3 changes: each must still be changed exactly as urllib3 does
+    "/a b", "/a/%e2%82%ac", "/a#frag", "/a?b#c", "/\u00fcn\u00ef", "/a/[x]", "/a/%zz", "/a%", '/a?q="x"', "/a|b", "/a{b}",
+])
+def test_request_targets_are_sent_as_urllib3_would_send_them(target, serve):
+    import urllib3.connectionpool
+    assert tp._encode_target(target) == urllib3.connectionpool._encode_target(target)
+    server = serve(ok(b"x"))
+    tp.release(get(server, path=target))
+    sent = server.requests[0].split(" ")[1]
+    assert sent == urllib3.connectionpool._encode_target(target)
+
+
 def test_connections_idle_past_the_expiry_are_not_reused(serve, monkeypatch):
     server = serve(ok(b"one"), ok(b"two"), ok(b"three"))
     t = server.transport()
