@@ -14,8 +14,10 @@ cost, side by side in one run:
 
 An epoch is --procs processes reading every file whole (1 MiB reads), each a
 share of one shuffled order (a new shuffle per epoch), as a PyTorch
-DataLoader over an ImageFolder does. Rounds alternate mount and local; each
-round is a fresh mount. After each timed mount epoch every file's bytes are
+DataLoader over an ImageFolder does. In each round every tool gets a fresh
+mount (tool order rotated), and the local copy is read right after each
+mount's timed epoch, so each ratio compares two epochs a moment apart: the
+machine's noise (it is shared) moves both. After each timed mount epoch every file's bytes are
 checked against its MD5 (not timed), and the requests that reached mountd
 during the timed epoch are counted (its fs core's counters, through the
 mount worker's control socket).
@@ -157,31 +159,33 @@ def main(argv=None) -> int:
         epoch(local, names, size, args.procs, seed=0)  # warms the local copy's pages
         settle()
         mount_s: dict[str, list[float]] = {t: [] for t in args.tools}
+        local_s: dict[str, list[float]] = {t: [] for t in args.tools}
         per_file: dict[str, list[dict]] = {t: [] for t in args.tools}
-        local_s = []
         for r in range(args.repeat):
             seed = 2 * r + 2
             for tool in args.tools[r % len(args.tools):] + args.tools[:r % len(args.tools)]:
                 secs, counts = mount_epoch(session, tmp, f"{tool}-{r}", tool, workspace, env, names, size, md5,
                                            args.procs, seed)
                 mount_s[tool].append(secs)
+                local_s[tool].append(epoch(local, names, size, args.procs, seed=seed))
                 per_file[tool].append({k: v / args.count for k, v in counts.items()})
-            local_s.append(epoch(local, names, size, args.procs, seed=seed))
-            print(f"round {r + 1}: " + ", ".join(f"{t} {mount_s[t][-1]:.3f} s" for t in args.tools)
-                  + f", local {local_s[-1]:.3f} s", flush=True)
-        lm = median(local_s)
+            print(f"round {r + 1}: " + ", ".join(f"{t} {mount_s[t][-1]:.3f} s (local {local_s[t][-1]:.3f} s)"
+                                                 for t in args.tools), flush=True)
         print()
         print(f"storage: {storage_header(azurite)}")
         for k, v in {**machine_info(), "mountd": mountd_header()}.items():
             print(f"{k}: {v}")
         print(f"dataset: {args.count} x {args.kib} KiB, {args.procs} processes, shuffled, whole files, "
               f"{args.repeat} rounds; seconds of epoch 2 (mount) and of an epoch over the local copy in the page "
-              "cache; ratio = local / mount (1.0 = page-cache speed)")
-        print(f"{'local copy':<20} median {lm:.3f} s  ({' '.join(f'{s:.3f}' for s in local_s)})")
+              "cache read right after it; ratio = local / mount (1.0 = page-cache speed), the median of the "
+              "rounds' ratios")
         for tool in args.tools:
-            mm = median(mount_s[tool])
-            print(f"{tool:<20} median {mm:.3f} s  ({' '.join(f'{s:.3f}' for s in mount_s[tool])})  "
-                  f"ratio {lm / mm:.2f}  [{' '.join(MOUNTD_FLAGS[tool]) or 'defaults'}]")
+            mm, lm = median(mount_s[tool]), median(local_s[tool])
+            ratios = [lo / mo for lo, mo in zip(local_s[tool], mount_s[tool])]
+            print(f"{tool:<20} median {mm:.3f} s  ({' '.join(f'{s:.3f}' for s in mount_s[tool])}); local median "
+                  f"{lm:.3f} s ({' '.join(f'{s:.3f}' for s in local_s[tool])})")
+            print(f"{'':<20} ratio {median(ratios):.2f} (rounds {' '.join(f'{x:.2f}' for x in ratios)}; of medians "
+                  f"{lm / mm:.2f})  [{' '.join(MOUNTD_FLAGS[tool]) or 'defaults'}]")
             keys = sorted({k for d in per_file[tool] for k in d})
             print(f"{'':<20} requests reaching mountd per file: "
                   + ", ".join(f"{k} {median([d.get(k, 0) for d in per_file[tool]]):.2f}" for k in keys))
