@@ -66,9 +66,10 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # Files read without a handle (kernel opens) whose readahead state is kept:
 # more than the files a job reads at once, few enough to look through.
 PATH_READERS = 64
-# How long a lookup waits for the kernel to drop the pages of a version
-# found gone, before it answers with the new attributes anyway.
-SETTLE_TIMEOUT = 5.0
+# How long a getattr waits for the kernel to drop the pages of a version
+# found gone (milliseconds, normally). Bounded: the read that found it gone
+# may itself be waiting on a lookup (its name expired), which waits here.
+SETTLE_TIMEOUT = 2.0
 
 
 class KernelCache(Protocol):
