@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-disk-cache", action="store_true", help="cache in memory only")
     g.add_argument("--direct-io", action="store_true",
                    help="the kernel caches no file data: every read comes to mountd (for single-pass reading)")
+    g.add_argument("--strict-open", action="store_true",
+                   help="read-only: every open comes to mountd and pins the version it reads (the kernel "
+                        "otherwise opens files itself)")
     g.add_argument("--memory-cache", metavar="SIZE", help="memory cap for all cached and in-flight blocks (default 512MiB)")
     g.add_argument("--block-size", metavar="SIZE", help="read block size (default 16MiB)")
     g.add_argument("--readahead-blocks", type=_count(0, 256), metavar="N",

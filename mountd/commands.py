@@ -178,6 +178,8 @@ def _cache_flags(args) -> dict:
         flags["disk"] = False
     if args.direct_io:
         flags["direct_io"] = True
+    if args.strict_open:
+        flags["strict_open"] = True
     return flags
 
 

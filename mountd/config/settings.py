@@ -90,6 +90,12 @@ class CacheSettings:
     # cold read, measured), and the node's memory for the data is bounded
     # by `memory`; a second epoch comes from mountd's caches, not the kernel's.
     direct_io: bool = False
+    # every open of a read-only mount's file comes to mountd, which pins the
+    # version it reads for that open and tells the kernel whether its cached
+    # pages are still good. Off, the kernel opens and closes files itself
+    # (where it can) and a later epoch costs no round trips: the version
+    # read is the one the kernel's attributes show (README, consistency).
+    strict_open: bool = False
 
     @property
     def directory(self) -> str:
@@ -109,6 +115,7 @@ _SECTION = {
     "negative_ttl": ("negative_ttl", lambda v, w: parse_duration(v, w)),
     "disk": ("disk", lambda v, w: _bool(v, w)),
     "direct_io": ("direct_io", lambda v, w: _bool(v, w)),
+    "strict_open": ("strict_open", lambda v, w: _bool(v, w)),
 }
 
 # Azure ML data-runtime variable -> (field, parser). Bare numbers are bytes,

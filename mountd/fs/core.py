@@ -13,6 +13,17 @@ a staged copy of the version it opened before storage deletes it. Until the
 last handle closes, the file can go by a name of the mount's own (`unlink`'s
 `keep_as`), for calls that need a path (fstat, ftruncate). A handle
 reading a file renamed through the mount follows it to its new name.
+
+Kernel opens (read-only mounts, unless `strict_open`): the kernel may open
+and close files without asking (`kernel_opens`), so that a file whose bytes
+are in its page cache costs no round trip at all. Its reads then arrive
+without a handle, by path (`read_path_into`), and each path is pinned to one
+version of its object: the version whose attributes the kernel was last
+told (getattr, listings). A change is taken up when the kernel is told the
+new attributes; a change found by a read (the pinned version is gone) fails
+that read with ESTALE and has the kernel drop what it caches of the path
+(`kernel`) before any byte of the new version is served: one version per
+path, never a mix of two in the page cache.
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from mountd.cache.blocks import BlockCache
 from mountd.cache.buffers import Block, copy_into
@@ -60,6 +73,26 @@ class OpenFile:
 # readahead, are larger.
 PEEK_MAX = 128 * 1024
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# Files read without a handle (kernel opens) whose readahead state is kept:
+# more than the files a job reads at once, few enough to look through.
+PATH_READERS = 64
+# How long a getattr waits for the kernel to drop the pages of a version
+# found gone (milliseconds, normally). Bounded: the read that found it gone
+# may itself be waiting on a lookup (its name expired), which waits here.
+SETTLE_TIMEOUT = 2.0
+
+
+class KernelCache(Protocol):
+    """What the glue offers for kernel opens: making the kernel forget what
+    it caches of a path."""
+
+    def forget_attributes(self, path: str) -> None:
+        """The kernel asks for the path's attributes again at its next use
+        of it (safe to call while serving a read: it waits on no page)."""
+
+    def forget_data(self, path: str, done: Callable[[], None]) -> None:
+        """The kernel drops the path's attributes and cached pages; `done`
+        runs once it has (never waited for while serving a read)."""
 
 
 class FileSystemCore:
@@ -83,6 +116,12 @@ class FileSystemCore:
         self._lock = threading.Lock()
         self._opened_etags: dict[str, str] = {}  # path -> etag at last open, for keep_cache
         self._kept: dict[str, bool] = {}  # names unlink(keep_as=) gave files still open (store paths)
+        # kernel opens: set by the glue when the kernel may open files itself
+        self.kernel_opens = False
+        self.kernel: KernelCache | None = None
+        self._pins: dict[str, Entry | None] = {}  # path -> version read without a handle; None: being dropped
+        self._settling: dict[str, threading.Event] = {}  # path -> set once the kernel dropped the old pages
+        self._path_readers: OrderedDict[str, OpenFile] = OrderedDict()  # readahead per path read without a handle
         self.started = time.time()
         # asked once: a local store's answer costs a statvfs
         self.name_limits = store.name_limits()
@@ -93,6 +132,9 @@ class FileSystemCore:
         self._dir_changed: dict[str, int] = {}
         self.bytes_served = 0
         self.read_errors = 0
+        # requests that reached the core, by operation: what a later epoch
+        # still costs in round trips once its bytes are in the page cache
+        self.calls = dict.fromkeys(("getattr", "open", "read", "flush", "release"), 0)
 
     # -- paths and attributes --------------------------------------------------------
     def _store_path(self, path: str) -> str:
@@ -131,10 +173,23 @@ class FileSystemCore:
                 "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
 
     def getattr(self, path: str) -> dict:
+        self.calls["getattr"] += 1
         with self._borrowed(self._store_path(path)) as sf:
             if sf is not None:
                 return self._staged_attributes(sf)
-        return self.attributes(self._entry(path))
+        if not self._pins:
+            return self.attributes(self._entry(path))
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (settling := self._settling.get(path)) is not None and time.monotonic() < deadline:
+            settling.wait(deadline - time.monotonic())  # the old version's pages go before the new one's attributes
+        try:
+            entry = self._entry(path)
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                self._told(path, None, settled=True)
+            raise
+        self._told(path, entry, settled=True)
+        return self.attributes(entry)
 
     @contextmanager
     def _borrowed(self, store_path: str):
@@ -168,6 +223,8 @@ class FileSystemCore:
         with errno_for(f"list {path}"):
             for child in self.meta.list_dir(store_path):
                 staged.pop(child.name, None)
+                if self._pins and not child.is_dir:
+                    self._told(path.rstrip("/") + "/" + child.name, child)  # readdirplus tells the kernel
                 yield child.name, self._child_attributes(child.path, child)
             for name, child_path in staged.items():  # created here, not in storage when listed
                 attrs = self._child_attributes(child_path, None)
@@ -220,10 +277,13 @@ class FileSystemCore:
         """(handle, keep_cache). keep_cache tells the kernel its cached pages
         of this file are still good: true when the object has not changed
         since it was last opened."""
+        self.calls["open"] += 1
         if flags & WRITE_FLAGS:
             if self.read_only:
                 raise FsError(errno.EROFS)
             return self._open_staged(path, flags, create=False), False
+        if self.kernel_opens:
+            raise FsError(errno.ENOSYS)  # the kernel opens files itself from now on
         if self.writeback and self.writeback.get(self._store_path(path)):
             return self._open_staged(path, flags, create=False), False
         entry = self._entry(path)
@@ -289,9 +349,18 @@ class FileSystemCore:
         its bytes (measured on Azurite: 20 ms of CPU with 20 000 blobs in the
         container)."""
         with self._lock:
-            readers = 1 + sum(1 for h in self._handles.values() if h.readahead is not None)
+            readers = 1 + sum(1 for h in self._handles.values() if h.readahead is not None) \
+                + sum(1 for h in self._path_readers.values() if h.run is not None and h.run.open)
         share = self.blocks.lru_blocks // readers - blocks_kept_behind(self.settings.block_size)
         return max(1, min(self.settings.readahead_blocks, share))
+
+    def let_kernel_open(self, kernel: KernelCache) -> bool:
+        """Called by the glue when the kernel can open files itself: whether
+        it should (read-only, page cache in use, strict_open off)."""
+        if not self.read_only or self.settings.direct_io or self.settings.strict_open:
+            return False
+        self.kernel, self.kernel_opens = kernel, True
+        return True
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """Up to `size` bytes at `offset` (fewer only at the end of the file)."""
@@ -303,9 +372,105 @@ class FileSystemCore:
         """Fill `dest` from `offset`; the bytes placed (fewer only at the end
         of the file). Copies straight from the cached blocks, so a FUSE read
         costs one copy into the kernel's buffer."""
+        self.calls["read"] += 1
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
+        return self._read(handle, dest, offset)
+
+    def read_path_into(self, path: str, dest: memoryview, offset: int) -> int:
+        """read_into for a file the kernel opened itself: from the version
+        `path` is pinned to."""
+        self.calls["read"] += 1
+        return self._read(self._path_reader(path), dest, offset, path)
+
+    def _path_reader(self, path: str) -> OpenFile:
+        with self._lock:
+            handle = self._path_readers.get(path)
+            if handle is not None:
+                self._path_readers.move_to_end(path)
+                return handle
+            pinned = self._pins.get(path, False)
+        if pinned is None:
+            raise FsError(errno.ESTALE)  # its version is gone and the kernel is still dropping its pages
+        if pinned is False:
+            pinned = self._entry(path)
+            if pinned.is_dir:
+                raise FsError(errno.EISDIR)
+        depth = self._readahead_blocks()
+        with self._lock:
+            handle = self._path_readers.get(path)
+            if handle is not None:  # another thread got there first
+                return handle
+            pinned = self._pins.setdefault(path, pinned)
+            if pinned is None:
+                raise FsError(errno.ESTALE)
+            handle = self._path_readers[path] = OpenFile(pinned, ReadAhead(self.settings.block_size, depth,
+                                                                           pinned.size))
+            evicted = self._path_readers.popitem(last=False)[1] if len(self._path_readers) > PATH_READERS else None
+        if evicted is not None and evicted.run is not None:
+            evicted.run.close()  # its reader is long gone
+        return handle
+
+    def _told(self, path: str, entry: Entry | None, settled: bool = False) -> None:
+        """The kernel is being told `entry` (None: no such file) for a path:
+        reads without a handle move to that version, and the kernel drops
+        the old one's pages (it does so itself only where the size or the
+        modification time changed). A path whose version was found gone
+        moves on only once the kernel has dropped its pages (`settled`: the
+        caller waited for that) and asks for its attributes: a read call
+        that met the error gets no byte of another version after it."""
+        with self._lock:
+            if path not in self._pins:
+                return
+            pinned = self._pins[path]
+            if pinned is None:
+                if not settled or path in self._settling:
+                    return
+            elif entry is not None and entry.etag == pinned.etag:
+                return
+            if entry is None:
+                del self._pins[path]
+            else:
+                self._pins[path] = entry
+            handle = self._path_readers.pop(path, None)
+        if handle is not None and handle.run is not None:
+            handle.run.close()
+        if pinned is not None and self.kernel is not None:
+            self.kernel.forget_data(path, lambda: None)
+
+    def _version_gone(self, path: str, gone: Entry) -> None:
+        """A read without a handle found its pinned version gone: no byte of
+        another is served for the path until the kernel has dropped every
+        page of the old one and asked for the new attributes."""
+        settled = threading.Event()
+        with self._lock:
+            pinned = self._pins.get(path, False)
+            if pinned is None or (pinned is not False and pinned.etag != gone.etag):
+                return  # another read found it first, or the path has moved on to a newer version
+            self._pins[path] = None
+            self._settling[path] = settled
+            handle = self._path_readers.pop(path, None)
+        if handle is not None and handle.run is not None:
+            handle.run.close()
+
+        def done():  # the pin stays None until the kernel asks for the attributes (getattr)
+            with self._lock:
+                if self._settling.get(path) is settled:
+                    del self._settling[path]
+            settled.set()
+        if self.kernel is None:
+            done()
+            return
+        try:
+            # the next stat, or the next read call, asks mountd (getattr),
+            # which waits until the old pages are gone
+            self.kernel.forget_attributes(path)
+        except OSError as e:
+            log.warning("could not have the kernel ask for the attributes of %s again: %s", path, e)
+        self.kernel.forget_data(path, done)
+
+    def _read(self, handle: OpenFile, dest: memoryview, offset: int, path: str | None = None) -> int:
         size = len(dest)
         if handle.staged is not None:
             with errno_for(f"read {handle.staged.path}"):
@@ -339,12 +504,16 @@ class FileSystemCore:
         except Stale:
             self.read_errors += 1
             self.meta.forget(entry.path)  # so that reopening it finds the new version at once
+            if path is not None:
+                self._version_gone(path, entry)
             log.error("%s changed in storage while open (etag %s); reopen it to read the new version",
                       entry.path, entry.etag)
             raise FsError(errno.ESTALE) from None
         except NotFound:
             self.read_errors += 1
             self.meta.forget(entry.path)
+            if path is not None:
+                self._version_gone(path, entry)
             log.error("%s was deleted from storage while open", entry.path)
             raise FsError(errno.ESTALE) from None
         except MountdError as e:
@@ -449,6 +618,9 @@ class FileSystemCore:
     def flush(self, fh: int) -> None:
         """close() and fsync(): a changed file goes to storage now; its errors
         (EIO) reach the application here."""
+        self.calls["flush"] += 1
+        if self.read_only:
+            raise FsError(errno.ENOSYS)  # nothing to do, ever: the kernel stops asking
         handle = self._handle(fh)
         if handle.staged is not None and handle.writable:
             self._upload(handle.staged)
@@ -459,6 +631,7 @@ class FileSystemCore:
             self.meta.remember(entry)
 
     def release(self, fh: int) -> None:
+        self.calls["release"] += 1
         with self._lock:
             handle = self._handles.pop(fh, None)
         if handle is None:
@@ -725,7 +898,7 @@ class FileSystemCore:
     def counters(self) -> dict:
         """The mount's numbers for `mountd status` (no locks taken)."""
         out = {"bytes_served": self.bytes_served, "read_errors": self.read_errors,
-               "open_files": len(self._handles), "cache": self.blocks.counters()}
+               "open_files": len(self._handles), "calls": dict(self.calls), "cache": self.blocks.counters()}
         if self.writeback:
             out["writes"] = self.writeback.counters()
         return out

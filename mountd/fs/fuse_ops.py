@@ -1,15 +1,19 @@
 """FUSE glue: mfusepy callbacks that hand each call to FileSystemCore.
 
 Nothing here decides anything; it converts arguments and sets the kernel's
-options (large reads, attribute timeouts, page-cache reuse).
+options (large reads, attribute timeouts, page-cache reuse), and offers the
+core a way to make the kernel forget what it caches of a path (kernel opens).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+import queue
 import re
+import threading
 
 # libfuse 3 first: mfusepy would otherwise pick libfuse 2 when both exist,
 # which caps reads at 128 KiB.
@@ -41,6 +45,10 @@ CAP_READDIRPLUS_AUTO = 1 << 14  # libfuse: let the kernel decide per call whethe
 # hard_remove would spare the rename, but then fstat, ftruncate and fchmod
 # of the open file fail: libfuse has no path left to give them.)
 LIBFUSE_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
+CAP_NO_OPEN_SUPPORT = 1 << 17  # libfuse: the kernel takes ENOSYS from open as "open files yourself"
+ROOT_NODE = 1  # the kernel's node id of the mount's root (FUSE_ROOT_ID)
+
+log = logging.getLogger(__name__)
 
 
 class _Fuse(mfusepy.FUSE):
@@ -51,7 +59,7 @@ class _Fuse(mfusepy.FUSE):
 
     def read(self, path, buf, size: int, offset: int, fip) -> int:
         dest = (ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))
-        return self.operations.read(fip.contents, memoryview(dest).cast("B"), offset)
+        return self.operations.read(path, fip.contents, memoryview(dest).cast("B"), offset)
 
     def readdir_fuse_3(self, path, buf, filler, offset: int, fip, flags: int) -> int:
         # mfusepy hands the kernel names only, so `ls -l` of a directory of
@@ -91,12 +99,81 @@ def tune_kernel_readahead(device: str) -> bool:
         return False
 
 
+class _KernelCache:
+    """The core's KernelCache over libfuse's notifications. Dropping pages
+    waits for the reads in flight on the file, so it runs on a thread of its
+    own, never on one serving a request; expiring attributes waits on
+    nothing and is done at once."""
+
+    def __init__(self, fuse: int, mountpoint: str):
+        lib = mfusepy._libfuse
+        lib.fuse_get_session.restype = ctypes.c_void_p
+        lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+        lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.fuse_lowlevel_notify_inval_inode.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64,
+                                                         ctypes.c_int64]
+        self._lib, self._fuse, self._mountpoint = lib, fuse, mountpoint
+        self._session = lib.fuse_get_session(fuse)
+        self._lock = threading.Lock()  # held by page drops: libfuse is not torn down under one
+        self._closed = False
+        self._drops: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._drop_pages, name="kernel-cache", daemon=True).start()
+
+    def forget_attributes(self, path: str) -> None:
+        # libfuse numbers the kernel's nodes itself and reports the numbers
+        # as st_ino (use_ino is off); the kernel's cached attributes give it
+        # without a request. Offset -1: attributes only, no page touched.
+        node = _cached_inode(self._mountpoint + path)
+        err = 0 if self._closed else self._lib.fuse_lowlevel_notify_inval_inode(self._session, node, -1, 0)
+        if err and err != -errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+            raise OSError(-err, os.strerror(-err))
+
+    def forget_data(self, path: str, done) -> None:
+        self._drops.put((path, done))
+
+    def _drop_pages(self) -> None:
+        while True:
+            path, done = self._drops.get()
+            try:
+                with self._lock:
+                    err = 0 if self._closed else self._lib.fuse_invalidate_path(self._fuse, os.fsencode(path))
+                if err and err != -errno.ENOENT:
+                    log.warning("could not have the kernel drop its pages of %s: %s", path, os.strerror(-err))
+            finally:
+                done()
+
+    def close(self) -> None:
+        # a drop still waiting on pages ends with the connection: wait for
+        # it a little, never for ever
+        held = self._lock.acquire(timeout=5)
+        self._closed = True
+        if held:
+            self._lock.release()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, AT_STATX_DONT_SYNC, STATX_INO = -100, 0x4000, 0x100
+STATX_INO_OFFSET = 32  # of stx_ino in struct statx
+
+
+def _cached_inode(path: str) -> int:
+    """The inode number of `path` from the kernel's cached attributes
+    (statx AT_STATX_DONT_SYNC: no request to the filesystem for them)."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(AT_FDCWD, os.fsencode(path), AT_STATX_DONT_SYNC, STATX_INO, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return ctypes.c_uint64.from_buffer(buf, STATX_INO_OFFSET).value
+
+
 class FuseOperations(mfusepy.Operations):
     use_ns = True  # times in nanoseconds
 
-    def __init__(self, core: FileSystemCore, on_ready=None):
+    def __init__(self, core: FileSystemCore, on_ready=None, mountpoint: str = ""):
         self.core = core
         self.on_ready = on_ready
+        self.mountpoint = mountpoint
+        self.kernel_cache: _KernelCache | None = None
 
     def init_with_config(self, conn, config):
         if conn is not None:
@@ -110,6 +187,13 @@ class FuseOperations(mfusepy.Operations):
             # readdirplus for every listing, not only when the kernel guesses
             # attributes will be wanted: they cost nothing extra here
             conn.want &= ~CAP_READDIRPLUS_AUTO
+            if conn.capable & CAP_NO_OPEN_SUPPORT:
+                fuse = mfusepy._libfuse.fuse_get_context().contents.fuse  # set while libfuse runs init
+                kernel_cache = _KernelCache(fuse, self.mountpoint)
+                if self.core.let_kernel_open(kernel_cache):
+                    self.kernel_cache = kernel_cache
+                else:
+                    kernel_cache.close()
         if config is not None:
             ttl = self.core.settings.attribute_ttl
             config.attr_timeout = ttl
@@ -122,6 +206,8 @@ class FuseOperations(mfusepy.Operations):
             self.on_ready()
 
     def destroy(self, path):
+        if self.kernel_cache is not None:
+            self.kernel_cache.close()
         self.core.close()
 
     def getattr(self, path, fh=None):
@@ -151,9 +237,12 @@ class FuseOperations(mfusepy.Operations):
         fi.fh = self.core.create(path, fi.flags)
         return 0
 
-    def read(self, fi, dest, offset):
-        # called by _Fuse.read with libfuse's buffer (not mfusepy's signature)
-        return self.core.read_into(fi.fh, dest, offset)
+    def read(self, path, fi, dest, offset):
+        # called by _Fuse.read with libfuse's buffer (not mfusepy's signature);
+        # handle 0: a file the kernel opened itself
+        if fi.fh:
+            return self.core.read_into(fi.fh, dest, offset)
+        return self.core.read_path_into(os.fsdecode(path), dest, offset)
 
     def write(self, path, data, offset, fi):
         return self.core.write(fi.fh, data, offset)
@@ -236,7 +325,7 @@ def serve(core: FileSystemCore, mountpoint: str, fsname: str, read_only: bool = 
         options["allow_other"] = True
         options["default_permissions"] = True
     try:
-        _Fuse(FuseOperations(core, on_ready), mountpoint, raw_fi=True, **options)
+        _Fuse(FuseOperations(core, on_ready, mountpoint), mountpoint, raw_fi=True, **options)
     except RuntimeError as e:
         # libfuse's main returns 8 when its loop ended on SIGINT/SIGTERM/SIGHUP:
         # the mount was stopped on purpose and is gone; anything else failed.

@@ -86,7 +86,7 @@ LIST_BLOB = b"123456789\n"  # 10 bytes
 MEMORY_CACHE = "256MiB"
 MEMORY_CACHE_BYTES = 256 * MiB
 # the mountd variants measured, by tool name: their extra mount flags
-MOUNTD_FLAGS = {"mountd": (), "mountd-direct": ("--direct-io",)}
+MOUNTD_FLAGS = {"mountd": (), "mountd-direct": ("--direct-io",), "mountd-strict-open": ("--strict-open",)}
 RSS_MARGIN = 150 * MiB
 READERS = 8
 MD5_SAMPLE = 16  # small files whose content is checked after each timed read

@@ -377,6 +377,34 @@ def test_direct_io_sends_every_read_to_mountd(datastore, mount, direct):
                 assert m[-7:] == data[-7:]
 
 
+def _calls(mp) -> dict:
+    return control.query(runtime.control_path(str(mp)))["calls"]
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["kernel-opens", "strict-open"])
+def test_a_later_epoch_of_a_read_only_mount_reaches_mountd_no_more(datastore, mount, strict):
+    """Once a file's bytes are in the page cache, opening, reading and
+    closing it again costs no request to mountd: the kernel opens files
+    itself and a read-only mount has nothing to do at close. With
+    --strict-open every open still comes to mountd (and its release), and
+    the bytes come from the page cache all the same."""
+    mp = mount("data", *(["--strict-open"] if strict else []))
+    assert tree_bytes(mp) == TREE  # the first epoch fills the page cache
+    before = _calls(mp)
+    names = sorted(TREE)
+    for _ in range(2):
+        for name in names:
+            with open(mp / name, "rb") as f:
+                assert f.read() == TREE[name]
+    after = _calls(mp)
+    calls = {k: after[k] - before[k] for k in after}
+    assert calls["flush"] == calls["read"] == calls["getattr"] == 0, calls
+    if strict:
+        assert calls["open"] == 2 * len(names), calls
+    else:
+        assert calls["open"] == calls["release"] == 0, calls
+
+
 def test_direct_io_read_write_mount_uploads_what_was_written(datastore, mount, mountd_cli):
     """Writes of any size arrive as written when the kernel caches nothing,
     and what was written reaches storage at close."""

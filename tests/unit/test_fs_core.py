@@ -365,3 +365,33 @@ def test_an_open_directory_is_read_a_buffer_at_a_time(core, tree):
     with pytest.raises(FsError) as e:
         core.opendir("/big.bin")
     assert e.value.errno == errno.ENOTDIR
+
+
+def test_reads_without_a_handle_keep_one_version_until_the_kernel_is_told_the_next(tree):
+    """Kernel opens: opens and closes are the kernel's, reads come by path,
+    pinned to one version; once that version is gone every read fails until
+    the kernel has asked for the new attributes (here: no kernel, so its
+    pages count as dropped at once), never a byte of the new one before."""
+    core = make_core(tree, readahead_blocks=0)
+    core.kernel_opens = True
+    try:
+        for call in (lambda: core.open("/big.bin", os.O_RDONLY), lambda: core.flush(0)):
+            with pytest.raises(FsError) as e:
+                call()
+            assert e.value.errno == errno.ENOSYS
+        buf = memoryview(bytearray(100))
+        assert core.read_path_into("/big.bin", buf, 0) == 100 and bytes(buf) == DATA[:100]
+        new = os.urandom(len(DATA))
+        (tree / "big.bin").write_bytes(new)
+        st = os.stat(tree / "big.bin")
+        os.utime(tree / "big.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10 ** 9))
+        for offset in (2 * BLOCK, 0, 2 * BLOCK):  # the block read first is cached, and is not served either
+            with pytest.raises(FsError) as e:
+                core.read_path_into("/big.bin", buf, offset)
+            assert e.value.errno == errno.ESTALE
+        assert core.getattr("/big.bin")["st_mtime"] > st.st_mtime_ns  # the kernel asks: the new version
+        assert core.read_path_into("/big.bin", buf, 2 * BLOCK) == 100 and bytes(buf) == new[2 * BLOCK:2 * BLOCK + 100]
+        assert core.read_path_into("/big.bin", buf, 0) == 100 and bytes(buf) == new[:100]
+        assert core.calls["open"] == core.calls["flush"] == 1 and core.calls["read"] == 6
+    finally:
+        core.close()

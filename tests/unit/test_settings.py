@@ -63,6 +63,14 @@ def test_direct_io_is_off_unless_asked_for():
     assert s.resolve(None, environ={}, direct_io=True).direct_io is True
 
 
+def test_strict_open_is_off_unless_asked_for():
+    assert s.resolve(None, environ={}).strict_open is False
+    assert s.resolve({"strict_open": True}, environ={}).strict_open is True
+    assert s.resolve(None, environ={}, strict_open=True).strict_open is True
+    with pytest.raises(UsageError):
+        s.resolve({"strict_open": "yes"}, environ={})
+
+
 def test_bad_environment_variable_is_named():
     with pytest.raises(UsageError, match=r"\$DATASET_MOUNT_READ_BLOCK_SIZE"):
         s.resolve(None, environ={"DATASET_MOUNT_READ_BLOCK_SIZE": "huge"})
