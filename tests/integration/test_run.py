@@ -582,14 +582,26 @@ def test_files_a_read_write_mount_could_not_upload_fail_the_run(job, tmp_path):
     body["data_references"] = {"scratch": {"datastore": "blob", "path_on_datastore": "live", "mode": "mount",
                                            "read_write": True}}
     manifest.write_text(yaml.safe_dump(body))
-    # the command writes, takes storage away, then closes: EIO, and the unmount cannot upload it either
-    write = ("import os, sys; from azure.storage.blob import BlobServiceClient\n"
+    # the command writes; storage goes away; it closes: EIO, and the unmount cannot upload it either
+    written, go = tmp_path / "written", tmp_path / "go"
+    write = ("import os, sys, time\n"
              "f = open(os.environ['AZUREML_DATAREFERENCE_scratch'] + '/ckpt.pt', 'wb'); f.write(b'w')\n"
-             "BlobServiceClient.from_connection_string(sys.argv[1]).delete_container(sys.argv[2])\n"
+             "open(sys.argv[1], 'w').close()\n"
+             "while not os.path.exists(sys.argv[2]): time.sleep(0.05)\n"
              "try:\n    f.close()\nexcept OSError:\n    pass")
-    r = run_cli("run", manifest, "--", sys.executable, "-c", write, job.remote.azurite.connection_string,
-                job.remote.name)
-    job.remote.create()  # for the fixture's clean-up
+    proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(manifest), "--", sys.executable, "-c", write,
+                             str(written), str(go)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not written.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        job.remote.delete()
+    finally:
+        go.write_text("")
+        _, stderr = proc.communicate(timeout=180)
+        job.remote.create()  # for the fixture's clean-up
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
     assert r.returncode == 3, r.stderr
     assert "1 written file(s) not uploaded (live/ckpt.pt)" in r.stderr
 

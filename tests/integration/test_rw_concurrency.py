@@ -12,6 +12,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -209,3 +210,22 @@ def test_a_file_renamed_while_open_for_writing_lands_under_its_new_name(storage,
     with pytest.raises(OSError) as e:
         os.stat(mp / "a.txt")
     assert e.value.errno == errno.ENOENT
+
+
+def test_a_file_unlinked_while_its_close_uploads_it_is_not_left_in_storage(storage, rw_mount):  # noqa: F811
+    mp = rw_mount()
+    body = os.urandom(32 * MiB)
+    for attempt in range(3):
+        name = f"big{attempt}.bin"
+        f = open(mp / name, "wb")
+        f.write(body)
+        closing = threading.Thread(target=f.close)  # the close uploads the file
+        closing.start()
+        time.sleep(0.02 * attempt)  # the unlink lands at a different point of the upload each time
+        os.unlink(mp / name)
+        closing.join(120)
+        assert not closing.is_alive()
+        assert name not in os.listdir(mp)
+    # no upload landed after its file's delete (libfuse holds the file's path
+    # while its flush uploads, so the unlink waits for it; this keeps it so)
+    assert not storage.files()
