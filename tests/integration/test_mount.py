@@ -207,7 +207,9 @@ def test_worker_killed_leaves_no_dead_mount(datastore, mount):
     mp = mount()
     record = runtime.read_record(str(mp))
     os.kill(record["pid"], signal.SIGKILL)
-    deadline = time.time() + 10
+    # the supervisor detaches the dead mount; on a loaded 2-core host that
+    # took over 10 s now and then (the suite's other FUSE workers compete)
+    deadline = time.time() + 30
     while mounts.is_mounted(str(mp)) and time.time() < deadline:
         time.sleep(0.1)
     assert not mounts.is_mounted(str(mp))
