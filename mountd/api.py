@@ -184,8 +184,8 @@ class Datastore:
     def path(self, path_on_datastore: str | None = None, data_reference_name: str | None = None) -> "DataReference":
         return DataReference(self, data_reference_name, path_on_datastore)
 
-    def as_mount(self, read_write: bool = False) -> "DataReference":
-        return DataReference(self).as_mount(read_write)
+    def as_mount(self, read_write: bool = False, prefetch: bool = False) -> "DataReference":
+        return DataReference(self).as_mount(read_write, prefetch)
 
     def as_download(self, path_on_compute: str | None = None, overwrite: bool = False) -> "DataReference":
         return DataReference(self).as_download(path_on_compute, overwrite)
@@ -263,9 +263,11 @@ class DataReference:
 
     def __init__(self, datastore: "Datastore", data_reference_name: str | None = None,
                  path_on_datastore: str | None = None, mode: str = "mount", path_on_compute: str | None = None,
-                 overwrite: bool = False, read_write: bool = False):
+                 overwrite: bool = False, read_write: bool = False, prefetch: bool = False):
         if mode not in self.MODES:
             raise UsageError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if prefetch and (mode != "mount" or read_write):
+            raise UsageError("prefetch is for read-only mounts: as_mount(prefetch=True) without read_write")
         path = normalize_path(path_on_datastore)
         if data_reference_name is None:
             # the seed's rule: the datastore's name for its root, else a fresh id
@@ -277,6 +279,7 @@ class DataReference:
         self.path_on_compute = path_on_compute
         self.overwrite = overwrite
         self.read_write = read_write
+        self.prefetch = prefetch
 
     def __str__(self) -> str:
         return f"$AZUREML_DATAREFERENCE_{self.data_reference_name}"
@@ -286,17 +289,19 @@ class DataReference:
                 f"path={self.path_on_datastore!r}, mode={self.mode!r})")
 
     def _with(self, mode: str, path_on_compute: str | None, overwrite: bool | None = None,
-              read_write: bool = False) -> "DataReference":
+              read_write: bool = False, prefetch: bool = False) -> "DataReference":
         return DataReference(self.datastore, self.data_reference_name, self.path_on_datastore, mode,
                              path_on_compute if path_on_compute is not None else self.path_on_compute,
-                             self.overwrite if overwrite is None else overwrite, read_write)
+                             self.overwrite if overwrite is None else overwrite, read_write, prefetch)
 
     def path(self, path: str | None = None, data_reference_name: str | None = None) -> "DataReference":
         return DataReference(self.datastore, data_reference_name, "/".join(
             p for p in (self.path_on_datastore, normalize_path(path)) if p), self.mode)
 
-    def as_mount(self, read_write: bool = False) -> "DataReference":
-        return self._with("mount", None, read_write=read_write)
+    def as_mount(self, read_write: bool = False, prefetch: bool = False) -> "DataReference":
+        """`prefetch`: once mounted, fill the disk cache with everything
+        under the path (read-only mounts; `mountd mount --prefetch`)."""
+        return self._with("mount", None, read_write=read_write, prefetch=prefetch)
 
     def as_download(self, path_on_compute: str | None = None, overwrite: bool = False) -> "DataReference":
         return self._with("download", path_on_compute, overwrite)
@@ -312,6 +317,8 @@ class DataReference:
             body["overwrite"] = True
         if self.read_write:
             body["read_write"] = True
+        if self.prefetch:
+            body["prefetch"] = True
         return body
 
 

@@ -167,3 +167,38 @@ def test_a_named_workspace_file_that_does_not_exist_is_refused(tmp_path):
     Datastore.register_local(ws, "scratch", str(tmp_path))
     assert (tmp_path / "new.yaml").exists()
     assert Workspace.from_config(str(tmp_path / "new.yaml")).datastores.keys() >= {"scratch"}
+
+
+@pytest.mark.fuse
+def test_a_mount_the_api_asks_to_prefetch_is_prefetched(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from mountd.api import RunManifest
+    ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    for i in range(5):
+        (src / "data" / f"{i}.bin").write_bytes(bytes([i]) * 3000)
+    store = Datastore.register_local(ws, "scratch", str(src))
+    images = store.path("data", data_reference_name="images").as_mount(prefetch=True)
+    assert images.to_manifest()["prefetch"] is True and "prefetch" not in store.as_mount().to_manifest()
+    with pytest.raises(UsageError, match="read-only mounts"):
+        store.as_mount(read_write=True, prefetch=True)
+    script = ("import json, os, time\n"
+              "from mountd.run import control, runtime\n"
+              "mp = os.environ['AZUREML_DATAREFERENCE_images']\n"
+              "for _ in range(300):\n"
+              "    p = control.query(runtime.control_path(mp))['prefetch']\n"
+              "    if p['state'] == 'done': break\n"
+              "    time.sleep(0.1)\n"
+              "print('PREFETCH', json.dumps(p))\n")
+    manifest = RunManifest(references=[images], command=[sys.executable, "-c", script], run_id="api2",
+                           work_dir=str(tmp_path / "work")).write(str(tmp_path / "job.yaml"))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    r = subprocess.run([sys.executable, "-m", "mountd", "--workspace", str(tmp_path / "ws.yaml"), "run", manifest],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    [line] = [x for x in r.stdout.splitlines() if x.startswith("PREFETCH ")]
+    state = json.loads(line.split(" ", 1)[1])
+    assert state["state"] == "done" and state["files"] == 5, state
