@@ -41,6 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from cachetools import LRUCache
+
 from mountd.cache.blocks import BlockCache
 from mountd.cache.buffers import Block, copy_into
 from mountd.cache.meta import MetadataCache
@@ -80,6 +82,9 @@ PATH_READERS = 64
 # found gone (milliseconds, normally). Bounded: the read that found it gone
 # may itself be waiting on a lookup (its name expired), which waits here.
 SETTLE_TIMEOUT = 2.0
+# Files whose etag at their last open is kept, to tell the kernel it may keep
+# their pages (keep_cache): about 20 MiB at this count.
+OPENED_ETAGS_KEPT = 100_000
 
 
 class KernelCache(Protocol):
@@ -114,7 +119,11 @@ class FileSystemCore:
         self._dirs: dict[int, DirListing] = {}
         self._next_fh = itertools.count(1)
         self._lock = threading.Lock()
-        self._opened_etags: dict[str, str] = {}  # path -> etag at last open, for keep_cache
+        # path -> etag at its last open, for keep_cache; the least recently
+        # opened are forgotten (their next open drops the kernel's pages:
+        # slower, never wrong), so a job opening millions of files does not
+        # grow this outside every cache's cap
+        self._opened_etags: LRUCache = LRUCache(maxsize=OPENED_ETAGS_KEPT)
         self._kept: dict[str, bool] = {}  # names unlink(keep_as=) gave files still open (store paths)
         # kernel opens: set by the glue when the kernel may open files itself
         self.kernel_opens = False

@@ -395,3 +395,22 @@ def test_reads_without_a_handle_keep_one_version_until_the_kernel_is_told_the_ne
         assert core.calls["open"] == core.calls["flush"] == 1 and core.calls["read"] == 6
     finally:
         core.close()
+
+
+def test_the_etags_kept_for_keep_cache_are_bounded_and_forgetting_one_only_drops_pages(tree, monkeypatch):
+    from mountd.fs import core as core_mod
+    monkeypatch.setattr(core_mod, "OPENED_ETAGS_KEPT", 3)
+    for i in range(10):
+        (tree / f"f{i}").write_bytes(b"x" * i)
+    c = make_core(tree)
+    try:
+        def opened(name):
+            fh, keep = c.open(name, os.O_RDONLY)
+            c.release(fh)
+            return keep
+        assert [opened(f"/f{i}") for i in range(10)] == [False] * 10
+        assert len(c._opened_etags) == 3  # not one per file ever opened
+        assert opened("/f9") is True  # recently opened, unchanged: the kernel keeps its pages
+        assert opened("/f0") is False  # forgotten: its pages are dropped, nothing worse
+    finally:
+        c.close()
