@@ -175,6 +175,7 @@ def test_a_mount_the_api_asks_to_prefetch_is_prefetched(tmp_path):
     import subprocess
     import sys
     from mountd.api import RunManifest
+    from tests.integration.test_prefetch import WAIT_FOR_PREFETCH
     ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
     src = tmp_path / "src"
     (src / "data").mkdir(parents=True)
@@ -185,15 +186,7 @@ def test_a_mount_the_api_asks_to_prefetch_is_prefetched(tmp_path):
     assert images.to_manifest()["prefetch"] is True and "prefetch" not in store.as_mount().to_manifest()
     with pytest.raises(UsageError, match="read-only mounts"):
         store.as_mount(read_write=True, prefetch=True)
-    script = ("import json, os, time\n"
-              "from mountd.run import control, runtime\n"
-              "mp = os.environ['AZUREML_DATAREFERENCE_images']\n"
-              "for _ in range(300):\n"
-              "    p = control.query(runtime.control_path(mp))['prefetch']\n"
-              "    if p['state'] == 'done': break\n"
-              "    time.sleep(0.1)\n"
-              "print('PREFETCH', json.dumps(p))\n")
-    manifest = RunManifest(references=[images], command=[sys.executable, "-c", script], run_id="api2",
+    manifest = RunManifest(references=[images], command=[sys.executable, "-c", WAIT_FOR_PREFETCH], run_id="api2",
                            work_dir=str(tmp_path / "work")).write(str(tmp_path / "job.yaml"))
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     r = subprocess.run([sys.executable, "-m", "mountd", "--workspace", str(tmp_path / "ws.yaml"), "run", manifest],

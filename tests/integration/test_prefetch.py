@@ -217,6 +217,18 @@ def test_manifest_prefetch(tmp_path, mountd_cli, monkeypatch, extra, error):
         assert r.code == 2 and error in r.err and r.err.startswith("mountd: error: ") and r.err.count("\n") == 1, r
 
 
+# A job's command: waits (up to 30 s) until the prefetch of the mount of
+# reference `images` is done, then prints `PREFETCH <its state as JSON>`.
+WAIT_FOR_PREFETCH = ("import json, os, time\n"
+                     "from mountd.run import control, runtime\n"
+                     "mp = os.environ['AZUREML_DATAREFERENCE_images']\n"
+                     "for _ in range(300):\n"
+                     "    p = control.query(runtime.control_path(mp))['prefetch']\n"
+                     "    if p['state'] == 'done': break\n"
+                     "    time.sleep(0.1)\n"
+                     "print('PREFETCH', json.dumps(p))\n")
+
+
 def test_a_run_with_a_prefetched_mount(tmp_path, azurite, container, monkeypatch):
     """`prefetch: true` reaches the mount worker of `mountd run`."""
     files = a_dataset(7, 20, 10_000)
@@ -225,14 +237,7 @@ def test_a_run_with_a_prefetched_mount(tmp_path, azurite, container, monkeypatch
     ws.write_text(yaml.safe_dump({"datastores": {"blob": blob_workspace_entry(azurite, container.container_name)}}))
     monkeypatch.setenv("MOUNTD_WORKSPACE", str(ws))
     monkeypatch.setenv(KEY_ENV, KEY)
-    script = ("import json, os, sys, time\n"
-              "from mountd.run import control, runtime\n"
-              "mp = os.environ['AZUREML_DATAREFERENCE_images']\n"
-              "for _ in range(300):\n"
-              "    p = control.query(runtime.control_path(mp))['prefetch']\n"
-              "    if p['state'] == 'done': break\n"
-              "    time.sleep(0.1)\n"
-              "print('PREFETCH', json.dumps(p))\n")
+    script = WAIT_FOR_PREFETCH
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump({
         "work_dir": str(tmp_path / "work"), "cache": {"dir": str(tmp_path / "cache")},
