@@ -510,20 +510,16 @@ class FileSystemCore:
                     return placed
             # the Blocks themselves are held until copied: their buffers are reused once let go
             blocks = [self._block(entry, i) for i in range(first, last + 1)]
-        except Stale:
+        except (Stale, NotFound) as e:
             self.read_errors += 1
             self.meta.forget(entry.path)  # so that reopening it finds the new version at once
             if path is not None:
                 self._version_gone(path, entry)
-            log.error("%s changed in storage while open (etag %s); reopen it to read the new version",
-                      entry.path, entry.etag)
-            raise FsError(errno.ESTALE) from None
-        except NotFound:
-            self.read_errors += 1
-            self.meta.forget(entry.path)
-            if path is not None:
-                self._version_gone(path, entry)
-            log.error("%s was deleted from storage while open", entry.path)
+            if isinstance(e, Stale):
+                log.error("%s changed in storage while open (etag %s); reopen it to read the new version",
+                          entry.path, entry.etag)
+            else:
+                log.error("%s was deleted from storage while open", entry.path)
             raise FsError(errno.ESTALE) from None
         except MountdError as e:
             self.read_errors += 1

@@ -123,7 +123,6 @@ class Daemon:
         try:
             # one holder per work dir, as for `mountd run` (a run and a daemon
             # on one work dir would stage over and upload each other's files)
-            os.makedirs(self.manifest.work_dir, exist_ok=True)
             held = lifecycle.lock_work_dir(self.manifest, f"(mountd daemon {self.manifest.path})")
         except BaseException:
             self._unregister()

@@ -25,7 +25,7 @@ from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
 from mountd.transfer.journal import Journal, datastore_record
-from mountd.transfer.progress import Progress, TransferReport, human_size
+from mountd.transfer.progress import Progress, TransferReport
 from mountd.transfer.resume import resume
 
 log = logging.getLogger("mountd.run")
@@ -293,7 +293,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
             state.outputs[ref.name] = f"FAILED, files kept in {ref.path_on_compute}"
             continue
         log.info("uploaded %s: %s", ref.name, report.summary())
-        state.outputs[ref.name] = _outcome(ref, report)
+        state.outputs[ref.name] = report.outcome(storage_url(ref))
         _note_failed_files(state, "upload", ref, report)
     pending = journal.pending(manifest.run_id)
     if pending:
@@ -306,19 +306,6 @@ def storage_url(ref: DataReference) -> str:
     base = ref.datastore.location
     sep = "" if base.endswith("/") or not ref.path_on_datastore else "/"
     return f"{base}{sep}{ref.path_on_datastore}"
-
-
-def _outcome(ref: DataReference, report: TransferReport) -> str:
-    """One upload reference's part of the run's last line."""
-    line = f"{report.files} file{'s' if report.files != 1 else ''} ({human_size(report.bytes)}) to {storage_url(ref)}"
-    same = report.skipped - len(report.differing)
-    if same:
-        line += f", {same} unchanged"
-    if report.differing:
-        line += f", {len(report.differing)} NOT uploaded (storage holds another version)"
-    if report.failed:
-        line += f", {len(report.failed)} FAILED"
-    return line
 
 
 def outputs_summary(uploads: list[DataReference], outputs: dict[str, str]) -> str:
@@ -352,7 +339,6 @@ def run(manifest: Manifest, command: list[str] | None = None, log_level: str = "
         _refuse_work_dir(manifest)  # before anything else is said or done
     check_sources(manifest)
     todo = plan(manifest)
-    os.makedirs(manifest.work_dir, exist_ok=True)
     held = lock_work_dir(manifest)
     try:
         return _run(manifest, command, refs, todo, log_level, debug)
@@ -376,10 +362,11 @@ def check_sources(manifest: Manifest) -> None:
 
 
 def lock_work_dir(manifest: Manifest, note: str | None = None):
-    """Hold the run's work dir for this process: a second run on it would
-    stage over the first one's inputs and upload each other's outputs.
-    `note` names the holder for whoever is refused."""
+    """Make the run's work dir if need be and hold it for this process: a
+    second run on it would stage over the first one's inputs and upload each
+    other's outputs. `note` names the holder for whoever is refused."""
     from mountd.locks import lock_as
+    os.makedirs(manifest.work_dir, exist_ok=True)
     held = lock_as(manifest.work_dir, note or f"(mountd run {manifest.run_id})")
     if held is None:
         _refuse_work_dir(manifest)

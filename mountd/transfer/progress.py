@@ -55,6 +55,19 @@ class TransferReport:
             line += f"; {len(self.failed)} failed"
         return line
 
+    def outcome(self, target: str) -> str:
+        """The upload in one phrase, for a run's last line: what went to
+        `target`, what was unchanged, what did not go and why."""
+        line = f"{self.files} file{'s' if self.files != 1 else ''} ({human_size(self.bytes)}) to {target}"
+        same = self.skipped - len(self.differing)
+        if same:
+            line += f", {same} unchanged"
+        if self.differing:
+            line += f", {len(self.differing)} NOT uploaded (storage holds another version)"
+        if self.failed:
+            line += f", {len(self.failed)} FAILED"
+        return line
+
 
 class Progress:
     """Thread-safe counters shown as a tqdm bar when `stream` is a terminal."""
