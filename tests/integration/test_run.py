@@ -414,6 +414,20 @@ def test_quickstart_manifest(tmp_path):
     assert no_mounts_under(tmp_path)
 
 
+def _signal_during_uploads(proc, sig) -> str:
+    """Once the command of `mountd run` (`proc`, stderr piped) has exited and
+    its outputs are going up, send `sig`; wait for the end and return the
+    stderr written after the signal."""
+    for line in proc.stderr:
+        if "training process exited" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    proc.wait(60)
+    return rest
+
+
 def test_second_signal_aborts_uploads_and_keeps_outputs(job, tmp_path):
     # The child writes many outputs and exits on the first SIGTERM; the
     # second SIGTERM lands while they upload.
@@ -433,13 +447,7 @@ def test_second_signal_aborts_uploads_and_keeps_outputs(job, tmp_path):
     while not (outputs / "ready").exists() and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    for line in proc.stderr:
-        if "training process exited" in line:
-            break
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    proc.wait(60)
+    rest = _signal_during_uploads(proc, signal.SIGTERM)
     assert proc.returncode == 143, rest
     uploaded = job.remote.files("runs/r1/out")
     assert len(uploaded) < 601, "the second signal did not stop the uploads"
@@ -647,15 +655,7 @@ def test_a_first_stop_signal_during_uploads_aborts_them_as_it_says(job, tmp_path
     script = _write_outputs_script(tmp_path, 600, 256 * 1024)
     proc = subprocess.Popen([sys.executable, "-m", "mountd", "run", str(job()), "--", sys.executable, str(script)],
                             cwd=REPO, env=dict(os.environ, MOUNTD_NO_FUSE="1"), stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "training process exited" in line:
-            break
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    proc.wait(60)
+    rest = _signal_during_uploads(proc, signal.SIGINT)
     assert "stop signal: aborting uploads" in rest and "second" not in rest, rest
     assert proc.returncode == 3, rest  # the job succeeded; not all of its outputs reached storage
     uploaded = job.remote.files("runs/r1/out")
