@@ -32,7 +32,7 @@ from mountd.config.credentials import TOKEN_KINDS, connection_string_parts
 from mountd.errors import ConfigError, StorageError, Unreachable
 from mountd.storage.azure_common import raise_for_status
 from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
-from mountd.storage.transport import TransportError, body_reader, drain, release, transport
+from mountd.storage.transport import TransportError, drain, release, transport
 
 # The REST version every request names, on this path and the SDK's alike.
 API_VERSION = "2025-11-05"
@@ -246,11 +246,10 @@ class RangeReader:
             query = self.signer.sign("GET", path, headers)
             url = self.origin + path + ("?" + query if query else "")
             try:
-                response = self.transport.request("GET", url, headers, preload=False)
+                response = self.transport.get(url, headers)
             except OSError as e:
                 attempt = self._backoff(attempt, None, e)
                 continue
-            body = body_reader(response)
             try:
                 status = response.status
                 if status == 416:
@@ -273,7 +272,7 @@ class RangeReader:
                 etag = etag or served or None  # a resumed read must continue the same version
                 before = p.got
                 try:
-                    fill(body, p)
+                    fill(response, p)
                 except (OSError, http.client.HTTPException) as e:
                     if p.got > before:
                         attempt = 0  # it was moving: a long stream gets a fresh budget for each break

@@ -41,7 +41,12 @@ def serve():
 
 
 def get(server, t=None, method="GET", path="/"):
-    return (t or server.transport()).request(method, server.url + path, {"x-ms-version": "v"}, preload=False)
+    """A request as the data path sends it: a GET by Transport.get (the
+    ranged reads' way), anything else by Transport.request."""
+    t = t or server.transport()
+    if method == "GET":
+        return t.get(server.url + path, {"x-ms-version": "v"})
+    return t.request(method, server.url + path, {"x-ms-version": "v"}, preload=False)
 
 
 def test_length_framed_bodies_on_one_kept_alive_connection(serve):
@@ -203,11 +208,20 @@ AZURE_ANSWER = (b"Content-Length: 4096\r\nContent-Type: application/octet-stream
     b"Bare: newline\nEnds: too\n\n",
     b"Colon: in: value\r\nStray: car\rriage\r\n\r\n",
     b"Cut: short",  # the connection closed inside the header block
+    b"Lf: ends\r\n\nNot: a field\r\n\r\nbody",  # a bare LF line ends the block before the CRLF one
+    b"\nNot: a field\r\n\r\n",
+    b"".join(b"F%d: v\r\n" % i for i in range(99)) + b"\r\nbody",  # http.client's most fields
 ])
-def test_header_fields_read_as_http_client_reads_them(block):
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
+def test_header_fields_read_as_http_client_reads_them(block, buffered):
     import http.client
     import io
-    ours, stock = tp._parse_headers(io.BytesIO(block)), http.client.parse_headers(io.BytesIO(block))
+
+    def reader():  # answers come from a buffered socket file: the block may be taken from its buffer at once
+        return io.BufferedReader(io.BytesIO(block)) if buffered else io.BytesIO(block)
+    ours_fp, stock_fp = reader(), reader()
+    ours, stock = tp._parse_headers(ours_fp), http.client.parse_headers(stock_fp)
+    assert ours_fp.read() == stock_fp.read()  # the same bytes were taken as the header block
     assert isinstance(ours, http.client.HTTPMessage)
     assert ours.items() == stock.items() and ours.keys() == stock.keys()
     for name in ("content-length", "ETAG", "x-ms-meta-note", "set-cookie", "empty", "x-folded", "missing", "after"):
@@ -220,13 +234,22 @@ def test_header_fields_read_as_http_client_reads_them(block):
         assert ours["x-ms-meta-note"] == "two  spaces " and ours["empty"] == ""
 
 
+def test_more_header_fields_than_http_client_takes_are_refused_alike():
+    import http.client
+    import io
+    block = b"".join(b"F%d: v\r\n" % i for i in range(100)) + b"\r\nbody"
+    for fp in (io.BytesIO(block), io.BufferedReader(io.BytesIO(block))):
+        with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
+            tp._parse_headers(fp)
+
+
 def test_answers_parsed_on_the_fast_path_frame_their_bodies_alike(serve):
     head_only = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nConnection: keep-alive\r\n\r\n"
     server = serve(b"HTTP/1.1 206 Partial Content\r\n" + AZURE_ANSWER[:-4].replace(b"4096", b"5") + b"hello",
                    head_only, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye")
     t = server.transport()
     r = get(server, t)
-    assert r.status == 206 and r.headers["etag"] == '"0x8DE1234"' and r.headers.getlist("set-cookie") == ["a=1", "b=2"]
+    assert r.status == 206 and r.headers["etag"] == '"0x8DE1234"' and r.headers.get_all("set-cookie") == ["a=1", "b=2"]
     assert read_all(r) == b"hello"
     tp.release(r)
     r = t.request("HEAD", server.url + "/", {})
