@@ -35,7 +35,8 @@ from mountd.config.datastores import DatastoreConfig
 from mountd.config.names import check_name
 from mountd.config.workspace import Workspace as _WorkspaceFile
 from mountd.errors import TransferFailed, UsageError
-from mountd.storage import normalize_path, open_store
+from mountd.paths import normalize_path
+from mountd.storage import open_store
 from mountd.transfer import download as _download
 from mountd.transfer import upload as _upload
 

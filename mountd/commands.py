@@ -186,7 +186,7 @@ def _cache_flags(args) -> dict:
 def mount(args) -> int:
     from mountd.config import settings as settings_mod
     from mountd.run import mount_worker, mounts
-    from mountd.storage import normalize_path
+    from mountd.paths import normalize_path
 
     ws = _workspace(args)
     name, path = _parse_target(args.target)

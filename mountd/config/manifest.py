@@ -36,7 +36,7 @@ from mountd.config.workspace import Workspace
 from mountd.config.yamlio import UniqueKeyLoader
 from mountd.errors import ConfigError, UsageError
 from mountd.errors import shorten as _short
-from mountd.storage.base import normalize_path
+from mountd.paths import is_within, normalize_path
 
 log = logging.getLogger(__name__)
 
@@ -693,7 +693,7 @@ class _Parser:
 
     def _check_inside_roots(self, path: tuple, compute: str, real: str) -> None:
         if not self._allowed(compute, real):
-            inside_lexically = any(_within(compute, r.path) for r in self.roots)
+            inside_lexically = any(is_within(compute, r.path) for r in self.roots)
             if inside_lexically and any(compute == r.path for r in self.roots if r.strict):
                 reason = "is the work, cache or working directory itself; give a directory inside it"
             elif inside_lexically and real != compute:
@@ -702,7 +702,7 @@ class _Parser:
                 reason = "is outside the allowed roots"
             raise self.src.error(path, f"{compute!r} {reason} ({self._roots_text()})")
         for root in self.roots:
-            if root.strict and _within(root.real, real):
+            if root.strict and is_within(root.real, real):
                 raise self.src.error(path, f"{compute!r} contains {root.what} {root.path!r}, "
                                            "which a mount or download there would hide")
 
@@ -710,7 +710,7 @@ class _Parser:
         # Both checks: the path as written (no '..' tricks once normalized) and
         # the path the kernel will follow (no symbolic link out of a root).
         for root in self.roots:
-            if _within(lexical, root.path) and _within(real, root.real) \
+            if is_within(lexical, root.path) and is_within(real, root.real) \
                     and not (root.strict and (lexical == root.path or real == root.real)):
                 return True
         return False
@@ -726,9 +726,9 @@ class _Parser:
             other_real = self.reals[other]
             if real == other_real:
                 problem = "is the same directory as"
-            elif _within(real, other_real):
+            elif is_within(real, other_real):
                 problem = "is inside"
-            elif _within(other_real, real):
+            elif is_within(other_real, real):
                 problem = "contains"
             else:
                 continue
@@ -941,7 +941,7 @@ class _Parser:
         real = _real(path)
         for root in self.workspace.allowed_roots:
             root = _norm(root)
-            if _within(path, root) or _within(real, _real(root)):
+            if is_within(path, root) or is_within(real, _real(root)):
                 return None
         for candidate in (path, real):
             if candidate == "/":
@@ -950,7 +950,7 @@ class _Parser:
             if top.startswith("lib"):
                 return "/" + top
             for system in SYSTEM_DIRS:
-                if _within(candidate, system):
+                if is_within(candidate, system):
                     return system
         return None
 
@@ -970,10 +970,6 @@ def _real(path: str) -> str:
         head, name = os.path.split(head)
         tail.insert(0, name)
     return _norm(os.path.join(os.path.realpath(head), *tail))
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 # -- message helpers ----------------------------------------------------------------

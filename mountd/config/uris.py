@@ -30,7 +30,7 @@ from mountd.config import datastores
 from mountd.config.datastores import DEFAULT_SUFFIX, DatastoreConfig
 from mountd.config.names import MAX_NAME_LENGTH, check_name
 from mountd.errors import UsageError
-from mountd.storage.base import normalize_path
+from mountd.paths import normalize_path
 
 SCHEMES = ("azureml", "wasbs", "wasb", "https", "http")
 FORMS = ("azureml://datastores/NAME/paths/PATH, wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH "

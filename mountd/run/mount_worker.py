@@ -95,7 +95,8 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     from mountd.fs.core import FileSystemCore
     from mountd.fs.fuse_ops import serve
     from mountd.fs.preload import FILL_BLOCKS, DatasetPrefetch
-    from mountd.storage import normalize_path, open_store
+    from mountd.paths import normalize_path
+    from mountd.storage import open_store
 
     cfg = datastores.parse(spec["datastore"]["name"],
                            {k: v for k, v in spec["datastore"].items() if k != "name"}, "mount")

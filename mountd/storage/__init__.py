@@ -6,7 +6,8 @@ from __future__ import annotations
 from mountd.config import credentials
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import ConfigError
-from mountd.storage.base import Entry, ObjectStore, join, normalize_path
+from mountd.paths import join, normalize_path
+from mountd.storage.base import Entry, ObjectStore
 
 __all__ = ["Entry", "ObjectStore", "join", "normalize_path", "open_store", "resolve_credential"]
 
