@@ -311,7 +311,7 @@ def run(args) -> int:
 
 
 def resume(args) -> int:
-    from mountd.transfer.journal import Journal
+    from mountd.journal import Journal
     from mountd.transfer.resume import resume as resume_dir
 
     if args.work_dir:

@@ -29,10 +29,10 @@ from typing import Callable
 
 from mountd.errors import MountdError
 from mountd.fs.errors import FsError
+from mountd.journal import Journal
 from mountd.locks import try_lock
 from mountd.paths import is_within
 from mountd.storage.base import Entry, ObjectStore
-from mountd.transfer.journal import Journal
 from mountd.transfer.upload import upload_file
 
 log = logging.getLogger(__name__)

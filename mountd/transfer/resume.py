@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from mountd.config import datastores
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import ConfigError, MountdError
-from mountd.transfer.journal import Job, Journal, in_use
+from mountd.journal import Job, Journal, in_use
 from mountd.transfer.progress import human_size
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import threading
 from typing import Iterable
 
 from mountd.errors import AlreadyExists, MountdError, UsageError
+from mountd.journal import Job
 from mountd.paths import is_within, join, normalize_path
 from mountd.storage.base import Entry, ObjectStore
-from mountd.transfer.journal import Job
 from mountd.transfer.pool import BoundedPool
 from mountd.transfer.progress import Progress, TransferReport
 

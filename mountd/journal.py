@@ -1,5 +1,7 @@
 """Upload journal: what must reach storage, written to disk before the first
 byte goes up and forgotten only once storage has confirmed every file.
+A durability concern of its own, shared by bulk uploads (`mountd.transfer`)
+and read-write mounts (`mountd.fs.writeback`), so neither imports the other for it.
 
 One job per upload (an `upload` reference after the run, a file closed on a
 read-write mount), under `<work dir>/journal/`:
