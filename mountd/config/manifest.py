@@ -872,8 +872,7 @@ class _Parser:
             self._check_key_files(cfg, where)
             try:
                 if credentials.resolve(cfg.credential, where).kind in credentials.TOKEN_KINDS:
-                    from mountd.storage.identity import require_https
-                    require_https(cfg.account_url(), where)
+                    credentials.require_https(cfg.account_url(), where)
             except UsageError as e:
                 raise type(e)(_one_line(str(e))) from None
 

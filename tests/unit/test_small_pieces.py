@@ -5,8 +5,8 @@ import io
 import pytest
 
 from mountd.errors import UsageError
-from mountd.redact import redact
 from mountd.paths import is_within, join, normalize_path
+from mountd.redact import redact
 from mountd.storage.retry import MAX_RETRY_AFTER
 from mountd.storage.sdk import BackoffRetry
 from mountd.transfer.download import UnsafeName, local_path_for
