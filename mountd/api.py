@@ -35,6 +35,7 @@ from mountd.config.datastores import DatastoreConfig
 from mountd.config.names import check_name
 from mountd.config.workspace import Workspace as _WorkspaceFile
 from mountd.errors import TransferFailed, UsageError
+from mountd.fileio import write_atomic
 from mountd.paths import normalize_path
 from mountd.storage import open_store
 from mountd.transfer import download as _download
@@ -247,10 +248,7 @@ def _store_secret(workspace: Workspace, name: str, kind: str, secret: str) -> st
     directory = os.path.join(os.path.dirname(workspace.path), "secrets")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, f"{name.lower()}.{kind}")
-    fd, tmp = tempfile.mkstemp(dir=directory)  # created 0600
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    os.replace(tmp, path)
+    write_atomic(path, secret.encode("utf-8"), mode=0o600)
     return path
 
 
