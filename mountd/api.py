@@ -32,6 +32,7 @@ import uuid
 
 from mountd.config import datastores as ds_config
 from mountd.config.datastores import DatastoreConfig
+from mountd.config.manifest_refs import MODES as _MODES
 from mountd.config.names import check_name
 from mountd.config.workspace import Workspace as _WorkspaceFile
 from mountd.errors import TransferFailed, UsageError
@@ -258,7 +259,7 @@ class DataReference:
     that names its local path on the node, `$AZUREML_DATAREFERENCE_<name>`,
     so it can stand in a command line as the path itself."""
 
-    MODES = ("mount", "download", "upload")
+    MODES = _MODES  # the manifest's: one list of modes
 
     def __init__(self, datastore: "Datastore", data_reference_name: str | None = None,
                  path_on_datastore: str | None = None, mode: str = "mount", path_on_compute: str | None = None,

@@ -239,9 +239,9 @@ def _load_manifest(args):
 
 
 def validate(args) -> int:
-    from mountd.config.manifest import _load
+    from mountd.config.manifest_source import load_document
     manifest = _load_manifest(args)
-    data, _ = _load(manifest.path)
+    data, _ = load_document(manifest.path)
     generated = not isinstance(data, dict) or data.get("run_id") is None
 
     def shown(text: str) -> str:  # a generated id is not the one the next run will use
