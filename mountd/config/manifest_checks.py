@@ -1,6 +1,7 @@
-"""What every section of the manifest parser shares: its state (the file, the
-workspace, placeholder values, allowed roots, datastores) and the checks of
-single fields (booleans, choices, path-like text, placeholders, system dirs).
+"""What every section of the manifest parser shares: its state, and the
+checks of single fields (booleans, choices, path-like text, system dirs).
+
+The state: the file, the workspace, placeholder values, allowed roots, datastores.
 
 The sections themselves are mixins of `FieldChecks`: references
 (manifest_refs), command and environment (manifest_command), and the rest

@@ -1,7 +1,9 @@
-"""The command a run executes and its environment, from a manifest or from an
-Azure ML v1 run configuration (`script` and `arguments`, its environment
-variables, an environment file of its own; `nodeCount` above 1 refused; the
-settings mountd does not use listed once).
+"""The command a run executes and its environment, as a manifest gives them
+or as an Azure ML v1 run configuration does.
+
+From a v1 run configuration: `script` and `arguments`, its environment
+variables, an environment file of its own; `nodeCount` above 1 is refused, and
+the settings mountd does not use are listed once.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Finishing the uploads of an interrupted run: every unfinished job of a
-work directory's journal is uploaded again from its local files, and
-forgotten once storage confirms it (`mountd resume`, and `mountd run`, the
-daemon and read-write mount workers at start)."""
+"""Finishing the uploads of an interrupted run: each unfinished job of a work
+directory's journal uploaded again from its local files, then forgotten.
+
+Run by `mountd resume`, and by `mountd run`, the daemon and read-write mount
+workers when they start; a job is forgotten once storage confirms it."""
 
 from __future__ import annotations
 
