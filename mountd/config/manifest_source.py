@@ -13,7 +13,7 @@ from typing import Callable
 
 import yaml
 
-from mountd.config.yamlio import UniqueKeyLoader
+from mountd.config.yamlio import UniqueKeyLoader, yaml_problem, yaml_where
 from mountd.errors import UsageError
 from mountd.errors import shorten as _short
 
@@ -79,7 +79,7 @@ def load_document(path: str) -> tuple[object, Source]:
     except _DuplicateKey as e:
         raise UsageError(one_line(f"{path}:{e.line}: {field_name(e.path)}: duplicate key {_short(e.path[-1])}")) from None
     except yaml.YAMLError as e:
-        raise UsageError(one_line(f"{_yaml_where(path, text, e)}: invalid YAML: {_yaml_problem(e)}")) from None
+        raise UsageError(one_line(f"{yaml_where(path, text, e)}: invalid YAML: {yaml_problem(e)}")) from None
     except RecursionError:
         raise UsageError(f"{path}: the manifest is nested too deeply") from None
     finally:
@@ -146,22 +146,6 @@ def _key(node: yaml.ScalarNode, loader: _Loader) -> object:
         return key
     except (yaml.YAMLError, TypeError, ValueError):
         return node.value  # reported properly when the document is constructed
-
-
-def _yaml_where(path: str, text: str, e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    if mark is not None:
-        return f"{path}:{mark.line + 1}:{mark.column + 1}"
-    position = getattr(e, "position", None)  # a ReaderError: a character YAML does not allow
-    return f"{path}:{text[:position].count(chr(10)) + 1}" if isinstance(position, int) else f"{path}:1"
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    problem = getattr(e, "problem", None)
-    if problem:
-        context = getattr(e, "context", None)
-        return f"{problem} ({context})" if context else problem
-    return (str(e).splitlines() or ["unreadable"])[0]
 
 
 # -- message helpers ----------------------------------------------------------------
