@@ -32,10 +32,13 @@ import uuid
 
 from mountd.config import datastores as ds_config
 from mountd.config.datastores import DatastoreConfig
+from mountd.config.manifest_refs import MODES as _MODES
 from mountd.config.names import check_name
 from mountd.config.workspace import Workspace as _WorkspaceFile
 from mountd.errors import TransferFailed, UsageError
-from mountd.storage import normalize_path, open_store
+from mountd.fileio import write_atomic
+from mountd.paths import normalize_path
+from mountd.storage import open_store
 from mountd.transfer import download as _download
 from mountd.transfer import upload as _upload
 
@@ -246,10 +249,7 @@ def _store_secret(workspace: Workspace, name: str, kind: str, secret: str) -> st
     directory = os.path.join(os.path.dirname(workspace.path), "secrets")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, f"{name.lower()}.{kind}")
-    fd, tmp = tempfile.mkstemp(dir=directory)  # created 0600
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    os.replace(tmp, path)
+    write_atomic(path, secret.encode("utf-8"), mode=0o600)
     return path
 
 
@@ -259,7 +259,7 @@ class DataReference:
     that names its local path on the node, `$AZUREML_DATAREFERENCE_<name>`,
     so it can stand in a command line as the path itself."""
 
-    MODES = ("mount", "download", "upload")
+    MODES = _MODES  # the manifest's: one list of modes
 
     def __init__(self, datastore: "Datastore", data_reference_name: str | None = None,
                  path_on_datastore: str | None = None, mode: str = "mount", path_on_compute: str | None = None,

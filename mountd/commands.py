@@ -186,7 +186,7 @@ def _cache_flags(args) -> dict:
 def mount(args) -> int:
     from mountd.config import settings as settings_mod
     from mountd.run import mount_worker, mounts
-    from mountd.storage import normalize_path
+    from mountd.paths import normalize_path
 
     ws = _workspace(args)
     name, path = _parse_target(args.target)
@@ -239,9 +239,9 @@ def _load_manifest(args):
 
 
 def validate(args) -> int:
-    from mountd.config.manifest import _load
+    from mountd.config.manifest_source import load_document
     manifest = _load_manifest(args)
-    data, _ = _load(manifest.path)
+    data, _ = load_document(manifest.path)
     generated = not isinstance(data, dict) or data.get("run_id") is None
 
     def shown(text: str) -> str:  # a generated id is not the one the next run will use
@@ -311,7 +311,7 @@ def run(args) -> int:
 
 
 def resume(args) -> int:
-    from mountd.transfer.journal import Journal
+    from mountd.journal import Journal
     from mountd.transfer.resume import resume as resume_dir
 
     if args.work_dir:

@@ -1,6 +1,7 @@
-"""Local files written from storage data: downloads and the disk cache.
+"""Local files written whole or not at all: downloads and the disk cache
+(`NewFile`), and mountd's own small files (`write_atomic`: records, journal, workspace).
 
-Two things every such file needs:
+Two things every file written from storage data needs:
 
 - it appears under its name only once complete: it is created unnamed in its
   directory (O_TMPFILE) and linked into place at the end, so no reader ever
@@ -16,6 +17,10 @@ Two things every such file needs:
 
 And the memory those writes come from: page-aligned buffers (`aligned_buffer`),
 as direct I/O requires.
+
+mountd's own state (run records, journal jobs, the workspace file, stored
+secrets) is small and written in one call: `write_atomic` replaces a file in
+one step, and with `durable` also makes the new file survive a crash.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import itertools
 import mmap
 import os
 import threading
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
 
 ALIGN = 4096  # direct I/O alignment of offsets, lengths and buffer addresses
 # O_TMPFILE, or linking it into place through /proc, refused: use a named temporary.
@@ -235,3 +242,48 @@ class NewFile:
             except FileNotFoundError:
                 pass
             self.tmp = None
+
+
+@contextmanager
+def replacing(path: str, mode: int = 0o600, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file whose contents replace `path` in one step when the block
+    ends without error: a reader (or a crash) sees the old file or the new,
+    never part of one; on error the new one is gone. `mode` is exact (not
+    masked). With `durable`, the file and then its directory are fsynced, so
+    after a crash the new file is there whole (or the old one is)."""
+    tmp = _beside(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask applied at open; the caller's mode is the one wanted
+        with os.fdopen(fd, "wb") as f:
+            fd = -1  # the file object closes it from here
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if durable:
+        sync_dir(os.path.dirname(path))
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = False) -> None:
+    """Replace `path` with `data` in one step (see `replacing`)."""
+    with replacing(path, mode, durable) as f:
+        f.write(data)
+
+
+def sync_dir(path: str) -> None:
+    """fsync a directory: makes the names created or renamed in it durable."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -41,6 +41,9 @@ TOKEN_KINDS = ("managed_identity", "default")
 # What the default chain reads that is a secret (EnvironmentCredential): a
 # service principal's client secret or certificate password, a user's password.
 CHAIN_SECRET_VARIABLES = ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_PASSWORD")
+# How a message refusing a token ends: what the user can give instead.
+ANOTHER_CREDENTIAL = ("give the datastore another credential (account_key_env, sas_token_env, "
+                      "connection_string_env, or their *_file forms)")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,18 @@ def resolve(spec: dict | None, where: str) -> Credential:
     if spec.get("managed_identity"):
         return Credential("managed_identity", client_id=spec.get("client_id"), where=where)
     return Credential("default", client_id=spec.get("client_id"), where=where)
+
+
+def require_https(account_url: str, where: str) -> None:
+    """ConfigError unless `account_url` is https: a bearer token must not
+    travel in the clear (the SDK refuses it too: "Token credential is only
+    supported with HTTPS")."""
+    from urllib.parse import urlsplit
+    scheme = urlsplit(account_url).scheme.lower()
+    if scheme != "https":
+        raise ConfigError(f"{where}: a token (managed identity or the default credential chain) is sent only "
+                          f"over https, and the endpoint {account_url} is {scheme or 'not a URL'}: use an https "
+                          f"endpoint, or {ANOTHER_CREDENTIAL}")
 
 
 def check_account_key(value: str, what: str) -> None:

@@ -202,11 +202,17 @@ def resolve(section: object = None, where: str = "cache", environ=None, **flags)
     return apply_flags(settings, **flags)
 
 
+class CombinedSettingsError(UsageError):
+    """The settings taken together are refused (the block size's range, the
+    memory cache against the block size), not one value as written: a
+    reader of one setting at a time waits for the others before judging."""
+
+
 def _checked(s: CacheSettings, where: str) -> CacheSettings:
     if not 64 * KiB <= s.block_size <= 256 * MiB:
-        raise UsageError(f"{where}: block size must be between 64KiB and 256MiB, got {s.block_size}")
+        raise CombinedSettingsError(f"{where}: block size must be between 64KiB and 256MiB, got {s.block_size}")
     if s.memory < MIN_MEMORY_BLOCKS * s.block_size:
-        raise UsageError(f"{where}: memory cache ({s.memory} bytes) must hold at least {MIN_MEMORY_BLOCKS} "
+        raise CombinedSettingsError(f"{where}: memory cache ({s.memory} bytes) must hold at least {MIN_MEMORY_BLOCKS} "
                          f"blocks of {s.block_size} bytes: raise it or lower the block size")
     return s
 

@@ -29,8 +29,8 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from mountd.config import datastores
 from mountd.config.datastores import DEFAULT_SUFFIX, DatastoreConfig
 from mountd.config.names import MAX_NAME_LENGTH, check_name
-from mountd.errors import UsageError
-from mountd.storage.base import normalize_path
+from mountd.errors import UsageError, shorten
+from mountd.paths import normalize_path
 
 SCHEMES = ("azureml", "wasbs", "wasb", "https", "http")
 FORMS = ("azureml://datastores/NAME/paths/PATH, wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH "
@@ -212,5 +212,4 @@ def known_names(stores: Stores, limit: int = 20) -> str:
 
 
 def _short(value: object, limit: int = 80, bare: bool = False) -> str:
-    text = value if bare and isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return shorten(value, limit, bare)  # a URI is longer than most values: 80 characters, not 60

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 
 import yaml
@@ -26,6 +25,7 @@ from mountd.config.datastores import DatastoreConfig
 from mountd.config.names import check_name
 from mountd.config.yamlio import load_yaml
 from mountd.errors import ConfigError, UsageError
+from mountd.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +179,7 @@ class Workspace:
             body["cache"] = self.cache
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".workspace-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(body, f, sort_keys=False, allow_unicode=True)
-            if self.exists:
-                mode = stat.S_IMODE(os.stat(self.path).st_mode)
-                os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        mode = stat.S_IMODE(os.stat(self.path).st_mode) if self.exists else 0o600
+        text = yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+        write_atomic(self.path, text.encode("utf-8"), mode=mode)
         self.exists = True

@@ -51,7 +51,22 @@ def load_yaml(path: str, what: str = "file"):
     except DuplicateKey as e:
         raise ConfigError(f"{path}:{e.line}: duplicate key {shorten(e.key)}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{yaml_where(path, text, e)}: invalid YAML: {yaml_problem(e)}") from None
+
+
+def yaml_where(path: str, text: str, e: yaml.YAMLError) -> str:
+    """file:line:column of a YAML error (file:line, or file:1, where PyYAML gives less)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        return f"{path}:{mark.line + 1}:{mark.column + 1}"
+    position = getattr(e, "position", None)  # a ReaderError: a character YAML does not allow
+    return f"{path}:{text[:position].count(chr(10)) + 1}" if isinstance(position, int) else f"{path}:1"
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, in one line, with its context when it gives one."""
+    problem = getattr(e, "problem", None)
+    if problem:
+        context = getattr(e, "context", None)
+        return f"{problem} ({context})" if context else problem
+    return (str(e).splitlines() or ["unreadable"])[0]

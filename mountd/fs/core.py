@@ -52,8 +52,9 @@ from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
 from mountd.fs.listing import DirListing
-from mountd.fs.writeback import StagedFile, WriteBack, at_or_below
-from mountd.storage.base import Entry, ObjectStore, join
+from mountd.fs.writeback import StagedFile, WriteBack
+from mountd.paths import is_within as at_or_below, join
+from mountd.storage.base import Entry, ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,10 @@ from typing import Callable
 
 from mountd.errors import MountdError
 from mountd.fs.errors import FsError
+from mountd.journal import Journal
 from mountd.locks import try_lock
+from mountd.paths import is_within
 from mountd.storage.base import Entry, ObjectStore
-from mountd.transfer.journal import Journal
 from mountd.transfer.upload import upload_file
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,6 @@ COPY_CHUNK = 4 * 1024 * 1024
 def staging_dir(work_dir: str) -> str:
     """Where a read-write mount keeps its staged copies."""
     return os.path.join(os.path.abspath(work_dir), "staged")
-
-
-def at_or_below(path: str, top: str) -> bool:
-    """`path` is `top` or inside it (store paths; "" is the root)."""
-    return path == top or path.startswith(top + "/") if top else True
 
 
 @dataclass(eq=False)
@@ -145,7 +141,7 @@ class WriteBack:
         """A staged copy inside `directory` (not `directory` itself), other
         than those kept for their handles after an unlink."""
         with self._lock:
-            return any(p != directory and at_or_below(p, directory) and not sf.unlinked
+            return any(p != directory and is_within(p, directory) and not sf.unlinked
                        for p, sf in self._files.items())
 
     def open(self, path: str, lookup: Callable[[], Entry | None], truncate: bool) -> StagedFile:
@@ -275,14 +271,14 @@ class WriteBack:
     def under(self, path: str) -> list[StagedFile]:
         """The staged copies of `path` and of everything below it."""
         with self._lock:
-            return [sf for p, sf in self._files.items() if at_or_below(p, path)]
+            return [sf for p, sf in self._files.items() if is_within(p, path)]
 
     def rename(self, old: str, new: str) -> None:
         """Re-key staged copies after storage renamed `old` (a file or a
         directory) to `new`. The caller flushed them first, so no journal
         job names the old path."""
         with self._lock:
-            moves = [(p, sf) for p, sf in self._files.items() if at_or_below(p, old)]
+            moves = [(p, sf) for p, sf in self._files.items() if is_within(p, old)]
             for p, sf in moves:
                 del self._files[p]
                 sf.path = new + p[len(old):]

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from mountd.config.manifest import DataReference, Manifest
 from mountd.errors import EXIT_OK, EXIT_TRANSFER, MountdError, UsageError
+from mountd.journal import Journal
 from mountd.run import control, lifecycle, mounts, runtime
 from mountd.run.notify import Keepalive, Notifier
-from mountd.transfer.journal import Journal
 from mountd.transfer.progress import human_size
 
 log = logging.getLogger("mountd.daemon")

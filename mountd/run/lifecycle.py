@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 from mountd.config.manifest import DataReference, Manifest
 from mountd.errors import EXIT_TRANSFER, MountdError, NotFound, UsageError
+from mountd.journal import Journal, datastore_record
 from mountd.run import child as child_mod
 from mountd.run import mount_worker, mounts
 from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
-from mountd.transfer.journal import Journal, datastore_record
 from mountd.transfer.progress import Progress, TransferReport
 from mountd.transfer.resume import resume
 

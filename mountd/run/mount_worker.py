@@ -54,7 +54,7 @@ def make_spec(cfg: datastores.DatastoreConfig, path: str, mountpoint: str, setti
     without secrets, an inline credential by the file it came from.
     `prefetch`: fill the disk cache with the whole path once live (read-only
     mounts with a disk cache)."""
-    from mountd.transfer.journal import datastore_record
+    from mountd.journal import datastore_record
     spec = {"datastore": {"name": cfg.name, **cfg.to_dict()}, "path": path, "mountpoint": mountpoint,
             "settings": asdict(settings), "read_only": read_only, "allow_other": allow_other,
             "prefetch": prefetch}
@@ -95,7 +95,8 @@ def run(spec: dict, on_ready, debug: bool = False) -> None:
     from mountd.fs.core import FileSystemCore
     from mountd.fs.fuse_ops import serve
     from mountd.fs.preload import FILL_BLOCKS, DatasetPrefetch
-    from mountd.storage import normalize_path, open_store
+    from mountd.paths import normalize_path
+    from mountd.storage import open_store
 
     cfg = datastores.parse(spec["datastore"]["name"],
                            {k: v for k, v in spec["datastore"].items() if k != "name"}, "mount")

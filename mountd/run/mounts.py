@@ -231,7 +231,7 @@ def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, wor
 def not_uploaded(work_dir: str) -> list[str]:
     """Storage paths a read-write mount of `work_dir` wrote and could not
     upload: the remaining files of its journal's staged jobs."""
-    from mountd.transfer.journal import Journal
+    from mountd.journal import Journal
     return [remote for job in Journal(work_dir).pending() if job.staged for _, remote in job.remaining()]
 
 

@@ -17,6 +17,8 @@ import json
 import os
 import tempfile
 
+from mountd.fileio import write_atomic
+
 
 def runtime_dir(create: bool = True) -> str:
     if os.environ.get("RUNTIME_DIRECTORY"):
@@ -95,10 +97,8 @@ def daemon_stem(manifest_path: str) -> str:
 
 
 def write_json(path: str, body: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f)
-    os.replace(tmp, path)
+    """Replace a record in one step: a reader never sees half of one."""
+    write_atomic(path, json.dumps(body).encode("utf-8"), mode=0o644)
 
 
 def search_dirs() -> list[str]:

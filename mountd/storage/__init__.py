@@ -6,7 +6,8 @@ from __future__ import annotations
 from mountd.config import credentials
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import ConfigError
-from mountd.storage.base import Entry, ObjectStore, join, normalize_path
+from mountd.paths import join, normalize_path
+from mountd.storage.base import Entry, ObjectStore
 
 __all__ = ["Entry", "ObjectStore", "join", "normalize_path", "open_store", "resolve_credential"]
 
@@ -16,8 +17,7 @@ def resolve_credential(cfg: DatastoreConfig) -> credentials.Credential:
     is missing, or if it is a token and the endpoint is not https."""
     cred = credentials.resolve(cfg.credential, f"datastore {cfg.name!r}")
     if cred.kind in credentials.TOKEN_KINDS:
-        from mountd.storage.identity import require_https
-        require_https(cfg.account_url(), f"datastore {cfg.name!r}")
+        credentials.require_https(cfg.account_url(), f"datastore {cfg.name!r}")
     return cred
 
 

@@ -114,7 +114,8 @@ class Signer:
         if credential.kind == "sas_token":
             return cfg.account_url(), cls(cfg.account_name, sas=credential.secret)
         if credential.kind in TOKEN_KINDS:
-            from mountd.storage.identity import require_https, token_credential
+            from mountd.config.credentials import require_https
+            from mountd.storage.identity import token_credential
             require_https(cfg.account_url(), f"datastore {cfg.name!r}")  # a bearer token never travels in clear
             return cfg.account_url(), cls(cfg.account_name, token_credential=token_credential(credential))
         return cfg.account_url(), cls(cfg.account_name)  # anonymous

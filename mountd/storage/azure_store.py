@@ -11,7 +11,8 @@ from typing import Iterator
 
 from mountd.errors import AlreadyExists
 from mountd.storage.azure_http import RangeReader, raise_for_answer, translated_reads
-from mountd.storage.base import ObjectStore, normalize_path
+from mountd.paths import normalize_path
+from mountd.storage.base import ObjectStore
 from mountd.storage.retry import policy
 
 

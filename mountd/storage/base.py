@@ -13,7 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from mountd.errors import UsageError
+# Kept importable from here for code written before they moved; new code imports mountd.paths.
+from mountd.paths import join, normalize_path  # noqa: F401
 
 # Called with the number of bytes just moved; used for progress bars.
 ProgressCallback = Callable[[int], None]
@@ -62,26 +63,6 @@ class NameLimits:
 # POSIX's NAME_MAX and PATH_MAX less its terminating NUL: what a store that
 # says nothing else is held to.
 DEFAULT_NAME_LIMITS = NameLimits(component=255, path=4095, in_bytes=True)
-
-
-def normalize_path(path: str | None) -> str:
-    """Canonical relative form of a datastore path: no leading/trailing '/',
-    no empty, '.' or '..' components ('..' is refused, never resolved)."""
-    if not path:
-        return ""
-    parts = []
-    for part in path.replace("\\", "/").split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            raise UsageError(f"path {path!r} must not contain '..'")
-        parts.append(part)
-    return "/".join(parts)
-
-
-def join(*parts: str) -> str:
-    """Join datastore path components, skipping empty ones."""
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
 class ObjectStore(ABC):

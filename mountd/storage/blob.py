@@ -23,7 +23,8 @@ from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, Unreachable
 from mountd.storage.azure_common import content_type, raise_for_status, upload_pieces
 from mountd.storage.azure_http import HttpError, RangeReader, Signer, raise_for_answer
 from mountd.storage.azure_store import AzureStore
-from mountd.storage.base import Entry, NameLimits, ProgressCallback, normalize_path
+from mountd.paths import normalize_path
+from mountd.storage.base import Entry, NameLimits, ProgressCallback
 from mountd.storage.retry import policy
 
 MARKER_KEY = "hdi_isfolder"

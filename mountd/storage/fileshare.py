@@ -44,7 +44,8 @@ from mountd.errors import AlreadyExists, NotFound, StorageError, UsageError
 from mountd.storage.azure_common import content_type, upload_pieces
 from mountd.storage.azure_http import RangeReader, Signer, raise_for_answer
 from mountd.storage.azure_store import AzureStore
-from mountd.storage.base import Entry, NameLimits, ProgressCallback, join, normalize_path
+from mountd.paths import join, normalize_path
+from mountd.storage.base import Entry, NameLimits, ProgressCallback
 
 RANGE_SIZE = 4 * 1024 * 1024  # the service's maximum for one Put Range
 UPLOAD_CONCURRENCY = 8  # ranges in flight per large file

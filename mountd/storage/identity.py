@@ -40,8 +40,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from mountd.config.credentials import ANOTHER_CREDENTIAL as _ANOTHER
 from mountd.errors import ConfigError, TokenUnavailable
 from mountd.redact import redact
 from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
@@ -51,19 +51,6 @@ log = logging.getLogger(__name__)
 # Answers of a token endpoint worth asking again: IMDS documents 404 (being
 # updated), 410 (restarting), 429 and 5xx as transient.
 TRANSIENT_STATUS = frozenset({404, 408, 410, 429, *range(500, 600)})
-_ANOTHER = ("give the datastore another credential (account_key_env, sas_token_env, "
-            "connection_string_env, or their *_file forms)")
-
-
-def require_https(account_url: str, where: str) -> None:
-    """ConfigError unless `account_url` is https: a bearer token must not
-    travel in the clear (the SDK refuses it too: "Token credential is only
-    supported with HTTPS")."""
-    scheme = urlsplit(account_url).scheme.lower()
-    if scheme != "https":
-        raise ConfigError(f"{where}: a token (managed identity or the default credential chain) is sent only "
-                          f"over https, and the endpoint {account_url} is {scheme or 'not a URL'}: use an https "
-                          f"endpoint, or {_ANOTHER}")
 
 
 def token_credential(credential, where: str | None = None) -> "RetryingTokenCredential":

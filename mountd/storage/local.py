@@ -14,7 +14,8 @@ import tempfile
 from typing import Iterator
 
 from mountd.errors import AlreadyExists, NotEmpty, NotFound, Stale, StorageError
-from mountd.storage.base import Entry, NameLimits, ObjectStore, ProgressCallback, normalize_path
+from mountd.paths import normalize_path
+from mountd.storage.base import Entry, NameLimits, ObjectStore, ProgressCallback
 
 
 def _etag(st: os.stat_result) -> str:

@@ -1,7 +1,8 @@
-"""Finishing the uploads of an interrupted run: every unfinished job of a
-work directory's journal is uploaded again from its local files, and
-forgotten once storage confirms it (`mountd resume`, and `mountd run`, the
-daemon and read-write mount workers at start)."""
+"""Finishing the uploads of an interrupted run: each unfinished job of a work
+directory's journal uploaded again from its local files, then forgotten.
+
+Run by `mountd resume`, and by `mountd run`, the daemon and read-write mount
+workers when they start; a job is forgotten once storage confirms it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from mountd.config import datastores
 from mountd.config.datastores import DatastoreConfig
 from mountd.errors import ConfigError, MountdError
-from mountd.transfer.journal import Job, Journal, in_use
+from mountd.journal import Job, Journal, in_use
 from mountd.transfer.progress import human_size
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ import threading
 from typing import Iterable
 
 from mountd.errors import AlreadyExists, MountdError, UsageError
-from mountd.storage.base import Entry, ObjectStore, join, normalize_path
-from mountd.transfer.journal import Job
+from mountd.journal import Job
+from mountd.paths import is_within, join, normalize_path
+from mountd.storage.base import Entry, ObjectStore
 from mountd.transfer.pool import BoundedPool
 from mountd.transfer.progress import Progress, TransferReport
 
@@ -24,8 +25,8 @@ DEFAULT_WORKERS = 8
 
 
 def _is_inside(path: str, root: str) -> bool:
-    real, root = os.path.realpath(path), os.path.realpath(root)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+    """`path` is inside `root` once symbolic links are resolved."""
+    return is_within(os.path.realpath(path), os.path.realpath(root))
 
 
 def plan_tree(src_dir: str, target_path: str | None) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
@@ -186,8 +187,8 @@ def plan_files(files: Iterable[str], relative_root: str | None, target_path: str
         [os.path.dirname(f) for f in files])
     pairs = []
     for f in files:
-        rel = os.path.relpath(f, root)
-        if rel.startswith(".." + os.sep) or rel == "..":
+        if not is_within(f, root):
             raise UsageError(f"{f} is not under relative_root {root}")
+        rel = os.path.relpath(f, root)
         pairs.append((f, join(normalize_path(target_path), rel.replace(os.sep, "/"))))
     return pairs

@@ -19,7 +19,7 @@ import yaml
 from mountd.run import mounts
 from tests.conftest import KEY
 from mountd.config import datastores
-from mountd.transfer.journal import Journal, datastore_record
+from mountd.journal import Journal, datastore_record
 from tests.support.azurite import blob_workspace_entry, blobs, job_workspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

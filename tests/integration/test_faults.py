@@ -23,8 +23,8 @@ import time
 import pytest
 import yaml
 
+from mountd.journal import Journal
 from mountd.run import mounts, runtime
-from mountd.transfer.journal import Journal
 from tests.conftest import KEY, KEY_ENV
 from tests.integration.test_mount import tree_bytes as tree
 from tests.support.azurite import blob_workspace_entry

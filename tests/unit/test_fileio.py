@@ -1,6 +1,7 @@
-"""Local files written from storage data (mountd.fileio): invisible until
+"""Local files written whole or not at all (mountd.fileio): invisible until
 finished, exact bytes whatever the alignment of the pieces, direct I/O and
-its fallbacks, nothing left behind when abandoned."""
+its fallbacks, nothing left behind when abandoned; small files replaced in
+one step (write_atomic)."""
 
 import ctypes
 import errno
@@ -10,7 +11,7 @@ import threading
 import pytest
 
 import mountd.fileio as fileio
-from mountd.fileio import ALIGN, NewFile, aligned_buffer
+from mountd.fileio import ALIGN, NewFile, aligned_buffer, replacing, write_atomic
 
 MiB = 1024 * 1024
 
@@ -162,3 +163,25 @@ def test_reserve_where_unsupported_is_a_no_op(tmp_path, monkeypatch):
     new.pwrite(b"x", 0)
     new.finish()
     assert (tmp_path / "f").read_bytes() == b"x"
+
+
+def test_write_atomic_replaces_with_the_mode_asked_for(tmp_path):
+    path = tmp_path / "record.json"
+    path.write_bytes(b"old")
+    old_umask = os.umask(0o077)  # the mode is the caller's, not the umask's
+    try:
+        write_atomic(str(path), b"new", mode=0o644, durable=True)
+    finally:
+        os.umask(old_umask)
+    assert path.read_bytes() == b"new" and oct(os.stat(path).st_mode & 0o777) == "0o644"
+    assert _listing(tmp_path) == ["record.json"]
+
+
+def test_replacing_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    path = tmp_path / "workspace.yaml"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with replacing(str(path)) as f:
+            f.write(b"half")
+            raise RuntimeError("writer failed")
+    assert path.read_bytes() == b"old" and _listing(tmp_path) == ["workspace.yaml"]

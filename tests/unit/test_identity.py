@@ -19,11 +19,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from mountd.config import credentials
+from mountd.config.credentials import require_https
 from mountd.config.datastores import parse
 from mountd.errors import ConfigError, StorageError, TokenUnavailable
 from mountd.fs.errors import FsError, errno_for
 from mountd.storage import open_store
-from mountd.storage.identity import require_https, token_credential
+from mountd.storage.identity import token_credential
 from tests.support.azurite import free_port
 
 SCOPE = "https://storage.azure.com/.default"

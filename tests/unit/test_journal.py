@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mountd.config import datastores
-from mountd.transfer.journal import Journal, datastore_record, in_use
+from mountd.journal import Journal, datastore_record, in_use
 from mountd.transfer.resume import job_datastore, resume
 
 

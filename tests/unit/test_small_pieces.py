@@ -5,8 +5,8 @@ import io
 import pytest
 
 from mountd.errors import UsageError
+from mountd.paths import is_within, join, normalize_path
 from mountd.redact import redact
-from mountd.storage.base import join, normalize_path
 from mountd.storage.retry import MAX_RETRY_AFTER
 from mountd.storage.sdk import BackoffRetry
 from mountd.transfer.download import UnsafeName, local_path_for
@@ -29,6 +29,14 @@ def test_normalize_refuses_dotdot():
 
 def test_join_skips_empty():
     assert join("", "a/", "/b", "") == "a/b"
+
+
+@pytest.mark.parametrize("path, root, inside", [
+    ("a/b", "a", True), ("a", "a", True), ("ab", "a", False), ("a", "a/b", False), ("a/b", "", True),
+    ("", "", True), ("/x/y", "/x", True), ("/x/y", "/x/", True), ("/xy", "/x", False), ("/x", "/", True),
+])
+def test_is_within_takes_store_and_absolute_paths(path, root, inside):
+    assert is_within(path, root) is inside
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/passwd", "a\\..\\b", "a//b", "./a", "a/\0"])

@@ -1,5 +1,7 @@
 """Upload journal: what must reach storage, written to disk before the first
 byte goes up and forgotten only once storage has confirmed every file.
+A durability concern of its own, shared by bulk uploads (`mountd.transfer`)
+and read-write mounts (`mountd.fs.writeback`), so neither imports the other for it.
 
 One job per upload (an `upload` reference after the run, a file closed on a
 read-write mount), under `<work dir>/journal/`:
@@ -26,31 +28,10 @@ from dataclasses import dataclass, field
 
 from mountd.config import credentials
 from mountd.config.datastores import DatastoreConfig
+from mountd.fileio import write_atomic
 from mountd.locks import is_locked
 
 JOURNAL_DIR = "journal"
-
-
-def write_durably(path: str, data: bytes) -> None:
-    """Write a whole file so that after a crash it is either absent or
-    complete: temporary name, fsync, rename, fsync of the directory."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    sync_dir(os.path.dirname(path))
-
-
-def sync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def datastore_record(cfg: DatastoreConfig, source: dict | None = None) -> dict:
@@ -146,7 +127,7 @@ class Journal:
         body = {"id": job.id, "origin": origin, "run_id": run_id, "created": job.created, "staged": staged,
                 "overwrite": overwrite, "datastore": datastore, "files": [list(p) for p in job.files],
                 "dirs": job.dirs}
-        write_durably(job.path, json.dumps(body, indent=1).encode("utf-8"))
+        write_atomic(job.path, json.dumps(body, indent=1).encode("utf-8"), durable=True)
         return job
 
     def has_jobs(self) -> bool:
