@@ -5,7 +5,8 @@ metadata) and to the Azure SDK's clients (writes), which are handed a
 `requests` session whose adapter draws its connections from here.
 
 Built on urllib3's pools. What this module adds to them:
-- trust: the OS store, or the bundle the user names (precedence below);
+- trust: the OS store, or the bundle the user names (precedence: see
+  `network`, which reads the environment);
   a certificate that does not verify fails at once as a configuration
   problem (`CertificateProblem`, exit 2), never retried as if transient;
 - proxies: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and their lower-case
@@ -14,33 +15,20 @@ Built on urllib3's pools. What this module adds to them:
   than `IDLE_EXPIRY` dropped before reuse: Azure's load balancers forget a
   flow that has been idle for 4 minutes without telling either end, and
   the next request on it would wait out the whole read timeout;
-- interim answers (1xx other than 101) skipped, so the final answer is the
-  one read and nothing of it is left on a pooled connection;
+- answers read by http.client with interim answers skipped (`wire`);
 - failures of the transport raised as OSError (`TransportError`), which
   the callers' retry loops treat as transient.
-
-Trust, in order of precedence (the first one set wins and replaces the
-others): $REQUESTS_CA_BUNDLE, $CURL_CA_BUNDLE (each a bundle file or a
-directory of hashed certificates), $SSL_CERT_FILE and/or $SSL_CERT_DIR,
-then the operating system's store (certifi's bundle where the system has
-none).
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import ipaddress
-import io
-import os
-import re
 import socket
 import ssl
 import sys
 import threading
 import time
-import types
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import urllib3
@@ -49,7 +37,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from mountd import __version__
 from mountd.errors import ConfigError
-from mountd.storage.retry import StoragePolicy, policy
+from mountd.storage.network import Settings, bare_proxy, bypassed, settings, tls_context
+from mountd.storage.wire import Answer, encode_target, putheader, putrequest, with_globals
 
 # Pooled connections idle longer than this are closed rather than reused:
 # below the 4 minutes after which Azure's load balancers silently drop a flow.
@@ -62,7 +51,6 @@ KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4
 POOL_SIZE = 64
 USER_AGENT = f"mountd/{__version__} (Python {'.'.join(map(str, sys.version_info[:3]))}; urllib3 {urllib3.__version__})"
 
-_TRUST_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 # retries=False, made once: urllib3 would build a Retry from it for every request.
 _NO_RETRIES = urllib3.Retry(False, redirect=False)
 
@@ -81,179 +69,7 @@ class CertificateProblem(ConfigError):
     retrying cannot help, the user must say which CA to trust."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the environment says about the network, compared to tell
-    whether a transport made earlier still applies."""
-
-    ca_file: str | None
-    ca_dir: str | None
-    ca_source: str  # where the trust comes from, for messages
-    http_proxy: str | None
-    https_proxy: str | None
-    no_proxy: str
-    retry: StoragePolicy
-
-
-def settings(environ=None) -> Settings:
-    environ = os.environ if environ is None else environ
-
-    def env(name: str) -> str | None:
-        value = environ.get(name) or environ.get(name.lower())
-        return value.strip() if value and value.strip() else None
-
-    ca_file = ca_dir = None
-    source = "the system's certificate store"
-    for var in _TRUST_VARIABLES:
-        value = environ.get(var)
-        if value:
-            if os.path.isdir(value):
-                ca_dir = value
-            elif os.path.isfile(value) and os.access(value, os.R_OK):
-                ca_file = value
-            else:
-                raise ConfigError(f"${var} names {value}, which is not a readable CA bundle file or directory: "
-                                  "point it at the bundle of the CA that signs your storage's certificate, or unset it")
-            source = f"${var} ({value})"
-            break
-    else:
-        for var in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
-            value = environ.get(var)
-            if value and not os.path.exists(value):
-                raise ConfigError(f"${var} names {value}, which does not exist: point it at your CA bundle "
-                                  "(a file, or for $SSL_CERT_DIR a directory of hashed certificates), or unset it")
-        if environ.get("SSL_CERT_FILE") or environ.get("SSL_CERT_DIR"):
-            ca_file, ca_dir = environ.get("SSL_CERT_FILE") or None, environ.get("SSL_CERT_DIR") or None
-            source = " and ".join(f"${v} ({environ[v]})" for v in ("SSL_CERT_FILE", "SSL_CERT_DIR") if environ.get(v))
-    return Settings(ca_file, ca_dir, source, env("HTTP_PROXY"), env("HTTPS_PROXY"), env("NO_PROXY") or "",
-                    policy(environ))
-
-
-def _tls_context(s: Settings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=s.ca_file, capath=s.ca_dir) if (s.ca_file or s.ca_dir) \
-        else ssl.create_default_context()
-    if not (s.ca_file or s.ca_dir) and not _system_store_present():
-        import certifi  # a container image without ca-certificates: the bundle the SDK used to use
-        ctx.load_verify_locations(cafile=certifi.where())
-    return ctx
-
-
-def _system_store_present() -> bool:
-    paths = ssl.get_default_verify_paths()
-    return bool((paths.cafile and os.path.isfile(paths.cafile))
-                or (paths.capath and os.path.isdir(paths.capath) and os.listdir(paths.capath)))
-
-
 # -- connections and pools ----------------------------------------------------
-# An answer's header block that needs no more than a split of each line at
-# its first colon: fields `Name: value` (a name of visible characters other
-# than ':', a value on one line), then the empty line. The value is what the
-# email package's compat32 policy makes of it: leading blanks dropped.
-_PLAIN_BLOCK = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n)*\r?\n")
-_FIELD = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
-
-
-class _Fields(http.client.HTTPMessage):
-    """An answer's header fields, the HTTPMessage that http.client and
-    urllib3 expect, made without the email package's parser: that parser,
-    and Message.get re-checking every field on each look-up, cost more CPU
-    than the rest of a small ranged read's handling in urllib3 and
-    http.client together (see `_parse_headers`). Look-ups scan the fields
-    as Message does, first match wins, so the message stays a plain
-    Message to anything that reads or changes it."""
-
-    _index: dict | None = None
-    _indexed: tuple = ()
-
-    def get(self, name, failobj=None):
-        # by name, made at the first look-up (an answer is asked for some
-        # six fields); made again if the fields have changed since
-        fields = self._headers
-        if self._indexed != (id(fields), len(fields)) or self._index is None:
-            self._index = {k.lower(): v for k, v in reversed(fields)}  # the first of a name wins
-            self._indexed = (id(fields), len(fields))
-        return self._index.get(name.lower(), failobj)
-
-    def replace_header(self, _name, _value):
-        self._index = None  # changes a field in place, which the check in get() would not see
-        super().replace_header(_name, _value)
-
-    def items(self):
-        # Message.items passes each value through the policy, which changes
-        # only values holding surrogates: latin-1 text from the wire has none.
-        return list(self._headers)
-
-
-def _buffered_block(fp) -> bytes | None:
-    """The header block, taken in one read if it is already in `fp`'s
-    buffer whole (as a small block arriving with its status line is)
-    within http.client's limit on the number of fields; else None, and
-    nothing read. http.client reads it a line at a time: about a fifth
-    of a ranged read's CPU on a connection that is otherwise idle."""
-    head = fp.peek(1) if hasattr(fp, "peek") else b""
-    if head.startswith(b"\r\n"):
-        size = 2
-    else:
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        size = end + 4
-    block = head[:size]
-    # a bare LF line would end the block where http.client ends it: earlier
-    if block.startswith(b"\n") or b"\n\n" in block or block.count(b"\n") > http.client._MAXHEADERS:
-        return None
-    return fp.read(size)
-
-
-def _parse_headers(fp, _class=None):
-    """http.client.parse_headers, fast for the usual header block (see
-    _PLAIN_BLOCK); anything else (folded lines, malformed fields, a block
-    cut short) goes to http.client's own parser, defects and all. Measured
-    on 4 KiB ranged reads from Azurite, medians of 8 rounds of 1 500:
-    0.38 ms of CPU per request -> 0.29."""
-    block = _buffered_block(fp) or b"".join(http.client._read_headers(fp))  # its limits on line length and count
-    text = block.decode("iso-8859-1")
-    if not _PLAIN_BLOCK.fullmatch(text):
-        return http.client.parse_headers(io.BytesIO(block))
-    message = _Fields()
-    message._headers = _FIELD.findall(text)
-    message.set_payload("")  # as the email parser leaves it: nothing after the header block
-    return message
-
-
-def _with_globals(function, module, **replaced):
-    """`function` (of `module`) as it is, but looking up the names in
-    `replaced` as given here: a library's own method with one helper it
-    calls swapped for ours, instead of a copy of its logic, and nothing
-    changed for the library's other users."""
-    copy = types.FunctionType(function.__code__, {**vars(module), **replaced}, function.__name__,
-                              function.__defaults__, function.__closure__)
-    copy.__kwdefaults__, copy.__doc__ = function.__kwdefaults__, function.__doc__
-    return copy
-
-
-class _Answer(http.client.HTTPResponse):
-    """A response that reads past interim answers: http.client skips
-    100 Continue only, and would take 103 Early Hints for the answer,
-    leaving the real one on the connection for the next request. Its
-    header fields are read by `_parse_headers`: http.client's own begin(),
-    run with that function in place of its parse_headers."""
-
-    begin = _with_globals(http.client.HTTPResponse.begin, http.client, parse_headers=_parse_headers)
-
-    def _read_status(self):
-        while True:
-            version, status, reason = super()._read_status()
-            if not (100 < status < 200) or status == 101:
-                return version, status, reason
-            http.client._read_headers(self.fp)  # the interim answer's headers, read and dropped
-
-    # where the connection goes back to (see Transport.get): its pool and
-    # itself, or the urllib3 response that owns it
-    home: tuple | None = None
-    wrapper: urllib3.BaseHTTPResponse | None = None
-
-
 _SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
@@ -262,44 +78,23 @@ _SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
 ]
 
 
-_putrequest, _putheader = http.client.HTTPConnection.putrequest, http.client.HTTPConnection.putheader
-
-
 class _Connection(HTTPConnection):
-    response_class = _Answer
+    response_class = Answer
     idle_since = 0.0
 
 
 class _TLSConnection(HTTPSConnection):
-    response_class = _Answer
+    response_class = Answer
     idle_since = 0.0
-
-
-# A request target that urllib3 would send as it is: RFC 3986 path and
-# query characters, percent-encodings in upper case, no fragment.
-_SENDABLE_TARGET = re.compile(r"/(?:[\w\-.~!$&'()*+,;=:@/]|%[0-9A-F]{2})*"
-                              r"(?:\?(?:[\w\-.~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*)?", re.ASCII)
-
-
-def _encode_target(target: str) -> str:
-    """urllib3's _encode_target, skipped for a target it would not change
-    (every one the lean path builds: it quotes names itself). urllib3
-    checks the target one character at a time in Python. CPU per 4 KiB
-    read from Azurite, medians of 8 rounds of 1 500: with a SAS (some 150
-    characters of query) 0.302 ms -> 0.260, with the account key 0.272 ->
-    0.263."""
-    if _SENDABLE_TARGET.fullmatch(target):
-        return target
-    return urllib3.connectionpool._encode_target(target)
 
 
 class _Expiring:
     """Pool behaviour: a connection given back records when; one taken that
     has been idle past IDLE_EXPIRY is closed, and reconnects on use.
-    urlopen is urllib3's own, with `_encode_target` in place of its
+    urlopen is urllib3's own, with `encode_target` in place of its
     helper of that name."""
 
-    urlopen = _with_globals(HTTPConnectionPool.urlopen, urllib3.connectionpool, _encode_target=_encode_target)
+    urlopen = with_globals(HTTPConnectionPool.urlopen, urllib3.connectionpool, _encode_target=encode_target)
 
     def _put_conn(self, conn):
         if conn is not None:
@@ -330,7 +125,7 @@ class Transport:
 
     def __init__(self, s: Settings):
         self.settings = s
-        self.ssl_context = _tls_context(s)
+        self.ssl_context = tls_context(s)
         self.timeout = urllib3.Timeout(connect=s.retry.connect_timeout, read=s.retry.read_timeout)
         self._kw = dict(num_pools=32, maxsize=POOL_SIZE, block=False, timeout=self.timeout, retries=False,
                         ssl_context=self.ssl_context, socket_options=_SOCKET_OPTIONS)
@@ -349,7 +144,7 @@ class Transport:
         """The proxy URL a request to `url` goes through, or None."""
         parts = urlsplit(url)
         proxy = self.settings.https_proxy if parts.scheme == "https" else self.settings.http_proxy
-        if not proxy or _bypassed(parts.hostname or "", parts.port, self.settings.no_proxy):
+        if not proxy or bypassed(parts.hostname or "", parts.port, self.settings.no_proxy):
             return None
         return proxy if "://" in proxy else "http://" + proxy
 
@@ -403,9 +198,10 @@ class Transport:
         idle expiry) and sends and reads with http.client's own request and
         response, the layer under urllib3's: urllib3's per-request wrapping
         (its header dict, response object, Timeout and validation passes)
-        cost more CPU than a small read's whole remaining handling. 256 KiB
-        reads from Azurite, one thread, medians of 3 rounds of 1 000: user
-        CPU per read 0.24 ms through urlopen, 0.15 ms here. Through a proxy
+        cost more CPU than a small read's whole remaining handling. 4 KiB
+        reads from Azurite, one thread, medians of 5 runs of 5 rounds of
+        1 000: user CPU per read 0.241 ms through urlopen, 0.205 ms here
+        (with the header block read in one piece, `wire`). Through a proxy
         (CONNECT tunnels, absolute targets, proxy headers) it is `request`."""
         cut = url.find("/", url.find("//") + 2)
         origin, target = (url[:cut], url[cut:]) if cut >= 0 else (url, "/")
@@ -426,10 +222,10 @@ class Transport:
             conn.sock.settimeout(self.timeout.read_timeout)
             # http.client's putrequest and putheader, not urllib3's overrides:
             # these add checks for a method and header values never sent here
-            _putrequest(conn, "GET", _encode_target(target), skip_accept_encoding=True)
-            _putheader(conn, "User-Agent", USER_AGENT)
+            putrequest(conn, "GET", encode_target(target), skip_accept_encoding=True)
+            putheader(conn, "User-Agent", USER_AGENT)
             for name, value in headers.items():
-                _putheader(conn, name, value)
+                putheader(conn, name, value)
             conn.endheaders()
             # http.client's getresponse, not urllib3's override (which wraps
             # the answer in its own response object)
@@ -464,7 +260,7 @@ class Transport:
                 f"{self.settings.ca_source}: if a private CA signs it, point SSL_CERT_FILE or "
                 "REQUESTS_CA_BUNDLE at that CA's certificate bundle")
         proxy = self.proxy_for(url)
-        where = f" (through the proxy {_bare(proxy)})" if proxy else ""
+        where = f" (through the proxy {bare_proxy(proxy)})" if proxy else ""
         kind = TransportRefused if _wraps(error, ConnectionRefusedError) else TransportError
         return kind(f"{_describe(error)}{where}")
 
@@ -553,43 +349,6 @@ def _describe(error: BaseException) -> str:
     if isinstance(reason, BaseException):
         return f"{type(reason).__name__}: {reason}"
     return f"{type(error).__name__}: {error}"
-
-
-def _bare(proxy: str | None) -> str:
-    """A proxy URL without its user info (which may hold a password)."""
-    parts = urlsplit(proxy or "")
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-
-
-def _bypassed(host: str, port: int | None, no_proxy: str) -> bool:
-    """NO_PROXY as curl and requests read it: '*', host names and domain
-    suffixes (with or without a leading dot), IP addresses and CIDR ranges,
-    each optionally with ':port'."""
-    host = host.lower().strip("[]")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry_port and entry_port.isdigit() and port is not None and int(entry_port) != port:
-            continue
-        name = name.strip("[]")
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(name, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        name = name.lstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
 
 
 class _SessionAdapter:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mountd.errors import ConfigError
+from mountd.storage import network, wire
 from mountd.storage import transport as tp
 from tests.support.scripted_http import ScriptedServer
 
@@ -220,7 +221,7 @@ def test_header_fields_read_as_http_client_reads_them(block, buffered):
     def reader():  # answers come from a buffered socket file: the block may be taken from its buffer at once
         return io.BufferedReader(io.BytesIO(block)) if buffered else io.BytesIO(block)
     ours_fp, stock_fp = reader(), reader()
-    ours, stock = tp._parse_headers(ours_fp), http.client.parse_headers(stock_fp)
+    ours, stock = wire.parse_headers_fast(ours_fp), http.client.parse_headers(stock_fp)
     assert ours_fp.read() == stock_fp.read()  # the same bytes were taken as the header block
     assert isinstance(ours, http.client.HTTPMessage)
     assert ours.items() == stock.items() and ours.keys() == stock.keys()
@@ -230,7 +231,7 @@ def test_header_fields_read_as_http_client_reads_them(block, buffered):
     assert [type(d) for d in ours.defects] == [type(d) for d in stock.defects]
     assert ours.get_payload() == stock.get_payload() and ours.is_multipart() is False
     if block == AZURE_ANSWER:
-        assert type(ours) is tp._Fields  # the fast path took it
+        assert type(ours) is wire.Fields  # the fast path took it
         assert ours["x-ms-meta-note"] == "two  spaces " and ours["empty"] == ""
 
 
@@ -240,7 +241,7 @@ def test_more_header_fields_than_http_client_takes_are_refused_alike():
     block = b"".join(b"F%d: v\r\n" % i for i in range(100)) + b"\r\nbody"
     for fp in (io.BytesIO(block), io.BufferedReader(io.BytesIO(block))):
         with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
-            tp._parse_headers(fp)
+            wire.parse_headers_fast(fp)
 
 
 def test_answers_parsed_on_the_fast_path_frame_their_bodies_alike(serve):
@@ -268,7 +269,7 @@ def test_answers_parsed_on_the_fast_path_frame_their_bodies_alike(serve):
 ])
 def test_request_targets_are_sent_as_urllib3_would_send_them(target, serve):
     import urllib3.connectionpool
-    assert tp._encode_target(target) == urllib3.connectionpool._encode_target(target)
+    assert wire.encode_target(target) == urllib3.connectionpool._encode_target(target)
     server = serve(ok(b"x"))
     tp.release(get(server, path=target))
     sent = server.requests[0].split(" ")[1]
@@ -319,7 +320,7 @@ def test_sockets_have_tcp_keepalive(serve):
     ("::1", 10000, "::1", True),
 ])
 def test_no_proxy(host, port, no_proxy, bypassed):
-    assert tp._bypassed(host, port, no_proxy) is bypassed
+    assert network.bypassed(host, port, no_proxy) is bypassed
 
 
 def test_proxies_come_from_the_environment_in_either_case():
