@@ -28,6 +28,7 @@ from mountd.config.manifest import DataReference, Manifest
 from mountd.errors import EXIT_OK, EXIT_TRANSFER, MountdError, UsageError
 from mountd.run import control, lifecycle, mounts, runtime
 from mountd.run.notify import Keepalive, Notifier
+from mountd.run.signals import DAEMON_SIGNALS, StopSignals
 from mountd.transfer.journal import Journal
 from mountd.transfer.progress import human_size
 
@@ -67,37 +68,6 @@ class _Slot:
     restarts: int = 0  # since the daemon started: what mountd_mount_restarts_total counts, so it never goes down
 
 
-class _Signals:
-    """SIGTERM/SIGINT: the first stops the daemon; a second one while
-    uploads run stops them (the outputs stay on disk)."""
-
-    def __init__(self):
-        self.stop = threading.Event()
-        self.abort_uploads = threading.Event()  # what lifecycle.upload_outputs watches
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        # SIGHUP would kill us by default; systemd's `reload` is not offered.
-        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hup)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.stop.is_set():
-            log.info("%s: stopping", signal.Signals(signum).name)
-            self.stop.set()
-        elif not self.abort_uploads.is_set():
-            log.warning("second stop signal: stopping uploads; local outputs are kept")
-            self.abort_uploads.set()
-
-    def _hup(self, signum, frame) -> None:
-        log.info("SIGHUP ignored: restart the service to read a changed manifest")
-
-
 class Daemon:
     def __init__(self, manifest: Manifest, log_level: str = "info", log_format: str = "text",
                  debug: bool = False, stop_timeout: float | None = None, notifier: Notifier | None = None):
@@ -105,7 +75,7 @@ class Daemon:
         self.log_level, self.log_format, self.debug = log_level, log_format, debug
         self.stop_timeout = stop_timeout or STOP_TIMEOUT
         self.notifier = notifier or Notifier()
-        self.signals = _Signals()
+        self.signals = StopSignals(DAEMON_SIGNALS, ignored_note=": restart the service to read a changed manifest")
         self.state = lifecycle.RunState(manifest)
         self.plan: lifecycle.Plan | None = None
         self.slots: list[_Slot] = []
@@ -218,9 +188,8 @@ class Daemon:
         return EXIT_OK
 
     def _deadline(self) -> None:
-        log.error("stop took longer than %.0f s (%s): stopping uploads; local outputs are kept",
-                  self.stop_timeout, STOP_TIMEOUT_VARIABLE)
-        self.signals.abort_uploads.set()
+        self.signals.abort(f"stop took longer than {self.stop_timeout:.0f} s ({STOP_TIMEOUT_VARIABLE})",
+                           level=logging.ERROR)
 
     # -- mount workers ------------------------------------------------------------------
     def _supervise(self, slot: _Slot) -> None:

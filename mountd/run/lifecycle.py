@@ -21,6 +21,7 @@ from mountd.config.manifest import DataReference, Manifest
 from mountd.errors import EXIT_TRANSFER, MountdError, NotFound, UsageError
 from mountd.run import child as child_mod
 from mountd.run import mount_worker, mounts
+from mountd.run.signals import FORWARDED, StopSignals
 from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
@@ -259,7 +260,7 @@ def credential_source(manifest: Manifest) -> dict:
     return {"manifest": manifest.path, "workspace": manifest.workspace_path}
 
 
-def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mod.SignalState) -> None:
+def upload_outputs(state: RunState, refs: list[DataReference], signals: StopSignals) -> None:
     """Upload each `upload` reference, journaled: the job is on disk before the
     first byte goes up and leaves it only once storage holds every file."""
     manifest = state.manifest
@@ -384,7 +385,7 @@ def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo
          debug: bool) -> int:
     upload_refs = todo.uploads
     state = RunState(manifest)
-    signals = child_mod.SignalState()
+    signals = StopSignals(FORWARDED, interrupt_before_work=True)
     signals.install()
     # what an earlier attempt left and still cannot be uploaded: the run goes
     # on, and the failures count in its exit code like its own uploads'
@@ -410,6 +411,7 @@ def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo
         log.warning("interrupted before the training process started")
         code = 130
     finally:
+        signals.work_done()  # a stop signal now stops the uploads
         stop_mounts(state)
         child_mod.reap_orphans()
         if code is not None and (manifest.upload_when == "always" or code == 0):
