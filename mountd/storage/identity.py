@@ -44,13 +44,14 @@ from urllib.parse import urlsplit
 
 from mountd.errors import ConfigError, TokenUnavailable
 from mountd.redact import redact
-from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
+from mountd.storage.retry import TRANSIENT_STATUS as STORAGE_TRANSIENT
+from mountd.storage.retry import StoragePolicy, policy, retry_after
 
 log = logging.getLogger(__name__)
 
-# Answers of a token endpoint worth asking again: IMDS documents 404 (being
-# updated), 410 (restarting), 429 and 5xx as transient.
-TRANSIENT_STATUS = frozenset({404, 408, 410, 429, *range(500, 600)})
+# Answers of a token endpoint worth asking again: storage's, and what IMDS
+# documents as transient besides (404: being updated, 410: restarting).
+TRANSIENT_STATUS = STORAGE_TRANSIENT | {404, 410}
 _ANOTHER = ("give the datastore another credential (account_key_env, sas_token_env, "
             "connection_string_env, or their *_file forms)")
 
@@ -186,11 +187,10 @@ class RetryingTokenCredential:
                 if verdict != "transient":
                     raise ConfigError(self._config_message(verdict, failure)) from None
                 attempt += 1
-                if attempt > self.retry.retries:
+                if self.retry.spent(attempt):
                     raise TokenUnavailable(f"{self.where}: no token from {self.source} after {attempt} tries: "
                                            f"{_describe(failure)}") from None
-                wait = (min(failure.retry_after, MAX_RETRY_AFTER) if failure.retry_after is not None
-                        else self.retry.backoff_time(attempt))
+                wait = self.retry.wait(attempt, failure.retry_after)
                 log.warning("%s: token request failed (%s); retry %d of %d in %.1fs", self.where,
                             _describe(failure), attempt, self.retry.retries, wait)
                 time.sleep(wait)
