@@ -42,8 +42,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from mountd.errors import ConfigError, TokenUnavailable
-from mountd.redact import redact
+from mountd.errors import ConfigError, TokenUnavailable, first_line
 from mountd.storage.retry import TRANSIENT_STATUS as STORAGE_TRANSIENT
 from mountd.storage.retry import StoragePolicy, policy, retry_after
 
@@ -173,7 +172,7 @@ class RetryingTokenCredential:
                 credential.credentials = tuple(_Recorded(c, seen) for c in credential.credentials)
                 inner = credential
         except ValueError as e:  # e.g. workload identity set up without a client id
-            raise ConfigError(f"{self.where}: cannot use the managed identity: {_first_line(e)}") from None
+            raise ConfigError(f"{self.where}: cannot use the managed identity: {first_line(e)}") from None
         self._credential, self._inner = credential, inner
 
     def get_token(self, *scopes: str, **kwargs):
@@ -273,11 +272,4 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 def _describe(failure: _Failure) -> str:
     status = f"HTTP {failure.status}: " if failure.status is not None else ""
-    return f"{failure.credential}: {status}{_first_line(failure.error)}"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return redact(text[:300])
-
+    return f"{failure.credential}: {status}{first_line(failure.error)}"

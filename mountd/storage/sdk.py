@@ -20,8 +20,7 @@ from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpRe
 from azure.core.pipeline.policies import HTTPPolicy, RequestHistory
 from azure.core.pipeline.transport import RequestsTransport
 
-from mountd.errors import Unreachable
-from mountd.redact import redact
+from mountd.errors import Unreachable, first_line
 from mountd.storage.azure_common import raise_for_status
 from mountd.storage.azure_http import API_VERSION, Signer
 from mountd.storage.retry import StoragePolicy, policy, retry_after, transient_answer
@@ -71,7 +70,7 @@ def translated(what: str, where: str, url: str = ""):
     except (ServiceRequestError, ServiceResponseError) as e:
         if certificate_problem(e):
             raise transport().translate(e, url) from None
-        raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
+        raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {first_line(e)}") from None
     except HttpResponseError as e:
         raise_for_status(e.status_code, getattr(e, "error_code", None), what, where, _request_id(e))
 
@@ -188,8 +187,3 @@ def _position(body) -> int | None:
         return body.tell()
     except (AttributeError, OSError):
         return None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return redact(text[0][:300]) if text else ""
