@@ -58,7 +58,9 @@ def stop_timeout_from_environment(environ=None) -> float | None:
 
 @dataclass
 class _Slot:
-    """One mount reference and the worker holding it."""
+    """One mount reference and the worker holding it. Written by the
+    supervising loop alone (the main thread); the control thread only reads
+    it for `mountd status`, so its counters need no lock."""
     ref: DataReference
     worker: mounts.Worker | None
     spec: dict  # the worker's job, to start it again
@@ -135,7 +137,7 @@ class Daemon:
                 lifecycle.start_mounts(self.state, self.plan.mounts, self.log_level, self.debug,
                                        log_format=self.log_format, log_to_stderr=True)
             except MountdError as e:
-                self.state.failures.append(f"mount: {e}")
+                self.state.fail(f"mount: {e}")
                 log.error("mounting failed: %s", e)
                 return False
         self.slots = [_Slot(ref, worker, worker.spec) for ref, worker in zip(self.plan.mounts, self.state.workers)]
@@ -170,7 +172,7 @@ class Daemon:
                     self.uploads_state = "uploading"
                     lifecycle.upload_outputs(self.state, self.plan.uploads, self.signals)
                     if self.signals.abort_uploads.is_set():
-                        self.state.failures.append("uploads were stopped before they finished; the rest is "
+                        self.state.fail("uploads were stopped before they finished; the rest is "
                                                    f"journaled in {self.manifest.work_dir}/journal")
                     self.uploads_state = "failed" if self.state.failures else "done"
         finally:
@@ -292,7 +294,7 @@ class Daemon:
                          "path_on_compute": r.path_on_compute, "state": self.uploads_state}
                         for r in (self.plan.uploads if self.plan else [])],
             "pending_uploads": _pending(m),
-            "failures": list(self.state.failures),
+            "failures": self.state.failed(),
         }
 
     def _register(self) -> None:

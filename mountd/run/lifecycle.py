@@ -43,6 +43,18 @@ class RunState:
     failures: list[str] = field(default_factory=list)
     staging: dict[str, Progress] = field(default_factory=dict)  # reference name -> its download, live
     outputs: dict[str, str] = field(default_factory=dict)  # upload reference name -> what became of it
+    # staging threads report failures while a daemon's control thread reads them
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def fail(self, line: str) -> None:
+        """Record a failed step (one line); any thread."""
+        with self._lock:
+            self.failures.append(line)
+
+    def failed(self) -> list[str]:
+        """The failures so far, a copy; any thread."""
+        with self._lock:
+            return list(self.failures)
 
 
 @dataclass
@@ -197,7 +209,7 @@ def _note_failed_files(state: RunState, verb: str, ref: DataReference, report) -
     if not report.failed:
         return False
     first, reason = report.failed[0]
-    state.failures.append(f"{verb} {ref.name}: {len(report.failed)} file(s) failed, first {first}: {reason}")
+    state.fail(f"{verb} {ref.name}: {len(report.failed)} file(s) failed, first {first}: {reason}")
     return True
 
 
@@ -211,7 +223,7 @@ def stage_downloads(state: RunState, refs: list[DataReference]) -> None:
             try:
                 future.result()
             except MountdError as e:
-                state.failures.append(f"download {ref.name}: {e}")
+                state.fail(f"download {ref.name}: {e}")
                 log.error("staging %s failed: %s", ref.name, e)
 
 
@@ -237,7 +249,7 @@ def stop_mounts(state: RunState) -> None:
         try:
             left = mounts.stop(worker.mountpoint, worker=worker)
             if left:
-                state.failures.append(f"mount {worker.mountpoint}: {len(left)} written file(s) not uploaded "
+                state.fail(f"mount {worker.mountpoint}: {len(left)} written file(s) not uploaded "
                                       f"({', '.join(left)}); `mountd resume` uploads them")
         except MountdError as e:
             log.warning("%s; detaching it lazily", e)
@@ -279,7 +291,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: StopSign
             job = journal.add(datastore_record(ref.datastore, credential_source(manifest)), files, empty_dirs,
                               ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
             if signals.abort_uploads.is_set():
-                state.failures.append(f"upload {ref.name}: aborted; {len(files)} file(s) pending")
+                state.fail(f"upload {ref.name}: aborted; {len(files)} file(s) pending")
                 state.outputs[ref.name] = f"aborted, {len(files)} file(s) kept in {ref.path_on_compute}"
                 continue
             with open_store(ref.datastore) as store:
@@ -289,7 +301,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: StopSign
                                            empty_dirs=empty_dirs, refused=refused, cancel=signals.abort_uploads,
                                            job=job, label=ref.name)
         except MountdError as e:
-            state.failures.append(f"upload {ref.name}: {e}")
+            state.fail(f"upload {ref.name}: {e}")
             log.error("upload of %s failed: %s (the files stay in %s)", ref.name, e, ref.path_on_compute)
             state.outputs[ref.name] = f"FAILED, files kept in {ref.path_on_compute}"
             continue
