@@ -1,4 +1,5 @@
-"""Error types and exit codes shared by every layer.
+"""Error types and exit codes shared by every layer, and how a library's
+error is shown in one line.
 
 Each error carries the exit code the command line returns for it, so the CLI
 can turn any of them into one `mountd: error: ...` line without knowing where

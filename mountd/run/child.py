@@ -1,7 +1,8 @@
-"""The training process: started with the references in its environment,
-signals passed on to it (run/signals.py), its exit status turned into an
-exit code. As PID 1 (a container's entrypoint) it also reaps orphaned
-processes, as an init must.
+"""The training process of `mountd run`: started with the references in
+its environment, its exit status turned into an exit code.
+
+Signals are passed on to it by run/signals.py. As PID 1 (a container's
+entrypoint) mountd also reaps orphaned processes, as an init must.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ is the service around them: sd_notify messages for a Type=notify unit
 (READY only once every mount is live and every download is on disk, STATUS
 lines with staging progress, more start and stop time while bytes move,
 watchdog pings), a control socket for `mountd status`, supervision of the
-mount workers, and a deadline for the stop.
+mount workers, and a deadline for the stop (what a stop signal does when:
+run/signals.py).
 
 Training runs elsewhere and reads the mounts and staged files through the
 paths in the manifest; the daemon runs no command.

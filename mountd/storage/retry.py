@@ -1,8 +1,10 @@
-"""The one retry policy for storage calls: which answers are worth asking
-again, how long to wait (quick exponential backoff with jitter, or what a
-throttling answer's Retry-After asks), when to give up, and the timeouts.
-Every retry loop asks it: the lean data path (`azure_http`), the Azure SDK
-clients (`sdk.BackoffRetry`) and token requests (`identity`).
+"""The one retry policy for storage calls: which answers to ask again, how
+long to wait, when to give up, and the timeouts; every retry loop asks it.
+
+The loops: the lean data path (`azure_http`), the Azure SDK clients
+(`sdk.BackoffRetry`) and token requests (`identity`). The wait is a quick
+exponential backoff with jitter, or what a throttling answer's Retry-After
+asks.
 
 The SDK's own storage policy waits 15 s before its first retry and ignores
 Retry-After; a training node wants a connection reset retried in well under a

@@ -1,7 +1,9 @@
-"""Everything that needs the Azure SDK packages: their clients on the one
-storage transport (`transport`: same trust, proxies, keep-alive as the
-lean data path), client options, credentials, the retry policy, and the
-translation of SDK errors into mountd's errors.
+"""Everything that needs the Azure SDK packages: client options and
+credentials, the SDK's retry policy, and SDK errors turned into mountd's.
+
+The clients run on the one storage transport (`transport`: same trust,
+proxies, keep-alive as the lean data path); their retry policy asks
+`retry.StoragePolicy`, as every retry loop does.
 
 Importing the SDK costs a quarter of a second of CPU, and reads, listings
 and metadata go through the lean data path (`azure_http`) without it; the
