@@ -12,19 +12,19 @@ import pytest
 from mountd.run.signals import ABORTING, DAEMON_SIGNALS, FORWARDED, STOPPING, WORKING, StopSignals
 
 
-@pytest.fixture
-def installed(caplog):
+@pytest.fixture(autouse=True)
+def handlers_put_back(caplog):
     caplog.set_level(logging.INFO, logger="mountd")
-    made = []
+    saved = {sig: signal.getsignal(sig) for sig in FORWARDED}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
-    def make(*args, **kwargs):
-        s = StopSignals(*args, **kwargs)
-        s.install()
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.restore()
+
+def installed(*args, **kwargs) -> StopSignals:
+    s = StopSignals(*args, **kwargs)
+    s.install()
+    return s
 
 
 def _raise(sig):
@@ -32,7 +32,7 @@ def _raise(sig):
     os.kill(os.getpid(), sig)
 
 
-def test_daemon_first_signal_stops_the_second_aborts_uploads(installed, caplog):
+def test_daemon_first_signal_stops_the_second_aborts_uploads(caplog):
     s = installed(DAEMON_SIGNALS)
     _raise(signal.SIGTERM)
     assert s.state == STOPPING and s.stop.is_set() and not s.abort_uploads.is_set()
@@ -43,14 +43,14 @@ def test_daemon_first_signal_stops_the_second_aborts_uploads(installed, caplog):
     assert caplog.text.count("aborting uploads") == 1
 
 
-def test_daemon_sighup_is_ignored_with_a_note(installed, caplog):
+def test_daemon_sighup_is_ignored_with_a_note(caplog):
     s = installed(DAEMON_SIGNALS, ignored_note=": restart the service")
     _raise(signal.SIGHUP)
     assert s.state == WORKING and not s.stop.is_set()
     assert "SIGHUP ignored: restart the service" in caplog.text
 
 
-def test_run_stop_before_the_work_interrupts(installed):
+def test_run_stop_before_the_work_interrupts():
     s = installed(FORWARDED, interrupt_before_work=True)
     with pytest.raises(KeyboardInterrupt):
         _raise(signal.SIGTERM)
@@ -59,7 +59,7 @@ def test_run_stop_before_the_work_interrupts(installed):
     assert s.abort_uploads.is_set()
 
 
-def test_run_signals_go_to_the_live_training_process_then_stop_its_uploads(installed, caplog):
+def test_run_signals_go_to_the_live_training_process_then_stop_its_uploads(caplog):
     s = installed(FORWARDED, interrupt_before_work=True)
     child = subprocess.Popen([sys.executable, "-c",
                               "import signal, sys, time\n"
@@ -79,7 +79,7 @@ def test_run_signals_go_to_the_live_training_process_then_stop_its_uploads(insta
     assert s.state == ABORTING and s.abort_uploads.is_set()
 
 
-def test_work_done_makes_the_first_signal_stop_the_uploads(installed):
+def test_work_done_makes_the_first_signal_stop_the_uploads():
     s = installed(FORWARDED, interrupt_before_work=True)
     s.work_done()
     _raise(signal.SIGINT)
@@ -87,7 +87,6 @@ def test_work_done_makes_the_first_signal_stop_the_uploads(installed):
 
 
 def test_abort_from_a_deadline_and_restore(caplog):
-    caplog.set_level(logging.INFO, logger="mountd")
     s = StopSignals(DAEMON_SIGNALS)
     before = signal.getsignal(signal.SIGTERM)
     s.install()
