@@ -86,15 +86,13 @@ class StopSignals:
         self.abort_uploads.set()
 
     # -- the handler --------------------------------------------------------------------
-    def _child_alive(self) -> bool:
-        return self._child is not None and self._child.returncode is None
-
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self._child_alive():
+        child = self._child
+        if child is not None and child.returncode is None:  # alive
             if not (signum == signal.SIGINT and self._terminal):
                 try:
-                    self._child.send_signal(signum)
+                    child.send_signal(signum)
                 except ProcessLookupError:
                     pass
             log.info("passed signal %s to the training process", name)
