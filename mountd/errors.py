@@ -1,9 +1,12 @@
-"""Error types and exit codes shared by every layer.
+"""Error types and exit codes shared by every layer, and how a library's
+error is shown in one line.
 
 Each error carries the exit code the command line returns for it, so the CLI
 can turn any of them into one `mountd: error: ...` line without knowing where
 it came from.
 """
+
+from mountd.redact import redact
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure (a bug, or the operating system refused)
@@ -17,6 +20,14 @@ def shorten(value: object, limit: int = 60, bare: bool = False) -> str:
     error line."""
     text = value if bare and isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def first_line(error: BaseException) -> str:
+    """An error from a library for a one-line message: the first line of its
+    text (its type's name if it has none), at most 300 characters, scrubbed
+    of secrets. For showing only: what an error is, is decided by its type."""
+    lines = str(error).strip().splitlines()
+    return redact(lines[0][:300]) if lines else type(error).__name__
 
 
 class MountdError(Exception):

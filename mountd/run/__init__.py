@@ -1,2 +1,2 @@
-"""Processes: mount workers and their supervision, and (later) the run
-lifecycle and the daemon."""
+"""The processes around the data: mount workers and their supervision, a
+run's lifecycle (`mountd run`), the daemon, stop signals and `mountd status`."""

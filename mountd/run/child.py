@@ -1,73 +1,26 @@
-"""The training process: started with the references in its environment,
-signals passed on to it, its exit status turned into an exit code. As PID 1
-(a container's entrypoint) it also reaps orphaned processes, as an init must.
+"""The training process of `mountd run`: started with the references in
+its environment, its exit status turned into an exit code.
+
+Signals are passed on to it by run/signals.py. As PID 1 (a container's
+entrypoint) mountd also reaps orphaned processes, as an init must.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
-import sys
-import threading
+
+from mountd.run.signals import StopSignals
 
 log = logging.getLogger(__name__)
-
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class SignalState:
-    """Counts stop signals across the whole run: the first one is passed to
-    the child, a second one (while uploads run) aborts the uploads."""
-
-    def __init__(self):
-        self.stops = 0
-        self.abort_uploads = threading.Event()
-        self.child: subprocess.Popen | None = None
-        self.terminal = sys.stdin.isatty() if sys.stdin else False
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in FORWARDED:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if signum in STOP_SIGNALS:
-            self.stops += 1
-        child = self.child
-        if child is not None and child.returncode is None:
-            # Ctrl-C at a terminal reaches the child already (same process
-            # group); passing it on again would deliver it twice.
-            if not (signum == signal.SIGINT and self.terminal):
-                try:
-                    child.send_signal(signum)
-                except ProcessLookupError:
-                    pass
-            log.info("passed signal %s to the training process", signal.Signals(signum).name)
-        elif signum in STOP_SIGNALS:
-            if self.stops >= 2 or child is not None:
-                # the training process has ended (on its own, or on the first
-                # signal): this one is for the uploads
-                self.abort_uploads.set()
-                log.warning("stop signal: aborting uploads: files not started stay journaled and the local "
-                            "outputs are kept (`mountd resume` finishes them)")
-            else:
-                log.warning("stop signal before the training process started: stopping")
-                raise KeyboardInterrupt
-
 
 def exit_code(status: int) -> int:
     """Popen's returncode to a shell-style exit code (128+N for signal N)."""
     return 128 - status if status < 0 else status
 
 
-def run_child(command: list[str], env: dict, cwd: str | None, signals: SignalState) -> int:
+def run_child(command: list[str], env: dict, cwd: str | None, signals: StopSignals) -> int:
     """Run the command to completion; its exit code."""
     try:
         child = subprocess.Popen(command, env=env, cwd=cwd)
@@ -77,7 +30,7 @@ def run_child(command: list[str], env: dict, cwd: str | None, signals: SignalSta
     except PermissionError:
         log.error("command not executable: %s", command[0])
         return 126
-    signals.child = child
+    signals.forward_to(child)
     if os.getpid() == 1:
         return exit_code(_wait_as_init(child))
     return exit_code(child.wait())

@@ -9,7 +9,8 @@ is the service around them: sd_notify messages for a Type=notify unit
 (READY only once every mount is live and every download is on disk, STATUS
 lines with staging progress, more start and stop time while bytes move,
 watchdog pings), a control socket for `mountd status`, supervision of the
-mount workers, and a deadline for the stop.
+mount workers, and a deadline for the stop (what a stop signal does when:
+run/signals.py).
 
 Training runs elsewhere and reads the mounts and staged files through the
 paths in the manifest; the daemon runs no command.
@@ -29,6 +30,7 @@ from mountd.errors import EXIT_OK, EXIT_TRANSFER, MountdError, UsageError
 from mountd.journal import Journal
 from mountd.run import control, lifecycle, mounts, runtime
 from mountd.run.notify import Keepalive, Notifier
+from mountd.run.signals import DAEMON_SIGNALS, StopSignals
 from mountd.transfer.progress import human_size
 
 log = logging.getLogger("mountd.daemon")
@@ -57,7 +59,9 @@ def stop_timeout_from_environment(environ=None) -> float | None:
 
 @dataclass
 class _Slot:
-    """One mount reference and the worker holding it."""
+    """One mount reference and the worker holding it. Written by the
+    supervising loop alone (the main thread); the control thread only reads
+    it for `mountd status`, so its counters need no lock."""
     ref: DataReference
     worker: mounts.Worker | None
     spec: dict  # the worker's job, to start it again
@@ -67,37 +71,6 @@ class _Slot:
     restarts: int = 0  # since the daemon started: what mountd_mount_restarts_total counts, so it never goes down
 
 
-class _Signals:
-    """SIGTERM/SIGINT: the first stops the daemon; a second one while
-    uploads run stops them (the outputs stay on disk)."""
-
-    def __init__(self):
-        self.stop = threading.Event()
-        self.abort_uploads = threading.Event()  # what lifecycle.upload_outputs watches
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        # SIGHUP would kill us by default; systemd's `reload` is not offered.
-        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hup)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.stop.is_set():
-            log.info("%s: stopping", signal.Signals(signum).name)
-            self.stop.set()
-        elif not self.abort_uploads.is_set():
-            log.warning("second stop signal: stopping uploads; local outputs are kept")
-            self.abort_uploads.set()
-
-    def _hup(self, signum, frame) -> None:
-        log.info("SIGHUP ignored: restart the service to read a changed manifest")
-
-
 class Daemon:
     def __init__(self, manifest: Manifest, log_level: str = "info", log_format: str = "text",
                  debug: bool = False, stop_timeout: float | None = None, notifier: Notifier | None = None):
@@ -105,7 +78,7 @@ class Daemon:
         self.log_level, self.log_format, self.debug = log_level, log_format, debug
         self.stop_timeout = stop_timeout or STOP_TIMEOUT
         self.notifier = notifier or Notifier()
-        self.signals = _Signals()
+        self.signals = StopSignals(DAEMON_SIGNALS, ignored_note=": restart the service to read a changed manifest")
         self.state = lifecycle.RunState(manifest)
         self.plan: lifecycle.Plan | None = None
         self.slots: list[_Slot] = []
@@ -165,7 +138,7 @@ class Daemon:
                 lifecycle.start_mounts(self.state, self.plan.mounts, self.log_level, self.debug,
                                        log_format=self.log_format, log_to_stderr=True)
             except MountdError as e:
-                self.state.failures.append(f"mount: {e}")
+                self.state.fail(f"mount: {e}")
                 log.error("mounting failed: %s", e)
                 return False
         self.slots = [_Slot(ref, worker, worker.spec) for ref, worker in zip(self.plan.mounts, self.state.workers)]
@@ -200,7 +173,7 @@ class Daemon:
                     self.uploads_state = "uploading"
                     lifecycle.upload_outputs(self.state, self.plan.uploads, self.signals)
                     if self.signals.abort_uploads.is_set():
-                        self.state.failures.append("uploads were stopped before they finished; the rest is "
+                        self.state.fail("uploads were stopped before they finished; the rest is "
                                                    f"journaled in {self.manifest.work_dir}/journal")
                     self.uploads_state = "failed" if self.state.failures else "done"
         finally:
@@ -218,9 +191,8 @@ class Daemon:
         return EXIT_OK
 
     def _deadline(self) -> None:
-        log.error("stop took longer than %.0f s (%s): stopping uploads; local outputs are kept",
-                  self.stop_timeout, STOP_TIMEOUT_VARIABLE)
-        self.signals.abort_uploads.set()
+        self.signals.abort(f"stop took longer than {self.stop_timeout:.0f} s ({STOP_TIMEOUT_VARIABLE})",
+                           level=logging.ERROR)
 
     # -- mount workers ------------------------------------------------------------------
     def _supervise(self, slot: _Slot) -> None:
@@ -323,7 +295,7 @@ class Daemon:
                          "path_on_compute": r.path_on_compute, "state": self.uploads_state}
                         for r in (self.plan.uploads if self.plan else [])],
             "pending_uploads": _pending(m),
-            "failures": list(self.state.failures),
+            "failures": self.state.failed(),
         }
 
     def _register(self) -> None:

@@ -22,6 +22,7 @@ from mountd.errors import EXIT_TRANSFER, MountdError, NotFound, UsageError
 from mountd.journal import Journal, datastore_record
 from mountd.run import child as child_mod
 from mountd.run import mount_worker, mounts
+from mountd.run.signals import FORWARDED, StopSignals
 from mountd.storage import open_store
 from mountd.transfer import download as download_mod
 from mountd.transfer import upload as upload_mod
@@ -42,6 +43,18 @@ class RunState:
     failures: list[str] = field(default_factory=list)
     staging: dict[str, Progress] = field(default_factory=dict)  # reference name -> its download, live
     outputs: dict[str, str] = field(default_factory=dict)  # upload reference name -> what became of it
+    # staging threads report failures while a daemon's control thread reads them
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def fail(self, line: str) -> None:
+        """Record a failed step (one line); any thread."""
+        with self._lock:
+            self.failures.append(line)
+
+    def failed(self) -> list[str]:
+        """The failures so far, a copy; any thread."""
+        with self._lock:
+            return list(self.failures)
 
 
 @dataclass
@@ -196,7 +209,7 @@ def _note_failed_files(state: RunState, verb: str, ref: DataReference, report) -
     if not report.failed:
         return False
     first, reason = report.failed[0]
-    state.failures.append(f"{verb} {ref.name}: {len(report.failed)} file(s) failed, first {first}: {reason}")
+    state.fail(f"{verb} {ref.name}: {len(report.failed)} file(s) failed, first {first}: {reason}")
     return True
 
 
@@ -210,7 +223,7 @@ def stage_downloads(state: RunState, refs: list[DataReference]) -> None:
             try:
                 future.result()
             except MountdError as e:
-                state.failures.append(f"download {ref.name}: {e}")
+                state.fail(f"download {ref.name}: {e}")
                 log.error("staging %s failed: %s", ref.name, e)
 
 
@@ -236,7 +249,7 @@ def stop_mounts(state: RunState) -> None:
         try:
             left = mounts.stop(worker.mountpoint, worker=worker)
             if left:
-                state.failures.append(f"mount {worker.mountpoint}: {len(left)} written file(s) not uploaded "
+                state.fail(f"mount {worker.mountpoint}: {len(left)} written file(s) not uploaded "
                                       f"({', '.join(left)}); `mountd resume` uploads them")
         except MountdError as e:
             log.warning("%s; detaching it lazily", e)
@@ -259,7 +272,7 @@ def credential_source(manifest: Manifest) -> dict:
     return {"manifest": manifest.path, "workspace": manifest.workspace_path}
 
 
-def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mod.SignalState) -> None:
+def upload_outputs(state: RunState, refs: list[DataReference], signals: StopSignals) -> None:
     """Upload each `upload` reference, journaled: the job is on disk before the
     first byte goes up and leaves it only once storage holds every file."""
     manifest = state.manifest
@@ -278,7 +291,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
             job = journal.add(datastore_record(ref.datastore, credential_source(manifest)), files, empty_dirs,
                               ref.overwrite, origin=f"upload reference {ref.name}", run_id=manifest.run_id)
             if signals.abort_uploads.is_set():
-                state.failures.append(f"upload {ref.name}: aborted; {len(files)} file(s) pending")
+                state.fail(f"upload {ref.name}: aborted; {len(files)} file(s) pending")
                 state.outputs[ref.name] = f"aborted, {len(files)} file(s) kept in {ref.path_on_compute}"
                 continue
             with open_store(ref.datastore) as store:
@@ -288,7 +301,7 @@ def upload_outputs(state: RunState, refs: list[DataReference], signals: child_mo
                                            empty_dirs=empty_dirs, refused=refused, cancel=signals.abort_uploads,
                                            job=job, label=ref.name)
         except MountdError as e:
-            state.failures.append(f"upload {ref.name}: {e}")
+            state.fail(f"upload {ref.name}: {e}")
             log.error("upload of %s failed: %s (the files stay in %s)", ref.name, e, ref.path_on_compute)
             state.outputs[ref.name] = f"FAILED, files kept in {ref.path_on_compute}"
             continue
@@ -384,7 +397,7 @@ def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo
          debug: bool) -> int:
     upload_refs = todo.uploads
     state = RunState(manifest)
-    signals = child_mod.SignalState()
+    signals = StopSignals(FORWARDED, interrupt_before_work=True)
     signals.install()
     # what an earlier attempt left and still cannot be uploaded: the run goes
     # on, and the failures count in its exit code like its own uploads'
@@ -410,6 +423,7 @@ def _run(manifest: Manifest, command: list[str], refs: list[DataReference], todo
         log.warning("interrupted before the training process started")
         code = 130
     finally:
+        signals.work_done()  # a stop signal now stops the uploads
         stop_mounts(state)
         child_mod.reap_orphans()
         if code is not None and (manifest.upload_when == "always" or code == 0):

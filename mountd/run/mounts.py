@@ -7,6 +7,7 @@ with fusermount3 and waits until the worker has exited.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -209,10 +210,13 @@ def stop(mountpoint: str, lazy: bool = False, timeout: float = EXIT_TIMEOUT, wor
             raise UsageError(f"{path} is a {kind or 'unknown'} mount that mountd did not make: mountd unmounts only "
                              "its own (use umount for others)")
         cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # fusermount3 exits 1 whatever went wrong and names the errno only
+        # in its message, as strerror() words it: in the C locale, so that
+        # the wording of EBUSY is known.
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
         if result.returncode != 0:
             message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-            if "busy" in message.lower():
+            if message.endswith(os.strerror(errno.EBUSY)):
                 raise MountdError(f"{path} is busy (files or directories in it are open); "
                                   "close them, or unmount with --lazy to detach it now and finish when they close")
             raise MountdError(f"cannot unmount {path}: {message}")

@@ -1,8 +1,8 @@
 """`mountd status`: what the running daemons and mount workers report on
-their control sockets, as text, JSON, or Prometheus text exposition (for a
-node exporter's textfile collector or a scrape through a small wrapper).
+their control sockets, as text, JSON, or Prometheus text exposition.
 
-Records of processes that are gone are pruned on the way (runtime.py); a
+The Prometheus form is for a node exporter's textfile collector or a scrape
+through a small wrapper. Records of processes that are gone are pruned on the way (runtime.py); a
 process that is alive but does not answer is listed with the reason.
 """
 

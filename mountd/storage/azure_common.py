@@ -1,6 +1,7 @@
-"""What the Azure backends (blob, file share) share without the SDK: the
-translation of a storage answer into mountd's errors, content types, and the
-parallel upload of pieces. (What needs the SDK is in `sdk`.)"""
+"""What the Azure backends (blob, file share) share without the SDK: storage
+answers as mountd's errors, content types, the parallel upload of pieces.
+
+What needs the SDK is in `sdk`."""
 
 from __future__ import annotations
 

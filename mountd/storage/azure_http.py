@@ -31,12 +31,12 @@ from urllib.parse import quote, urlencode, urlsplit
 from mountd.config.credentials import TOKEN_KINDS, connection_string_parts
 from mountd.errors import ConfigError, StorageError, Unreachable
 from mountd.storage.azure_common import raise_for_status
-from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
+from mountd.storage.retry import TRANSIENT_STATUS, StoragePolicy, policy, retry_after
 from mountd.storage.transport import TransportError, drain, release, transport
 
 # The REST version every request names, on this path and the SDK's alike.
 API_VERSION = "2025-11-05"
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+RETRY_STATUS = TRANSIENT_STATUS  # retry.py decides which answers are asked again
 TOKEN_SCOPE = "https://storage.azure.com/.default"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -340,14 +340,7 @@ class RangeReader:
             return status, response_headers, response.data if body or status >= 300 else b""
 
     def _backoff(self, attempt: int, after: float | None, error: Exception) -> int:
-        attempt += 1
-        if attempt > self.retry.retries:
-            raise error
-        if after is not None:
-            time.sleep(min(after, MAX_RETRY_AFTER))
-        else:
-            time.sleep(self.retry.backoff_time(attempt))
-        return attempt
+        return self.retry.next_try(attempt, error, after)
 
     def close(self) -> None:
         pass  # the connections are the transport's, shared by every store of the process

@@ -1,7 +1,8 @@
-"""What the blob and file share backends have in common as stores: errors
-named after the store, the check and creation of their container or share,
-reads and metadata through the lean data path, an SDK client made only when
-a call needs one, the upload pool, and closing."""
+"""What the blob and file share backends have in common as stores: reads and
+metadata through the lean data path, an SDK client only when a call needs one.
+
+Also: errors named after the store, the check and creation of their
+container or share, the upload pool, and closing."""
 
 from __future__ import annotations
 

@@ -42,15 +42,15 @@ import time
 from dataclasses import dataclass
 
 from mountd.config.credentials import ANOTHER_CREDENTIAL as _ANOTHER
-from mountd.errors import ConfigError, TokenUnavailable
-from mountd.redact import redact
-from mountd.storage.retry import MAX_RETRY_AFTER, StoragePolicy, policy, retry_after
+from mountd.errors import ConfigError, TokenUnavailable, first_line
+from mountd.storage.retry import TRANSIENT_STATUS as STORAGE_TRANSIENT
+from mountd.storage.retry import StoragePolicy, policy, retry_after
 
 log = logging.getLogger(__name__)
 
-# Answers of a token endpoint worth asking again: IMDS documents 404 (being
-# updated), 410 (restarting), 429 and 5xx as transient.
-TRANSIENT_STATUS = frozenset({404, 408, 410, 429, *range(500, 600)})
+# Answers of a token endpoint worth asking again: storage's, and what IMDS
+# documents as transient besides (404: being updated, 410: restarting).
+TRANSIENT_STATUS = STORAGE_TRANSIENT | {404, 410}
 
 
 def token_credential(credential, where: str | None = None) -> "RetryingTokenCredential":
@@ -159,7 +159,7 @@ class RetryingTokenCredential:
                 credential.credentials = tuple(_Recorded(c, seen) for c in credential.credentials)
                 inner = credential
         except ValueError as e:  # e.g. workload identity set up without a client id
-            raise ConfigError(f"{self.where}: cannot use the managed identity: {_first_line(e)}") from None
+            raise ConfigError(f"{self.where}: cannot use the managed identity: {first_line(e)}") from None
         self._credential, self._inner = credential, inner
 
     def get_token(self, *scopes: str, **kwargs):
@@ -173,11 +173,10 @@ class RetryingTokenCredential:
                 if verdict != "transient":
                     raise ConfigError(self._config_message(verdict, failure)) from None
                 attempt += 1
-                if attempt > self.retry.retries:
+                if self.retry.spent(attempt):
                     raise TokenUnavailable(f"{self.where}: no token from {self.source} after {attempt} tries: "
                                            f"{_describe(failure)}") from None
-                wait = (min(failure.retry_after, MAX_RETRY_AFTER) if failure.retry_after is not None
-                        else self.retry.backoff_time(attempt))
+                wait = self.retry.wait(attempt, failure.retry_after)
                 log.warning("%s: token request failed (%s); retry %d of %d in %.1fs", self.where,
                             _describe(failure), attempt, self.retry.retries, wait)
                 time.sleep(wait)
@@ -260,11 +259,4 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 def _describe(failure: _Failure) -> str:
     status = f"HTTP {failure.status}: " if failure.status is not None else ""
-    return f"{failure.credential}: {status}{_first_line(failure.error)}"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return redact(text[:300])
-
+    return f"{failure.credential}: {status}{first_line(failure.error)}"

@@ -1,6 +1,10 @@
-"""Retry policy and timeouts for storage calls: quick exponential backoff with
-jitter that honours a throttling answer's Retry-After, shared by the Azure
-SDKs and the lean data path.
+"""The one retry policy for storage calls: which answers to ask again, how
+long to wait, when to give up, and the timeouts; every retry loop asks it.
+
+The loops: the lean data path (`azure_http`), the Azure SDK clients
+(`sdk.BackoffRetry`) and token requests (`identity`). The wait is a quick
+exponential backoff with jitter, or what a throttling answer's Retry-After
+asks.
 
 The SDK's own storage policy waits 15 s before its first retry and ignores
 Retry-After; a training node wants a connection reset retried in well under a
@@ -30,6 +34,23 @@ from mountd.errors import UsageError
 
 MAX_RETRY_AFTER = 60.0  # seconds; a longer answer is capped rather than obeyed
 
+# Answers worth asking again: a timeout, throttling, the service failing or
+# busy. Not 501 or 505: an operation or version the service does not do
+# will not be done on a second try.
+TRANSIENT_STATUS = frozenset({408, 429, *range(500, 600)} - {501, 505})
+# A copy's answer says when its source failed (a 4xx of the copy itself);
+# these source failures pass as the others do.
+_TRANSIENT_COPY_SOURCE = frozenset({"OperationTimedOut", "InternalError", "ServerBusy"})
+
+
+def transient_answer(status: int, headers=None) -> bool:
+    """Whether an answer with this status (and these headers, a mapping
+    whose get() takes the names as sent) is worth asking again."""
+    if status in TRANSIENT_STATUS:
+        return True
+    return (400 <= status < 500 and headers is not None
+            and headers.get("x-ms-copy-source-error-code") in _TRANSIENT_COPY_SOURCE)
+
 
 @dataclass(frozen=True)
 class StoragePolicy:
@@ -44,6 +65,26 @@ class StoragePolicy:
         jitter" below a doubling ceiling, so retries spread and never reach 0."""
         ceiling = min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
         return random.uniform(ceiling / 2, ceiling)
+
+    def wait(self, attempt: int, after: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt`: what a throttling
+        answer asked for (`after`, from retry_after(); capped), else the
+        backoff."""
+        return min(after, MAX_RETRY_AFTER) if after is not None else self.backoff_time(attempt)
+
+    def spent(self, attempt: int) -> bool:
+        """Whether retry number `attempt` is beyond the budget."""
+        return attempt > self.retries
+
+    def next_try(self, attempt: int, error: BaseException, after: float | None = None) -> int:
+        """For a call that has made `attempt` retries and just failed with
+        `error`: wait for the next one and return its number, or raise
+        `error` once the budget is spent."""
+        attempt += 1
+        if self.spent(attempt):
+            raise error
+        time.sleep(self.wait(attempt, after))
+        return attempt
 
 
 _ENV = {  # variable -> (field, kind)

@@ -1,7 +1,9 @@
-"""Everything that needs the Azure SDK packages: their clients on the one
-storage transport (`transport`: same trust, proxies, keep-alive as the
-lean data path), client options, credentials, the retry policy, and the
-translation of SDK errors into mountd's errors.
+"""Everything that needs the Azure SDK packages: client options and
+credentials, the SDK's retry policy, and SDK errors turned into mountd's.
+
+The clients run on the one storage transport (`transport`: same trust,
+proxies, keep-alive as the lean data path); their retry policy asks
+`retry.StoragePolicy`, as every retry loop does.
 
 Importing the SDK costs a quarter of a second of CPU, and reads, listings
 and metadata go through the lean data path (`azure_http`) without it; the
@@ -15,15 +17,15 @@ import base64
 import contextlib
 import threading
 
-from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError, ServiceRequestError,
+                                   ServiceResponseError)
+from azure.core.pipeline.policies import HTTPPolicy, RequestHistory
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob._shared.policies import StorageRetryPolicy
 
-from mountd.errors import Unreachable
-from mountd.redact import redact
+from mountd.errors import Unreachable, first_line
 from mountd.storage.azure_common import raise_for_status
 from mountd.storage.azure_http import API_VERSION, Signer
-from mountd.storage.retry import StoragePolicy, policy, retry_after
+from mountd.storage.retry import StoragePolicy, policy, retry_after, transient_answer
 from mountd.storage.transport import USER_AGENT, certificate_problem, transport
 
 # The SDK reads response bodies in pieces of this size; its 4 KiB default
@@ -70,7 +72,7 @@ def translated(what: str, where: str, url: str = ""):
     except (ServiceRequestError, ServiceResponseError) as e:
         if certificate_problem(e):
             raise transport().translate(e, url) from None
-        raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
+        raise Unreachable(f"cannot reach {where}: {type(e).__name__}: {first_line(e)}") from None
     except HttpResponseError as e:
         raise_for_status(e.status_code, getattr(e, "error_code", None), what, where, _request_id(e))
 
@@ -95,37 +97,95 @@ class _RetriesSeen(threading.local):
 RETRIES_SEEN = _RetriesSeen()
 
 
-class BackoffRetry(StorageRetryPolicy):
-    def __init__(self, retries: int = 6, initial: float = 0.5, maximum: float = 20.0, **kwargs):
-        self.initial = initial
-        self.maximum = maximum
-        kwargs.setdefault("retry_connect", retries)
-        kwargs.setdefault("retry_read", retries)
-        kwargs.setdefault("retry_status", retries)
-        super().__init__(retry_total=retries, **kwargs)
+# What the storage SDK's pipeline hands the retry policy in a request's
+# options (its hosts policy: primary/secondary endpoints; per-call retry
+# settings): consumed here, as they must not reach the transport.
+_STORAGE_OPTIONS = ("hosts", "location_mode", "retry_to_secondary", "retry_hook", "retry_connect", "retry_read",
+                    "retry_status")
+
+
+class BackoffRetry(HTTPPolicy):
+    """The SDK clients' retry policy, an azure-core pipeline policy that
+    asks the one storage policy (`retry.StoragePolicy`) what to retry and
+    how long to wait. It retries a connection that fails or breaks (but not
+    one whose certificate does not verify) and a transient answer, within
+    one budget; a streamed body is sent again from where it started, or not
+    at all when it cannot be rewound. (Built on azure-core's public policy
+    interface: the storage SDK's own retry classes are private, and wait 15 s
+    before a first retry.)"""
+
+    def __init__(self, retries: int = 6, initial: float = 0.5, maximum: float = 20.0,
+                 policy: StoragePolicy | None = None):
+        super().__init__()
+        self.policy = policy or StoragePolicy(retries=retries, backoff=initial, backoff_max=maximum)
 
     @classmethod
     def from_policy(cls, p: StoragePolicy) -> "BackoffRetry":
-        return cls(retries=p.retries, initial=p.backoff, maximum=p.backoff_max)
+        return cls(policy=p)
 
-    def increment(self, settings, request, response=None, error=None) -> bool:
-        if certificate_problem(error):
-            return False  # no retry will make the certificate verify
-        again = super().increment(settings, request, response=response, error=error)
-        if again:
-            RETRIES_SEEN.count += 1
-        return again
-
-    def get_backoff_time(self, settings) -> float:
+    def get_backoff_time(self, settings: dict) -> float:
+        """Seconds before the next retry, `settings` holding the retries
+        made ("count") and the failed tries ("history", RequestHistory)."""
         history = settings.get("history") or []
         response = getattr(history[-1], "http_response", None) if history else None
-        if response is not None:
-            after = retry_after(response.headers)
-            if after is not None:
-                return after
-        return StoragePolicy(backoff=self.initial, backoff_max=self.maximum).backoff_time(settings["count"] + 1)
+        after = retry_after(response.headers) if response is not None else None
+        return self.policy.wait(settings["count"] + 1, after)
+
+    def send(self, request):
+        options = request.context.options
+        location_mode = options.get("location_mode", "primary")
+        for name in _STORAGE_OPTIONS:
+            options.pop(name, None)
+        budget = StoragePolicy(retries=options.pop("retry_total", self.policy.retries))  # a call may set its own
+        body = request.http_request.body
+        position = _position(body)
+        settings = {"count": 0, "history": []}
+        while True:
+            try:
+                response = self.next.send(request)
+            except ClientAuthenticationError:
+                raise  # a request that cannot be signed, or no token: not the network
+            except AzureError as e:  # the connection failed, broke off or stalled
+                if certificate_problem(e):
+                    raise  # no retry will make the certificate verify
+                settings["history"].append(RequestHistory(request.http_request, error=e))
+                if not self._again(settings, budget, body, position):
+                    raise
+            else:
+                answer = response.http_response
+                if not transient_answer(answer.status_code, answer.headers):
+                    break
+                settings["history"].append(RequestHistory(request.http_request, http_response=answer))
+                if not self._again(settings, budget, body, position):
+                    break
+            request.context.transport.sleep(self.get_backoff_time(settings))
+            settings["count"] += 1
+            RETRIES_SEEN.count += 1
+        if settings["history"]:
+            response.context["history"] = settings["history"]
+        response.http_response.location_mode = location_mode  # the SDK's deserializers read it
+        return response
+
+    @staticmethod
+    def _again(settings: dict, budget: StoragePolicy, body, position: int | None) -> bool:
+        """Whether a retry is left and the request can be sent again."""
+        if budget.spent(settings["count"] + 1):
+            return False
+        if hasattr(body, "read"):
+            if position is None:
+                return False
+            try:
+                body.seek(position)
+            except (OSError, ValueError):
+                return False
+        return True
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return redact(text[0][:300]) if text else ""
+def _position(body) -> int | None:
+    """Where a streamed request body starts (None: not a stream that can say)."""
+    if not hasattr(body, "read"):
+        return None
+    try:
+        return body.tell()
+    except (AttributeError, OSError):
+        return None
