@@ -41,6 +41,7 @@ import threading
 import time
 import types
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import urllib3
@@ -162,6 +163,8 @@ class _Fields(http.client.HTTPMessage):
     as Message does, first match wins, so the message stays a plain
     Message to anything that reads or changes it."""
 
+    _headers: list[tuple[str, str]]  # Message's own list of fields (not in its type stubs)
+
     def get(self, name, failobj=None):
         name, size = name.lower(), len(name)
         for k, v in self._headers:
@@ -181,7 +184,8 @@ def _parse_headers(fp, _class=None):
     cut short) goes to http.client's own parser, defects and all. Measured
     on 4 KiB ranged reads from Azurite, medians of 8 rounds of 1 500:
     0.38 ms of CPU per request -> 0.29."""
-    block = b"".join(http.client._read_headers(fp))  # its limits on line length and count
+    # its limits on line length and count (a private helper: not in the stubs)
+    block = b"".join(http.client._read_headers(fp))  # type: ignore[attr-defined]
     text = block.decode("iso-8859-1")
     if not _PLAIN_BLOCK.fullmatch(text):
         return http.client.parse_headers(io.BytesIO(block))
@@ -213,10 +217,11 @@ class _Answer(http.client.HTTPResponse):
 
     def _read_status(self):
         while True:
-            version, status, reason = super()._read_status()
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # private: not in the stubs
             if not (100 < status < 200) or status == 101:
                 return version, status, reason
-            http.client._read_headers(self.fp)  # the interim answer's headers, read and dropped
+            # the interim answer's headers, read and dropped (a private helper: not in the stubs)
+            http.client._read_headers(self.fp)  # type: ignore[attr-defined]
 
 
 _SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
@@ -266,10 +271,10 @@ class _Expiring:
     def _put_conn(self, conn):
         if conn is not None:
             conn.idle_since = time.monotonic()
-        super()._put_conn(conn)
+        super()._put_conn(conn)  # type: ignore[misc]  # the pool's, after this mixin
 
     def _get_conn(self, timeout=None):
-        conn = super()._get_conn(timeout)
+        conn = super()._get_conn(timeout)  # type: ignore[misc]  # the pool's, after this mixin
         if conn.idle_since and time.monotonic() - conn.idle_since > IDLE_EXPIRY:
             conn.close()
         return conn
@@ -294,8 +299,8 @@ class Transport:
         self.settings = s
         self.ssl_context = _tls_context(s)
         self.timeout = urllib3.Timeout(connect=s.retry.connect_timeout, read=s.retry.read_timeout)
-        self._kw = dict(num_pools=32, maxsize=POOL_SIZE, block=False, timeout=self.timeout, retries=False,
-                        ssl_context=self.ssl_context, socket_options=_SOCKET_OPTIONS)
+        self._kw: dict[str, Any] = dict(num_pools=32, maxsize=POOL_SIZE, block=False, timeout=self.timeout,
+                                        retries=False, ssl_context=self.ssl_context, socket_options=_SOCKET_OPTIONS)
         self.direct = self._manager(urllib3.PoolManager(**self._kw))
         self._proxied: dict[str, urllib3.ProxyManager] = {}
         self._routes: dict[str, tuple] = {}
@@ -323,6 +328,10 @@ class Transport:
             manager = self._proxied.get(proxy)
             if manager is None:
                 parts = urlsplit(proxy)
+                if not parts.hostname:  # e.g. "http://:3128"
+                    var = "$HTTPS_PROXY" if urlsplit(url).scheme == "https" else "$HTTP_PROXY"
+                    raise ConfigError(f"{var} names a proxy without a host ({_bare(proxy)}): "
+                                      "set it to http://HOST:PORT, or unset it")
                 headers = {}
                 if parts.username is not None:  # user info: basic proxy authentication, never logged
                     auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -385,7 +394,8 @@ class Transport:
         import requests
         session = requests.Session()
         session.trust_env = False  # the environment has been read here, once, for both paths
-        adapter = _SessionAdapter(self)
+        from requests.adapters import HTTPAdapter
+        adapter = cast(HTTPAdapter, _SessionAdapter(self))  # what its __new__ makes
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
@@ -505,7 +515,7 @@ class _SessionAdapter:
             def __init__(self):
                 super().__init__(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
 
-            def send(self, request, **kwargs):
+            def send(self, request, **kwargs):  # type: ignore[override]  # passes requests' own arguments on
                 proxy = transport.proxy_for(request.url)
                 kwargs["proxies"] = {urlsplit(request.url).scheme: proxy} if proxy else {}
                 return super().send(request, **kwargs)

@@ -309,6 +309,13 @@ def test_proxies_come_from_the_environment_in_either_case():
     assert "proxy.local:3128" in str(error) and "secret" not in str(error)
 
 
+def test_a_proxy_naming_no_host_is_a_clear_error():
+    t = tp.Transport(tp.settings({"HTTPS_PROXY": "http://u:secret@:3128"}))
+    with pytest.raises(ConfigError) as e:
+        t.manager_for("https://acct.blob.core.windows.net/c")
+    assert "$HTTPS_PROXY" in str(e.value) and "secret" not in str(e.value)
+
+
 def test_trust_precedence(tmp_path):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("")
