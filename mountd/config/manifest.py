@@ -24,7 +24,7 @@ import shlex
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import yaml
 
@@ -261,7 +261,9 @@ class _Index(int):
 def _index(root: yaml.Node, loader: _Loader) -> tuple[dict, dict, dict]:
     """Line numbers and scalar texts by key path, and each mapping's path.
     Paths hold keys as constructed (`1:` is the int 1), as the data has them."""
-    lines, scalars, node_paths = {(): root.start_mark.line + 1}, {}, {}
+    lines: dict[tuple, int] = {(): root.start_mark.line + 1}
+    scalars: dict[tuple, str] = {}
+    node_paths: dict[int, tuple] = {}
     budget = [100_000]  # aliases can make a small file a huge tree: stop indexing early
 
     def visit(node: yaml.Node, path: tuple, open_nodes: frozenset) -> None:
@@ -415,7 +417,7 @@ class _Parser:
         """A run on several nodes would run here once: refuse it. The
         distributed sections carry their own nodeCount in older files."""
         for path in (("nodeCount",), ("mpi", "nodeCount"), ("pytorch", "nodeCount")):
-            value = data
+            value: Any = data
             for key in path:
                 value = value.get(key) if isinstance(value, dict) else None
             if value is None:
@@ -518,7 +520,8 @@ class _Parser:
                 raise self.src.error(("cache", key), "must be a number, got .nan")
             where = f"{self.src.display}:{self.src.line(('cache', key))}"
             try:
-                self._settings(lambda: settings.apply_section(CacheSettings(), {key: value}, where), ("cache", key))
+                # (B023: _settings calls it at once, within this iteration)
+                self._settings(lambda: settings.apply_section(CacheSettings(), {key: value}, where), ("cache", key))  # noqa: B023
             except UsageError as e:
                 # Errors about the mix of settings (memory below block size) wait for the full section.
                 if str(e).startswith(f"{where}: cache.{key}") or "invalid setting" in str(e):
@@ -739,6 +742,7 @@ class _Parser:
         if cfg.type != "local":
             return
         where = self.origins[name]
+        assert cfg.root is not None  # required for a local datastore (config/datastores)
         if mode != "upload" and not os.path.isdir(cfg.root):
             raise self.src.error(where, f"datastore {cfg.name!r}: its root {cfg.root!r} does not exist "
                                         f"or is not a directory (a {mode} reads from it)", ConfigError)
@@ -792,7 +796,7 @@ class _Parser:
         return self._exec_text(path, self.src.text(path, value))
 
     def _environment(self, raw: dict, v1: bool, references: dict[str, DataReference]) -> dict[str, str]:
-        path = ("environment",)
+        path: tuple[str, ...] = ("environment",)
         value = raw.get("environment")
         if v1 and isinstance(value, dict) and any(k in _V1_ENV_KEYS for k in value if isinstance(k, str)):
             # A v1 environment definition: only its variables concern us.
@@ -897,7 +901,7 @@ class _Parser:
     def _choice(self, path: tuple, value: object, choices: tuple) -> str | None:
         if value is not None and value not in choices:
             raise self.src.error(path, f"must be one of {', '.join(choices)}, got {_short(value)}")
-        return value
+        return cast("str | None", value)  # one of the choices, or None
 
     def _bool(self, path: tuple, value: object) -> bool:
         if value is None:
@@ -965,7 +969,8 @@ def _norm(path: str) -> str:
 def _real(path: str) -> str:
     """`path` with symbolic links resolved as far as it exists (the rest does
     not exist yet, so it cannot be a link)."""
-    head, tail = path, []
+    head = path
+    tail: list[str] = []
     while not os.path.lexists(head) and head != "/":
         head, name = os.path.split(head)
         tail.insert(0, name)
