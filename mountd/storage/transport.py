@@ -330,8 +330,7 @@ class Transport:
                 parts = urlsplit(proxy)
                 if not parts.hostname:  # e.g. "http://:3128"
                     var = "$HTTPS_PROXY" if urlsplit(url).scheme == "https" else "$HTTP_PROXY"
-                    raise ConfigError(f"{var} names a proxy without a host ({_bare(proxy)}): "
-                                      "set it to http://HOST:PORT, or unset it")
+                    raise ConfigError(f"{var} names a proxy without a host: set it to http://HOST:PORT, or unset it")
                 headers = {}
                 if parts.username is not None:  # user info: basic proxy authentication, never logged
                     auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
