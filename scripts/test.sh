@@ -17,7 +17,7 @@ TLS_LANE=(tests/integration/test_lane.py tests/integration/test_storage.py tests
 
 verdict() { case "$1" in 0) echo "passed";; 5) echo "no tests selected (exit 5)";; *) echo "FAILED (exit $1)";; esac; }
 
-# The contracts the machine checks, before the tests (README, "Developing").
+# The contracts the machine checks, before the tests (README, "Static checks").
 "$PY" -m mypy
 mypy=$?
 echo "mypy: $(verdict $mypy)"
