@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import uuid
+from typing import Any
 
 from mountd.config import datastores as ds_config
 from mountd.config.datastores import DatastoreConfig
@@ -310,7 +311,8 @@ class DataReference:
         return self._with("upload", path_on_compute, overwrite)
 
     def to_manifest(self) -> dict:
-        body = {"datastore": self.datastore.name, "path_on_datastore": self.path_on_datastore, "mode": self.mode}
+        body: dict[str, Any] = {"datastore": self.datastore.name, "path_on_datastore": self.path_on_datastore,
+                                "mode": self.mode}
         if self.path_on_compute:
             body["path_on_compute"] = self.path_on_compute
         if self.overwrite:
@@ -342,7 +344,7 @@ class RunManifest:
         self.working_dir = working_dir  # where the command runs; default: the current directory
 
     def to_dict(self) -> dict:
-        body = {}
+        body: dict[str, Any] = {}
         if self.run_id:
             body["run_id"] = self.run_id
         body["data_references"] = {r.data_reference_name: r.to_manifest() for r in self.references}
@@ -425,7 +427,7 @@ class Estimator:
         self.script_params = dict(script_params or {})
         self.inputs = list(inputs or [])
         self.compute_target = compute_target
-        arguments = []
+        arguments: list[str | DataReference] = []
         for key, value in self.script_params.items():
             arguments.append(str(key))
             if value is not None:  # a flag without a value

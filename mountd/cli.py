@@ -21,9 +21,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mountd: error: {message} (see '{self.prog} --help')\n")
 
 
-def _common(sub: bool) -> argparse.ArgumentParser:
+def _common(sub: bool) -> _Parser:
     """Options accepted before and after the subcommand."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)  # only lends its options; a _Parser as the subcommands' parents must be
     def default(value):
         # after the subcommand, an option left out must not undo one given before it
         return argparse.SUPPRESS if sub else value
@@ -47,7 +47,8 @@ def _credentials(p: argparse.ArgumentParser) -> None:
     x.add_argument("--sas-token-file", metavar="FILE", help="file holding a SAS token")
     x.add_argument("--connection-string-env", metavar="VAR", help="environment variable holding a connection string")
     x.add_argument("--connection-string-file", metavar="FILE", help="file holding a connection string")
-    x.add_argument("--managed-identity", action="store_true", help="the node's managed identity only (with no credential option: the default chain, "
+    x.add_argument("--managed-identity", action="store_true",
+                   help="the node's managed identity only (with no credential option: the default chain, "
                    "AZURE_CLIENT_* service principal, workload or managed identity, Azure CLI login)")
     x.add_argument("--anonymous", action="store_true", help="public container, no credential")
     g.add_argument("--client-id", help="client id of a user-assigned managed identity")
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict-open", action="store_true",
                    help="read-only: every open comes to mountd and pins the version it reads (the kernel "
                         "otherwise opens files itself)")
-    g.add_argument("--memory-cache", metavar="SIZE", help="memory cap for all cached and in-flight blocks (default 512MiB)")
+    g.add_argument("--memory-cache", metavar="SIZE",
+                   help="memory cap for all cached and in-flight blocks (default 512MiB)")
     g.add_argument("--block-size", metavar="SIZE", help="read block size (default 16MiB)")
     g.add_argument("--readahead-blocks", type=_count(0, 256), metavar="N",
                    help="blocks read ahead of a sequential reader (default 8)")
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_argv = command
     tuning.for_transfers()
-    if command is not None and getattr(args, "func", None).__name__ != "run":
+    if command is not None and getattr(getattr(args, "func", None), "__name__", "") != "run":
         build_parser().error("`--` COMMAND is only for `mountd run`")
     logsetup.setup(args.log_level, args.debug, args.log_format)
     try:

@@ -271,21 +271,24 @@ def _check_storage(manifest) -> list[str]:
     take its credential and hold its container or share, and what a
     download or read-only mount reads must exist. One line per problem."""
     from mountd.errors import ConfigError, NotFound
-    problems, stores = [], {}
+    from mountd.storage.base import ObjectStore
+    problems: list[str] = []
+    stores: dict[str, ObjectStore | None] = {}  # None: the datastore could not be opened
     try:
         for ref in manifest.references.values():
             key = ref.datastore.name.lower()
             if key not in stores:
                 try:
+                    opened: ObjectStore
                     if ref.datastore.type == "local":  # never open_store: it makes the built-in store's root
                         from mountd.storage.local import LocalStore
                         from mountd.config.workspace import LOCAL_STORE_NAME
-                        stores[key] = LocalStore(ref.datastore.root)
+                        stores[key] = opened = LocalStore(ref.datastore.root)
                         if key != LOCAL_STORE_NAME or os.path.isdir(ref.datastore.root):  # (made when used)
-                            stores[key].check()
+                            opened.check()
                     else:
-                        stores[key] = open_store(ref.datastore)
-                        stores[key].check()
+                        stores[key] = opened = open_store(ref.datastore)
+                        opened.check()
                 except ConfigError as e:
                     stores[key] = None
                     problems.append(f"datastore {ref.datastore.name}: {e}")

@@ -34,6 +34,7 @@ class MountdError(Exception):
     """An error with a message fit to show the user as is."""
 
     exit_code = EXIT_FAILURE
+    request_id: str | None = None  # storage's x-ms-client-request-id, when the error came from an answer
 
 
 class UsageError(MountdError):

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from mountd.config import credentials
 from mountd.config.datastores import DatastoreConfig
@@ -117,12 +118,12 @@ class Journal:
     def __init__(self, work_dir: str):
         self.dir = os.path.join(os.path.abspath(work_dir), JOURNAL_DIR)
 
-    def add(self, datastore: dict, files: list[tuple[str, str]], dirs: list[str] = (), overwrite: bool = True,
+    def add(self, datastore: dict, files: list[tuple[str, str]], dirs: Iterable[str] = (), overwrite: bool = True,
             origin: str = "", run_id: str | None = None, staged: bool = False) -> Job:
         """Record a job durably; returns it. Call before uploading anything."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         job_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        job = Job(job_id, os.path.join(self.dir, job_id + ".json"), datastore, [tuple(p) for p in files],
+        job = Job(job_id, os.path.join(self.dir, job_id + ".json"), datastore, [(src, dst) for src, dst in files],
                   list(dirs), overwrite, origin, run_id, staged, time.time())
         body = {"id": job.id, "origin": origin, "run_id": run_id, "created": job.created, "staged": staged,
                 "overwrite": overwrite, "datastore": datastore, "files": [list(p) for p in job.files],

@@ -402,7 +402,7 @@ class BlockCache:
                 self._fill_waiting -= 1
             if self.disk is None or not self.disk.has_room(size):
                 return "full"
-            future = Future()
+            future: Future = Future()
             self._inflight[key] = future
             self._filling.add(key)
         try:
@@ -460,7 +460,8 @@ class BlockCache:
         in order and calls deliver(i, data) for each; `fetcher(i)` returns a
         fetch of block i alone. Leading blocks the disk tier holds are loaded
         from it one by one. Returns (blocks started, the run or None)."""
-        singles, granted = [], []
+        singles: list[int] = []
+        granted: list[int] = []
         with self._lock:
             for i in wanted:
                 key = key_of(i)
@@ -472,11 +473,12 @@ class BlockCache:
                 if on_disk and granted:
                     break
                 (singles if on_disk else granted).append(i)
-            futures = {i: Future() for i in singles + granted}
+            futures: dict[int, Future] = {i: Future() for i in singles + granted}
             self._inflight.update({key_of(i): f for i, f in futures.items()})
             self.stats.prefetches += len(futures)
             run = Run(granted[0], last) if granted else None
             for i in granted:
+                assert run is not None  # made when anything is granted
                 run.grant(i, futures[i])
             self._queued += len(singles) + bool(run)
         for i in singles:
@@ -496,7 +498,7 @@ class BlockCache:
                 if self._held(key) or self._on_disk(key):
                     run.close()
                     return False
-                future = Future()
+                future: Future = Future()
                 if not run.grant(i, future):  # ended, or not its next block (the reader skipped ahead)
                     run.close()
                     return False
@@ -538,6 +540,7 @@ class BlockCache:
         if left and error is None:
             error = OSError(f"{len(left)} block(s) of a run were not delivered")
         for i, future in left:
+            assert error is not None  # set above whenever blocks are left
             self._fail(key_of(i), future, error)
 
     def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:

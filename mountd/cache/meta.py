@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
-from typing import Iterator
+from typing import Iterator, cast
 
 from cachetools import TTLCache
 
@@ -126,7 +126,7 @@ class MetadataCache:
                 if any(e is None for e in cached):
                     cached = None  # some children expired on their own: list again
         if cached is not None:
-            yield from cached
+            yield from cast(list[Entry], cached)  # none is None: checked above
             return
         self.requests += 1
         started = self._now()

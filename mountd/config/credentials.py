@@ -197,7 +197,7 @@ def check_endpoint_account(url: str, where: str) -> None:
 
 # Azurite's documented development account (UseDevelopmentStorage=true).
 _DEVELOPMENT = {"accountname": "devstoreaccount1",
-                "accountkey": "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==",
+                "accountkey": "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==",  # noqa: E501
                 "blobendpoint": "http://127.0.0.1:10000/devstoreaccount1",
                 "fileendpoint": "http://127.0.0.1:10004/devstoreaccount1"}
 
@@ -207,9 +207,9 @@ def connection_string_parts(secret: str, service: str, where: str) -> tuple[str,
     key, SAS token) from an Azure Storage connection string."""
     fields = {}
     for part in secret.split(";"):
-        key, sep, value = part.strip().partition("=")
+        field, sep, value = part.strip().partition("=")
         if sep:
-            fields[key.strip().lower()] = value.strip()
+            fields[field.strip().lower()] = value.strip()
     if fields.get("usedevelopmentstorage", "").lower() == "true":
         fields = {**_DEVELOPMENT, **{k: v for k, v in fields.items() if k != "usedevelopmentstorage"}}
     name, key, sas = fields.get("accountname"), fields.get("accountkey"), fields.get("sharedaccesssignature")

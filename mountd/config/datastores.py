@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 from mountd.config import credentials
@@ -75,7 +76,7 @@ class DatastoreConfig:
 
     def to_dict(self) -> dict:
         """The YAML form, as written back into a workspace file."""
-        out = {"type": self.type}
+        out: dict[str, Any] = {"type": self.type}
         for key in sorted(_FIELDS[self.type] - {"type", "credential"}):
             value = getattr(self, key)
             if value is not None:

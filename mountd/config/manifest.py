@@ -239,7 +239,9 @@ class _Parser(ReferenceSection, CommandSection):
                 raise self.src.error(("cache", key), "must be a number, got .nan")
             where = f"{self.src.display}:{self.src.line(('cache', key))}"
             try:
-                self._settings(lambda: settings.apply_section(CacheSettings(), {key: value}, where), ("cache", key))
+                # (B023: _settings calls it at once, within this iteration)
+                self._settings(lambda: settings.apply_section(CacheSettings(), {key: value}, where),  # noqa: B023
+                               ("cache", key))
             except settings.CombinedSettingsError:
                 pass  # the mix of settings (memory below block size) is judged on the full section, below
         where = f"{self.src.display}:{self.src.line(('cache',))}: cache"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, cast
 
 from mountd.config.datastores import DatastoreConfig
 from mountd.config.manifest_source import Source, encodable, kind_of, one_line
@@ -83,7 +83,7 @@ class FieldChecks:
     def _choice(self, path: tuple, value: object, choices: tuple) -> str | None:
         if value is not None and value not in choices:
             raise self.src.error(path, f"must be one of {', '.join(choices)}, got {_short(value)}")
-        return value
+        return cast("str | None", value)  # one of the choices, or None
 
     def _bool(self, path: tuple, value: object) -> bool:
         if value is None:
@@ -151,7 +151,7 @@ def norm_path(path: str) -> str:
 def real_path(path: str) -> str:
     """`path` with symbolic links resolved as far as it exists (the rest does
     not exist yet, so it cannot be a link)."""
-    head, tail = path, []
+    head, tail = path, cast(list[str], [])
     while not os.path.lexists(head) and head != "/":
         head, name = os.path.split(head)
         tail.insert(0, name)

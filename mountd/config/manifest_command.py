@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from typing import Any
 
 from mountd.config import credentials
 from mountd.config.manifest_checks import TOP_KEYS, FieldChecks
@@ -58,7 +59,7 @@ class CommandSection(FieldChecks):
         """A run on several nodes would run here once: refuse it. The
         distributed sections carry their own nodeCount in older files."""
         for path in (("nodeCount",), ("mpi", "nodeCount"), ("pytorch", "nodeCount")):
-            value = data
+            value: Any = data
             for key in path:
                 value = value.get(key) if isinstance(value, dict) else None
             if value is None:
@@ -125,7 +126,7 @@ class CommandSection(FieldChecks):
         return self._exec_text(path, self.src.text(path, value))
 
     def _environment(self, raw: dict, v1: bool, references: dict[str, DataReference]) -> dict[str, str]:
-        path = ("environment",)
+        path: tuple[str, ...] = ("environment",)
         value = raw.get("environment")
         if v1 and isinstance(value, dict) and any(k in _V1_ENV_KEYS for k in value if isinstance(k, str)):
             # A v1 environment definition: only its variables concern us.

@@ -210,6 +210,7 @@ class ReferenceSection(FieldChecks):
         if cfg.type != "local":
             return
         where = self.origins[name]
+        assert cfg.root is not None  # required for a local datastore (config/datastores)
         if mode != "upload" and not os.path.isdir(cfg.root):
             raise self.src.error(where, f"datastore {cfg.name!r}: its root {cfg.root!r} does not exist "
                                         f"or is not a directory (a {mode} reads from it)", ConfigError)

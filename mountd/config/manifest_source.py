@@ -77,7 +77,8 @@ def load_document(path: str) -> tuple[object, Source]:
         loader.node_paths = node_paths
         return loader.construct_document(node), Source(path, lines, scalars)
     except _DuplicateKey as e:
-        raise UsageError(one_line(f"{path}:{e.line}: {field_name(e.path)}: duplicate key {_short(e.path[-1])}")) from None
+        raise UsageError(one_line(f"{path}:{e.line}: {field_name(e.path)}: duplicate key {_short(e.path[-1])}")) \
+            from None
     except yaml.YAMLError as e:
         raise UsageError(one_line(f"{yaml_where(path, text, e)}: invalid YAML: {yaml_problem(e)}")) from None
     except RecursionError:
@@ -111,7 +112,9 @@ class Index(int):
 def _index(root: yaml.Node, loader: _Loader) -> tuple[dict, dict, dict]:
     """Line numbers and scalar texts by key path, and each mapping's path.
     Paths hold keys as constructed (`1:` is the int 1), as the data has them."""
-    lines, scalars, node_paths = {(): root.start_mark.line + 1}, {}, {}
+    lines: dict[tuple, int] = {(): root.start_mark.line + 1}
+    scalars: dict[tuple, str] = {}
+    node_paths: dict[int, tuple] = {}
     budget = [100_000]  # aliases can make a small file a huge tree: stop indexing early
 
     def visit(node: yaml.Node, path: tuple, open_nodes: frozenset) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from mountd.errors import UsageError
 
@@ -33,6 +34,7 @@ def parse_size(value: object, what: str, allow_negative: bool = False) -> int:
     """'512MB', '8MiB', '1.5G', 4096 -> bytes (MB = 10^6, MiB = 2^20)."""
     if isinstance(value, bool):
         raise UsageError(f"{what}: expected a size such as 512MiB, got {value!r}")
+    number: float
     if isinstance(value, int):
         number, unit = value, ""
     else:
@@ -171,7 +173,7 @@ def apply_section(base: CacheSettings, section: object, where: str) -> CacheSett
         return base
     if not isinstance(section, dict):
         raise UsageError(f"{where}: cache must be a mapping")
-    changes = {}
+    changes: dict[str, Any] = {}
     for key, value in section.items():
         if key not in _SECTION:
             raise UsageError(f"{where}: unknown cache setting {key!r} (known: {', '.join(sorted(_SECTION))})")
@@ -182,7 +184,7 @@ def apply_section(base: CacheSettings, section: object, where: str) -> CacheSett
 
 def apply_environment(base: CacheSettings, environ=None) -> CacheSettings:
     environ = os.environ if environ is None else environ
-    changes = {}
+    changes: dict[str, Any] = {}
     for var, (name, parse) in _ENV.items():
         value = environ.get(var)
         if value not in (None, ""):

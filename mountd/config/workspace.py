@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
@@ -98,7 +99,7 @@ class Workspace:
         stores = raw.get("datastores") or {}
         if not isinstance(stores, dict):
             raise ConfigError(f"{path}: datastores must be a mapping of name to datastore")
-        seen = {}
+        seen: dict[str, str] = {}  # lower-cased name -> the name as written
         for name, body in stores.items():
             cfg = datastores.parse(name, body, path)
             if cfg.name.lower() in seen:
@@ -172,7 +173,7 @@ class Workspace:
         """Write the file atomically, private to its owner (0600)."""
         stores = {c.name: c.to_dict() for c in self.datastores.values()
                   if not (c.name.lower() == LOCAL_STORE_NAME and c == embedded_local_store())}
-        body = {"default_datastore": self.default_name, "datastores": stores}
+        body: dict[str, Any] = {"default_datastore": self.default_name, "datastores": stores}
         if self.allowed_roots:
             body["allowed_roots"] = self.allowed_roots
         if self.cache:

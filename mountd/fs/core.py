@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 from cachetools import LRUCache
 
@@ -317,6 +317,7 @@ class FileSystemCore:
 
     def _open_staged(self, path: str, flags: int, create: bool) -> int:
         store_path = self._store_path(path)
+        assert self.writeback is not None  # callers checked the mount is read-write
         found = []
 
         def lookup() -> Entry | None:
@@ -400,7 +401,7 @@ class FileSystemCore:
             if handle is not None:
                 self._path_readers.move_to_end(path)
                 return handle
-            pinned = self._pins.get(path, False)
+            pinned: Entry | None | Literal[False] = self._pins.get(path, False)
         if pinned is None:
             raise FsError(errno.ESTALE)  # its version is gone and the kernel is still dropping its pages
         if pinned is False:
@@ -455,7 +456,7 @@ class FileSystemCore:
         page of the old one and asked for the new attributes."""
         settled = threading.Event()
         with self._lock:
-            pinned = self._pins.get(path, False)
+            pinned: Entry | None | Literal[False] = self._pins.get(path, False)
             if pinned is None or (pinned is not False and pinned.etag != gone.etag):
                 return  # another read found it first, or the path has moved on to a newer version
             self._pins[path] = None
@@ -483,11 +484,13 @@ class FileSystemCore:
     def _read(self, handle: OpenFile, dest: memoryview, offset: int, path: str | None = None) -> int:
         size = len(dest)
         if handle.staged is not None:
+            assert self.writeback is not None  # only a read-write mount stages files
             with errno_for(f"read {handle.staged.path}"):
                 n = self.writeback.read_into(handle.staged, dest, offset)
             self.bytes_served += n
             return n
         entry = handle.entry
+        assert entry is not None and handle.readahead is not None  # nothing staged: it reads a version storage held
         if offset >= entry.size or size <= 0:
             return 0
         size = min(size, entry.size - offset)
@@ -539,6 +542,7 @@ class FileSystemCore:
         """Record a read for readahead: grant the blocks it wants now to the
         handle's open run, or start a new one for them."""
         ra = handle.readahead
+        assert ra is not None  # nothing staged: it reads a version storage held
         key_of = functools.partial(self._key, entry)
         with handle.lock:  # the kernel sends one handle's reads from several threads at once
             run = handle.run
@@ -548,7 +552,7 @@ class FileSystemCore:
                 run.close()
                 handle.run = run = None
                 streaming = False
-            if wanted and not (streaming and self.blocks.extend(run, key_of, wanted)):
+            if wanted and not (streaming and run is not None and self.blocks.extend(run, key_of, wanted)):
                 if run is not None:
                     run.close()
                 _, handle.run = self.blocks.prefetch_run(key_of, wanted, ra.last_block, self._streamer(entry),
@@ -612,6 +616,7 @@ class FileSystemCore:
         handle = self._handle(fh)
         if handle.staged is None:
             raise FsError(errno.EBADF)
+        assert self.writeback is not None  # only a read-write mount stages files
         with errno_for(f"write {handle.staged.path}"):
             return self.writeback.write(handle.staged, data, offset, append=handle.append)
 
@@ -632,6 +637,7 @@ class FileSystemCore:
             self._upload(handle.staged)
 
     def _upload(self, sf: StagedFile) -> None:
+        assert self.writeback is not None  # only a read-write mount stages files
         entry = self.writeback.flush(sf)  # raises FsError(EIO)
         if entry is not None:
             self.meta.remember(entry)
@@ -648,6 +654,7 @@ class FileSystemCore:
         if handle.run is not None:
             handle.run.close()
         if staged is not None:
+            assert self.writeback is not None  # only a read-write mount stages files
             self.writeback.release(staged)
 
     # -- namespace changes (read-write mounts) -------------------------------------------------
@@ -657,6 +664,7 @@ class FileSystemCore:
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         self._writable()
+        assert self.writeback is not None  # read-write: the constructor requires one
         sf = self._handle(fh).staged if fh is not None else None
         if sf is not None:  # the handle holds its copy
             with errno_for(f"truncate {path}"):
@@ -671,6 +679,7 @@ class FileSystemCore:
         handle = self._open_staged(path, os.O_WRONLY | (os.O_TRUNC if length == 0 else 0), create=False)
         try:
             sf = self._handles[handle].staged
+            assert sf is not None  # _open_staged stages the file
             with errno_for(f"truncate {path}"):
                 self.writeback.truncate(sf, length)
             self.flush(handle)
@@ -682,6 +691,7 @@ class FileSystemCore:
         no one else uses, reaches them meanwhile (stat, truncate) until it is
         unlinked in turn, which touches nothing in storage."""
         self._writable()
+        assert self.writeback is not None  # read-write: the constructor requires one
         store_path = self._store_path(path)
         with self._lock:
             kept = self._kept.pop(store_path, None)
@@ -713,10 +723,14 @@ class FileSystemCore:
         the version they opened, so they keep reading it. Costs a download
         of the file, made only when such a handle exists."""
         with self._lock:
-            readers = [h for h in self._handles.values() if h.staged is None and h.entry.path == store_path]
+            readers = [h for h in self._handles.values()
+                       if h.staged is None and h.entry is not None and h.entry.path == store_path]
+        assert self.writeback is not None  # called by unlink and rename only
         for handle in readers:
             try:
-                sf = self.writeback.open(store_path, lambda entry=handle.entry: entry, truncate=False)
+                # (mypy infers no type for a lambda with a default argument)
+                sf: StagedFile | None = self.writeback.open(store_path, lambda entry=handle.entry: entry,  # type: ignore[misc]
+                                                            truncate=False)
             except (MountdError, OSError) as e:
                 log.error("%s: deleted while open, and no copy could be kept for its reader (%s): its reads fail",
                           store_path, e)
@@ -737,9 +751,11 @@ class FileSystemCore:
         (blob) has another etag; a handle whose version storage no longer
         held is left as it is and finds it gone."""
         with self._lock:
-            readers = [h for h in self._handles.values() if h.staged is None and at_or_below(h.entry.path, src)]
+            readers = [h for h in self._handles.values()
+                       if h.staged is None and h.entry is not None and at_or_below(h.entry.path, src)]
         current = []
         for handle in readers:
+            assert handle.entry is not None  # nothing staged: it reads a version storage held
             try:
                 if self.store.stat(handle.entry.path).etag == handle.entry.etag:
                     current.append(handle)
@@ -748,6 +764,7 @@ class FileSystemCore:
 
         def follow() -> None:
             for handle in current:
+                assert handle.entry is not None  # nothing staged: it reads a version storage held
                 try:
                     entry = self.store.stat(dst + handle.entry.path[len(src):])
                 except MountdError:
@@ -774,6 +791,7 @@ class FileSystemCore:
         self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def _exists(self, path: str) -> bool:
+        assert self.writeback is not None  # read-write: the constructor requires one
         if self.writeback.get(self._store_path(path)):
             return True
         try:
@@ -786,6 +804,7 @@ class FileSystemCore:
 
     def rmdir(self, path: str) -> None:
         self._writable()
+        assert self.writeback is not None  # read-write: the constructor requires one
         store_path = self._store_path(path)
         if not store_path:
             raise FsError(errno.EBUSY)
@@ -805,6 +824,7 @@ class FileSystemCore:
         not atomic, and a failure part way leaves both names populated.
         `no_replace` (RENAME_NOREPLACE) fails with EEXIST if `new` exists."""
         self._writable()
+        assert self.writeback is not None  # read-write: the constructor requires one
         src, dst = self._store_path(old), self._store_path(new)
         if not src or not dst:
             raise FsError(errno.EBUSY)
@@ -873,6 +893,7 @@ class FileSystemCore:
         modification time when the file is uploaded); accepted and without
         effect otherwise, so `touch` and `cp -p` work."""
         self._writable()
+        assert self.writeback is not None  # read-write: the constructor requires one
         with self._borrowed(self._store_path(path)) as sf:
             if sf is not None:
                 with errno_for(f"utimens {path}"):
@@ -884,6 +905,7 @@ class FileSystemCore:
         """Storage keeps no permissions: accepted (tools like `shutil.copy`
         and `cp -p` set them) and without effect; the mode bits stay fixed."""
         self._writable()
+        assert self.writeback is not None  # read-write: the constructor requires one
         if not self.writeback.get(self._store_path(path)):
             self._entry(path)
 

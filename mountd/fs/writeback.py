@@ -29,7 +29,7 @@ from typing import Callable
 
 from mountd.errors import MountdError
 from mountd.fs.errors import FsError
-from mountd.journal import Journal
+from mountd.journal import Job, Journal
 from mountd.locks import try_lock
 from mountd.paths import is_within
 from mountd.storage.base import Entry, ObjectStore
@@ -57,7 +57,7 @@ class StagedFile:
     uploaded: int = -1  # the version storage holds (-1: none yet)
     unlinked: bool = False
     in_storage: bool = False  # storage holds some version of this path
-    job: object = None  # the journal job of a failed upload, reused by the next try
+    job: Job | None = None  # the journal job of a failed upload, reused by the next try
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -323,7 +323,7 @@ class WriteBack:
                 last = self._unused(sf)
             if last:
                 self._discard(sf)
-        if not self._lock_file.closed:
+        if self._lock_file is not None and not self._lock_file.closed:  # None: refused in __init__
             self._lock_file.close()
         return left
 

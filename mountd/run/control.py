@@ -4,8 +4,8 @@ for its numbers.
 Each daemon and each mount worker serves a unix stream socket under the
 runtime directory (0700), itself 0600. The protocol is one JSON request line
 (`{"request": "status"}`) answered by one JSON line, scrubbed of anything
-that looks like a secret, then the connection closes. A small thread serves it; answering reads counters without taking the
-read path's locks.
+that looks like a secret, then the connection closes. A small thread serves
+it; answering reads counters without taking the read path's locks.
 
 Socket paths are limited to 107 bytes; a longer one (deep test or runtime
 directories) is reached through /proc/self/fd/N of its directory.

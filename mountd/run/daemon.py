@@ -120,6 +120,7 @@ class Daemon:
     def _start(self) -> bool:
         """Everything before READY=1; False if the daemon must not become
         ready (a step failed, or a stop signal came first)."""
+        assert self.plan is not None  # made first thing in run()
         self._phase("resuming uploads")
         with Keepalive(self.notifier, lambda: ("resuming uploads an earlier run left pending", None)):
             for failure in lifecycle.resume_pending(self.manifest, self.signals.abort_uploads):
@@ -157,6 +158,7 @@ class Daemon:
                 self._supervise(slot)
 
     def _stop(self, started: bool) -> int:
+        assert self.plan is not None  # made first thing in run()
         self.phase = "stopping"
         self.notifier.stopping(f"stopping: unmounting {len(self.state.workers)}, "
                                f"uploading {len(self.plan.uploads)} reference(s)")
@@ -198,11 +200,13 @@ class Daemon:
     def _supervise(self, slot: _Slot) -> None:
         now = time.monotonic()
         worker = slot.worker
-        if slot.state == "failed" or (worker is not None and worker.process.poll() is None):
+        process = worker.process if worker is not None else None
+        assert worker is None or process is not None  # started by this daemon, which is its parent
+        if slot.state == "failed" or (process is not None and process.poll() is None):
             return
-        if worker is not None:  # it has just died
+        if worker is not None and process is not None:  # it has just died
             log.error("mount worker %d for %s on %s died (%s); restarting it", worker.pid, slot.ref.name,
-                      worker.mountpoint, _how_it_ended(worker.process.returncode))
+                      worker.mountpoint, _how_it_ended(process.returncode))
             self._clean_up_dead(worker)
             slot.worker = None
             self._count_death(slot, now)
@@ -252,6 +256,7 @@ class Daemon:
         self.notifier.status(phase)
 
     def _staging_line(self) -> tuple[str, int]:
+        assert self.plan is not None  # made first thing in run()
         files = done = moved = total = 0
         for progress in list(self.state.staging.values()):
             files += progress.total_files
@@ -263,11 +268,13 @@ class Daemon:
         return text, moved + done
 
     def _ready_line(self) -> str:
+        assert self.plan is not None  # made first thing in run()
         live = sum(1 for s in self.slots if s.state == "live")
         return (f"{live}/{len(self.slots)} mount(s) live, {len(self.plan.downloads)} download(s) staged, "
                 f"{len(self.plan.uploads)} upload(s) at stop")
 
     def _stopping_line(self) -> tuple[str, None]:
+        assert self.plan is not None  # made first thing in run()
         return f"stopping: {self.uploads_state if self.plan.uploads else 'unmounting'}", None
 
     def status(self) -> dict:
@@ -324,7 +331,8 @@ def _how_it_ended(code: int | None) -> str:
     if code is None:
         return "unknown"
     if code < 0:
-        return f"killed by {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        return (f"killed by {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_
+                else f"signal {-code}")
     return f"exit code {code}"
 
 

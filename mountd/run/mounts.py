@@ -149,6 +149,7 @@ def start(spec: dict, supervised: bool = False, log_level: str = "info", debug: 
         os.close(ready_w)
         if sup_r is not None:
             os.close(sup_r)
+    assert proc.stdin is not None  # stdin=PIPE
     try:
         proc.stdin.write(json.dumps(job).encode())
         proc.stdin.close()

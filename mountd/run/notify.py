@@ -118,7 +118,7 @@ class Keepalive:
         self.describe = describe
         self.extend = extend
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "Keepalive":
         if self.notifier.enabled:

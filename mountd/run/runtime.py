@@ -107,7 +107,8 @@ def search_dirs() -> list[str]:
     out = [base]
     for entry in sorted(os.scandir(base), key=lambda e: e.name):
         if entry.is_dir(follow_symlinks=False) and entry.name not in ("mounts", "daemons") and (
-                os.path.isdir(os.path.join(entry.path, "mounts")) or os.path.isdir(os.path.join(entry.path, "daemons"))):
+                os.path.isdir(os.path.join(entry.path, "mounts"))
+                or os.path.isdir(os.path.join(entry.path, "daemons"))):
             out.append(entry.path)
     return out
 

@@ -20,7 +20,7 @@ _RECORD_KEYS = ("pid", "manifest", "run_id", "mountpoint", "datastore", "path", 
 
 
 def gather() -> dict:
-    out = {"daemons": [], "mounts": []}
+    out: dict[str, list] = {"daemons": [], "mounts": []}
     for kind in ("daemons", "mounts"):
         for record in runtime.live_records(kind):
             try:
@@ -65,7 +65,8 @@ def as_text(status: dict) -> str:
         for failure in d["failures"]:
             lines.append(f"  failed: {failure}")
     for m in status["mounts"]:
-        head = f"mount {m.get('mountpoint')}: {m.get('datastore')}:{m.get('path') or '/'} ({m.get('mode')}, pid {m.get('pid')})"
+        head = (f"mount {m.get('mountpoint')}: {m.get('datastore')}:{m.get('path') or '/'} "
+                f"({m.get('mode')}, pid {m.get('pid')})")
         if "error" in m:
             lines += [head, f"  {m['error']}"]
             continue
@@ -195,7 +196,8 @@ def as_prometheus(status: dict) -> str:
             x.add("mountd_staging_files_planned", "gauge", "Files of a download reference listed so far.",
                   labels, s["files_total"])
         for m in d["mounts"]:
-            x.add("mountd_mount_restarts_total", "counter", "Mount workers restarted after dying, since the daemon started.",
+            x.add("mountd_mount_restarts_total", "counter",
+                  "Mount workers restarted after dying, since the daemon started.",
                   dict(base, reference=m["name"]), m["restarts"])
         x.add("mountd_pending_uploads", "gauge", "Upload references an earlier run left pending.",
               base, len(d["pending_uploads"]))

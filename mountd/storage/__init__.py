@@ -28,8 +28,10 @@ def open_store(cfg: DatastoreConfig, create: bool = False) -> ObjectStore:
         from mountd.storage.local import LocalStore
         from mountd.config.workspace import LOCAL_STORE_NAME
         # The embedded store is mountd's own: it comes into being when used.
+        assert cfg.root is not None  # required for a local datastore (config/datastores)
         return LocalStore(cfg.root, create=create or cfg.name.lower() == LOCAL_STORE_NAME)
     cred = resolve_credential(cfg)
+    store: ObjectStore
     if cfg.type == "azure_blob":
         from mountd.storage.blob import BlobStore
         store = BlobStore(cfg, cred)

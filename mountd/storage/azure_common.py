@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, Executor, wait
 from typing import BinaryIO, Callable
 
-from mountd.errors import AlreadyExists, ConfigError, NotEmpty, NotFound, Stale, StorageError, Unreachable
+from mountd.errors import AlreadyExists, ConfigError, MountdError, NotEmpty, NotFound, Stale, StorageError, Unreachable
 
 
 def content_type(path: str) -> str:
@@ -20,7 +20,7 @@ def content_type(path: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def raise_for_status(status: int, code: str, what: str, where: str, request_id: str | None = None,
+def raise_for_status(status: int | None, code: str | None, what: str, where: str, request_id: str | None = None,
                      detail: str = ""):
     """The mountd error for a failed storage answer, by HTTP status and the
     service's error code, for the SDK's calls and the lean data path alike.
@@ -34,7 +34,7 @@ def raise_for_status(status: int, code: str, what: str, where: str, request_id: 
     raise error
 
 
-def _error_for(status: int, code: str, what: str, where: str, detail: str) -> Exception:
+def _error_for(status: int | None, code: str, what: str, where: str, detail: str) -> MountdError:
     if status == 412:
         return Stale(f"{what} changed in storage while it was being read")
     if status == 404:

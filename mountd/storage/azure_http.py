@@ -26,6 +26,7 @@ import threading
 import time
 from email.utils import formatdate
 import xml.etree.ElementTree as ET
+from typing import Any, Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
 from mountd.config.credentials import TOKEN_KINDS, connection_string_parts
@@ -97,7 +98,7 @@ class Signer:
         self.key = base64.b64decode(account_key) if account_key else None
         self.sas = sas.lstrip("?") if sas else None
         self.token_credential = token_credential
-        self._token = None
+        self._token: Any = None  # an azure.core AccessToken once asked for
         self._lock = threading.Lock()
 
     @classmethod
@@ -141,6 +142,7 @@ class Signer:
         return self.sas or ""
 
     def _bearer(self) -> str:
+        assert self.token_credential is not None  # asked only when there is one
         with self._lock:
             if self._token is None or self._token.expires_on - time.time() < 300:
                 self._token = self.token_credential.get_token(TOKEN_SCOPE)
@@ -303,7 +305,7 @@ class RangeReader:
             raise HttpError(status, headers.get("x-ms-error-code", ""), headers.get("x-ms-client-request-id"))
 
     def call(self, method: str, resource_path: str, query: dict | None = None, body: bool = False,
-             connect_retries: int | None = None) -> tuple[int, dict, bytes]:
+             connect_retries: int | None = None) -> tuple[int, Mapping[str, str], bytes]:
         """Send a request without a body to `resource_path` ('container/name',
         unencoded) and return (status, headers, response body if `body`)
         once the answer is not a transient failure (connection errors, 5xx,

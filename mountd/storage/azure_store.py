@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from mountd.errors import AlreadyExists
 from mountd.storage.azure_http import RangeReader, raise_for_answer, translated_reads
@@ -22,6 +22,8 @@ class AzureStore(ObjectStore):
     for it and a pool of `concurrency` threads for the pieces of large
     uploads. Subclasses say how to make their SDK client (`_make_service`)
     and how to list the first entry of the target (`check_query`)."""
+
+    account_url: str  # set by each subclass before it calls __init__
 
     # The check at start lists one entry rather than reading the container's
     # or share's properties: a container or share SAS grants no access to
@@ -62,7 +64,7 @@ class AzureStore(ObjectStore):
     def _reads(self, path: str, unreachable: bool = False):
         return translated_reads(f"{path or '/'} in {self.description}", self.description, unreachable)
 
-    def _head(self, path: str, query: dict | None = None) -> tuple[int, dict]:
+    def _head(self, path: str, query: dict | None = None) -> tuple[int, Mapping[str, str]]:
         """HEAD of an object (or, with `query`, a directory or the target)
         through the lean path: (status, headers); failures other than an
         answer raise."""

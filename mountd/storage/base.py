@@ -88,7 +88,7 @@ class ObjectStore(ABC):
         every directory that exists in its own right (a marker blob, a real
         directory) under it. Order: storage's own (lexicographic for blob)."""
 
-    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes:
+    def read(self, path: str, offset: int, length: int, etag: str | None = None) -> bytes | bytearray:
         """Up to `length` bytes at `offset` (fewer only at end of file), as a
         bytes-like object (bytes or bytearray).
         With `etag`, raises Stale if the object is no longer that version."""
@@ -159,7 +159,7 @@ class ObjectStore(ABC):
         (no such container, credentials refused, endpoint down)."""
         self.stat("")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default: a store without connections has nothing to do
         """Release connections."""
 
     def __enter__(self):

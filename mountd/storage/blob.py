@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 from email.utils import parsedate_to_datetime
-from typing import Iterator
+from typing import Iterator, Mapping
 from urllib.parse import unquote
 
 from mountd.config.credentials import Credential
@@ -34,7 +34,7 @@ UPLOAD_CONCURRENCY = 8  # blocks in flight per large file
 LIST_PAGE = 5000  # the service's maximum page
 
 
-def _entry_from_headers(path: str, headers: dict) -> Entry:
+def _entry_from_headers(path: str, headers: Mapping[str, str]) -> Entry:
     """The entry a HEAD of a blob describes (header names in lower case)."""
     marker = headers.get(f"x-ms-meta-{MARKER_KEY}", "").lower() == "true"
     md5 = headers.get("content-md5")
@@ -55,27 +55,25 @@ def _listing_page(reader: RangeReader, container: str, prefix: str, delimiter: s
     if marker:
         query["marker"] = marker
     root = reader.get_xml(container, query)
-    items = []
+    items: list[Entry | tuple[str, str]] = []
     blobs = root.find("Blobs")
     for node in (blobs if blobs is not None else ()):
-        name_node = node.find("Name")
-        name = name_node.text or ""
-        if name_node.get("Encoded") == "true":
+        name = node.findtext("Name") or ""
+        if node.find("Name[@Encoded='true']") is not None:
             name = unquote(name)
         if node.tag == "BlobPrefix":
             items.append(("prefix", name))
             continue
-        props = node.find("Properties")
         meta = node.find("Metadata")
         marker_blob = meta is not None and any(
             c.tag.lower() == MARKER_KEY and (c.text or "").lower() == "true" for c in meta)
-        md5 = props.findtext("Content-MD5")
-        modified = props.findtext("Last-Modified")
+        md5 = node.findtext("Properties/Content-MD5")
+        modified = node.findtext("Properties/Last-Modified")
         items.append(Entry(
             path=name, is_dir=marker_blob,
-            size=0 if marker_blob else int(props.findtext("Content-Length") or 0),
+            size=0 if marker_blob else int(node.findtext("Properties/Content-Length") or 0),
             mtime=parsedate_to_datetime(modified).timestamp() if modified else 0.0,
-            etag=_etag(props.findtext("Etag")),
+            etag=_etag(node.findtext("Properties/Etag")),
             md5=base64.b64decode(md5) if md5 else None))
     return items, root.findtext("NextMarker") or None
 
@@ -96,6 +94,7 @@ class BlobStore(AzureStore):
     check_query = {"restype": "container", "comp": "list", "maxresults": "1"}
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
+        assert cfg.container_name is not None  # required for azure_blob (config/datastores)
         self._retry = policy()
         self.account_url, signer = Signer.for_store(cfg, credential, "blob")
         super().__init__(cfg.container_name, RangeReader(self.account_url, signer, retry=self._retry),
@@ -404,4 +403,4 @@ def _block_id(index: int) -> str:
 
 def _content_settings(path: str, md5: bytes):
     from azure.storage.blob import ContentSettings
-    return ContentSettings(content_type=content_type(path), content_md5=md5)
+    return ContentSettings(content_type=content_type(path), content_md5=md5)  # type: ignore[arg-type]  # SDK hint: bytearray

@@ -100,6 +100,7 @@ class FileShareStore(AzureStore):
     check_query = {"restype": "directory", "comp": "list", "maxresults": "1"}
 
     def __init__(self, cfg: DatastoreConfig, credential: Credential):
+        assert cfg.share_name is not None  # required for azure_file (config/datastores)
         lean_headers = {"x-ms-allow-trailing-dot": "true"}
         self._backup_intent = credential.kind in TOKEN_KINDS
         if self._backup_intent:
@@ -249,7 +250,7 @@ class FileShareStore(AzureStore):
             # One range: its MD5 is known before the file is created.
             data = source.read()
             size = len(data)
-            settings.content_md5 = hashlib.md5(data).digest()
+            settings.content_md5 = hashlib.md5(data).digest()  # type: ignore[assignment]  # SDK hint: bytearray
         renamed: dict = {}
         try:
             self._create_file(temp, path, size, settings)
@@ -264,7 +265,7 @@ class FileShareStore(AzureStore):
                 md5, _ = upload_pieces(self._uploads, self._upload_slots, source, RANGE_SIZE, put, progress)
                 if source.tell() != size:
                     raise StorageError(f"{path}: the local file changed size while it was being uploaded")
-                settings.content_md5 = md5
+                settings.content_md5 = md5  # type: ignore[assignment]  # the SDK's hint says bytearray
                 with self._errors(path):
                     temp.set_http_headers(settings)
             with self._errors(path):
@@ -278,7 +279,7 @@ class FileShareStore(AzureStore):
         if not renamed.get("ETag") or not renamed.get("Last-Modified"):
             return self.stat(path)
         return Entry(path=path, is_dir=False, size=size, mtime=_http_time(renamed["Last-Modified"]),
-                     etag=_etag(renamed["ETag"]), md5=settings.content_md5)
+                     etag=_etag(renamed["ETag"]), md5=settings.content_md5)  # type: ignore[arg-type]  # bytes, set above
 
     def _create_file(self, client, path: str, size: int, settings) -> None:
         """Create the file `client` names, with its size; makes the missing

@@ -40,6 +40,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from mountd.config.credentials import ANOTHER_CREDENTIAL as _ANOTHER
 from mountd.errors import ConfigError, TokenUnavailable, first_line
@@ -147,8 +148,10 @@ class RetryingTokenCredential:
 
         # One budget: azure-identity does not retry, get_token does; the
         # storage timeouts bound each request.
-        pipeline = dict(retry_total=0, connection_timeout=self.retry.connect_timeout,
-                        read_timeout=self.retry.read_timeout, raw_response_hook=hook)
+        pipeline: dict[str, Any] = dict(retry_total=0, connection_timeout=self.retry.connect_timeout,
+                                        read_timeout=self.retry.read_timeout, raw_response_hook=hook)
+        credential: ManagedIdentityCredential | DefaultAzureCredential
+        inner: _Recorded | DefaultAzureCredential
         try:
             if self.kind == "managed_identity":
                 credential = ManagedIdentityCredential(client_id=self.client_id, **pipeline)
@@ -248,9 +251,9 @@ def _verdict(failure: _Failure) -> str:
     return "transient"
 
 
-def _causes(error: BaseException) -> list[BaseException]:
+def _causes(error: BaseException | None) -> list[BaseException]:
     """The error and those it was raised from or during, innermost last."""
-    seen = []
+    seen: list[BaseException] = []
     while error is not None and error not in seen and len(seen) < 10:
         seen.append(error)
         error = error.__cause__ or error.__context__

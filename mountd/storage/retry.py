@@ -28,6 +28,7 @@ import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from mountd.config.settings import parse_count, parse_duration
 from mountd.errors import UsageError
@@ -100,7 +101,7 @@ def policy(environ=None) -> StoragePolicy:
     """The policy in force: defaults overridden by MOUNTD_STORAGE_* variables.
     A malformed value is a UsageError naming the variable."""
     environ = os.environ if environ is None else environ
-    changes = {}
+    changes: dict[str, Any] = {}  # counts and seconds, by field
     for var, (name, kind) in _ENV.items():
         value = environ.get(var)
         if value in (None, ""):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import threading
+from typing import Any
 
 from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError, ServiceRequestError,
                                    ServiceResponseError)
@@ -139,7 +140,7 @@ class BackoffRetry(HTTPPolicy):
         budget = StoragePolicy(retries=options.pop("retry_total", self.policy.retries))  # a call may set its own
         body = request.http_request.body
         position = _position(body)
-        settings = {"count": 0, "history": []}
+        settings: dict[str, Any] = {"count": 0, "history": []}
         while True:
             try:
                 response = self.next.send(request)

@@ -29,6 +29,7 @@ import ssl
 import sys
 import threading
 import time
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import urllib3
@@ -99,10 +100,10 @@ class _Expiring:
     def _put_conn(self, conn):
         if conn is not None:
             conn.idle_since = time.monotonic()
-        super()._put_conn(conn)
+        super()._put_conn(conn)  # type: ignore[misc]  # the pool's, after this mixin
 
     def _get_conn(self, timeout=None):
-        conn = super()._get_conn(timeout)
+        conn = super()._get_conn(timeout)  # type: ignore[misc]  # the pool's, after this mixin
         if conn.idle_since and time.monotonic() - conn.idle_since > IDLE_EXPIRY:
             conn.close()
         return conn
@@ -127,8 +128,8 @@ class Transport:
         self.settings = s
         self.ssl_context = tls_context(s)
         self.timeout = urllib3.Timeout(connect=s.retry.connect_timeout, read=s.retry.read_timeout)
-        self._kw = dict(num_pools=32, maxsize=POOL_SIZE, block=False, timeout=self.timeout, retries=False,
-                        ssl_context=self.ssl_context, socket_options=_SOCKET_OPTIONS)
+        self._kw: dict[str, Any] = dict(num_pools=32, maxsize=POOL_SIZE, block=False, timeout=self.timeout,
+                                        retries=False, ssl_context=self.ssl_context, socket_options=_SOCKET_OPTIONS)
         self.direct = self._manager(urllib3.PoolManager(**self._kw))
         self._proxied: dict[str, urllib3.ProxyManager] = {}
         self._routes: dict[str, tuple] = {}
@@ -156,6 +157,9 @@ class Transport:
             manager = self._proxied.get(proxy)
             if manager is None:
                 parts = urlsplit(proxy)
+                if not parts.hostname:  # e.g. "http://:3128"
+                    var = "$HTTPS_PROXY" if urlsplit(url).scheme == "https" else "$HTTP_PROXY"
+                    raise ConfigError(f"{var} names a proxy without a host: set it to http://HOST:PORT, or unset it")
                 headers = {}
                 if parts.username is not None:  # user info: basic proxy authentication, never logged
                     auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -188,7 +192,7 @@ class Transport:
         except urllib3.exceptions.HTTPError as e:
             raise self.translate(e, url) from None
 
-    def get(self, url: str, headers: dict) -> http.client.HTTPResponse:
+    def get(self, url: str, headers: dict) -> Answer:
         """Send a GET (no body, no retries) and return the answer with its
         body left to read; give it back with `release`. Raises
         CertificateProblem or TransportError.
@@ -211,7 +215,7 @@ class Transport:
             raise self.translate(e, url) from None
         if pool.proxy is not None:
             wrapper = self.request("GET", url, headers, preload=False)
-            answer = wrapper._fp
+            answer = cast(Answer, wrapper._fp)  # type: ignore[attr-defined]  # the http.client answer it wraps
             answer.wrapper = wrapper
             return answer
         conn = pool._get_conn()
@@ -229,7 +233,7 @@ class Transport:
             conn.endheaders()
             # http.client's getresponse, not urllib3's override (which wraps
             # the answer in its own response object)
-            answer = http.client.HTTPConnection.getresponse(conn)
+            answer = cast(Answer, http.client.HTTPConnection.getresponse(conn))  # response_class is Answer
         except BaseException as e:
             conn.close()
             pool._put_conn(conn)
@@ -270,18 +274,19 @@ class Transport:
         import requests
         session = requests.Session()
         session.trust_env = False  # the environment has been read here, once, for both paths
-        adapter = _SessionAdapter(self)
+        from requests.adapters import HTTPAdapter
+        adapter = cast(HTTPAdapter, _SessionAdapter(self))  # what its __new__ makes
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
 
 
-def body_reader(response) -> http.client.HTTPResponse:
+def body_reader(response) -> Answer:
     """The http.client answer to read a body from: an answer from
     `Transport.get` itself, or the one under a urllib3 response read with
     preload=False (urllib3's own readinto reads into a new bytes object and
     copies it: a second pass over every byte, fresh memory each time)."""
-    return response if isinstance(response, http.client.HTTPResponse) else response._fp
+    return response if isinstance(response, Answer) else response._fp
 
 
 def release(response) -> None:
@@ -365,7 +370,7 @@ class _SessionAdapter:
             def __init__(self):
                 super().__init__(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
 
-            def send(self, request, **kwargs):
+            def send(self, request, **kwargs):  # type: ignore[override]  # passes requests' own arguments on
                 proxy = transport.proxy_for(request.url)
                 kwargs["proxies"] = {urlsplit(request.url).scheme: proxy} if proxy else {}
                 return super().send(request, **kwargs)

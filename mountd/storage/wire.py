@@ -34,6 +34,7 @@ class Fields(http.client.HTTPMessage):
     as Message does, first match wins, so the message stays a plain
     Message to anything that reads or changes it."""
 
+    _headers: list[tuple[str, str]]  # Message's own list of fields (not in its type stubs)
     _index: dict | None = None
     _indexed: tuple = ()
 
@@ -72,7 +73,7 @@ def buffered_block(fp) -> bytes | None:
         size = end + 4
     block = head[:size]
     # a bare LF line would end the block where http.client ends it: earlier
-    if block.startswith(b"\n") or b"\n\n" in block or block.count(b"\n") > http.client._MAXHEADERS:
+    if block.startswith(b"\n") or b"\n\n" in block or block.count(b"\n") > http.client._MAXHEADERS:  # type: ignore[attr-defined]  # private: not in the stubs
         return None
     return fp.read(size)
 
@@ -83,7 +84,7 @@ def parse_headers_fast(fp, _class=None):
     cut short) goes to http.client's own parser, defects and all. Measured
     on 4 KiB ranged reads from Azurite, medians of 8 rounds of 1 500:
     0.38 ms of CPU per request -> 0.29."""
-    block = buffered_block(fp) or b"".join(http.client._read_headers(fp))  # its limits on line length and count
+    block = buffered_block(fp) or b"".join(http.client._read_headers(fp))  # type: ignore[attr-defined]  # its limits on line length and count (private)
     text = block.decode("iso-8859-1")
     if not _PLAIN_BLOCK.fullmatch(text):
         return http.client.parse_headers(io.BytesIO(block))
@@ -115,10 +116,10 @@ class Answer(http.client.HTTPResponse):
 
     def _read_status(self):
         while True:
-            version, status, reason = super()._read_status()
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # private: not in the stubs
             if not (100 < status < 200) or status == 101:
                 return version, status, reason
-            http.client._read_headers(self.fp)  # the interim answer's headers, read and dropped
+            http.client._read_headers(self.fp)  # type: ignore[attr-defined]  # the interim answer's headers, read and dropped
 
     # where the connection goes back to (see Transport.get): its pool and
     # itself, or the urllib3 response that owns it

@@ -95,7 +95,7 @@ class Progress:
             self._total_files += 1
             self.total_bytes += nbytes
             if self._bar is not None:
-                self._bar.total += nbytes
+                self._bar.total = (self._bar.total or 0) + nbytes  # made with total=0: never None
                 self._bar.refresh()
 
     def bytes_moved(self, nbytes: int) -> None:

@@ -217,7 +217,8 @@ class MountdMount(Mount):
     @staticmethod
     def how(cache: str = "EMPTY_DIR", tool: str = "mountd") -> str:
         more = "".join(f" {f}" for f in MOUNTD_FLAGS[tool])
-        return f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE}{more} (otherwise defaults)"
+        return (f"mountd mount {DATASTORE} MNT --cache-dir {cache} --memory-cache {MEMORY_CACHE}{more} "
+                "(otherwise defaults)")
 
     def start(self) -> float:
         argv = mountd_argv() + ["--workspace", self.workspace, "mount", self.target, self.path,

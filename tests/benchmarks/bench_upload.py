@@ -340,7 +340,7 @@ class Bench:
             print(f"writing a {a.big_mib} MiB checkpoint", flush=True)
             self.sources["checkpoint"] = make_checkpoint(os.path.join(self.dirs["src"], "checkpoint"), a.big_mib)
             self.res.checkpoint = Scenario("checkpoint", 1, self.sources["checkpoint"].nbytes)
-        for name, src in self.sources.items():
+        for name in self.sources:
             sc = getattr(self.res, name)
             p = f"{name}/rN-TOOL"
             sc.tools = {

@@ -467,7 +467,8 @@ def dd_read(path: str, block: str = "1M", timeout: float | None = None) -> tuple
     elapsed = time.perf_counter() - start
     err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
-        raise ToolFailed(f"dd of {path} exited with {proc.returncode}:\n  " + "\n  ".join(err.strip().splitlines()[-5:]))
+        raise ToolFailed(f"dd of {path} exited with {proc.returncode}:\n  "
+                         + "\n  ".join(err.strip().splitlines()[-5:]))
     m = re.search(r"^(\d+) bytes", err, re.MULTILINE)
     if not m:
         raise ToolFailed(f"dd of {path}: no byte count in its output: {err.strip()!r}")

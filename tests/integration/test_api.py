@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from mountd.api import Datastore, Workspace
-from mountd.errors import TransferFailed, UsageError
+from mountd.errors import MountdError, TransferFailed, UsageError
 from tests.conftest import KEY
 
 
@@ -94,7 +94,7 @@ def test_default_local_datastore_needs_no_account(tmp_path):
 
 def test_failed_registration_keeps_no_secret(tmp_path, azurite):
     ws = Workspace.from_config(str(tmp_path / "ws.yaml"), create=True)
-    with pytest.raises(Exception):
+    with pytest.raises(MountdError):
         Datastore.register_azure_blob_container(ws, "nope", "no-such-container", "devstoreaccount1",
                                                 account_key=KEY, endpoint=azurite.account_url)
     assert not (tmp_path / "secrets" / "nope.account_key").exists()

@@ -93,7 +93,8 @@ def test_deleted_while_open_gives_estale_and_a_log_line(store, mounter, opens):
     assert "gone.bin was deleted from storage while open" in log or "gone.bin changed in storage while open" in log
     if opens:
         with pytest.raises(FileNotFoundError):
-            open(mp / "gone.bin", "rb")  # reopening looks the name up afresh (stat may still show kernel-cached attributes)
+            # reopening looks the name up afresh (stat may still show kernel-cached attributes)
+            open(mp / "gone.bin", "rb")
     else:
         # the kernel opens a name it holds by itself (for the attribute TTL),
         # but asks again for the file's attributes before using it

@@ -310,7 +310,8 @@ CASES = [open_missing, open_excl_existing, open_through_a_file, open_directory_f
          open_creates_empty_file_and_stamps_parent, open_trunc_empties, truncate_errors, truncate_grows_and_shrinks,
          truncate_stamps_file, ftruncate_errors, unlink_errors, unlink_removes_and_stamps_parent, mkdir_errors,
          mkdir_makes_empty_dir_and_stamps_parent, directory_links_count_subdirectories, rmdir_errors,
-         rmdir_removes_and_stamps_parent, rename_errors, rename_file_replaces_target, rename_dir_replaces_empty_dir, rename_to_itself_changes_nothing,
+         rmdir_removes_and_stamps_parent, rename_errors, rename_file_replaces_target, rename_dir_replaces_empty_dir,
+         rename_to_itself_changes_nothing,
          rename_keeps_inode_and_stamps_both_parents, rename_stamps_ctime_of_renamed_file,
          rename_keeps_mtime_of_renamed_file]
 

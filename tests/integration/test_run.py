@@ -622,7 +622,8 @@ def test_pid1_sigterm_forwards_reaps_and_uploads(job, tmp_path):
     if not shutil.which("unshare"):
         pytest.skip("unshare is not installed")
     out = "$AZUREML_DATAREFERENCE_outputs"
-    script = (f"trap 'sleep 0.3; ps -eo stat= | grep -c \"^Z\" > {out}/zombies; echo term > {out}/term; exit 143' TERM; "
+    script = (f"trap 'sleep 0.3; ps -eo stat= | grep -c \"^Z\" > {out}/zombies; "
+              f"echo term > {out}/term; exit 143' TERM; "
               f"(sleep 0.1 &); ls $AZUREML_DATAREFERENCE_inputs > {out}/listing; echo 1 > {out}/started; "
               "sleep 60 & wait")
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "mountd", "run",

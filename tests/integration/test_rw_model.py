@@ -65,7 +65,7 @@ def outcome(fn):
 
 def snapshot(root):
     files, dirs = {}, set()
-    for d, subdirs, names in os.walk(root):
+    for d, _subdirs, names in os.walk(root):
         rel = os.path.relpath(d, root)
         if rel != ".":
             dirs.add(rel)

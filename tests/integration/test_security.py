@@ -143,7 +143,8 @@ def test_secret_not_in_messages_when_storage_is_unreachable(tmp_path, azurite, c
     entry["credential"] = {"sas_token_env": SAS_ENV}
     ws = tmp_path / "ws.yaml"
     ws.write_text(yaml.safe_dump({"datastores": {"store": entry}}))
-    env = {"MOUNTD_WORKSPACE": str(ws), SAS_ENV: secret, "MOUNTD_STORAGE_RETRIES": "1", "MOUNTD_STORAGE_BACKOFF": "10ms"}
+    env = {"MOUNTD_WORKSPACE": str(ws), SAS_ENV: secret, "MOUNTD_STORAGE_RETRIES": "1",
+           "MOUNTD_STORAGE_BACKOFF": "10ms"}
     for args in (["--debug", "download", "store", tmp_path / "d"], ["download", "store", tmp_path / "d"],
                  ["--debug", "upload", "store", tmp_path]):
         r = mountd_cli(*args, env=env)

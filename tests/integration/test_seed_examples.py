@@ -302,7 +302,7 @@ def test_estimator_with_inputs(ws, azurite, fileshare, code_directory):
     est = Estimator(source_directory='your code directory',
                     compute_target=compute_target,
                     entry_script='train.py',
-                    inputs=[ds1.as_download(), ds2.path('./foo').as_download(), ds3.as_upload(path_on_compute='./bar.pkl')])
+                    inputs=[ds1.as_download(), ds2.path('./foo').as_download(), ds3.as_upload(path_on_compute='./bar.pkl')])  # noqa: E501 - as the seed writes it
 
     assert est.run() == 0
     # ./bar.pkl, written where train.py ran, is in ds3 now

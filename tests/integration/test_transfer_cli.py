@@ -164,7 +164,8 @@ def test_secrets_never_in_output_or_workspace(tmp_path, azurite, container, moun
     outputs.append(mountd_cli("datastore", "list", env=env))
     outputs.append(mountd_cli("datastore", "show", "sec", "--json", env=env))
     outputs.append(mountd_cli("--debug", "download", "sec", tmp_path / "d", env=env))
-    outputs.append(mountd_cli("--debug", "download", "sec", tmp_path / "d", env=dict(env, **{KEY_ENV: "d3Jvbmc=" * 11})))
+    outputs.append(mountd_cli("--debug", "download", "sec", tmp_path / "d",
+                              env=dict(env, **{KEY_ENV: "d3Jvbmc=" * 11})))
     for result in outputs:
         assert KEY not in result.out + result.err
         assert KEY[:20] not in result.out + result.err
@@ -278,7 +279,8 @@ def test_unreachable_endpoint_and_bad_yaml_exit_2(tmp_path, mountd_cli, monkeypa
 def test_debug_shows_traceback(tmp_path, mountd_cli):
     (tmp_path / "w.yaml").write_text("datastores: {}\n")
     r = mountd_cli("--debug", "--workspace", tmp_path / "w.yaml", "download", "nope", tmp_path / "o")
-    assert r.code == 2 and "Traceback" in r.err and r.err.strip().endswith("unknown datastore 'nope' (known: workspacelocalstore)")
+    assert r.code == 2 and "Traceback" in r.err
+    assert r.err.strip().endswith("unknown datastore 'nope' (known: workspacelocalstore)")
 
 
 @pytest.mark.parametrize("kind", ["blob", "file"])

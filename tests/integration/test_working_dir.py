@@ -130,8 +130,8 @@ def test_the_runs_last_line_says_what_went_to_which_storage_url(setup):
     target = remote.entry(KEY_ENV)
     where = target.get("container_name") or target.get("share_name")
     assert "run r1 finished with exit code 0; outputs: model: " in last, last
-    assert f"model: 1 file (13 B) to " in last and f"/{where}/results;" in last, last
-    assert f"outputs: 2 files (" in last and f"/{where}/results/outputs" in last, last
+    assert "model: 1 file (13 B) to " in last and f"/{where}/results;" in last, last
+    assert "outputs: 2 files (" in last and f"/{where}/results/outputs" in last, last
     # a re-run whose outputs changed: the last line says they did not go up
     (job / "train.py").write_text(TRAIN.replace("pickled model", "another model"))
     again = mountd("run", manifest(job), cwd=job)

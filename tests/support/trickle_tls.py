@@ -83,7 +83,7 @@ class TrickleTLSServer(Relay):
                 conn.sendall(outgoing.read())
                 data = conn.recv(65536)
                 if not data:
-                    raise OSError("client left during the handshake")
+                    raise OSError("client left during the handshake") from None
                 incoming.write(data)
 
     def _recv(self, conn, tls, incoming, outgoing) -> bytes:

@@ -265,7 +265,8 @@ def test_answers_parsed_on_the_fast_path_frame_their_bodies_alike(serve):
     "/devstoreaccount1/bench/small/f00001.bin", "/a/b%20c/d?x=1&y=%2B%3D&z=a?b", "/_x_/A-Z.~",
     "/c/b%2Fc?comp=list&restype=container&marker=2%21abc&sig=ab%2Bc%3D",
     # what urllib3 changes: each must still be changed exactly as urllib3 does
-    "/a b", "/a/%e2%82%ac", "/a#frag", "/a?b#c", "/\u00fcn\u00ef", "/a/[x]", "/a/%zz", "/a%", '/a?q="x"', "/a|b", "/a{b}",
+    "/a b", "/a/%e2%82%ac", "/a#frag", "/a?b#c", "/\u00fcn\u00ef", "/a/[x]", "/a/%zz", "/a%", '/a?q="x"', "/a|b",
+    "/a{b}",
 ])
 def test_request_targets_are_sent_as_urllib3_would_send_them(target, serve):
     import urllib3.connectionpool
@@ -331,6 +332,13 @@ def test_proxies_come_from_the_environment_in_either_case():
     assert t.proxy_for("http://127.0.0.1:10000/devstoreaccount1") is None
     error = t.translate(OSError("boom"), "https://acct.blob.core.windows.net/c")
     assert "proxy.local:3128" in str(error) and "secret" not in str(error)
+
+
+def test_a_proxy_naming_no_host_is_a_clear_error():
+    t = tp.Transport(tp.settings({"HTTPS_PROXY": "http://u:secret@:3128"}))
+    with pytest.raises(ConfigError) as e:
+        t.manager_for("https://acct.blob.core.windows.net/c")
+    assert "$HTTPS_PROXY" in str(e.value) and "secret" not in str(e.value)
 
 
 def test_trust_precedence(tmp_path):
