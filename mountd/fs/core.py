@@ -29,7 +29,6 @@ path, never a mix of two in the page cache.
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -44,14 +43,13 @@ from typing import Callable, Protocol
 from cachetools import LRUCache
 
 from mountd.cache.blocks import BlockCache
-from mountd.cache.buffers import Block, copy_into
 from mountd.cache.meta import MetadataCache
-from mountd.cache.prefetch import ReadAhead, blocks_kept_behind
-from mountd.cache.runs import Run
+from mountd.cache.prefetch import blocks_kept_behind
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
 from mountd.fs.listing import DirListing
+from mountd.fs.reader import FileReader, Reads
 from mountd.fs.writeback import StagedFile, WriteBack, at_or_below
 from mountd.storage.base import Entry, ObjectStore, join
 
@@ -61,19 +59,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class OpenFile:
     entry: Entry | None  # what storage held at open; None for a file created here
-    readahead: ReadAhead | None
+    reader: FileReader | None  # reads of that version (None: opened for writing)
     staged: StagedFile | None = None  # reads and writes go to the staged copy
     append: bool = False
     writable: bool = False  # only a writer's close uploads: a reader's must not publish its unfinished bytes
-    run: Run | None = None  # the request streaming blocks ahead of a sequential reader
-    lock: threading.Lock = field(default_factory=threading.Lock)  # readahead steps in order; staged set once
+    lock: threading.Lock = field(default_factory=threading.Lock)  # staged set once
     released: bool = False  # closed: a copy made for it now would have no one to release it
 
 
-# Reads up to this size within one block are served from a cached block
-# without loading it; sequential readers' requests, shaped by the kernel's
-# readahead, are larger.
-PEEK_MAX = 128 * 1024
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # Files read without a handle (kernel opens) whose readahead state is kept:
 # more than the files a job reads at once, few enough to look through.
@@ -113,6 +106,7 @@ class FileSystemCore:
         self.read_only = read_only
         self.meta = MetadataCache(store, settings.attribute_ttl, settings.negative_ttl)
         self.blocks = blocks
+        self.reads = Reads(store, blocks, settings.block_size)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._handles: dict[int, OpenFile] = {}
@@ -298,10 +292,10 @@ class FileSystemCore:
         entry = self._entry(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR)
-        readahead = ReadAhead(self.settings.block_size, self._readahead_blocks(), entry.size)
+        reader = self.reads.open(entry, self._readahead_blocks())
         with self._lock:
             fh = next(self._next_fh)
-            self._handles[fh] = OpenFile(entry, readahead)
+            self._handles[fh] = OpenFile(entry, reader)
             keep = self._opened_etags.get(entry.path) == entry.etag
             self._opened_etags[entry.path] = entry.etag
         return fh, keep
@@ -358,8 +352,8 @@ class FileSystemCore:
         its bytes (measured on Azurite: 20 ms of CPU with 20 000 blobs in the
         container)."""
         with self._lock:
-            readers = 1 + sum(1 for h in self._handles.values() if h.readahead is not None) \
-                + sum(1 for h in self._path_readers.values() if h.run is not None and h.run.open)
+            readers = 1 + sum(1 for h in self._handles.values() if h.reader is not None) \
+                + sum(1 for h in self._path_readers.values() if h.reader.streaming)
         share = self.blocks.lru_blocks // readers - blocks_kept_behind(self.settings.block_size)
         return max(1, min(self.settings.readahead_blocks, share))
 
@@ -414,11 +408,10 @@ class FileSystemCore:
             pinned = self._pins.setdefault(path, pinned)
             if pinned is None:
                 raise FsError(errno.ESTALE)
-            handle = self._path_readers[path] = OpenFile(pinned, ReadAhead(self.settings.block_size, depth,
-                                                                           pinned.size))
+            handle = self._path_readers[path] = OpenFile(pinned, self.reads.open(pinned, depth))
             evicted = self._path_readers.popitem(last=False)[1] if len(self._path_readers) > PATH_READERS else None
-        if evicted is not None and evicted.run is not None:
-            evicted.run.close()  # its reader is long gone
+        if evicted is not None:
+            evicted.reader.close()  # its reader is long gone
         return handle
 
     def _told(self, path: str, entry: Entry | None, settled: bool = False) -> None:
@@ -443,8 +436,8 @@ class FileSystemCore:
             else:
                 self._pins[path] = entry
             handle = self._path_readers.pop(path, None)
-        if handle is not None and handle.run is not None:
-            handle.run.close()
+        if handle is not None:
+            handle.reader.close()
         if pinned is not None and self.kernel is not None:
             self.kernel.forget_data(path, lambda: None)
 
@@ -460,8 +453,8 @@ class FileSystemCore:
             self._pins[path] = None
             self._settling[path] = settled
             handle = self._path_readers.pop(path, None)
-        if handle is not None and handle.run is not None:
-            handle.run.close()
+        if handle is not None:
+            handle.reader.close()
 
         def done():  # the pin stays None until the kernel asks for the attributes (getattr)
             with self._lock:
@@ -480,36 +473,20 @@ class FileSystemCore:
         self.kernel.forget_data(path, done)
 
     def _read(self, handle: OpenFile, dest: memoryview, offset: int, path: str | None = None) -> int:
-        size = len(dest)
         if handle.staged is not None:
             with errno_for(f"read {handle.staged.path}"):
                 n = self.writeback.read_into(handle.staged, dest, offset)
-            self.bytes_served += n
-            return n
-        entry = handle.entry
-        if offset >= entry.size or size <= 0:
-            return 0
-        size = min(size, entry.size - offset)
-        bs = self.settings.block_size
-        first, last = offset // bs, (offset + size - 1) // bs
-        small = first == last and size <= PEEK_MAX
-        # A small read counts for readahead only where it carries on from the
-        # last read: a reader going through a file in small pieces gets its
-        # blocks fetched ahead, while pages the kernel re-reads here and there
-        # (it dropped them) must not load whole blocks.
-        if not small or handle.readahead.follows(offset):
-            self._read_ahead(handle, entry, offset, size)
+        else:
+            n = self._read_stored(handle.reader, dest, offset, path)
+        self.bytes_served += n
+        return n
+
+    def _read_stored(self, reader: FileReader, dest: memoryview, offset: int, path: str | None) -> int:
+        """A read of the version in storage; a version found changed or gone
+        fails it with ESTALE (and a read without a handle moves its path on)."""
+        entry = reader.entry
         try:
-            if small:
-                # a few pages (random access, or the kernel re-reading pages
-                # it dropped): from memory or the disk tier as they are,
-                # rather than loading a whole block for them
-                placed = self.blocks.peek(self._key(entry, first), offset - first * bs, dest[:size])
-                if placed is not None:
-                    self.bytes_served += placed
-                    return placed
-            # the Blocks themselves are held until copied: their buffers are reused once let go
-            blocks = [self._block(entry, i) for i in range(first, last + 1)]
+            return reader.read_into(dest, offset)
         except (Stale, NotFound) as e:
             self.read_errors += 1
             self.meta.forget(entry.path)  # so that reopening it finds the new version at once
@@ -525,87 +502,11 @@ class FileSystemCore:
             self.read_errors += 1
             log.error("read %s at %d: %s", entry.path, offset, e)
             raise FsError(errno.EIO) from None
-        placed, start = 0, offset - first * bs
-        for block in blocks:
-            n = min(block.size - start, size - placed)
-            copy_into(dest[placed:placed + n], block.view[start:start + n])
-            placed += n
-            start = 0
-        self.bytes_served += placed
-        return placed
-
-    def _read_ahead(self, handle: OpenFile, entry: Entry, offset: int, size: int) -> None:
-        """Record a read for readahead: grant the blocks it wants now to the
-        handle's open run, or start a new one for them."""
-        ra = handle.readahead
-        key_of = functools.partial(self._key, entry)
-        with handle.lock:  # the kernel sends one handle's reads from several threads at once
-            run = handle.run
-            streaming = run is not None and run.open
-            wanted = ra.on_read(offset, size, streaming)
-            if run is not None and not ra.window:  # random access: the run's bytes are not wanted
-                run.close()
-                handle.run = run = None
-                streaming = False
-            if wanted and not (streaming and self.blocks.extend(run, key_of, wanted)):
-                if run is not None:
-                    run.close()
-                _, handle.run = self.blocks.prefetch_run(key_of, wanted, ra.last_block, self._streamer(entry),
-                                                         functools.partial(self._fetcher, entry))
-        for i in ra.left_behind():
-            self.blocks.let_go(key_of(i))
-
-    def _key(self, entry: Entry, index: int) -> tuple:
-        return (entry.path, entry.etag, index)
-
-    def _block_length(self, entry: Entry, index: int) -> int:
-        bs = self.settings.block_size
-        return min(bs, entry.size - index * bs)
-
-    def _fetcher(self, entry: Entry, index: int):
-        offset = index * self.settings.block_size
-        length = self._block_length(entry, index)
-
-        def fetch() -> Block:
-            buffer = self.blocks.buffers.buffer(length)
-            got = self.store.read_into(entry.path, offset, memoryview(buffer)[:length], entry.etag)
-            if got != length:  # the object shrank without its etag changing: never serve a mix
-                raise Stale(f"{entry.path}: expected {length} bytes at {offset}, storage gave {got}")
-            return self.blocks.buffers.block(buffer, length)
-        return fetch
-
-    def _streamer(self, entry: Entry):
-        """Fetch `count` consecutive blocks from block `first` on with one
-        long ranged read: storage answers one long request faster than many
-        block-sized ones. Each block is read straight into its own buffer."""
-        bs = self.settings.block_size
-        buffers = self.blocks.buffers
-
-        def stream(first: int, count: int, deliver) -> None:
-            start = first * bs
-            length = min(count * bs, entry.size - start)
-            current = [buffers.buffer(self._block_length(entry, first))]
-
-            def sink(offset: int, piece: memoryview):
-                index = first + (offset - start) // bs
-                deliver(index, buffers.block(current[0], len(piece)))
-                if offset + len(piece) < start + length:
-                    current[0] = buffers.buffer(self._block_length(entry, index + 1))
-                    return memoryview(current[0])[:bs]
-                return None
-            got = self.store.read_stream(entry.path, start, length, entry.etag,
-                                         memoryview(current[0])[:bs], sink)
-            if got != length:
-                raise Stale(f"{entry.path}: expected {length} bytes at {start}, storage gave {got}")
-        return stream
 
     def block_fetch(self, entry: Entry, index: int) -> tuple:
         """(key, length, fetch) of block `index` of `entry`: the dataset
         prefetch fills the cache with the blocks reads look up."""
-        return self._key(entry, index), self._block_length(entry, index), self._fetcher(entry, index)
-
-    def _block(self, entry: Entry, index: int) -> Block:
-        return self.blocks.get(self._key(entry, index), self._fetcher(entry, index))
+        return self.reads.block_fetch(entry, index)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self._handle(fh)
@@ -644,8 +545,8 @@ class FileSystemCore:
         with handle.lock:  # against _keep_open_readers giving it a copy now
             handle.released = True
             staged = handle.staged
-        if handle.run is not None:
-            handle.run.close()
+        if handle.reader is not None:
+            handle.reader.close()
         if staged is not None:
             self.writeback.release(staged)
 
@@ -723,9 +624,7 @@ class FileSystemCore:
             with handle.lock:
                 if not handle.released:
                     handle.staged, sf = sf, None
-                    if handle.run is not None:
-                        handle.run.close()
-                        handle.run = None
+                    handle.reader.close()
             if sf is not None:  # released meanwhile: nobody needs the copy
                 self.writeback.release(sf)
 
@@ -754,10 +653,8 @@ class FileSystemCore:
                 if entry.size != handle.entry.size:
                     continue
                 with handle.lock:
-                    handle.entry = entry  # blocks are cached by path and etag: the old ones are not used
-                    if handle.run is not None:
-                        handle.run.close()
-                        handle.run = None
+                    handle.entry = entry
+                    handle.reader.follow(entry)
         return follow
 
     def mkdir(self, path: str) -> None:

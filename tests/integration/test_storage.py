@@ -220,12 +220,12 @@ def test_a_reader_pausing_mid_file_ends_its_stream_and_reads_on(store, monkeypat
     got, ended = bytearray(), []
     for off in range(0, len(data), 256 * 1024):
         if off == 4 * mib:
-            run = core._handles[fh].run
+            run = core._handles[fh].reader.run
             assert run is not None and run.open
             time.sleep(1.0)
             ended.append(not run.open)
         got += core.read(fh, 256 * 1024, off)
-    assert ended == [True] and core._handles[fh].run is not run
+    assert ended == [True] and core._handles[fh].reader.run is not run
     assert bytes(got) == data
     core.release(fh)
     core.blocks.close()
