@@ -696,9 +696,9 @@ class FileSystemCore:
         self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def rename(self, old: str, new: str, no_replace: bool = False) -> None:
-        """A file, or a directory with everything in it. On storage with
-        virtual directories (blob) each object is copied and deleted in turn:
-        not atomic, and a failure part way leaves both names populated.
+        """A file, or a directory with everything in it (as storage renames
+        directories: atomic on file shares and local directories, object by
+        object on blob, see ObjectStore.rename_dir).
         `no_replace` (RENAME_NOREPLACE) fails with EEXIST if `new` exists."""
         self._writable()
         src, dst = self._store_path(old), self._store_path(new)
@@ -735,10 +735,7 @@ class FileSystemCore:
             if self.writeback.get(dst):
                 self.writeback.unlink(dst)  # replaced: its handles keep the old bytes
             follow = self._follow_readers(src, dst)
-            if source.is_dir and self.store.virtual_directories:
-                self._rename_tree(src, dst)
-            else:
-                self.store.rename(src, dst)
+            (self.store.rename_dir if source.is_dir else self.store.rename)(src, dst)
             self.writeback.rename(src, dst)
             follow()
         for p in (src, dst):
@@ -746,23 +743,6 @@ class FileSystemCore:
         self._changed_dir_of(src, dst)
         if source.is_dir:
             self.meta.clear()  # cached entries below the old name are all wrong now
-
-    def _rename_tree(self, src: str, dst: str) -> None:
-        """Blob: a directory is its objects; move each, then the markers."""
-        dirs = []
-        for entry in self.store.walk(src + "/"):
-            if entry.is_dir:
-                dirs.append(entry.path)
-            else:
-                self.store.rename(entry.path, dst + entry.path[len(src):])
-        self.store.mkdir(dst)
-        for d in sorted(dirs, reverse=True):
-            self.store.mkdir(dst + d[len(src):])
-            self.store.rmdir(d)
-        try:
-            self.store.rmdir(src)
-        except NotFound:
-            pass
 
     def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
         """Sets the times of a file being written (storage sets its own

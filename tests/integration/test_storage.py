@@ -137,6 +137,18 @@ def test_rename(store):
         store.stat("old/name.txt")
 
 
+def test_rename_dir_moves_the_tree_with_its_empty_directories(store):
+    store.write_bytes("d/a.txt", b"a")
+    store.write_bytes("d/sub/b.txt", b"b")
+    store.mkdir("d/empty")
+    store.rename_dir("d", "moved")
+    assert store.read("moved/a.txt", 0, 10) == b"a" and store.read("moved/sub/b.txt", 0, 10) == b"b"
+    assert store.stat("moved/empty").is_dir
+    for gone in ("d", "d/a.txt", "d/sub", "d/empty"):
+        with pytest.raises(NotFound):
+            store.stat(gone)
+
+
 def test_awkward_names(store):
     names = ["sp ace/f i.txt", "uni/é日本.txt", "pct/100%.txt", "hash/#1.txt", "plus/a+b.txt"]
     for n in names:
