@@ -41,6 +41,31 @@ def as_block(data) -> Block:
     return data if isinstance(data, Block) else Block(data, len(data))
 
 
+class _Pending(Future):
+    """A block being fetched: its Future, and how many readers wait for it
+    (counted under the cache's lock), each handed a lease of its own."""
+    waiters = 0
+
+
+class _Memory(LRUCache):
+    """The memory tier: holds a lease on each block, released when the
+    block is evicted, dropped or replaced."""
+
+    def popitem(self):
+        key, block = super().popitem()
+        block.release()
+        return key, block
+
+    def __setitem__(self, key, block) -> None:
+        self.discard(key)
+        super().__setitem__(key, block)
+
+    def discard(self, key) -> None:
+        block = self.pop(key, None)
+        if block is not None:
+            block.release()
+
+
 @dataclass
 class CacheStats:
     memory_hits: int = 0
@@ -285,9 +310,11 @@ class _DiskWriter:
         self._thread.start()
 
     def submit(self, key: BlockKey, data: Block) -> None:
+        """Write a block; takes over the lease `data`."""
         try:
             self._queue.put_nowait((key, data))
         except queue.Full:
+            data.release()
             self.dropped += 1
 
     def _run(self) -> None:
@@ -299,6 +326,8 @@ class _DiskWriter:
                 self.disk.put(*item)
             except Exception:  # noqa: BLE001 - the cache is an optimisation; never kill the writer
                 log.exception("disk cache write failed")
+            finally:
+                item[1].release()
 
     def close(self) -> None:
         try:
@@ -331,8 +360,7 @@ class BlockCache:
         fetchers = max(1, min(threads, spare // 4))
         lru_blocks = max(1, spare - fetchers)
         self.lru_blocks = lru_blocks
-        self._memory: LRUCache = LRUCache(maxsize=lru_blocks * size if block_size else memory_bytes,
-                                          getsizeof=len)
+        self._memory = _Memory(maxsize=lru_blocks * size if block_size else memory_bytes, getsizeof=len)
         # the memory of full blocks, reused: never more buffers than the plan has blocks
         self.buffers = BufferPool(block_size, max(1, memory_bytes // size))
         self.disk = disk
@@ -341,7 +369,7 @@ class BlockCache:
         self._demand_done = threading.Condition(self._lock)  # a fill waiting for leftover concurrency waits here
         self._fill_waiting = 0
         self._filling: set[BlockKey] = set()  # blocks a dataset prefetch is fetching (in _inflight too)
-        self._inflight: dict[BlockKey, Future] = {}
+        self._inflight: dict[BlockKey, _Pending] = {}
         self._queued = 0  # fetches submitted to the pool and not started yet
         self._closed = False
         self._pool = ThreadPoolExecutor(fetchers, thread_name_prefix="block-fetch")
@@ -356,23 +384,22 @@ class BlockCache:
         return int(self._memory.maxsize)
 
     def get(self, key: BlockKey, fetch: Fetch) -> Block:
-        """The block, fetching it in this thread if nobody else is."""
+        """The block, fetching it in this thread if nobody else is: a lease
+        the caller releases."""
         with self._lock:
             data = self._memory.get(key)
             if data is not None:
                 self.stats.memory_hits += 1
-                return data
+                return data.share()
             future = self._inflight.get(key)
-            if future is None:
-                future = Future()
-                self._inflight[key] = future
-                mine = True
-            else:
-                mine = False
+            mine = future is None
+            if mine:
+                future = self._inflight[key] = _Pending()
+            future.waiters += 1
         if mine:  # a demand read never queues behind prefetches on the pool
             self._load(key, fetch, future)
         try:
-            return future.result()
+            return future.result().pop()  # one of the leases made for the waiters
         except _FillFailed:  # the dataset prefetch gave this block up: fetch it here
             return self.get(key, fetch)
 
@@ -402,34 +429,39 @@ class BlockCache:
                 self._fill_waiting -= 1
             if self.disk is None or not self.disk.has_room(size):
                 return "full"
-            future = Future()
+            future = _Pending()
             self._inflight[key] = future
             self._filling.add(key)
+        data = None
         try:
             data = as_block(fetch())
             # on disk before the block leaves _inflight: a reader then finds it in one place or the other
             stored = self.disk.put(key, data, prefetched=True)
         except BaseException as e:
-            self._end_fill(key)
+            if data is not None:
+                data.release()
+            self._end_fill(key, future, None)
             future.set_exception(_FillFailed(str(e)))
             future.exception()  # nobody may be waiting: mark it seen
             raise
-        self._end_fill(key)
-        future.set_result(data)
+        with data:
+            future.set_result(self._end_fill(key, future, data))
         return "stored" if stored else "full"
 
-    def _end_fill(self, key: BlockKey) -> None:
+    def _end_fill(self, key: BlockKey, future: _Pending, data: Block | None) -> list[Block]:
+        """The fill of `key` is over; leases of `data` for the readers waiting for it."""
         with self._lock:
             self._inflight.pop(key, None)
             self._filling.discard(key)
             if self._fill_waiting:
                 self._demand_done.notify_all()
+            return [data.share() for _ in range(future.waiters)] if data is not None else []
 
     def let_go(self, key: BlockKey) -> None:
         """Drop a block from memory (not from the disk tier): its reader is
         done with it. Whoever still holds the Block keeps it until done."""
         with self._lock:
-            self._memory.pop(key, None)
+            self._memory.discard(key)
 
     def peek(self, key: BlockKey, start: int, dest: memoryview) -> int | None:
         """Fill `dest` from `start` of a block if memory or the disk tier
@@ -439,9 +471,11 @@ class BlockCache:
             block = self._memory.get(key)
             if block is not None:
                 self.stats.memory_hits += 1
+                block = block.share()  # eviction may release the memory's lease meanwhile
         if block is not None:
-            n = max(0, min(len(dest), block.size - start))
-            copy_into(dest[:n], block.view[start:start + n])
+            with block:
+                n = max(0, min(len(dest), block.size - start))
+                copy_into(dest[:n], block.view[start:start + n])
             return n
         n = self.disk.read_range(key, start, dest) if self.disk else None
         if n is not None:
@@ -472,7 +506,7 @@ class BlockCache:
                 if on_disk and granted:
                     break
                 (singles if on_disk else granted).append(i)
-            futures = {i: Future() for i in singles + granted}
+            futures = {i: _Pending() for i in singles + granted}
             self._inflight.update({key_of(i): f for i, f in futures.items()})
             self.stats.prefetches += len(futures)
             run = Run(granted[0], last) if granted else None
@@ -496,7 +530,7 @@ class BlockCache:
                 if self._held(key) or self._on_disk(key):
                     run.close()
                     return False
-                future = Future()
+                future = _Pending()
                 if not run.grant(i, future):  # ended, or not its next block (the reader skipped ahead)
                     run.close()
                     return False
@@ -540,7 +574,7 @@ class BlockCache:
         for i, future in left:
             self._fail(key_of(i), future, error)
 
-    def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
+    def _load(self, key: BlockKey, fetch: Fetch, future: _Pending) -> None:
         try:
             data = self.disk.get(key, self.buffers) if self.disk else None
             from_disk = data is not None
@@ -550,9 +584,10 @@ class BlockCache:
         except BaseException as e:
             self._fail(key, future, e)
 
-    def _keep(self, key: BlockKey, data: Block, future: Future, from_disk: bool) -> None:
-        """A block has arrived: count it, cache it, hand it to its waiters,
-        and queue it for the disk tier if it did not come from there."""
+    def _keep(self, key: BlockKey, data: Block, future: _Pending, from_disk: bool) -> None:
+        """A block has arrived: count it, cache it, hand a lease to each of
+        its waiters, and queue it for the disk tier if it did not come from
+        there. Takes over the lease `data`."""
         with self._lock:
             if from_disk:
                 self.stats.disk_hits += 1
@@ -561,15 +596,18 @@ class BlockCache:
                 self.stats.misses += 1
                 self.stats.bytes_from_storage += len(data)
             if len(data) <= self._memory.maxsize:
-                self._memory[key] = data
+                self._memory[key] = data.share()
             self._inflight.pop(key, None)
+            leases = [data.share() for _ in range(future.waiters)]  # no reader joins once it left _inflight
             if self._fill_waiting:
                 self._demand_done.notify_all()
-        future.set_result(data)
+        future.set_result(leases)
         if self._writer and not from_disk:
             self._writer.submit(key, data)
+        else:
+            data.release()
 
-    def _fail(self, key: BlockKey, future: Future, error: BaseException) -> None:
+    def _fail(self, key: BlockKey, future: _Pending, error: BaseException) -> None:
         with self._lock:
             self._inflight.pop(key, None)
             if self._fill_waiting:

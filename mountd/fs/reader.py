@@ -55,7 +55,7 @@ class Reads:
         return self.key(entry, index), self.block_length(entry, index), self.fetcher(entry, index)
 
     def block(self, entry: Entry, index: int) -> Block:
-        """Block `index` of `entry`."""
+        """Block `index` of `entry`: a lease the caller releases."""
         return self.blocks.get(self.key(entry, index), self.fetcher(entry, index))
 
     def fetcher(self, entry: Entry, index: int) -> Callable[[], Block]:
@@ -85,7 +85,7 @@ class Reads:
 
             def sink(offset: int, piece: memoryview):
                 index = first + (offset - start) // bs
-                deliver(index, buffers.block(current[0], len(piece)))
+                deliver(index, buffers.block(current[0], len(piece)))  # the cache takes over the lease
                 if offset + len(piece) < start + length:
                     current[0] = buffers.buffer(self.block_length(entry, index + 1))
                     return memoryview(current[0])[:bs]
@@ -138,14 +138,19 @@ class FileReader:
             placed = reads.blocks.peek(reads.key(entry, first), offset - first * bs, dest[:size])
             if placed is not None:
                 return placed
-        # the Blocks themselves are held until copied: their buffers are reused once let go
-        blocks = [reads.block(entry, i) for i in range(first, last + 1)]
-        placed, start = 0, offset - first * bs
-        for block in blocks:
-            n = min(block.size - start, size - placed)
-            copy_into(dest[placed:placed + n], block.view[start:start + n])
-            placed += n
-            start = 0
+        blocks: list[Block] = []  # leases, released once copied
+        try:
+            for i in range(first, last + 1):
+                blocks.append(reads.block(entry, i))
+            placed, start = 0, offset - first * bs
+            for block in blocks:
+                n = min(block.size - start, size - placed)
+                copy_into(dest[placed:placed + n], block.view[start:start + n])
+                placed += n
+                start = 0
+        finally:
+            for block in blocks:
+                block.release()
         return placed
 
     def _read_ahead(self, entry: Entry, offset: int, size: int) -> None:
