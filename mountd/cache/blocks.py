@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -305,6 +306,7 @@ class _DiskWriter:
     def __init__(self, disk: DiskTier, depth: int):
         self.disk = disk
         self.dropped = 0
+        self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(depth)
         self._thread = threading.Thread(target=self._run, name="disk-cache-writer", daemon=True)
         self._thread.start()
@@ -315,7 +317,8 @@ class _DiskWriter:
             self._queue.put_nowait((key, data))
         except queue.Full:
             data.release()
-            self.dropped += 1
+            with self._lock:  # submitted from every reader's thread
+                self.dropped += 1
 
     def _run(self) -> None:
         while True:
@@ -621,9 +624,9 @@ class BlockCache:
 
     def counters(self) -> dict:
         """Hits, misses, traffic and use against the caps, for `mountd
-        status`. Read without the lock: each is a plain int, and a status
-        line may be a block behind."""
-        s = self.stats
+        status` (the stats are counted under the lock, and read under it)."""
+        with self._lock:
+            s = dataclasses.replace(self.stats)
         return {"hit_ratio": round(s.hit_ratio, 4), "memory_hits": s.memory_hits, "disk_hits": s.disk_hits,
                 "misses": s.misses, "bytes_from_storage": s.bytes_from_storage,
                 "bytes_from_disk": s.bytes_from_disk, "prefetched_blocks": s.prefetches,

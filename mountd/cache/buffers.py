@@ -104,6 +104,7 @@ class BufferPool:
         # thread, even one inside this pool, can give its buffer back without a lock
         self._idle: collections.deque = collections.deque()
         self.created = 0
+        self._lock = threading.Lock()  # for `created`: buffers are made in every fetching thread
 
     def buffer(self, size: int):
         """A buffer for `size` bytes: a pooled one for a full block, else
@@ -113,7 +114,8 @@ class BufferPool:
         try:
             return self._idle.pop()
         except IndexError:
-            self.created += 1
+            with self._lock:
+                self.created += 1
             return aligned_buffer(self.size)
 
     def block(self, buffer, size: int) -> Block:

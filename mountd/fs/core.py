@@ -138,6 +138,17 @@ class FileSystemCore:
         # requests that reached the core, by operation: what a later epoch
         # still costs in round trips once its bytes are in the page cache
         self.calls = dict.fromkeys(("getattr", "open", "read", "flush", "release"), 0)
+        # FUSE calls these from many threads at once: `+=` is a read, an add
+        # and a store, and two threads between them lose one's count
+        self._counting = threading.Lock()
+
+    def _count(self, what: str, n: int = 1) -> None:
+        """Add `n` to a call count (`calls`) or to bytes_served or read_errors."""
+        with self._counting:
+            if what in self.calls:
+                self.calls[what] += n
+            else:
+                setattr(self, what, getattr(self, what) + n)
 
     # -- paths and attributes --------------------------------------------------------
     def _store_path(self, path: str) -> str:
@@ -176,7 +187,7 @@ class FileSystemCore:
                 "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
 
     def getattr(self, path: str) -> dict:
-        self.calls["getattr"] += 1
+        self._count("getattr")
         with self._borrowed(self._store_path(path)) as sf:
             if sf is not None:
                 return self._staged_attributes(sf)
@@ -280,7 +291,7 @@ class FileSystemCore:
         """(handle, keep_cache). keep_cache tells the kernel its cached pages
         of this file are still good: true when the object has not changed
         since it was last opened."""
-        self.calls["open"] += 1
+        self._count("open")
         if flags & WRITE_FLAGS:
             if self.read_only:
                 raise FsError(errno.EROFS)
@@ -375,7 +386,7 @@ class FileSystemCore:
         """Fill `dest` from `offset`; the bytes placed (fewer only at the end
         of the file). Copies straight from the cached blocks, so a FUSE read
         costs one copy into the kernel's buffer."""
-        self.calls["read"] += 1
+        self._count("read")
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
@@ -384,7 +395,7 @@ class FileSystemCore:
     def read_path_into(self, path: str, dest: memoryview, offset: int) -> int:
         """read_into for a file the kernel opened itself: from the version
         `path` is pinned to."""
-        self.calls["read"] += 1
+        self._count("read")
         return self._read(self._path_reader(path), dest, offset, path)
 
     def _path_reader(self, path: str) -> OpenFile:
@@ -478,7 +489,7 @@ class FileSystemCore:
                 n = self.writeback.read_into(handle.staged, dest, offset)
         else:
             n = self._read_stored(handle.reader, dest, offset, path)
-        self.bytes_served += n
+        self._count("bytes_served", n)
         return n
 
     def _read_stored(self, reader: FileReader, dest: memoryview, offset: int, path: str | None) -> int:
@@ -488,7 +499,7 @@ class FileSystemCore:
         try:
             return reader.read_into(dest, offset)
         except (Stale, NotFound) as e:
-            self.read_errors += 1
+            self._count("read_errors")
             self.meta.forget(entry.path)  # so that reopening it finds the new version at once
             if path is not None:
                 self._version_gone(path, entry)
@@ -499,7 +510,7 @@ class FileSystemCore:
                 log.error("%s was deleted from storage while open", entry.path)
             raise FsError(errno.ESTALE) from None
         except MountdError as e:
-            self.read_errors += 1
+            self._count("read_errors")
             log.error("read %s at %d: %s", entry.path, offset, e)
             raise FsError(errno.EIO) from None
 
@@ -524,7 +535,7 @@ class FileSystemCore:
     def flush(self, fh: int) -> None:
         """close() and fsync(): a changed file goes to storage now; its errors
         (EIO) reach the application here."""
-        self.calls["flush"] += 1
+        self._count("flush")
         if self.read_only:
             raise FsError(errno.ENOSYS)  # nothing to do, ever: the kernel stops asking
         handle = self._handle(fh)
@@ -537,7 +548,7 @@ class FileSystemCore:
             self.meta.remember(entry)
 
     def release(self, fh: int) -> None:
-        self.calls["release"] += 1
+        self._count("release")
         with self._lock:
             handle = self._handles.pop(fh, None)
         if handle is None:
@@ -778,9 +789,10 @@ class FileSystemCore:
         return len(self._handles)
 
     def counters(self) -> dict:
-        """The mount's numbers for `mountd status` (no locks taken)."""
-        out = {"bytes_served": self.bytes_served, "read_errors": self.read_errors,
-               "open_files": len(self._handles), "calls": dict(self.calls), "cache": self.blocks.counters()}
+        """The mount's numbers for `mountd status`."""
+        with self._counting:
+            out = {"bytes_served": self.bytes_served, "read_errors": self.read_errors, "calls": dict(self.calls)}
+        out.update({"open_files": len(self._handles), "cache": self.blocks.counters()})
         if self.writeback:
             out["writes"] = self.writeback.counters()
         return out
