@@ -33,7 +33,7 @@ class _Shared:
 
     __slots__ = ("buffer", "pool", "leases", "lock")
 
-    def __init__(self, buffer, pool: "BufferPool | None"):
+    def __init__(self, buffer, pool: BufferPool | None):
         self.buffer = buffer
         self.pool = pool
         self.leases = 1
@@ -45,7 +45,7 @@ class Block:
 
     __slots__ = ("size", "_shared", "_view")
 
-    def __init__(self, buffer, size: int, pool: "BufferPool | None" = None, shared: _Shared | None = None):
+    def __init__(self, buffer, size: int, pool: BufferPool | None = None, shared: _Shared | None = None):
         self.size = size
         self._shared: _Shared | None = shared or _Shared(buffer, pool)
         self._view = memoryview(buffer)[:size]
@@ -55,7 +55,7 @@ class Block:
         """The bytes, valid until this lease is released (then it raises)."""
         return self._view
 
-    def share(self) -> "Block":
+    def share(self) -> Block:
         """Another lease on the same bytes, for another holder."""
         shared = self._shared
         if shared is None:
@@ -77,7 +77,7 @@ class Block:
         if last and shared.pool is not None:
             shared.pool.give(shared.buffer)
 
-    def __enter__(self) -> "Block":
+    def __enter__(self) -> Block:
         return self
 
     def __exit__(self, *exc) -> None:
