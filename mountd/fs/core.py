@@ -9,36 +9,27 @@ mount's prefix ("prefix/a/b").
 Files open when their name goes (unlink, or a rename replacing them) keep
 their bytes, as POSIX has it: a handle writing the file has them in its
 staged copy already, which is then never uploaded; a handle reading it gets
-a staged copy of the version it opened before storage deletes it. Until the
-last handle closes, the file can go by a name of the mount's own (`unlink`'s
-`keep_as`), for calls that need a path (fstat, ftruncate). A handle
-reading a file renamed through the mount follows it to its new name.
+a copy (`handles`). Until the last handle closes, the file can go by a name
+of the mount's own (`unlink`'s `keep_as`), for calls that need a path
+(fstat, ftruncate).
 
-Kernel opens (read-only mounts, unless `strict_open`): the kernel may open
-and close files without asking (`kernel_opens`), so that a file whose bytes
-are in its page cache costs no round trip at all. Its reads then arrive
-without a handle, by path (`read_path_into`), and each path is pinned to one
-version of its object: the version whose attributes the kernel was last
-told (getattr, listings). A change is taken up when the kernel is told the
-new attributes; a change found by a read (the pinned version is gone) fails
-that read with ESTALE and has the kernel drop what it caches of the path
-(`kernel`) before any byte of the new version is served: one version per
-path, never a mix of two in the page cache.
+The machinery is elsewhere: reading a file (`reader`), reads without a
+handle when the kernel opens files itself (`pins`), open handles
+(`handles`), staged copies (`writeback`). What is left here is one method
+per POSIX operation, and the checks each makes; that is longer than the
+house's 450 lines, and splitting the operations up would hide the one
+place that says what each call does.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import stat
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
 
 from cachetools import LRUCache
 
@@ -48,49 +39,20 @@ from mountd.cache.prefetch import blocks_kept_behind
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.fs.errors import FsError, errno_for
+from mountd.fs.handles import Handles, OpenFile
 from mountd.fs.listing import DirListing
+from mountd.fs.pins import KernelCache, PinnedPaths
 from mountd.fs.reader import FileReader, Reads
-from mountd.fs.writeback import StagedFile, WriteBack, at_or_below
+from mountd.fs.writeback import StagedFile, WriteBack
 from mountd.storage.base import Entry, ObjectStore, join
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class OpenFile:
-    entry: Entry | None  # what storage held at open; None for a file created here
-    reader: FileReader | None  # reads of that version (None: opened for writing)
-    staged: StagedFile | None = None  # reads and writes go to the staged copy
-    append: bool = False
-    writable: bool = False  # only a writer's close uploads: a reader's must not publish its unfinished bytes
-    lock: threading.Lock = field(default_factory=threading.Lock)  # staged set once
-    released: bool = False  # closed: a copy made for it now would have no one to release it
-
-
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-# Files read without a handle (kernel opens) whose readahead state is kept:
-# more than the files a job reads at once, few enough to look through.
-PATH_READERS = 64
-# How long a getattr waits for the kernel to drop the pages of a version
-# found gone (milliseconds, normally). Bounded: the read that found it gone
-# may itself be waiting on a lookup (its name expired), which waits here.
-SETTLE_TIMEOUT = 2.0
 # Files whose etag at their last open is kept, to tell the kernel it may keep
 # their pages (keep_cache): about 20 MiB at this count.
 OPENED_ETAGS_KEPT = 100_000
-
-
-class KernelCache(Protocol):
-    """What the glue offers for kernel opens: making the kernel forget what
-    it caches of a path."""
-
-    def forget_attributes(self, path: str) -> None:
-        """The kernel asks for the path's attributes again at its next use
-        of it (safe to call while serving a read: it waits on no page)."""
-
-    def forget_data(self, path: str, done: Callable[[], None]) -> None:
-        """The kernel drops the path's attributes and cached pages; `done`
-        runs once it has (never waited for while serving a read)."""
 
 
 class FileSystemCore:
@@ -109,9 +71,7 @@ class FileSystemCore:
         self.reads = Reads(store, blocks, settings.block_size)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
-        self._handles: dict[int, OpenFile] = {}
-        self._dirs: dict[int, DirListing] = {}
-        self._next_fh = itertools.count(1)
+        self._handles = Handles()
         self._lock = threading.Lock()
         # path -> etag at its last open, for keep_cache; the least recently
         # opened are forgotten (their next open drops the kernel's pages:
@@ -121,10 +81,7 @@ class FileSystemCore:
         self._kept: dict[str, bool] = {}  # names unlink(keep_as=) gave files still open (store paths)
         # kernel opens: set by the glue when the kernel may open files itself
         self.kernel_opens = False
-        self.kernel: KernelCache | None = None
-        self._pins: dict[str, Entry | None] = {}  # path -> version read without a handle; None: being dropped
-        self._settling: dict[str, threading.Event] = {}  # path -> set once the kernel dropped the old pages
-        self._path_readers: OrderedDict[str, OpenFile] = OrderedDict()  # readahead per path read without a handle
+        self._pins = PinnedPaths(self.reads)
         self.started = time.time()
         # asked once: a local store's answer costs a statvfs
         self.name_limits = store.name_limits()
@@ -193,16 +150,14 @@ class FileSystemCore:
                 return self._staged_attributes(sf)
         if not self._pins:
             return self.attributes(self._entry(path))
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while (settling := self._settling.get(path)) is not None and time.monotonic() < deadline:
-            settling.wait(deadline - time.monotonic())  # the old version's pages go before the new one's attributes
+        self._pins.settle(path)
         try:
             entry = self._entry(path)
         except FsError as e:
             if e.errno == errno.ENOENT:
-                self._told(path, None, settled=True)
+                self._pins.told(path, None, settled=True)
             raise
-        self._told(path, entry, settled=True)
+        self._pins.told(path, entry, settled=True)
         return self.attributes(entry)
 
     @contextmanager
@@ -238,7 +193,7 @@ class FileSystemCore:
             for child in self.meta.list_dir(store_path):
                 staged.pop(child.name, None)
                 if self._pins and not child.is_dir:
-                    self._told(path.rstrip("/") + "/" + child.name, child)  # readdirplus tells the kernel
+                    self._pins.told(path.rstrip("/") + "/" + child.name, child)  # readdirplus tells the kernel
                 yield child.name, self._child_attributes(child.path, child)
             for name, child_path in staged.items():  # created here, not in storage when listed
                 attrs = self._child_attributes(child_path, None)
@@ -269,22 +224,15 @@ class FileSystemCore:
             yield ".", None
             yield "..", None
             yield from self.readdir(path)
-        with self._lock:
-            dh = next(self._next_fh)
-            self._dirs[dh] = DirListing(entries)
-        return dh
+        return self._handles.add_dir(DirListing(entries))
 
     def readdir_at(self, dh: int, offset: int):
         """(offset, (name, attributes or None)) for the entries of an open
         directory after `offset`."""
-        listing = self._dirs.get(dh)
-        if listing is None:
-            raise FsError(errno.EBADF)
-        return listing.after(offset)
+        return self._handles.dir(dh).after(offset)
 
     def releasedir(self, dh: int) -> None:
-        with self._lock:
-            self._dirs.pop(dh, None)
+        self._handles.pop_dir(dh)
 
     # -- files ------------------------------------------------------------------------
     def open(self, path: str, flags: int) -> tuple[int, bool]:
@@ -303,10 +251,8 @@ class FileSystemCore:
         entry = self._entry(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR)
-        reader = self.reads.open(entry, self._readahead_blocks())
+        fh = self._handles.add(OpenFile(entry, self.reads.open(entry, self._readahead_blocks())))
         with self._lock:
-            fh = next(self._next_fh)
-            self._handles[fh] = OpenFile(entry, reader)
             keep = self._opened_etags.get(entry.path) == entry.etag
             self._opened_etags[entry.path] = entry.etag
         return fh, keep
@@ -343,11 +289,8 @@ class FileSystemCore:
             sf = self.writeback.open(store_path, lookup, truncate=bool(flags & os.O_TRUNC))
         if create:
             self.meta.forget(store_path)  # it may be cached as absent
-        with self._lock:
-            fh = next(self._next_fh)
-            self._handles[fh] = OpenFile(found[0] if found else None, None, sf, append=bool(flags & os.O_APPEND),
-                                         writable=create or bool(flags & WRITE_FLAGS))
-        return fh
+        return self._handles.add(OpenFile(found[0] if found else None, None, sf, append=bool(flags & os.O_APPEND),
+                                          writable=create or bool(flags & WRITE_FLAGS)))
 
     def _parent_dir(self, path: str) -> None:
         parent = os.path.dirname(path.rstrip("/")) or "/"
@@ -362,9 +305,7 @@ class FileSystemCore:
         Deeper means longer requests: each costs the storage far more than
         its bytes (measured on Azurite: 20 ms of CPU with 20 000 blobs in the
         container)."""
-        with self._lock:
-            readers = 1 + sum(1 for h in self._handles.values() if h.reader is not None) \
-                + sum(1 for h in self._path_readers.values() if h.reader.streaming)
+        readers = 1 + self._handles.readers() + self._pins.streaming()
         share = self.blocks.lru_blocks // readers - blocks_kept_behind(self.settings.block_size)
         return max(1, min(self.settings.readahead_blocks, share))
 
@@ -373,7 +314,7 @@ class FileSystemCore:
         it should (read-only, page cache in use, strict_open off)."""
         if not self.read_only or self.settings.direct_io or self.settings.strict_open:
             return False
-        self.kernel, self.kernel_opens = kernel, True
+        self._pins.kernel, self.kernel_opens = kernel, True
         return True
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -387,112 +328,25 @@ class FileSystemCore:
         of the file). Copies straight from the cached blocks, so a FUSE read
         costs one copy into the kernel's buffer."""
         self._count("read")
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise FsError(errno.EBADF)
-        return self._read(handle, dest, offset)
+        handle = self._handles[fh]
+        if handle.staged is not None:
+            with errno_for(f"read {handle.staged.path}"):
+                n = self.writeback.read_into(handle.staged, dest, offset)
+        else:
+            n = self._read_stored(handle.reader, dest, offset)
+        self._count("bytes_served", n)
+        return n
 
     def read_path_into(self, path: str, dest: memoryview, offset: int) -> int:
         """read_into for a file the kernel opened itself: from the version
         `path` is pinned to."""
         self._count("read")
-        return self._read(self._path_reader(path), dest, offset, path)
-
-    def _path_reader(self, path: str) -> OpenFile:
-        with self._lock:
-            handle = self._path_readers.get(path)
-            if handle is not None:
-                self._path_readers.move_to_end(path)
-                return handle
-            pinned = self._pins.get(path, False)
-        if pinned is None:
-            raise FsError(errno.ESTALE)  # its version is gone and the kernel is still dropping its pages
-        if pinned is False:
-            pinned = self._entry(path)
-            if pinned.is_dir:
-                raise FsError(errno.EISDIR)
-        depth = self._readahead_blocks()
-        with self._lock:
-            handle = self._path_readers.get(path)
-            if handle is not None:  # another thread got there first
-                return handle
-            pinned = self._pins.setdefault(path, pinned)
-            if pinned is None:
-                raise FsError(errno.ESTALE)
-            handle = self._path_readers[path] = OpenFile(pinned, self.reads.open(pinned, depth))
-            evicted = self._path_readers.popitem(last=False)[1] if len(self._path_readers) > PATH_READERS else None
-        if evicted is not None:
-            evicted.reader.close()  # its reader is long gone
-        return handle
-
-    def _told(self, path: str, entry: Entry | None, settled: bool = False) -> None:
-        """The kernel is being told `entry` (None: no such file) for a path:
-        reads without a handle move to that version, and the kernel drops
-        the old one's pages (it does so itself only where the size or the
-        modification time changed). A path whose version was found gone
-        moves on only once the kernel has dropped its pages (`settled`: the
-        caller waited for that) and asks for its attributes: a read call
-        that met the error gets no byte of another version after it."""
-        with self._lock:
-            if path not in self._pins:
-                return
-            pinned = self._pins[path]
-            if pinned is None:
-                if not settled or path in self._settling:
-                    return
-            elif entry is not None and entry.etag == pinned.etag:
-                return
-            if entry is None:
-                del self._pins[path]
-            else:
-                self._pins[path] = entry
-            handle = self._path_readers.pop(path, None)
-        if handle is not None:
-            handle.reader.close()
-        if pinned is not None and self.kernel is not None:
-            self.kernel.forget_data(path, lambda: None)
-
-    def _version_gone(self, path: str, gone: Entry) -> None:
-        """A read without a handle found its pinned version gone: no byte of
-        another is served for the path until the kernel has dropped every
-        page of the old one and asked for the new attributes."""
-        settled = threading.Event()
-        with self._lock:
-            pinned = self._pins.get(path, False)
-            if pinned is None or (pinned is not False and pinned.etag != gone.etag):
-                return  # another read found it first, or the path has moved on to a newer version
-            self._pins[path] = None
-            self._settling[path] = settled
-            handle = self._path_readers.pop(path, None)
-        if handle is not None:
-            handle.reader.close()
-
-        def done():  # the pin stays None until the kernel asks for the attributes (getattr)
-            with self._lock:
-                if self._settling.get(path) is settled:
-                    del self._settling[path]
-            settled.set()
-        if self.kernel is None:
-            done()
-            return
-        try:
-            # the next stat, or the next read call, asks mountd (getattr),
-            # which waits until the old pages are gone
-            self.kernel.forget_attributes(path)
-        except OSError as e:
-            log.warning("could not have the kernel ask for the attributes of %s again: %s", path, e)
-        self.kernel.forget_data(path, done)
-
-    def _read(self, handle: OpenFile, dest: memoryview, offset: int, path: str | None = None) -> int:
-        if handle.staged is not None:
-            with errno_for(f"read {handle.staged.path}"):
-                n = self.writeback.read_into(handle.staged, dest, offset)
-        else:
-            n = self._read_stored(handle.reader, dest, offset, path)
+        reader = self._pins.reader(path, lambda: self._entry(path), self._readahead_blocks)
+        n = self._read_stored(reader, dest, offset, path)
         self._count("bytes_served", n)
         return n
 
-    def _read_stored(self, reader: FileReader, dest: memoryview, offset: int, path: str | None) -> int:
+    def _read_stored(self, reader: FileReader, dest: memoryview, offset: int, path: str | None = None) -> int:
         """A read of the version in storage; a version found changed or gone
         fails it with ESTALE (and a read without a handle moves its path on)."""
         entry = reader.entry
@@ -502,7 +356,7 @@ class FileSystemCore:
             self._count("read_errors")
             self.meta.forget(entry.path)  # so that reopening it finds the new version at once
             if path is not None:
-                self._version_gone(path, entry)
+                self._pins.version_gone(path, entry)
             if isinstance(e, Stale):
                 log.error("%s changed in storage while open (etag %s); reopen it to read the new version",
                           entry.path, entry.etag)
@@ -520,17 +374,11 @@ class FileSystemCore:
         return self.reads.block_fetch(entry, index)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
-        handle = self._handle(fh)
+        handle = self._handles[fh]
         if handle.staged is None:
             raise FsError(errno.EBADF)
         with errno_for(f"write {handle.staged.path}"):
             return self.writeback.write(handle.staged, data, offset, append=handle.append)
-
-    def _handle(self, fh: int) -> OpenFile:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise FsError(errno.EBADF)
-        return handle
 
     def flush(self, fh: int) -> None:
         """close() and fsync(): a changed file goes to storage now; its errors
@@ -538,7 +386,7 @@ class FileSystemCore:
         self._count("flush")
         if self.read_only:
             raise FsError(errno.ENOSYS)  # nothing to do, ever: the kernel stops asking
-        handle = self._handle(fh)
+        handle = self._handles[fh]
         if handle.staged is not None and handle.writable:
             self._upload(handle.staged)
 
@@ -549,11 +397,10 @@ class FileSystemCore:
 
     def release(self, fh: int) -> None:
         self._count("release")
-        with self._lock:
-            handle = self._handles.pop(fh, None)
+        handle = self._handles.pop(fh)
         if handle is None:
             return
-        with handle.lock:  # against _keep_open_readers giving it a copy now
+        with handle.lock:  # against keep_open_readers giving it a copy now
             handle.released = True
             staged = handle.staged
         if handle.reader is not None:
@@ -568,7 +415,7 @@ class FileSystemCore:
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         self._writable()
-        sf = self._handle(fh).staged if fh is not None else None
+        sf = self._handles[fh].staged if fh is not None else None
         if sf is not None:  # the handle holds its copy
             with errno_for(f"truncate {path}"):
                 self.writeback.truncate(sf, length)
@@ -603,7 +450,7 @@ class FileSystemCore:
             entry = None if self.writeback.get(store_path) else self._entry(path)
             if entry is not None and entry.is_dir:
                 raise FsError(errno.EISDIR)
-            self._keep_open_readers(store_path)
+            self._handles.keep_open_readers(self.writeback, store_path)
             keep = self._store_path(keep_as) if keep_as is not None else None
             if keep is not None:
                 with self._lock:
@@ -617,56 +464,6 @@ class FileSystemCore:
                         raise
         self.meta.forget(store_path)
         self._changed_dir_of(store_path)
-
-    def _keep_open_readers(self, store_path: str) -> None:
-        """Before the file at `store_path` leaves storage (unlink, or a
-        rename over it): give its handles open for reading a staged copy of
-        the version they opened, so they keep reading it. Costs a download
-        of the file, made only when such a handle exists."""
-        with self._lock:
-            readers = [h for h in self._handles.values() if h.staged is None and h.entry.path == store_path]
-        for handle in readers:
-            try:
-                sf = self.writeback.open(store_path, lambda entry=handle.entry: entry, truncate=False)
-            except (MountdError, OSError) as e:
-                log.error("%s: deleted while open, and no copy could be kept for its reader (%s): its reads fail",
-                          store_path, e)
-                continue
-            with handle.lock:
-                if not handle.released:
-                    handle.staged, sf = sf, None
-                    handle.reader.close()
-            if sf is not None:  # released meanwhile: nobody needs the copy
-                self.writeback.release(sf)
-
-    def _follow_readers(self, src: str, dst: str):
-        """Before storage renames `src` (a file or a directory) to `dst`: the
-        handles reading the version storage holds now, and (after the
-        rename, by calling the result) point them at the new name. A copy
-        (blob) has another etag; a handle whose version storage no longer
-        held is left as it is and finds it gone."""
-        with self._lock:
-            readers = [h for h in self._handles.values() if h.staged is None and at_or_below(h.entry.path, src)]
-        current = []
-        for handle in readers:
-            try:
-                if self.store.stat(handle.entry.path).etag == handle.entry.etag:
-                    current.append(handle)
-            except MountdError:
-                pass
-
-        def follow() -> None:
-            for handle in current:
-                try:
-                    entry = self.store.stat(dst + handle.entry.path[len(src):])
-                except MountdError:
-                    continue
-                if entry.size != handle.entry.size:
-                    continue
-                with handle.lock:
-                    handle.entry = entry
-                    handle.reader.follow(entry)
-        return follow
 
     def mkdir(self, path: str) -> None:
         self._writable()
@@ -742,10 +539,10 @@ class FileSystemCore:
                         raise FsError(errno.ENOTEMPTY)
                     self.store.rmdir(dst)
             if target is not None and not target.is_dir:
-                self._keep_open_readers(dst)
+                self._handles.keep_open_readers(self.writeback, dst)
             if self.writeback.get(dst):
                 self.writeback.unlink(dst)  # replaced: its handles keep the old bytes
-            follow = self._follow_readers(src, dst)
+            follow = self._handles.follow_readers(self.store, src, dst)
             (self.store.rename_dir if source.is_dir else self.store.rename)(src, dst)
             self.writeback.rename(src, dst)
             follow()
