@@ -15,10 +15,10 @@ of the mount's own (`unlink`'s `keep_as`), for calls that need a path
 
 The machinery is elsewhere: reading a file (`reader`), reads without a
 handle when the kernel opens files itself (`pins`), open handles
-(`handles`), staged copies (`writeback`). What is left here is one method
-per POSIX operation, and the checks each makes; that is longer than the
-house's 450 lines, and splitting the operations up would hide the one
-place that says what each call does.
+(`handles`), attributes (`attributes`), staged copies (`writeback`).
+What is left is one method per POSIX operation with the checks it makes:
+longer than the house's 450 lines, because splitting the operations up
+would hide the one place that says what each call does.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
-import time
 from contextlib import contextmanager
 
 from cachetools import LRUCache
@@ -38,6 +36,7 @@ from mountd.cache.meta import MetadataCache
 from mountd.cache.prefetch import blocks_kept_behind
 from mountd.config.settings import CacheSettings
 from mountd.errors import MountdError, NotFound, Stale
+from mountd.fs.attributes import Attributes, statfs
 from mountd.fs.errors import FsError, errno_for
 from mountd.fs.handles import Handles, OpenFile
 from mountd.fs.listing import DirListing
@@ -69,8 +68,8 @@ class FileSystemCore:
         self.meta = MetadataCache(store, settings.attribute_ttl, settings.negative_ttl)
         self.blocks = blocks
         self.reads = Reads(store, blocks, settings.block_size)
-        self.uid = os.getuid() if uid is None else uid
-        self.gid = os.getgid() if gid is None else gid
+        self.attrs = Attributes(read_only, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid,
+                                settings.block_size)
         self._handles = Handles()
         self._lock = threading.Lock()
         # path -> etag at its last open, for keep_cache; the least recently
@@ -82,14 +81,8 @@ class FileSystemCore:
         # kernel opens: set by the glue when the kernel may open files itself
         self.kernel_opens = False
         self._pins = PinnedPaths(self.reads)
-        self.started = time.time()
         # asked once: a local store's answer costs a statvfs
         self.name_limits = store.name_limits()
-        # directory (store path) -> when this mount last added, removed or
-        # renamed a name in it (ns). Storage cannot say: a created file
-        # reaches it only at close, and blob has no directory times at all.
-        # A directory shows the later of this and storage's time.
-        self._dir_changed: dict[str, int] = {}
         self.bytes_served = 0
         self.read_errors = 0
         # requests that reached the core, by operation: what a later epoch
@@ -117,39 +110,17 @@ class FileSystemCore:
             raise FsError(errno.ENAMETOOLONG)
         return store_path
 
-    def _changed_dir_of(self, *store_paths: str) -> None:
-        """The parent directories of `store_paths` changed now: their mtime
-        and ctime say so (POSIX stamps a directory on create, delete, rename)."""
-        now = time.time_ns()
-        for p in store_paths:
-            self._dir_changed[p.rpartition("/")[0]] = now
-
     def _entry(self, path: str) -> Entry:
         with errno_for(f"stat {path}"):
             return self.meta.stat(self._store_path(path))
-
-    def attributes(self, entry: Entry) -> dict:
-        mode_bits = 0o555 if self.read_only else 0o755
-        if entry.is_dir:
-            # 2 + subdirectories where storage counts them (local); else 2:
-            # counting would cost a listing of every directory stat'ed
-            mode, nlink, size = stat.S_IFDIR | mode_bits, entry.links or 2, 4096
-        else:
-            mode, nlink, size = stat.S_IFREG | (mode_bits & 0o666 if self.read_only else 0o644), 1, entry.size
-        mtime_ns = int((entry.mtime or self.started) * 1e9)
-        if entry.is_dir:
-            mtime_ns = max(mtime_ns, self._dir_changed.get(entry.path, 0))
-        return {"st_mode": mode, "st_nlink": nlink, "st_size": size, "st_uid": self.uid, "st_gid": self.gid,
-                "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
-                "st_blocks": (size + 511) // 512, "st_blksize": self.settings.block_size}
 
     def getattr(self, path: str) -> dict:
         self._count("getattr")
         with self._borrowed(self._store_path(path)) as sf:
             if sf is not None:
-                return self._staged_attributes(sf)
+                return self.attrs.of_staged(sf)
         if not self._pins:
-            return self.attributes(self._entry(path))
+            return self.attrs.of(self._entry(path))
         self._pins.settle(path)
         try:
             entry = self._entry(path)
@@ -158,7 +129,7 @@ class FileSystemCore:
                 self._pins.told(path, None, settled=True)
             raise
         self._pins.told(path, entry, settled=True)
-        return self.attributes(entry)
+        return self.attrs.of(entry)
 
     @contextmanager
     def _borrowed(self, store_path: str):
@@ -170,12 +141,6 @@ class FileSystemCore:
             return
         with self.writeback.borrow(store_path) as sf:
             yield sf
-
-    def _staged_attributes(self, sf: StagedFile) -> dict:
-        st = os.fstat(sf.fd)
-        attrs = self.attributes(Entry(sf.path, False, st.st_size, st.st_mtime))
-        attrs["st_mtime"] = attrs["st_ctime"] = attrs["st_atime"] = st.st_mtime_ns
-        return attrs
 
     def readdir(self, path: str):
         """(name, attributes) for each child, streamed as storage lists them."""
@@ -206,11 +171,11 @@ class FileSystemCore:
         known of it now; None if it is gone."""
         with self._borrowed(store_path) as sf:
             if sf is not None:
-                return self._staged_attributes(sf)
+                return self.attrs.of_staged(sf)
         if listed is not None:
-            return self.attributes(listed)
+            return self.attrs.of(listed)
         try:
-            return self.attributes(self.meta.stat(store_path))
+            return self.attrs.of(self.meta.stat(store_path))
         except NotFound:
             return None
 
@@ -277,7 +242,7 @@ class FileSystemCore:
                 if not create:
                     raise
                 self._parent_dir(path)
-                self._changed_dir_of(store_path)
+                self.attrs.changed_dir_of(store_path)
                 return None
             if entry.is_dir:
                 raise FsError(errno.EISDIR)
@@ -463,7 +428,7 @@ class FileSystemCore:
                     if entry is not None:
                         raise
         self.meta.forget(store_path)
-        self._changed_dir_of(store_path)
+        self.attrs.changed_dir_of(store_path)
 
     def mkdir(self, path: str) -> None:
         self._writable()
@@ -474,7 +439,7 @@ class FileSystemCore:
             self._parent_dir(path)
             self.store.mkdir(store_path)
         self.meta.forget(store_path)
-        self._changed_dir_of(store_path)
+        self.attrs.changed_dir_of(store_path)
         self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def _exists(self, path: str) -> bool:
@@ -500,7 +465,7 @@ class FileSystemCore:
                 raise FsError(errno.ENOTEMPTY)
             self.store.rmdir(store_path)
         self.meta.forget(store_path)
-        self._changed_dir_of(store_path)
+        self.attrs.changed_dir_of(store_path)
         self.meta.forget(store_path.rpartition("/")[0])  # its link count changed
 
     def rename(self, old: str, new: str, no_replace: bool = False) -> None:
@@ -548,7 +513,7 @@ class FileSystemCore:
             follow()
         for p in (src, dst):
             self.meta.forget(p)
-        self._changed_dir_of(src, dst)
+        self.attrs.changed_dir_of(src, dst)
         if source.is_dir:
             self.meta.clear()  # cached entries below the old name are all wrong now
 
@@ -574,7 +539,7 @@ class FileSystemCore:
     def chown(self, path: str, uid: int, gid: int) -> None:
         """Owners are the mount's: a change to anyone else is refused."""
         self._writable()
-        if uid not in (-1, self.uid) or gid not in (-1, self.gid):
+        if uid not in (-1, self.attrs.uid) or gid not in (-1, self.attrs.gid):
             raise FsError(errno.EPERM)
         self.chmod(path, 0)
 
@@ -595,13 +560,7 @@ class FileSystemCore:
         return out
 
     def statfs(self) -> dict:
-        # Object storage has no fixed size; report a large, honest-looking
-        # capacity so tools that check free space before writing do not refuse.
-        block = 4096
-        total = 1 << 50
-        return {"f_bsize": block, "f_frsize": block, "f_blocks": total // block, "f_bfree": total // block,
-                "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32,
-                "f_namemax": self.name_limits.component}
+        return statfs(self.name_limits)
 
     def close(self) -> None:
         left = self.close_writes()
