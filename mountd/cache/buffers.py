@@ -47,8 +47,8 @@ class Block:
 
     def __init__(self, buffer, size: int, pool: BufferPool | None = None, shared: _Shared | None = None):
         self.size = size
-        self._shared: _Shared | None = shared or _Shared(buffer, pool)
         self._view = memoryview(buffer)[:size]
+        self._shared: _Shared | None = shared or _Shared(buffer, pool)
 
     @property
     def view(self) -> memoryview:
@@ -90,7 +90,7 @@ class Block:
         return bytes(self.view)
 
     def __del__(self):
-        if self._shared is not None:
+        if getattr(self, "_shared", None) is not None:
             self.release()
 
 

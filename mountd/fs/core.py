@@ -92,13 +92,14 @@ class FileSystemCore:
         # and a store, and two threads between them lose one's count
         self._counting = threading.Lock()
 
-    def _count(self, what: str, n: int = 1) -> None:
-        """Add `n` to a call count (`calls`) or to bytes_served or read_errors."""
+    def _count(self, what: str, served: int = 0) -> None:
+        """Count a call (`calls`) or a read error, and bytes served."""
         with self._counting:
-            if what in self.calls:
-                self.calls[what] += n
+            if what == "read_errors":
+                self.read_errors += 1
             else:
-                setattr(self, what, getattr(self, what) + n)
+                self.calls[what] += 1
+            self.bytes_served += served
 
     # -- paths and attributes --------------------------------------------------------
     def _store_path(self, path: str) -> str:
@@ -292,24 +293,28 @@ class FileSystemCore:
         """Fill `dest` from `offset`; the bytes placed (fewer only at the end
         of the file). Copies straight from the cached blocks, so a FUSE read
         costs one copy into the kernel's buffer."""
-        self._count("read")
-        handle = self._handles[fh]
-        if handle.staged is not None:
-            with errno_for(f"read {handle.staged.path}"):
-                n = self.writeback.read_into(handle.staged, dest, offset)
-        else:
-            n = self._read_stored(handle.reader, dest, offset)
-        self._count("bytes_served", n)
-        return n
+        n = 0
+        try:
+            handle = self._handles[fh]
+            if handle.staged is not None:
+                with errno_for(f"read {handle.staged.path}"):
+                    n = self.writeback.read_into(handle.staged, dest, offset)
+            else:
+                n = self._read_stored(handle.reader, dest, offset)
+            return n
+        finally:
+            self._count("read", served=n)
 
     def read_path_into(self, path: str, dest: memoryview, offset: int) -> int:
         """read_into for a file the kernel opened itself: from the version
         `path` is pinned to."""
-        self._count("read")
-        reader = self._pins.reader(path, lambda: self._entry(path), self._readahead_blocks)
-        n = self._read_stored(reader, dest, offset, path)
-        self._count("bytes_served", n)
-        return n
+        n = 0
+        try:
+            reader = self._pins.reader(path, lambda: self._entry(path), self._readahead_blocks)
+            n = self._read_stored(reader, dest, offset, path)
+            return n
+        finally:
+            self._count("read", served=n)
 
     def _read_stored(self, reader: FileReader, dest: memoryview, offset: int, path: str | None = None) -> int:
         """A read of the version in storage; a version found changed or gone
