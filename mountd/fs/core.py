@@ -1,7 +1,8 @@
-"""Filesystem core: the POSIX operations of a mount over an ObjectStore,
-reads through the metadata and block caches, writes (read-write mounts)
-through staged local copies (`writeback`). No FUSE here: the glue in
-`fuse_ops` translates calls, and tests drive this class directly.
+"""Filesystem core: the POSIX operations of a mount over an ObjectStore, one
+method each, reads through the caches and writes through staged copies.
+
+No FUSE here: the glue in `fuse_ops` translates calls, and tests drive
+this class directly.
 
 Paths arrive as FUSE gives them ("/a/b"); the store sees them under the
 mount's prefix ("prefix/a/b").
@@ -491,25 +492,7 @@ class FileSystemCore:
                 self._upload(sf)  # storage holds the newest bytes before they move
             source = self._entry(old)
             self._parent_dir(new)
-            try:
-                target = self._entry(new)
-            except FsError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-                target = None
-            if no_replace and (target is not None or self.writeback.get(dst)):
-                raise FsError(errno.EEXIST)
-            if target is not None:
-                if source.is_dir and not target.is_dir:
-                    raise FsError(errno.ENOTDIR)
-                if target.is_dir and not source.is_dir:
-                    raise FsError(errno.EISDIR)
-                if target.is_dir:
-                    if any(True for _ in self.meta.list_dir(dst)) or self.writeback.any_under(dst):
-                        raise FsError(errno.ENOTEMPTY)
-                    self.store.rmdir(dst)
-            if target is not None and not target.is_dir:
-                self._handles.keep_open_readers(self.writeback, dst)
+            self._make_way(source, new, dst, no_replace)
             if self.writeback.get(dst):
                 self.writeback.unlink(dst)  # replaced: its handles keep the old bytes
             follow = self._handles.follow_readers(self.store, src, dst)
@@ -521,6 +504,29 @@ class FileSystemCore:
         self.attrs.changed_dir_of(src, dst)
         if source.is_dir:
             self.meta.clear()  # cached entries below the old name are all wrong now
+
+    def _make_way(self, source: Entry, new: str, dst: str, no_replace: bool) -> None:
+        """Check what `new` holds against `source` as rename(2) does, and
+        make way for it: an empty directory there goes; a file's readers
+        keep a copy of what they read."""
+        try:
+            target = self._entry(new)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            target = None
+        if no_replace and (target is not None or self.writeback.get(dst)):
+            raise FsError(errno.EEXIST)
+        if target is None:
+            return
+        if source.is_dir != target.is_dir:
+            raise FsError(errno.ENOTDIR if source.is_dir else errno.EISDIR)
+        if target.is_dir:
+            if any(True for _ in self.meta.list_dir(dst)) or self.writeback.any_under(dst):
+                raise FsError(errno.ENOTEMPTY)
+            self.store.rmdir(dst)
+        else:
+            self._handles.keep_open_readers(self.writeback, dst)
 
     def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
         """Sets the times of a file being written (storage sets its own
