@@ -1,37 +1,31 @@
-"""Block cache: fixed-size pieces of files, keyed by (path, etag, index).
+"""Block cache: fixed-size pieces of files, keyed by (path, etag, index), in
+a memory LRU bounded in bytes over a disk tier (`disk`), fetched once each.
 
-Two tiers: a memory LRU bounded in bytes, and a disk tier under the cache
-directory, capped in bytes and never allowed to eat into a reserved amount of
-free disk. A block being fetched is fetched once however many readers want it.
+The disk tier lives under the cache directory, capped in bytes and never
+allowed to eat into a reserved amount of free disk. A block being fetched is fetched once however many readers want it.
 Keying by etag means a changed object never serves old blocks: its new
 version has new keys, and the old ones age out.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
+import dataclasses
 import logging
-import os
-import queue
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 from cachetools import LRUCache
 
 from mountd.cache.buffers import Block, BufferPool, copy_into
+from mountd.cache.disk import BlockKey, DiskTier, DiskWriter
 from mountd.cache.runs import Run, RunEnded
-from mountd.fileio import NewFile, align_up
 
 log = logging.getLogger(__name__)
 
-BlockKey = tuple  # (path, etag, index)
 WRITER_DEPTH = 2  # blocks waiting for the disk writer
-WRITE_SIZE = 1024 * 1024  # bytes per write of a block to the disk tier
 DEMAND_BLOCKS = 2  # blocks being fetched by readers themselves, outside the pool
 Fetch = Callable[[], "Block | bytes"]
 
@@ -39,6 +33,31 @@ Fetch = Callable[[], "Block | bytes"]
 def as_block(data) -> Block:
     """A fetch's result as a Block (fetches may return plain bytes)."""
     return data if isinstance(data, Block) else Block(data, len(data))
+
+
+class _Pending(Future):
+    """A block being fetched: its Future, and how many readers wait for it
+    (counted under the cache's lock), each handed a lease of its own."""
+    waiters = 0
+
+
+class _Memory(LRUCache):
+    """The memory tier: holds a lease on each block, released when the
+    block is evicted, dropped or replaced."""
+
+    def popitem(self):
+        key, block = super().popitem()
+        block.release()
+        return key, block
+
+    def __setitem__(self, key, block) -> None:
+        self.discard(key)
+        super().__setitem__(key, block)
+
+    def discard(self, key) -> None:
+        block = self.pop(key, None)
+        if block is not None:
+            block.release()
 
 
 @dataclass
@@ -54,257 +73,6 @@ class CacheStats:
     def hit_ratio(self) -> float:
         total = self.memory_hits + self.disk_hits + self.misses
         return (self.memory_hits + self.disk_hits) / total if total else 0.0
-
-
-def _read_file(path: str, view: memoryview, size: int) -> int:
-    """Read a cache file of `size` bytes into `view`; the bytes read. Around
-    the page cache when the buffer is aligned for it (a pooled one)."""
-    if len(view) >= align_up(size):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError:
-            pass
-        else:
-            try:
-                return min(_read_all(fd, view[:align_up(size)]), size)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise  # EINVAL: direct I/O refused after all; read it the ordinary way
-            finally:
-                os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return _read_all(fd, view[:size])
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int, view: memoryview, offset: int = 0) -> int:
-    got = 0
-    while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
-        got += n
-    return got
-
-
-class DiskTier:
-    """Blocks as files under `directory`, evicted least recently used first."""
-
-    def __init__(self, directory: str, max_bytes: int, reserved_free: int):
-        self.directory = directory
-        self.max_bytes = max_bytes
-        self.reserved_free = reserved_free
-        self._lock = threading.Lock()
-        self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
-        # Blocks the dataset prefetch stored and no read has used yet: never
-        # evicted, so the job's own reads cannot push out what was fetched
-        # for them before they get to it (that was fetching the data twice
-        # on a dataset larger than the cache). Read once, a block joins the LRU.
-        self._held: dict[str, int] = {}
-        self.used = 0
-        self._writing = 0  # bytes of blocks being written, which the disk's free space does not show yet
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._adopt_existing()
-
-    def _adopt_existing(self) -> None:
-        """Index what an earlier mount of the same store left, oldest first."""
-        found = []
-        for sub in os.scandir(self.directory):
-            if not sub.is_dir(follow_symlinks=False):
-                continue
-            for f in os.scandir(sub.path):
-                if f.name.endswith((".tmp", ".partial")):  # a write cut short
-                    os.unlink(f.path)
-                    continue
-                st = f.stat()
-                found.append((st.st_atime, f"{sub.name}/{f.name}", st.st_size))
-        for _, name, size in sorted(found):
-            self._files[name] = size
-            self.used += size
-        self._evict(0)
-
-    @staticmethod
-    def _name(key: BlockKey) -> str:
-        digest = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()
-        return f"{digest[:2]}/{digest[2:40]}"
-
-    def contains(self, key: BlockKey) -> bool:
-        with self._lock:
-            name = self._name(key)
-            return name in self._files or name in self._held
-
-    def _touch(self, name: str) -> int | None:
-        """The size of a block this tier has, now the most recently used
-        (lock held); None if it has not."""
-        size = self._held.pop(name, None)
-        if size is not None:
-            self._files[name] = size
-            return size
-        size = self._files.get(name)
-        if size is not None:
-            self._files.move_to_end(name)
-        return size
-
-    def get(self, key: BlockKey, buffers: BufferPool | None = None) -> Block | None:
-        """The block if this tier has it, read into a buffer of `buffers`."""
-        name = self._name(key)
-        with self._lock:
-            size = self._touch(name)
-            if size is None:
-                return None
-        path = os.path.join(self.directory, name)
-        buffer = buffers.buffer(size) if buffers else bytearray(size)
-        try:
-            got = _read_file(path, memoryview(buffer), size)
-        except OSError:
-            got = -1
-        if got != size:  # gone or cut short under us: forget it
-            with self._lock:
-                if self._files.get(name) == size:
-                    self.used -= self._files.pop(name)
-            return None
-        return buffers.block(buffer, size) if buffers else Block(buffer, size)
-
-    def read_range(self, key: BlockKey, start: int, dest: memoryview) -> int | None:
-        """Part of a block straight from its file (the bytes read into
-        `dest`), or None if this tier does not have it. For scattered small
-        reads: loading a whole block to serve a few pages costs a block's
-        worth of disk reads each time."""
-        name = self._name(key)
-        with self._lock:
-            size = self._touch(name)
-            if size is None:
-                return None
-        try:
-            fd = os.open(os.path.join(self.directory, name), os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            return _read_all(fd, dest[:max(0, size - start)], start)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-
-    def put(self, key: BlockKey, data, prefetched: bool = False) -> bool:
-        """Store a block (a Block or bytes) unless it is here already or
-        there is no room for it within the cap and the reserve; whether the
-        tier holds it now. A `prefetched` block goes only into free room
-        (a dataset prefetch must not push out what it stored a moment
-        before) and is held until read."""
-        view = data.view if isinstance(data, Block) else memoryview(data)
-        name = self._name(key)
-        size = len(view)
-        if size > self.max_bytes:
-            return False
-        with self._lock:
-            if name in self._files or name in self._held:
-                return True
-            if not (self._room(size, self._free_disk()) if prefetched else self._evict(size)):
-                return False  # no room without breaking the cap or the reserve: do not cache
-            (self._held if prefetched else self._files)[name] = size  # reserve the space before writing
-            self.used += size
-            self._writing += align_up(size)  # not on the disk yet: statvfs does not count it
-        path = os.path.join(self.directory, name)
-        new = None
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            # around the page cache: the kernel already caches what the mount
-            # served, and a second copy of it would only push other pages out
-            new = NewFile(path, direct=True, mode=0o600)
-            for start in range(0, size, WRITE_SIZE):  # large single writes cost the kernel far more
-                new.pwrite(view[start:start + WRITE_SIZE], start)
-            new.finish()
-        except OSError as e:
-            if new is not None:
-                new.discard()
-            with self._lock:
-                self._writing -= align_up(size)
-                self.used -= self._files.pop(name, 0) or self._held.pop(name, 0)
-            if e.errno == errno.ENOSPC:  # the disk filled under us: shed some cache
-                with self._lock:
-                    self._evict(self.used // 4 or size)
-            else:
-                log.warning("disk cache: cannot write a block: %s", e.strerror)
-            return False
-        with self._lock:
-            self._writing -= align_up(size)
-        return True
-
-    def has_room(self, size: int) -> bool:
-        """Whether `size` more bytes fit within the cap and the reserve
-        without evicting anything."""
-        with self._lock:
-            return self._room(size, self._free_disk())
-
-    def _room(self, incoming: int, free: int) -> bool:
-        """Lock held. Blocks are written by several threads at once (the
-        dataset prefetch), so the free space counts what they are writing."""
-        return (self.used + incoming <= self.max_bytes
-                and free - self._writing - align_up(incoming) >= self.reserved_free)
-
-    def _free_disk(self) -> int:
-        st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
-
-    def _evict(self, incoming: int) -> bool:
-        """Make room for `incoming` bytes (lock held). False if impossible."""
-        free = self._free_disk()
-        while self._files and not self._room(incoming, free):
-            name, size = self._files.popitem(last=False)
-            try:
-                os.unlink(os.path.join(self.directory, name))
-                free += size
-            except FileNotFoundError:
-                pass
-            self.used -= size
-        return self._room(incoming, free)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._files.update(self._held)
-            self._held.clear()
-            while self._files:
-                name, _ = self._files.popitem()
-                try:
-                    os.unlink(os.path.join(self.directory, name))
-                except FileNotFoundError:
-                    pass
-            self.used = 0
-
-
-class _DiskWriter:
-    """Writes blocks to the disk tier off the read path. When the disk falls
-    behind, blocks are dropped rather than queued: the reader already has
-    them, and a slow disk must not slow reads from storage."""
-
-    def __init__(self, disk: DiskTier, depth: int):
-        self.disk = disk
-        self.dropped = 0
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._thread = threading.Thread(target=self._run, name="disk-cache-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, key: BlockKey, data: Block) -> None:
-        try:
-            self._queue.put_nowait((key, data))
-        except queue.Full:
-            self.dropped += 1
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            try:
-                self.disk.put(*item)
-            except Exception:  # noqa: BLE001 - the cache is an optimisation; never kill the writer
-                log.exception("disk cache write failed")
-
-    def close(self) -> None:
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
 
 
 class _FillFailed(Exception):
@@ -331,17 +99,16 @@ class BlockCache:
         fetchers = max(1, min(threads, spare // 4))
         lru_blocks = max(1, spare - fetchers)
         self.lru_blocks = lru_blocks
-        self._memory: LRUCache = LRUCache(maxsize=lru_blocks * size if block_size else memory_bytes,
-                                          getsizeof=len)
+        self._memory = _Memory(maxsize=lru_blocks * size if block_size else memory_bytes, getsizeof=len)
         # the memory of full blocks, reused: never more buffers than the plan has blocks
         self.buffers = BufferPool(block_size, max(1, memory_bytes // size))
         self.disk = disk
-        self._writer = _DiskWriter(disk, WRITER_DEPTH) if disk else None
+        self._writer = DiskWriter(disk, WRITER_DEPTH) if disk else None
         self._lock = threading.Lock()
         self._demand_done = threading.Condition(self._lock)  # a fill waiting for leftover concurrency waits here
         self._fill_waiting = 0
         self._filling: set[BlockKey] = set()  # blocks a dataset prefetch is fetching (in _inflight too)
-        self._inflight: dict[BlockKey, Future] = {}
+        self._inflight: dict[BlockKey, _Pending] = {}
         self._queued = 0  # fetches submitted to the pool and not started yet
         self._closed = False
         self._pool = ThreadPoolExecutor(fetchers, thread_name_prefix="block-fetch")
@@ -356,23 +123,22 @@ class BlockCache:
         return int(self._memory.maxsize)
 
     def get(self, key: BlockKey, fetch: Fetch) -> Block:
-        """The block, fetching it in this thread if nobody else is."""
+        """The block, fetching it in this thread if nobody else is: a lease
+        the caller releases."""
         with self._lock:
             data = self._memory.get(key)
             if data is not None:
                 self.stats.memory_hits += 1
-                return data
+                return data.share()
             future = self._inflight.get(key)
+            mine = future is None
             if future is None:
-                future = Future()
-                self._inflight[key] = future
-                mine = True
-            else:
-                mine = False
+                future = self._inflight[key] = _Pending()
+            future.waiters += 1
         if mine:  # a demand read never queues behind prefetches on the pool
             self._load(key, fetch, future)
         try:
-            return future.result()
+            return future.result().pop()  # one of the leases made for the waiters
         except _FillFailed:  # the dataset prefetch gave this block up: fetch it here
             return self.get(key, fetch)
 
@@ -402,34 +168,39 @@ class BlockCache:
                 self._fill_waiting -= 1
             if self.disk is None or not self.disk.has_room(size):
                 return "full"
-            future: Future = Future()
+            future = _Pending()
             self._inflight[key] = future
             self._filling.add(key)
+        data = None
         try:
             data = as_block(fetch())
             # on disk before the block leaves _inflight: a reader then finds it in one place or the other
             stored = self.disk.put(key, data, prefetched=True)
         except BaseException as e:
-            self._end_fill(key)
+            if data is not None:
+                data.release()
+            self._end_fill(key, future, None)
             future.set_exception(_FillFailed(str(e)))
             future.exception()  # nobody may be waiting: mark it seen
             raise
-        self._end_fill(key)
-        future.set_result(data)
+        with data:
+            future.set_result(self._end_fill(key, future, data))
         return "stored" if stored else "full"
 
-    def _end_fill(self, key: BlockKey) -> None:
+    def _end_fill(self, key: BlockKey, future: _Pending, data: Block | None) -> list[Block]:
+        """The fill of `key` is over; leases of `data` for the readers waiting for it."""
         with self._lock:
             self._inflight.pop(key, None)
             self._filling.discard(key)
             if self._fill_waiting:
                 self._demand_done.notify_all()
+            return [data.share() for _ in range(future.waiters)] if data is not None else []
 
     def let_go(self, key: BlockKey) -> None:
         """Drop a block from memory (not from the disk tier): its reader is
         done with it. Whoever still holds the Block keeps it until done."""
         with self._lock:
-            self._memory.pop(key, None)
+            self._memory.discard(key)
 
     def peek(self, key: BlockKey, start: int, dest: memoryview) -> int | None:
         """Fill `dest` from `start` of a block if memory or the disk tier
@@ -439,9 +210,11 @@ class BlockCache:
             block = self._memory.get(key)
             if block is not None:
                 self.stats.memory_hits += 1
+                block = block.share()  # eviction may release the memory's lease meanwhile
         if block is not None:
-            n = max(0, min(len(dest), block.size - start))
-            copy_into(dest[:n], block.view[start:start + n])
+            with block:
+                n = max(0, min(len(dest), block.size - start))
+                copy_into(dest[:n], block.view[start:start + n])
             return n
         n = self.disk.read_range(key, start, dest) if self.disk else None
         if n is not None:
@@ -473,7 +246,7 @@ class BlockCache:
                 if on_disk and granted:
                     break
                 (singles if on_disk else granted).append(i)
-            futures: dict[int, Future] = {i: Future() for i in singles + granted}
+            futures = {i: _Pending() for i in singles + granted}
             self._inflight.update({key_of(i): f for i, f in futures.items()})
             self.stats.prefetches += len(futures)
             run = Run(granted[0], last) if granted else None
@@ -498,7 +271,7 @@ class BlockCache:
                 if self._held(key) or self._on_disk(key):
                     run.close()
                     return False
-                future: Future = Future()
+                future = _Pending()
                 if not run.grant(i, future):  # ended, or not its next block (the reader skipped ahead)
                     run.close()
                     return False
@@ -520,7 +293,7 @@ class BlockCache:
 
     def _load_run(self, key_of: Callable[[int], BlockKey], run: Run, stream) -> None:
         def deliver(index: int, data) -> None:
-            self._keep(key_of(index), as_block(data), run.future(index), from_disk=False)
+            self._keep(key_of(index), as_block(data), cast(_Pending, run.future(index)), from_disk=False)
             if index < run.last:
                 # a run waiting for its reader gives its thread up to fetches queued behind it
                 run.wait_for(index + 1, lambda: self._queued > 0 or self._closed)
@@ -541,9 +314,9 @@ class BlockCache:
             error = OSError(f"{len(left)} block(s) of a run were not delivered")
         for i, future in left:
             assert error is not None  # set above whenever blocks are left
-            self._fail(key_of(i), future, error)
+            self._fail(key_of(i), cast(_Pending, future), error)
 
-    def _load(self, key: BlockKey, fetch: Fetch, future: Future) -> None:
+    def _load(self, key: BlockKey, fetch: Fetch, future: _Pending) -> None:
         try:
             data = self.disk.get(key, self.buffers) if self.disk else None
             from_disk = data is not None
@@ -553,9 +326,10 @@ class BlockCache:
         except BaseException as e:
             self._fail(key, future, e)
 
-    def _keep(self, key: BlockKey, data: Block, future: Future, from_disk: bool) -> None:
-        """A block has arrived: count it, cache it, hand it to its waiters,
-        and queue it for the disk tier if it did not come from there."""
+    def _keep(self, key: BlockKey, data: Block, future: _Pending, from_disk: bool) -> None:
+        """A block has arrived: count it, cache it, hand a lease to each of
+        its waiters, and queue it for the disk tier if it did not come from
+        there. Takes over the lease `data`."""
         with self._lock:
             if from_disk:
                 self.stats.disk_hits += 1
@@ -564,15 +338,18 @@ class BlockCache:
                 self.stats.misses += 1
                 self.stats.bytes_from_storage += len(data)
             if len(data) <= self._memory.maxsize:
-                self._memory[key] = data
+                self._memory[key] = data.share()
             self._inflight.pop(key, None)
+            leases = [data.share() for _ in range(future.waiters)]  # no reader joins once it left _inflight
             if self._fill_waiting:
                 self._demand_done.notify_all()
-        future.set_result(data)
+        future.set_result(leases)
         if self._writer and not from_disk:
             self._writer.submit(key, data)
+        else:
+            data.release()
 
-    def _fail(self, key: BlockKey, future: Future, error: BaseException) -> None:
+    def _fail(self, key: BlockKey, future: _Pending, error: BaseException) -> None:
         with self._lock:
             self._inflight.pop(key, None)
             if self._fill_waiting:
@@ -586,9 +363,9 @@ class BlockCache:
 
     def counters(self) -> dict:
         """Hits, misses, traffic and use against the caps, for `mountd
-        status`. Read without the lock: each is a plain int, and a status
-        line may be a block behind."""
-        s = self.stats
+        status` (the stats are counted under the lock, and read under it)."""
+        with self._lock:
+            s = dataclasses.replace(self.stats)
         return {"hit_ratio": round(s.hit_ratio, 4), "memory_hits": s.memory_hits, "disk_hits": s.disk_hits,
                 "misses": s.misses, "bytes_from_storage": s.bytes_from_storage,
                 "bytes_from_disk": s.bytes_from_disk, "prefetched_blocks": s.prefetches,

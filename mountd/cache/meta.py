@@ -61,7 +61,7 @@ class MetadataCache:
                 return cached
         started = self._now()
         try:
-            self.requests += 1
+            self._count_request()
             entry = self.store.stat(path)
         except NotFound:
             if self.negative_enabled:
@@ -77,6 +77,10 @@ class MetadataCache:
     def _now(self) -> int:
         with self._lock:
             return self._changes
+
+    def _count_request(self) -> None:
+        with self._lock:  # stat and list_dir are called from many FUSE threads
+            self.requests += 1
 
     def _unchanged_since(self, started: int, path: str, changed=None) -> bool:
         """No change to `path` (a key of `changed`, by default the paths
@@ -128,7 +132,7 @@ class MetadataCache:
         if cached is not None:
             yield from cast(list[Entry], cached)  # none is None: checked above
             return
-        self.requests += 1
+        self._count_request()
         started = self._now()
         seen = set()
         for entry in self.store.list_dir(path):

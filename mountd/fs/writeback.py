@@ -237,14 +237,16 @@ class WriteBack:
         try:
             entry = upload_file(self.store, sf.local, sf.path, overwrite=True)  # overwriting: never None
         except (MountdError, OSError) as e:
-            self.upload_errors += 1
+            with self._lock:  # closes upload from many FUSE threads at once
+                self.upload_errors += 1
             log.error("upload of %s failed: %s; the written data is kept in %s and uploaded on the next "
                       "close, at unmount or by `mountd resume`", sf.path, e, sf.local)
             raise FsError(errno.EIO) from None
         if job is not None:  # one file, confirmed: the job ends (the copy is still ours, dropped on release)
             job.finish(keep_local=True)
             sf.job = None
-        self.uploads += 1
+        with self._lock:  # closes upload from many FUSE threads at once
+            self.uploads += 1
         with sf.lock:
             sf.in_storage = True
             if sf.version == version:

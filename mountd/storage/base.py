@@ -13,8 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-# Kept importable from here for code written before they moved; new code imports mountd.paths.
-from mountd.paths import join, normalize_path  # noqa: F401
+from mountd.errors import NotFound
 
 # Called with the number of bytes just moved; used for progress bars.
 ProgressCallback = Callable[[int], None]
@@ -70,8 +69,6 @@ class ObjectStore(ABC):
 
     #: a short description for messages, e.g. "blob container data@acct"
     description: str = "store"
-    #: True when directories exist only through their contents or markers
-    virtual_directories: bool = False
 
     @abstractmethod
     def stat(self, path: str) -> Entry:
@@ -147,6 +144,29 @@ class ObjectStore(ABC):
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
         """Move a file to a new path, replacing what is there."""
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Move directory `src` with everything in it to `dst` (absent, or
+        an empty directory the caller has removed). This default is for
+        storage whose directories are only their contents and markers
+        (blob): each file is renamed in turn, then the markers are made
+        under the new name and removed under the old. Not atomic: a
+        failure part way leaves both names populated. Storage with a
+        directory rename of its own overrides it."""
+        dirs = []
+        for entry in self.walk(src + "/"):
+            if entry.is_dir:
+                dirs.append(entry.path)
+            else:
+                self.rename(entry.path, dst + entry.path[len(src):])
+        self.mkdir(dst)
+        for d in sorted(dirs, reverse=True):
+            self.mkdir(dst + d[len(src):])
+            self.rmdir(d)
+        try:
+            self.rmdir(src)
+        except NotFound:
+            pass
 
     def name_limits(self) -> NameLimits:
         """The longest names this store accepts (see NameLimits): a mount

@@ -89,7 +89,6 @@ BLOB_NAME_LIMITS = NameLimits(component=1024, path=1024, segments=254)
 
 
 class BlobStore(AzureStore):
-    virtual_directories = True
 
     check_query = {"restype": "container", "comp": "list", "maxresults": "1"}
 

@@ -95,7 +95,6 @@ def _listing_page(root, directory: str) -> tuple[list[Entry], str | None]:
 
 
 class FileShareStore(AzureStore):
-    virtual_directories = False
 
     check_query = {"restype": "directory", "comp": "list", "maxresults": "1"}
 
@@ -351,4 +350,8 @@ class FileShareStore(AzureStore):
             self.mkdir(posixpath.dirname(dst))  # the source may be gone instead: then this fails again
         with self._errors(src):
             move(dst, overwrite=True)
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """The service renames directories itself (see rename)."""
+        self.rename(src, dst)
 

@@ -196,3 +196,7 @@ class LocalStore(ObjectStore):
             os.replace(self._full(src), self._full(dst))
         except OSError as e:
             raise self._oserror(e, src) from None
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """rename(2) moves a directory whole, atomically (see rename)."""
+        self.rename(src, dst)

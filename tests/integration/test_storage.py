@@ -137,6 +137,18 @@ def test_rename(store):
         store.stat("old/name.txt")
 
 
+def test_rename_dir_moves_the_tree_with_its_empty_directories(store):
+    store.write_bytes("d/a.txt", b"a")
+    store.write_bytes("d/sub/b.txt", b"b")
+    store.mkdir("d/empty")
+    store.rename_dir("d", "moved")
+    assert store.read("moved/a.txt", 0, 10) == b"a" and store.read("moved/sub/b.txt", 0, 10) == b"b"
+    assert store.stat("moved/empty").is_dir
+    for gone in ("d", "d/a.txt", "d/sub", "d/empty"):
+        with pytest.raises(NotFound):
+            store.stat(gone)
+
+
 def test_awkward_names(store):
     names = ["sp ace/f i.txt", "uni/é日本.txt", "pct/100%.txt", "hash/#1.txt", "plus/a+b.txt"]
     for n in names:
@@ -220,12 +232,12 @@ def test_a_reader_pausing_mid_file_ends_its_stream_and_reads_on(store, monkeypat
     got, ended = bytearray(), []
     for off in range(0, len(data), 256 * 1024):
         if off == 4 * mib:
-            run = core._handles[fh].run
+            run = core._handles[fh].reader.run
             assert run is not None and run.open
             time.sleep(1.0)
             ended.append(not run.open)
         got += core.read(fh, 256 * 1024, off)
-    assert ended == [True] and core._handles[fh].run is not run
+    assert ended == [True] and core._handles[fh].reader.run is not run
     assert bytes(got) == data
     core.release(fh)
     core.blocks.close()

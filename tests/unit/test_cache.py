@@ -604,6 +604,38 @@ def test_idle_buffers_are_capped():
     assert pool.idle == 2
 
 
+def test_a_view_kept_past_its_block_raises_instead_of_reading_the_next_blocks_bytes():
+    from mountd.cache.buffers import BufferPool
+    pool = BufferPool(MiB, keep=4)
+    block = pool.block(pool.buffer(MiB), MiB)
+    block.view[:1] = b"a"
+    view = block.view
+    del block  # its buffer goes back to the pool, and on to the next block
+    reused = pool.block(pool.buffer(MiB), MiB)
+    reused.view[:1] = b"b"
+    with pytest.raises(ValueError):
+        bytes(view[:1])
+
+
+def test_a_block_is_leased_each_holder_releases_its_own_and_the_last_frees_the_buffer(tmp_path):
+    cache = BlockCache(4 * MiB, None, threads=2, block_size=MiB)
+
+    def fetch():
+        buffer = cache.buffers.buffer(MiB)
+        buffer[:MiB] = b"x" * MiB
+        return cache.buffers.block(buffer, MiB)
+    with cache.get(("p", "e", 0), fetch) as block:
+        view = block.view
+        again = cache.get(("p", "e", 0), lambda: pytest.fail("fetched twice"))  # the memory cache's, shared
+    with pytest.raises(ValueError):
+        bytes(view[:1])  # this holder released its lease: its view is gone
+    assert bytes(again.view[:1]) == b"x" and cache.buffers.idle == 0  # the other holder's is intact
+    again.release()
+    cache.let_go(("p", "e", 0))
+    assert cache.buffers.idle == 1  # the last lease released: the buffer is back
+    cache.close()
+
+
 def test_reading_through_a_small_cache_recycles_buffers(tmp_path):
     """Forty blocks read through room for eight: buffers are reused, not
     made anew for each block, and every byte is right."""

@@ -157,7 +157,7 @@ def test_a_sequential_reader_does_not_fill_memory_with_what_it_read(tmp_path):
     fh, _ = core.open("/f", os.O_RDONLY)
     for off in (90, 5, 60, 30, 75, 15):
         assert core.read(fh, 4096, off * mib) == data[off * mib:off * mib + 4096]
-    assert all(core.blocks._memory.get(core._key(core._handles[fh].entry, b)) is not None
+    assert all(core.blocks._memory.get(core.reads.key(core._handles[fh].entry, b)) is not None
                for b in (90, 60, 75))
     core.close()
 
@@ -216,7 +216,7 @@ def test_random_access_ends_the_run_and_a_new_sequential_stretch_starts_another(
     fh, _ = core.open("/f", os.O_RDONLY)
     for off in range(0, 4 * MIB, 256 * 1024):
         assert core.read(fh, 256 * 1024, off) == data[off:off + 256 * 1024]
-    run = core._handles[fh].run
+    run = core._handles[fh].reader.run
     assert run is not None and run.open
     assert core.read(fh, 256 * 1024, 70 * MIB) == data[70 * MIB:70 * MIB + 256 * 1024]  # past SLACK
     assert not run.open
@@ -239,12 +239,12 @@ def test_readahead_depth_shares_the_memory_among_open_files(tmp_path):
     alone, _ = core.open("/a", os.O_RDONLY)
     second, _ = core.open("/b", os.O_RDONLY)
     third, _ = core.open("/c", os.O_RDONLY)
-    depth = [core._handles[fh].readahead.max_blocks for fh in (alone, second, third)]
+    depth = [core._handles[fh].reader.readahead.max_blocks for fh in (alone, second, third)]
     assert depth == [lru - 32, lru // 2 - 32, max(1, lru // 3 - 32)]
     core.release(second)
     core.release(third)
     again, _ = core.open("/b", os.O_RDONLY)
-    assert core._handles[again].readahead.max_blocks == lru // 2 - 32
+    assert core._handles[again].reader.readahead.max_blocks == lru // 2 - 32
     core.close()
 
 
