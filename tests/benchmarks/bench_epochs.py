@@ -274,9 +274,9 @@ class Bench:
         try:
             if tool == "download":
                 local = fresh_dir(os.path.join(self.work, label))
-                setup = run_timed(self.spy(label) + mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, local,
-                                                   "--prefix", f"{ds.name}/", "--no-progress"], env=self.env,
-                                  timeout=3600)
+                argv = mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, local,
+                                        "--prefix", f"{ds.name}/", "--no-progress"]
+                setup = run_timed(self.spy(label) + argv, env=self.env, timeout=3600)
                 root = os.path.join(local, ds.name)
             else:
                 mp = fresh_dir(os.path.join(self.work, f"mnt-{label}"))
@@ -412,8 +412,9 @@ def parse_args(argv=None):
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     ap.add_argument("--cache-max-size", metavar="SIZE", help="mountd's disk cache cap (default: mountd's)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    ap.add_argument("--py-spy", metavar="DIR", help="profile mountd with py-spy from the mount's start to the end of epoch 1 (a download: whole), "
-                                                    "into DIR/<dataset>-<tool>-<round>.txt (raw format)")
+    ap.add_argument("--py-spy", metavar="DIR", help="profile mountd with py-spy from the mount's start to the end "
+                                                    "of epoch 1 (a download: whole), into "
+                                                    "DIR/<dataset>-<tool>-<round>.txt (raw format)")
     ap.add_argument("--tmp-dir", metavar="DIR", help="where the run's data lives (default: the system's)")
     args = ap.parse_args(argv)
     args.tools = set(args.tools.split(","))
