@@ -205,7 +205,9 @@ def test_the_prefetch_lists_each_directory_once_for_itself_and_the_job(blob_data
     try:
         prefetch = DatasetPrefetch(core)
         prefetch.start()
-        prefetch._thread.join(60)
+        deadline = time.monotonic() + 60
+        while prefetch.counters()["state"] not in ("done", "stopped") and time.monotonic() < deadline:
+            time.sleep(0.05)
         p = prefetch.counters()
         assert (p["state"], p["files"], p["bytes"]) == ("done", 41, sum(map(len, files.values()))), p
         listed = core.meta.requests
