@@ -3,11 +3,15 @@ read-only mount is live, a background streamer fills the disk cache with
 every file under the mounted path, in listing order, so that a job's first
 epoch finds its files cached and its later ones never wait on storage.
 
-It moves bytes as `mountd download` does (the same listing walk, the same
-bounded pool of 16 requests in flight: small files in one request each,
-large ones as their blocks, each a ranged read, in parallel) through the
-block cache's own fetch path, so the blocks it stores are the ones reads look
-up: keyed by path, etag and index. A file changed in storage after it was
+It moves bytes as `mountd download` does (the same bounded pool of 16
+requests in flight: small files in one request each, large ones as their
+blocks, each a ranged read, in parallel) through the block cache's own fetch
+path, so the blocks it stores are the ones reads look up: keyed by path,
+etag and index. It lists directory by directory through the mount's
+metadata cache, not with a flat listing of its own: the job's lookups
+answer from the same listings, so each directory is listed once for both
+(a flat walk besides cost Azurite 0.14 s of CPU per 1000 files, on top of
+the 0.33 s of the 50 directory listings the lookups made anyway). A file changed in storage after it was
 prefetched has a new etag at its next open, so its old blocks are never
 served (they age out).
 
@@ -36,6 +40,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from itertools import chain, islice
+from typing import Iterator
 
 from mountd.errors import MountdError, NotFound, Stale
 from mountd.storage.base import Entry
@@ -47,6 +53,12 @@ log = logging.getLogger(__name__)
 
 FILL_BLOCKS = 4  # full-size blocks being prefetched at once: the memory the block cache sets aside for them
 FAILURES_TO_STOP = 5  # blocks failing one after another (after the storage layer's retries): storage is down
+# Entries of one directory listed before the first of them is fetched: the
+# metadata cache keeps a listing for lookups only once it has been read to
+# its end, and a listing read while its files are fetched would end seconds
+# later, every lookup in the directory meanwhile listing it again. Larger
+# directories go on streaming past this (bounded memory).
+LISTED_AHEAD = 20_000
 
 
 class _File:
@@ -95,14 +107,12 @@ class DatasetPrefetch:
     # -- the walk --------------------------------------------------------------------------
     def _run(self) -> None:
         core = self.core
-        root = f"{core.prefix}/" if core.prefix else ""
+        root = core.prefix
         try:
             with BoundedPool(self.workers, "prefetch") as pool:
-                for entry in core.store.walk(root):
+                for entry in self._walk(root):
                     if self._closed:
                         break
-                    if entry.is_dir:
-                        continue
                     with self._lock:
                         self.files_listed += 1
                         self.bytes_listed += entry.size
@@ -117,6 +127,30 @@ class DatasetPrefetch:
         self.finished = time.monotonic()
         self.state = "stopped" if self._stop else "done"
         self._report()
+
+    def _walk(self, top: str) -> Iterator[Entry]:
+        """Every file under `top`, depth first in listing order, each
+        directory listed through the metadata cache (so the job's lookups
+        find the listing there); its subdirectories after its files."""
+        dirs = [top]
+        while dirs:
+            path = dirs.pop()
+            children = iter(self.core.meta.list_dir(path))
+            try:
+                listed = list(islice(children, LISTED_AHEAD))
+            except NotFound:
+                if path == top:
+                    raise
+                continue  # removed since its parent was listed: nothing to prefetch there
+            below = []
+            for entry in chain(listed, children):  # past LISTED_AHEAD, the rest as it comes
+                if self._closed:
+                    return
+                if entry.is_dir:
+                    below.append(entry.path)
+                else:
+                    yield entry
+            dirs.extend(reversed(below))  # popped in listing order
 
     def _plan(self, entry: Entry, pool: BoundedPool) -> None:
         """Runs on the listing thread: one task per block (a small file is

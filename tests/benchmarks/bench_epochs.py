@@ -25,12 +25,24 @@ download-then-train time over the tool's (above 1: the tool finishes first),
 and for later epochs the local copy's (page cache warm) epoch time over the
 tool's.
 
+Where the time goes: around every phase (set-up, each epoch) the run reads
+the CPU seconds (user + system) of each group of processes: Azurite; the
+tool's own (`mountd download`, or the `mountd mount` command and the mount
+worker it leaves running, or rclone); the loaders; and the whole host, so
+that what the rest of a shared machine took meanwhile shows as "rest". The
+CPU table gives them per phase with busy = the run's own CPU over wall
+time (2.00: both cores of this machine busy all along) and the tool's CPU
+per file. With --py-spy DIR, py-spy samples mountd (200 Hz, raw format, one
+file per job) from the mount's start to the end of epoch 1, or the whole
+download; such a run's CPU figures include py-spy's own.
+
 Run from the repository root as root (drops the page cache, mounts FUSE):
 
     python -m tests.benchmarks.bench_epochs                                 # both datasets, full size, 3 rounds
     python -m tests.benchmarks.bench_epochs --dataset small --files 2000 --repeat 3
     python -m tests.benchmarks.bench_epochs --dataset shards --shards 8 --shard-mib 32
     python -m tests.benchmarks.bench_epochs --cache-max-size 100MiB         # mountd's disk cache smaller than the data
+    python -m tests.benchmarks.bench_epochs --dataset small --files 1000 --repeat 1 --py-spy /tmp/prof
 
 Every mount it makes is unmounted at the end, also on errors and Ctrl-C.
 """
@@ -43,6 +55,7 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 import zlib
@@ -53,9 +66,10 @@ from tests.benchmarks.bench_download import mountd_argv, mountd_header
 from tests.benchmarks.bench_mount import (CONTAINER, DATASTORE, KEY_ENV, MEMORY_CACHE, MOUNTD_ENV_PREFIXES,
                                           RCLONE_REMOTE, MountdMount, RcloneMount, blob_service,
                                           is_mounted, require, run_session, unmount_all)
-from tests.benchmarks.common import (MiB, ToolFailed, drop_page_cache, fmt_size, fresh_dir, machine_info, median,
-                                     remove_dir, run_timed, storage_header, tool_env, tool_version,
-                                     write_rclone_config, write_workspace)
+from tests.benchmarks.common import (MiB, ToolFailed, children_cpu_split, drop_page_cache, fmt_size, fresh_dir,
+                                     host_cpu_seconds, machine_info, median, process_cpu_split, remove_dir,
+                                     run_timed, storage_header, tool_env, tool_version, write_rclone_config,
+                                     write_workspace)
 from tests.support.azurite import ACCOUNT, KEY, blob_workspace_entry
 
 TOOLS = ("download", "mountd", "mountd-prefetch", "rclone-full")
@@ -64,6 +78,9 @@ CLASSES = 50
 READ_SIZE = MiB  # a loader reads a file in pieces of this size (a small file in one)
 EPOCHS_TIMED = 3
 EPOCHS_SHOWN = (1, 2, 5, 10)
+PHASES = ("set-up", "ep 1", "ep 2", "ep 3")
+GROUPS = ("azurite", "tool", "loaders")  # the run's own process groups; "rest" is the host's remainder
+PY_SPY = ["py-spy", "record", "-r", "200", "-f", "raw", "--nonblocking"]
 
 
 # --- the loaders ----------------------------------------------------------------------
@@ -140,12 +157,31 @@ def shard_dataset(container, shards: int, shard_mib: int) -> Dataset:
 
 # --- one tool's job -----------------------------------------------------------------------
 
+def _cpu(pid: int | None) -> float:
+    """A live process's CPU seconds so far; 0 for none, or one gone."""
+    return sum(_cpu_split(pid))
+
+
+def _cpu_split(pid: int | None) -> tuple[float, float]:
+    """_cpu as (user, system) seconds."""
+    try:
+        return process_cpu_split(pid) if pid else (0.0, 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+
+
 @dataclass
 class Job:
     tool: str
     round: int
     setup: float
     epochs: list[float]
+    cpu: list[dict[str, float]] = field(default_factory=list)  # per phase: wall and CPU seconds per group, "rest"
+
+    def cpu_of(self, phases: slice) -> dict[str, float]:
+        """The CPU figures of some phases added up."""
+        rows = self.cpu[phases]
+        return {k: sum(r[k] for r in rows) for k in rows[0]}
 
     def total(self, e: int) -> float:
         """Seconds to finish `e` epochs: set-up, epoch 1, then later epochs
@@ -184,6 +220,7 @@ class Bench:
                                          default=DATASTORE)
         self.rclone_conf = write_rclone_config(os.path.join(self.conf, "rclone.conf"), RCLONE_REMOTE, ACCOUNT, KEY,
                                                azurite.account_url)
+        self.azurite = azurite
         self.active: list = []
         self.pool = multiprocessing.get_context("fork").Pool(LOADERS, initializer=_loader_start)
 
@@ -194,6 +231,30 @@ class Bench:
     def mountd_flags(self, tool: str) -> tuple:
         flags = ("--prefetch",) if tool == "mountd-prefetch" else ()
         return flags + (("--cache-max-size", self.args.cache_max_size) if self.args.cache_max_size else ())
+
+    def cpu_now(self, m) -> dict[str, float]:
+        """Cumulative CPU seconds so far: of Azurite, of the tool (the
+        commands this process ran and reaped: the download, the mount
+        command; plus the live mount worker or rclone), of the loaders, and of
+        the whole host; and the wall clock."""
+        (cu, cs), (pu, ps) = children_cpu_split(), _cpu_split(getattr(m, "pid", None))
+        return {"wall": time.perf_counter(), "azurite": _cpu(self.azurite.proc.pid), "tool": cu + cs + pu + ps,
+                "tool sys": cs + ps, "loaders": sum(_cpu(p.pid) for p in multiprocessing.active_children()),
+                "host": host_cpu_seconds()}
+
+    @staticmethod
+    def cpu_phase(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        d = {k: after[k] - before[k] for k in after}
+        d["rest"] = max(0.0, d.pop("host") - sum(d[g] for g in GROUPS))
+        return d
+
+    def spy(self, label: str, pid: int | None = None) -> list[str]:
+        """py-spy's command recording `pid` (or, with no pid, the command
+        appended to it) into the --py-spy directory; [] without --py-spy."""
+        if not self.args.py_spy:
+            return []
+        out = os.path.join(self.args.py_spy, f"{label}.txt")
+        return PY_SPY + ["-o", out] + (["-p", str(pid)] if pid else ["--"])
 
     def how(self, tool: str, ds: str) -> str:
         if tool == "download":
@@ -207,14 +268,15 @@ class Bench:
         """One tool's whole job on a cold node: set-up, then the epochs."""
         label = f"{ds.name}-{tool}-{r}"
         mp = cache = None
-        m = None
+        m = spy = None
         drop_page_cache()
+        marks = [self.cpu_now(None)]
         try:
             if tool == "download":
                 local = fresh_dir(os.path.join(self.work, label))
-                setup = run_timed(mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, local,
-                                                   "--prefix", f"{ds.name}/", "--no-progress"], env=self.env,
-                                  timeout=3600)
+                argv = mountd_argv() + ["--workspace", self.workspace, "download", DATASTORE, local,
+                                        "--prefix", f"{ds.name}/", "--no-progress"]
+                setup = run_timed(self.spy(label) + argv, env=self.env, timeout=3600)
                 root = os.path.join(local, ds.name)
             else:
                 mp = fresh_dir(os.path.join(self.work, f"mnt-{label}"))
@@ -229,8 +291,22 @@ class Bench:
                     root = mp
                 self.active.append(m)
                 setup = m.start()
-            epochs = [run_epoch(self.pool, root, ds.files, seed=1000 * r + e) for e in range(EPOCHS_TIMED)]
+                if tool != "rclone-full" and self.spy(label, m.pid):
+                    spy = subprocess.Popen(self.spy(label, m.pid), stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+            marks.append(self.cpu_now(m))
+            epochs = []
+            for e in range(EPOCHS_TIMED):
+                epochs.append(run_epoch(self.pool, root, ds.files, seed=1000 * r + e))
+                if spy is not None:  # epoch 1 profiled: py-spy writes its samples on SIGINT (its CPU in epoch 1's)
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
+                    spy = None
+                marks.append(self.cpu_now(m))
         finally:
+            if spy is not None:
+                spy.kill()
+                spy.wait()
             if m is not None:
                 m.stop()
                 self.active.remove(m)
@@ -239,9 +315,12 @@ class Bench:
             for d in (cache, os.path.join(self.work, label)):
                 if d:
                     remove_dir(d)
-        job = Job(tool, r, setup, epochs)
+        job = Job(tool, r, setup, epochs, [self.cpu_phase(a, b) for a, b in zip(marks, marks[1:])])
         print(f"  round {r} {tool:16s} set-up {setup:7.2f} s, epochs " + ", ".join(f"{e:.2f}" for e in epochs)
               + f" s; {EPOCHS_SHOWN[-1]} epochs {job.total(EPOCHS_SHOWN[-1]):.1f} s", flush=True)
+        print("    CPU s (" + "/".join(GROUPS + ("rest",)) + "): " + ", ".join(
+            f"{name} " + "/".join(f"{c[g]:.2f}" for g in GROUPS + ("rest",)) for name, c in zip(PHASES, job.cpu)),
+            flush=True)
         return job
 
     def run(self, ds: Dataset) -> Results:
@@ -276,7 +355,8 @@ def report(res: Results, bench: Bench, out=sys.stdout) -> dict:
           + "".join(f"{x:9.2f}" for x in totals))
         summary["tools"][t] = {"setup": res.med(t, lambda j: j.setup), "epochs": e,
                                "total": dict(zip(map(str, EPOCHS_SHOWN), totals)),
-                               "rounds": [{"setup": j.setup, "epochs": j.epochs} for j in res.of(t)]}
+                               "rounds": [{"setup": j.setup, "epochs": j.epochs,
+                                           "cpu": dict(zip(PHASES, j.cpu))} for j in res.of(t)]}
     if "download" in tools:
         p("\nratios: download-then-train time / the tool's (above 1: the tool finishes first); later epochs: the "
           "local copy's epoch (page cache warm) / the tool's")
@@ -290,10 +370,33 @@ def report(res: Results, bench: Bench, out=sys.stdout) -> dict:
             p(f"{t:17s}" + "".join(f"{x:8.2f}x" for x in rs) + f"{later:9.2f}x")
             summary["tools"][t]["ratio_vs_download"] = dict(zip(map(str, EPOCHS_SHOWN), rs))
             summary["tools"][t]["later_epoch_vs_local"] = later
+    report_cpu(res, tools, summary, p)
     p("\nhow each tool ran:")
     for t in tools:
         p(f"  {t:17s}{bench.how(t, res.dataset)}")
     return summary
+
+
+def report_cpu(res: Results, tools: list[str], summary: dict, p) -> None:
+    """The CPU table: per tool and phase, the wall time and the CPU seconds
+    of each group (medians over rounds), busy = the run's own CPU / wall, and
+    the tool's CPU per file; the first epoch (set-up + epoch 1) last."""
+    p(f"\nCPU seconds (user + system; medians): azurite; tool = mountd (the download, or the mount command and "
+      f"its worker) or rclone; the {LOADERS} loaders; rest = the rest of the host meanwhile (a shared machine). "
+      f"busy = (azurite + tool + loaders) / wall, {os.cpu_count()}.00 = every core busy; tool sys = the part of "
+      f"tool spent in the kernel (its socket, file and /dev/fuse calls)")
+    cols = ("wall", "azurite", "tool", "tool sys", "loaders", "rest")
+    p(f"{'tool':17s}{'phase':>12s}" + "".join(f"{c:>9s}" for c in cols) + f"{'busy':>7s}{'tool ms/file':>14s}")
+    rows = [(name, slice(i, i + 1)) for i, name in enumerate(PHASES)] + [("set-up+ep 1", slice(0, 2))]
+    for t in tools:
+        summary["tools"][t]["cpu"] = {}
+        for k, (name, phases) in enumerate(rows):
+            c = {col: res.med(t, lambda j, col=col, ph=phases: j.cpu_of(ph)[col]) for col in cols}
+            busy = ratio(sum(c[g] for g in GROUPS), c["wall"])
+            per_file = 1000 * c["tool"] / res.nfiles
+            p(f"{t if k == 0 else '':17s}{name:>12s}" + "".join(f"{c[col]:9.2f}" for col in cols)
+              + f"{busy:7.2f}{per_file:14.2f}")
+            summary["tools"][t]["cpu"][name] = {**c, "busy": busy, "tool_ms_per_file": per_file}
 
 
 def parse_args(argv=None):
@@ -309,11 +412,16 @@ def parse_args(argv=None):
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     ap.add_argument("--cache-max-size", metavar="SIZE", help="mountd's disk cache cap (default: mountd's)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--py-spy", metavar="DIR", help="profile mountd with py-spy from the mount's start to the end "
+                                                    "of epoch 1 (a download: whole), into "
+                                                    "DIR/<dataset>-<tool>-<round>.txt (raw format)")
     ap.add_argument("--tmp-dir", metavar="DIR", help="where the run's data lives (default: the system's)")
     args = ap.parse_args(argv)
     args.tools = set(args.tools.split(","))
     if not args.tools <= set(TOOLS):
         ap.error(f"--tools: unknown {', '.join(sorted(args.tools - set(TOOLS)))}")
+    if args.py_spy:
+        os.makedirs(args.py_spy, exist_ok=True)
     return args
 
 

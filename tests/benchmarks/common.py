@@ -13,8 +13,10 @@ Azurite needs:
   `--tls`), the environment and curl flags that make every tool trust its CA
   (`tool_env`, `curl_tls_flags`), and the header line saying which it was
   (`storage_header`);
-- CPU time: of a live process (`process_cpu_seconds`, `cpu_when_quiet`) and
-  of the commands run to completion (`children_cpu_seconds`);
+- CPU time: of a live process (`process_cpu_seconds`, `cpu_when_quiet`;
+  split into user and system, `process_cpu_split`), of the commands run to
+  completion (`children_cpu_seconds`, `children_cpu_split`) and of the whole
+  host, every process on it (`host_cpu_seconds`);
 - test data: a random file of N MiB written in chunks (`write_random_file`),
   a mountd workspace file (`write_workspace`);
 - checking a tool's output (`tree_stats`, `file_md5`, `same_edges`);
@@ -72,17 +74,41 @@ def children_cpu_seconds() -> float:
     so far (RUSAGE_CHILDREN). The difference around one run_timed* call is
     that command's CPU, as long as no other child is reaped meanwhile (the
     benchmarks run their commands one at a time; mounts are reaped later)."""
+    return sum(children_cpu_split())
+
+
+def children_cpu_split() -> tuple[float, float]:
+    """children_cpu_seconds as (user, system) seconds."""
     import resource
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+    return ru.ru_utime, ru.ru_stime
 
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a live process has used so far, all its
     threads together (utime and stime of /proc/PID/stat)."""
+    return sum(process_cpu_split(pid))
+
+
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """process_cpu_seconds as (user, system) seconds: system is the time
+    the kernel spent on the process's behalf (its system calls: socket,
+    file and /dev/fuse reads and writes)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()  # the name may hold spaces; fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def host_cpu_seconds() -> float:
+    """CPU seconds the whole host has been busy so far, all cores together:
+    user, nice, system, irq, softirq and steal of /proc/stat's first line
+    (not idle and iowait). Around a phase, minus the processes measured, it
+    says what the rest of a shared machine took meanwhile."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_when_quiet(pid: int, quiet: float = 0.3, timeout: float = 10.0) -> float:

@@ -182,6 +182,49 @@ def test_reads_during_the_prefetch_are_right_and_fetched_once(blob_datastore, pr
     assert p["files"] == 200 and p["bytes_from_storage"] + c["bytes_from_storage"] == total, (p, c)
 
 
+def test_the_prefetch_lists_each_directory_once_for_itself_and_the_job(blob_datastore, azurite, tmp_path):
+    """The prefetch walks directory by directory through the mount's
+    metadata cache: once it has listed the dataset, the job's lookups of
+    every file (and of names that are not there) make no metadata request,
+    and what it fetched is what those lookups' entries key."""
+    from mountd.cache.blocks import BlockCache, DiskTier
+    from mountd.config.datastores import parse
+    from mountd.config.settings import CacheSettings
+    from mountd.fs.core import FileSystemCore, FsError
+    from mountd.fs.preload import DatasetPrefetch
+    from mountd.storage import open_store
+
+    files = a_dataset(7, 40, 5_000)
+    files["ds/class1/deeper/more.bin"] = b"x" * 3000
+    put_all(blob_datastore, files)
+    settings = CacheSettings(block_size=256 * 1024, memory=4 << 20, attribute_ttl=600, negative_ttl=600)
+    store = open_store(parse("data", blob_workspace_entry(azurite, blob_datastore.container_name), "test"))
+    disk = DiskTier(str(tmp_path / "cache"), 1 << 30, 0)
+    core = FileSystemCore(store, settings, BlockCache(settings.memory, disk, settings.threads,
+                                                      settings.block_size, fill_blocks=4), prefix="ds")
+    try:
+        prefetch = DatasetPrefetch(core)
+        prefetch.start()
+        deadline = time.monotonic() + 60
+        while prefetch.counters()["state"] not in ("done", "stopped") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p = prefetch.counters()
+        assert (p["state"], p["files"], p["bytes"]) == ("done", 41, sum(map(len, files.values()))), p
+        listed = core.meta.requests
+        assert listed == 1 + 5 + 1, listed  # ds/, its 5 class directories and class1/deeper/
+        for name, data in files.items():
+            assert core.getattr("/" + name[3:])["st_size"] == len(data)
+        with pytest.raises(FsError):
+            core.getattr("/class2/not-there.jpg")
+        assert core.meta.requests == listed  # the job's lookups answered from the prefetch's listings
+        assert core.blocks.counters()["misses"] == 0
+        for name, data in files.items():
+            assert core.read_path_into("/" + name[3:], memoryview(bytearray(len(data))), 0) == len(data)
+        assert core.blocks.counters()["bytes_from_storage"] == 0  # every block where the reads look for it
+    finally:
+        core.close()
+
+
 # -- refused where it cannot work ------------------------------------------------------------
 @pytest.mark.parametrize("flags,says", [
     (["--read-write"], "--prefetch is for read-only mounts"),

@@ -1,5 +1,5 @@
-"""The benchmarks' arithmetic (the ratios the README quotes, CPU per GiB) and
-the environment that makes every tool trust a TLS run's CA."""
+"""The benchmarks' arithmetic (the ratios the README quotes, CPU per GiB, CPU per phase of a
+whole job) and the environment that makes every tool trust a TLS run's CA."""
 
 import math
 
@@ -57,3 +57,43 @@ def test_tool_env_points_every_tool_at_the_run_ca_over_tls(tmp_path):
     assert {v: env[v] for v in CA_FILE_VARIABLES} == dict.fromkeys(CA_FILE_VARIABLES, "/run/ca.pem")
     assert "SSL_CERT_DIR" not in env and env["PATH"] == "/bin"
     assert curl_tls_flags(tls) == ["--proto", "=https", "--cacert", "/run/ca.pem"]
+
+
+def test_process_cpu_split_is_user_and_system():
+    import os
+
+    from tests.benchmarks.common import process_cpu_split
+    t = os.times()
+    user, system = process_cpu_split(os.getpid())
+    assert abs(user - t.user) < 0.05 and abs(system - t.system) < 0.05
+
+
+def test_host_cpu_seconds_counts_this_process_busy_and_no_more_than_every_core():
+    import os
+    import time
+
+    from tests.benchmarks.common import host_cpu_seconds
+    before, start = host_cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        pass  # spin: this core busy for 0.3 s
+    used, wall = host_cpu_seconds() - before, time.perf_counter() - start
+    assert 0.2 <= used <= os.cpu_count() * wall + 0.05
+
+
+def test_epoch_cpu_table_adds_phases_and_gives_the_rest_of_the_host():
+    import io
+
+    from tests.benchmarks.bench_epochs import Bench, Job, Results, report_cpu
+    marks = [{"wall": 10.0 * i, "azurite": 3.0 * i, "tool": 2.0 * i, "tool sys": 1.0 * i, "loaders": 1.0 * i,
+              "host": 8.0 * i} for i in range(5)]
+    phases = [Bench.cpu_phase(a, b) for a, b in zip(marks, marks[1:])]
+    assert phases[0] == {"wall": 10.0, "azurite": 3.0, "tool": 2.0, "tool sys": 1.0, "loaders": 1.0, "rest": 2.0}
+    job = Job("mountd", 0, 10.0, [10.0, 10.0, 10.0], phases)
+    assert job.cpu_of(slice(0, 2))["azurite"] == 6.0
+    res = Results("small", 1000, 1, [job])
+    summary = {"tools": {"mountd": {}}}
+    out = io.StringIO()
+    report_cpu(res, ["mountd"], summary, lambda *a: print(*a, file=out))
+    first = summary["tools"]["mountd"]["cpu"]["set-up+ep 1"]
+    assert first["wall"] == 20.0 and first["busy"] == 0.6 and first["tool_ms_per_file"] == 4.0
+    assert "set-up+ep 1" in out.getvalue()
