@@ -44,7 +44,7 @@ from mountd.fs.listing import DirListing
 from mountd.fs.pins import KernelCache, PinnedPaths
 from mountd.fs.reader import FileReader, Reads
 from mountd.fs.writeback import StagedFile, WriteBack
-from mountd.paths import join
+from mountd.paths import is_within, join
 from mountd.storage.base import Entry, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -503,7 +503,7 @@ class FileSystemCore:
             raise FsError(errno.EBUSY)
         if dst == src:
             return
-        if dst.startswith(src + "/"):
+        if is_within(dst, src):  # (dst == src returned above): into itself
             raise FsError(errno.EINVAL)
         with errno_for(f"rename {old} to {new}"):
             for sf in self.writeback.under(src):
