@@ -68,6 +68,9 @@ class DiskTier:
         self._held: dict[str, int] = {}
         self.used = 0
         self._writing = 0  # bytes of blocks being written, which the disk's free space does not show yet
+        # the 256 fan-out directories known to exist: a makedirs per block cost
+        # a failing mkdir system call each (about 1 000 per 1 000 blocks stored)
+        self._made: set[str] = set()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._adopt_existing()
 
@@ -172,11 +175,18 @@ class DiskTier:
             self._writing += align_up(size)  # not on the disk yet: statvfs does not count it
         path = os.path.join(self.directory, name)
         new = None
+        directory = os.path.dirname(path)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            if directory not in self._made:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                self._made.add(directory)
             # around the page cache: the kernel already caches what the mount
             # served, and a second copy of it would only push other pages out
-            new = NewFile(path, direct=True, mode=0o600)
+            try:
+                new = NewFile(path, direct=True, mode=0o600)
+            except FileNotFoundError:  # its directory was removed from under us: make it again
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                new = NewFile(path, direct=True, mode=0o600)
             for start in range(0, size, WRITE_SIZE):  # large single writes cost the kernel far more
                 new.pwrite(view[start:start + WRITE_SIZE], start)
             new.finish()

@@ -254,6 +254,20 @@ def test_prefetched_blocks_fill_free_room_only_and_stay_until_read(tmp_path):
     assert not full.put(("read", "e", 0), b"r" * MiB)  # nothing it may evict: the read's block is not cached
 
 
+def test_disk_tier_stores_again_after_its_directories_are_removed(tmp_path):
+    import shutil
+    disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
+    assert disk.put(("a", "e1", 0), b"x" * 1000)
+    for entry in os.scandir(tmp_path / "c"):  # someone empties the cache directory
+        if entry.is_dir():
+            shutil.rmtree(entry.path)
+    disk.clear()
+    assert disk.put(("a", "e1", 0), b"y" * 1000)  # the fan-out directory it knew is made again
+    got = disk.get(("a", "e1", 0))
+    assert got is not None and bytes(got) == b"y" * 1000
+    got.release()
+
+
 def test_disk_tier_survives_enospc(tmp_path, monkeypatch):
     disk = DiskTier(str(tmp_path / "c"), max_bytes=10 * MiB, reserved_free=0)
     disk.put(("p", "e", 0), b"a" * 1000)
