@@ -345,7 +345,10 @@ class BlockCache:
                 self._demand_done.notify_all()
         future.set_result(leases)
         if self._writer and not from_disk:
-            self._writer.submit(key, data)
+            # While a dataset prefetch fills the disk tier, a block the
+            # writer has no room for is written here: dropped, the prefetch
+            # would fetch it from storage a second time.
+            self._writer.submit(key, data, must=bool(self._filling))
         else:
             data.release()
 

@@ -261,26 +261,35 @@ class DiskWriter:
         self._thread = threading.Thread(target=self._run, name="disk-cache-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, key: BlockKey, data: Block) -> None:
-        """Write a block; takes over the lease `data`."""
+    def submit(self, key: BlockKey, data: Block, must: bool = False) -> None:
+        """Write a block; takes over the lease `data`. When the writer is
+        behind, the block is dropped, or with `must` written here and now."""
         try:
             self._queue.put_nowait((key, data))
+            return
         except queue.Full:
-            data.release()
-            with self._lock:  # submitted from every reader's thread
-                self.dropped += 1
+            pass
+        if must:
+            self._write(key, data)
+            return
+        data.release()
+        with self._lock:  # submitted from every reader's thread
+            self.dropped += 1
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            try:
-                self.disk.put(*item)
-            except Exception:  # noqa: BLE001 - the cache is an optimisation; never kill the writer
-                log.exception("disk cache write failed")
-            finally:
-                item[1].release()
+            self._write(*item)
+
+    def _write(self, key: BlockKey, data: Block) -> None:
+        try:
+            self.disk.put(key, data)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation; never kill the writer
+            log.exception("disk cache write failed")
+        finally:
+            data.release()
 
     def close(self) -> None:
         try:
