@@ -211,6 +211,8 @@ class Transport:
         origin, target = (url[:cut], url[cut:]) if cut >= 0 else (url, "/")
         try:
             pool, absolute = self._route(origin)
+            if pool.proxy is None:
+                conn = pool._get_conn()  # (a pool closed meanwhile raises ClosedPoolError)
         except urllib3.exceptions.HTTPError as e:
             raise self.translate(e, url) from None
         if pool.proxy is not None:
@@ -218,7 +220,6 @@ class Transport:
             answer = cast(Answer, wrapper._fp)  # type: ignore[attr-defined]  # the http.client answer it wraps
             answer.wrapper = wrapper
             return answer
-        conn = pool._get_conn()
         try:
             if conn.is_closed:
                 conn.timeout = self.timeout.connect_timeout
