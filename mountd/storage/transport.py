@@ -181,8 +181,7 @@ class Transport:
         with `preload` False its body is left to read (`body_reader`,
         `release`).
         Raises CertificateProblem or TransportError."""
-        cut = url.find("/", url.find("//") + 2)
-        origin, target = (url[:cut], url[cut:]) if cut >= 0 else (url, "/")
+        origin, target = _origin_and_target(url)
         try:
             pool, absolute = self._route(origin)
             return pool.urlopen(method, url if absolute else target, body=body,
@@ -207,15 +206,14 @@ class Transport:
         1 000: user CPU per read 0.241 ms through urlopen, 0.205 ms here
         (with the header block read in one piece, `wire`). Through a proxy
         (CONNECT tunnels, absolute targets, proxy headers) it is `request`."""
-        cut = url.find("/", url.find("//") + 2)
-        origin, target = (url[:cut], url[cut:]) if cut >= 0 else (url, "/")
+        origin, target = _origin_and_target(url)
         try:
-            pool, absolute = self._route(origin)
-            if pool.proxy is None:
-                conn = pool._get_conn()  # (a pool closed meanwhile raises ClosedPoolError)
+            pool, _ = self._route(origin)
+            # (a pool closed meanwhile raises ClosedPoolError)
+            conn = pool._get_conn() if pool.proxy is None else None
         except urllib3.exceptions.HTTPError as e:
             raise self.translate(e, url) from None
-        if pool.proxy is not None:
+        if conn is None:  # through a proxy
             wrapper = self.request("GET", url, headers, preload=False)
             answer = cast(Answer, wrapper._fp)  # type: ignore[attr-defined]  # the http.client answer it wraps
             answer.wrapper = wrapper
@@ -280,6 +278,13 @@ class Transport:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
+
+
+def _origin_and_target(url: str) -> tuple[str, str]:
+    """('scheme://host:port', '/path?query') of an absolute URL, without
+    parsing it again (the lean path builds every URL itself)."""
+    cut = url.find("/", url.find("//") + 2)
+    return (url[:cut], url[cut:]) if cut >= 0 else (url, "/")
 
 
 def body_reader(response) -> Answer:
