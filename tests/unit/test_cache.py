@@ -742,3 +742,35 @@ def test_the_prefetch_waits_while_reads_fill_the_busy_budget(tmp_path):
     assert order == ["read", "prefetch"]
     # with no read in flight the prefetch uses its full budget at once
     assert cache.fill(("p", "e", 1), 1, lambda: b"q", 16, 1) == "stored"
+
+
+def test_a_fill_ending_wakes_only_as_many_waiting_fills_as_may_start(tmp_path):
+    """16 fills waiting for a budget of 2: each one that ends frees one slot,
+    and wakes one waiter, not all of them to find the budget taken again
+    (that herd cost the mount a futex storm on the cores the job needs)."""
+    cache = BlockCache(4 * MiB, DiskTier(str(tmp_path / "c"), 10 * MiB, 0), threads=2)
+    waits = []
+    wait = cache._demand_done.wait
+    cache._demand_done.wait = lambda timeout=None: waits.append(1) or wait(timeout)
+    gate = threading.Semaphore(0)
+
+    def fetch():
+        gate.acquire(timeout=5)
+        return b"x"
+    fills = [threading.Thread(target=cache.fill, args=(("p", "e", i), 1, fetch, 2, 2)) for i in range(16)]
+    for t in fills:
+        t.start()
+    deadline = time.monotonic() + 5
+    while cache._fill_waiting < 14 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = len(waits)
+    for _ in fills:
+        gate.release()
+        time.sleep(0.01)  # one ends at a time
+    for t in fills:
+        t.join(5)
+    assert all(cache.disk.contains(("p", "e", i)) for i in range(16))
+    # each of the 14 that waited went back to waiting at most about once
+    # (a timeout, or a slot another took first); all woken each time, they
+    # would wait again some 14 + 13 + ... times
+    assert len(waits) - waiting <= 2 * 14, len(waits) - waiting
