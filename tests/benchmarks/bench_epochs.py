@@ -32,7 +32,13 @@ worker it leaves running, or rclone); the loaders; and the whole host, so
 that what the rest of a shared machine took meanwhile shows as "rest". The
 CPU table gives them per phase with busy = the run's own CPU over wall
 time (2.00: both cores of this machine busy all along) and the tool's CPU
-per file. With --py-spy DIR, py-spy samples mountd (200 Hz, raw format, one
+per file. With --step-ms MS, the job also trains: each sample takes the
+accelerator MS ms, in the order samples arrive, each as soon as the
+accelerator is free (the loaders are not held back; an epoch ends when the
+last sample is trained on). The accelerator is modelled, not run: its time
+costs this machine's cores nothing, as a GPU's costs a node's CPU nothing,
+so the figure shows how much of the data's fetching a tool hides behind
+training. With --py-spy DIR, py-spy samples mountd (200 Hz, raw format, one
 file per job) from the mount's start to the end of epoch 1, or the whole
 download; such a run's CPU figures include py-spy's own.
 
@@ -42,6 +48,8 @@ Run from the repository root as root (drops the page cache, mounts FUSE):
     python -m tests.benchmarks.bench_epochs --dataset small --files 2000 --repeat 3
     python -m tests.benchmarks.bench_epochs --dataset shards --shards 8 --shard-mib 32
     python -m tests.benchmarks.bench_epochs --cache-max-size 100MiB         # mountd's disk cache smaller than the data
+    python -m tests.benchmarks.bench_epochs --dataset small --files 2000 --step-ms 1   # and a training step per sample
+    python -m tests.benchmarks.bench_epochs --tools download,mountd-prefetch --baseline /tmp/before  # another tree
     python -m tests.benchmarks.bench_epochs --dataset small --files 1000 --repeat 1 --py-spy /tmp/prof
 
 Every mount it makes is unmounted at the end, also on errors and Ctrl-C.
@@ -73,6 +81,7 @@ from tests.benchmarks.common import (MiB, ToolFailed, children_cpu_split, drop_p
 from tests.support.azurite import ACCOUNT, KEY, blob_workspace_entry
 
 TOOLS = ("download", "mountd", "mountd-prefetch", "rclone-full")
+BASELINE_TOOLS = ("mountd-base", "mountd-prefetch-base")  # with --baseline DIR: the mounts of that tree
 LOADERS = 4
 CLASSES = 50
 READ_SIZE = MiB  # a loader reads a file in pieces of this size (a small file in one)
@@ -102,16 +111,23 @@ def _load(path: str) -> tuple[str, int, int]:
     return path, size, crc
 
 
-def run_epoch(pool, root: str, expected: dict[str, tuple[int, int]], seed: int) -> float:
+def run_epoch(pool, root: str, expected: dict[str, tuple[int, int]], seed: int, step: float = 0.0) -> float:
     """Read every file under `root` once in a shuffled order with the loader
-    pool; the seconds it took. Raises ToolFailed on a wrong file."""
+    pool; the seconds the epoch took: until the last sample arrived, or with
+    a training `step` (seconds of the accelerator per sample), until the
+    accelerator has trained on the last one, taking samples in the order
+    they arrive, each as soon as it is free. Raises ToolFailed on a wrong
+    file."""
     names = sorted(expected)
     random.Random(seed).shuffle(names)
     paths = [os.path.join(root, n) for n in names]
     chunk = 8 if len(paths) >= 400 else 1
     start = time.perf_counter()
-    results = list(pool.imap_unordered(_load, paths, chunksize=chunk))
-    secs = time.perf_counter() - start
+    results, trained = [], start  # trained: when the accelerator is done with the samples so far
+    for result in pool.imap_unordered(_load, paths, chunksize=chunk):
+        results.append(result)
+        trained = max(trained, time.perf_counter()) + step
+    secs = max(trained, time.perf_counter()) - start
     for path, size, crc in results:
         want = expected[os.path.relpath(path, root)]
         if (size, crc) != want:
@@ -229,7 +245,7 @@ class Bench:
         return unmount_all(self.active, self.tmp, self.workspace, self.env)
 
     def mountd_flags(self, tool: str) -> tuple:
-        flags = ("--prefetch",) if tool == "mountd-prefetch" else ()
+        flags = ("--prefetch",) if tool.startswith("mountd-prefetch") else ()
         return flags + (("--cache-max-size", self.args.cache_max_size) if self.args.cache_max_size else ())
 
     def cpu_now(self, m) -> dict[str, float]:
@@ -262,7 +278,8 @@ class Bench:
         if tool == "rclone-full":
             return RcloneMount.how("full") + f"; epochs over MNT/{ds}"
         return (f"mountd mount {DATASTORE}:{ds} MNT --cache-dir EMPTY_DIR --memory-cache {MEMORY_CACHE} "
-                + " ".join(self.mountd_flags(tool)) + " (otherwise defaults); epochs over MNT")
+                + " ".join(self.mountd_flags(tool)) + " (otherwise defaults); epochs over MNT"
+                + (f"; the tree {self.args.baseline}" if tool.endswith("-base") else ""))
 
     def job(self, tool: str, ds: Dataset, r: int) -> Job:
         """One tool's whole job on a cold node: set-up, then the epochs."""
@@ -287,7 +304,8 @@ class Bench:
                     root = os.path.join(mp, ds.name)
                 else:
                     m = MountdMount(mp, cache, self.workspace, self.env, tool, target=f"{DATASTORE}:{ds.name}",
-                                    flags=self.mountd_flags(tool))
+                                    flags=self.mountd_flags(tool),
+                                    tree=self.args.baseline if tool.endswith("-base") else None)
                     root = mp
                 self.active.append(m)
                 setup = m.start()
@@ -297,7 +315,7 @@ class Bench:
             marks.append(self.cpu_now(m))
             epochs = []
             for e in range(EPOCHS_TIMED):
-                epochs.append(run_epoch(self.pool, root, ds.files, seed=1000 * r + e))
+                epochs.append(run_epoch(self.pool, root, ds.files, seed=1000 * r + e, step=self.args.step_ms / 1000))
                 if spy is not None:  # epoch 1 profiled: py-spy writes its samples on SIGINT (its CPU in epoch 1's)
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
@@ -316,7 +334,7 @@ class Bench:
                 if d:
                     remove_dir(d)
         job = Job(tool, r, setup, epochs, [self.cpu_phase(a, b) for a, b in zip(marks, marks[1:])])
-        print(f"  round {r} {tool:16s} set-up {setup:7.2f} s, epochs " + ", ".join(f"{e:.2f}" for e in epochs)
+        print(f"  round {r} {tool:20s} set-up {setup:7.2f} s, epochs " + ", ".join(f"{e:.2f}" for e in epochs)
               + f" s; {EPOCHS_SHOWN[-1]} epochs {job.total(EPOCHS_SHOWN[-1]):.1f} s", flush=True)
         print("    CPU s (" + "/".join(GROUPS + ("rest",)) + "): " + ", ".join(
             f"{name} " + "/".join(f"{c[g]:.2f}" for g in GROUPS + ("rest",)) for name, c in zip(PHASES, job.cpu)),
@@ -326,7 +344,7 @@ class Bench:
     def run(self, ds: Dataset) -> Results:
         res = Results(ds.name, len(ds.files), ds.nbytes)
         print(f"dataset {ds.name}: {len(ds.files)} files, {fmt_size(ds.nbytes)}", flush=True)
-        tools = [t for t in TOOLS if t in self.args.tools]
+        tools = [t for t in TOOLS + BASELINE_TOOLS if t in self.args.tools]
         for r in range(self.args.repeat):
             order = tools[r % len(tools):] + tools[:r % len(tools)]
             for tool in order:
@@ -342,16 +360,17 @@ def ratio(x: float, y: float) -> float:
 
 def report(res: Results, bench: Bench, out=sys.stdout) -> dict:
     p = lambda *a: print(*a, file=out)  # noqa: E731
-    tools = [t for t in TOOLS if res.of(t)]
+    tools = [t for t in TOOLS + BASELINE_TOOLS if res.of(t)]
     p(f"\n== {res.dataset}: {res.nfiles} files, {fmt_size(res.nbytes)}; {LOADERS} loader processes, shuffled "
-      f"whole-file reads, every file's size and CRC-32 checked; medians of {len(res.of(tools[0]))} round(s)")
+      f"whole-file reads, every file's size and CRC-32 checked; medians of {len(res.of(tools[0]))} round(s)"
+      + (f"; a training step of {bench.args.step_ms:g} ms per sample (modelled)" if bench.args.step_ms else ""))
     head = "".join(f"{'E=' + str(e):>9s}" for e in EPOCHS_SHOWN)
-    p(f"{'tool':17s}{'set-up':>8s}{'ep 1':>8s}{'ep 2':>8s}{'ep 3':>8s} |{head}   (seconds to finish E epochs)")
+    p(f"{'tool':21s}{'set-up':>8s}{'ep 1':>8s}{'ep 2':>8s}{'ep 3':>8s} |{head}   (seconds to finish E epochs)")
     summary = {"dataset": res.dataset, "files": res.nfiles, "bytes": res.nbytes, "tools": {}}
     for t in tools:
         e = [res.med(t, lambda j, i=i: j.epochs[i]) for i in range(EPOCHS_TIMED)]
         totals = [res.med(t, lambda j, k=k: j.total(k)) for k in EPOCHS_SHOWN]
-        p(f"{t:17s}{res.med(t, lambda j: j.setup):8.2f}" + "".join(f"{x:8.2f}" for x in e) + " |"
+        p(f"{t:21s}{res.med(t, lambda j: j.setup):8.2f}" + "".join(f"{x:8.2f}" for x in e) + " |"
           + "".join(f"{x:9.2f}" for x in totals))
         summary["tools"][t] = {"setup": res.med(t, lambda j: j.setup), "epochs": e,
                                "total": dict(zip(map(str, EPOCHS_SHOWN), totals)),
@@ -360,20 +379,20 @@ def report(res: Results, bench: Bench, out=sys.stdout) -> dict:
     if "download" in tools:
         p("\nratios: download-then-train time / the tool's (above 1: the tool finishes first); later epochs: the "
           "local copy's epoch (page cache warm) / the tool's")
-        p(f"{'tool':17s}" + "".join(f"{'E=' + str(e):>9s}" for e in EPOCHS_SHOWN) + f"{'later ep':>10s}")
+        p(f"{'tool':21s}" + "".join(f"{'E=' + str(e):>9s}" for e in EPOCHS_SHOWN) + f"{'later ep':>10s}")
         for t in tools:
             if t == "download":
                 continue
             rs = [ratio(res.med("download", lambda j, k=k: j.total(k)), res.med(t, lambda j, k=k: j.total(k)))
                   for k in EPOCHS_SHOWN]
             later = ratio(res.med("download", lambda j: j.later), res.med(t, lambda j: j.later))
-            p(f"{t:17s}" + "".join(f"{x:8.2f}x" for x in rs) + f"{later:9.2f}x")
+            p(f"{t:21s}" + "".join(f"{x:8.2f}x" for x in rs) + f"{later:9.2f}x")
             summary["tools"][t]["ratio_vs_download"] = dict(zip(map(str, EPOCHS_SHOWN), rs))
             summary["tools"][t]["later_epoch_vs_local"] = later
     report_cpu(res, tools, summary, p)
     p("\nhow each tool ran:")
     for t in tools:
-        p(f"  {t:17s}{bench.how(t, res.dataset)}")
+        p(f"  {t:21s}{bench.how(t, res.dataset)}")
     return summary
 
 
@@ -386,7 +405,7 @@ def report_cpu(res: Results, tools: list[str], summary: dict, p) -> None:
       f"busy = (azurite + tool + loaders) / wall, {os.cpu_count()}.00 = every core busy; tool sys = the part of "
       f"tool spent in the kernel (its socket, file and /dev/fuse calls)")
     cols = ("wall", "azurite", "tool", "tool sys", "loaders", "rest")
-    p(f"{'tool':17s}{'phase':>12s}" + "".join(f"{c:>9s}" for c in cols) + f"{'busy':>7s}{'tool ms/file':>14s}")
+    p(f"{'tool':21s}{'phase':>12s}" + "".join(f"{c:>9s}" for c in cols) + f"{'busy':>7s}{'tool ms/file':>14s}")
     rows = [(name, slice(i, i + 1)) for i, name in enumerate(PHASES)] + [("set-up+ep 1", slice(0, 2))]
     for t in tools:
         summary["tools"][t]["cpu"] = {}
@@ -394,7 +413,7 @@ def report_cpu(res: Results, tools: list[str], summary: dict, p) -> None:
             c = {col: res.med(t, lambda j, col=col, ph=phases: j.cpu_of(ph)[col]) for col in cols}
             busy = ratio(sum(c[g] for g in GROUPS), c["wall"])
             per_file = 1000 * c["tool"] / res.nfiles
-            p(f"{t if k == 0 else '':17s}{name:>12s}" + "".join(f"{c[col]:9.2f}" for col in cols)
+            p(f"{t if k == 0 else '':21s}{name:>12s}" + "".join(f"{c[col]:9.2f}" for col in cols)
               + f"{busy:7.2f}{per_file:14.2f}")
             summary["tools"][t]["cpu"][name] = {**c, "busy": busy, "tool_ms_per_file": per_file}
 
@@ -411,6 +430,13 @@ def parse_args(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     ap.add_argument("--cache-max-size", metavar="SIZE", help="mountd's disk cache cap (default: mountd's)")
+    ap.add_argument("--step-ms", type=float, default=0.0, metavar="MS",
+                    help="a training step of MS ms of the accelerator per sample, taken as samples arrive "
+                         "(default 0: the job only reads)")
+    ap.add_argument("--baseline", metavar="DIR", help="also run the mounts (without and with --prefetch, as "
+                                                      "selected by --tools) of the mountd source tree DIR "
+                                                      "(e.g. a git worktree of an earlier commit), as "
+                                                      "mountd-base and mountd-prefetch-base")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--py-spy", metavar="DIR", help="profile mountd with py-spy from the mount's start to the end "
                                                     "of epoch 1 (a download: whole), into "
@@ -420,6 +446,11 @@ def parse_args(argv=None):
     args.tools = set(args.tools.split(","))
     if not args.tools <= set(TOOLS):
         ap.error(f"--tools: unknown {', '.join(sorted(args.tools - set(TOOLS)))}")
+    if args.baseline is not None:
+        if not os.path.isfile(os.path.join(args.baseline, "mountd", "__main__.py")):
+            ap.error(f"--baseline {args.baseline}: not a mountd source tree (no mountd/__main__.py in it)")
+        args.baseline = os.path.abspath(args.baseline)
+        args.tools |= {t + "-base" for t in ("mountd", "mountd-prefetch") if t in args.tools}
     if args.py_spy:
         os.makedirs(args.py_spy, exist_ok=True)
     return args
@@ -434,7 +465,8 @@ def main(argv=None) -> int:
         bench = Bench(args, tmp, azurite)
         keep(bench)
         header = {"storage": storage_header(azurite), **machine_info(), "mountd": mountd_header(),
-                  "rclone": tool_version(["rclone", "version"], words=2), "rounds": args.repeat}
+                  "rclone": tool_version(["rclone", "version"], words=2), "rounds": args.repeat,
+                  "training step per sample (ms, modelled)": args.step_ms}
         print(json.dumps(header), flush=True)
         datasets = []
         if args.dataset in ("small", "both"):

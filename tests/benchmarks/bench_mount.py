@@ -209,8 +209,9 @@ class Mount:
 
 class MountdMount(Mount):
     def __init__(self, path: str, cache_dir: str, workspace: str, env: dict, tool: str = "mountd",
-                 target: str = DATASTORE, flags: tuple | None = None):
+                 target: str = DATASTORE, flags: tuple | None = None, tree: str | None = None):
         self.tool, self.path, self.cache_dir, self.workspace, self.env = tool, path, cache_dir, workspace, env
+        self.tree = tree  # another mountd source tree to run (from its root), or None: this one
         self.target = target  # DATASTORE[:PATH]
         self.flags = tuple(MOUNTD_FLAGS[tool] if flags is None else flags)
 
@@ -223,7 +224,7 @@ class MountdMount(Mount):
     def start(self) -> float:
         argv = mountd_argv() + ["--workspace", self.workspace, "mount", self.target, self.path,
                                 "--cache-dir", self.cache_dir, "--memory-cache", MEMORY_CACHE] + list(self.flags)
-        secs = run_timed(argv, env=self.env, timeout=120)
+        secs = run_timed(argv, env=self.env, timeout=120, cwd=self.tree)
         rec = worker_record(self.path)
         self.pid = int(rec["pid"])
         if rec.get("log"):

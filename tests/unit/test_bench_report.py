@@ -97,3 +97,28 @@ def test_epoch_cpu_table_adds_phases_and_gives_the_rest_of_the_host():
     first = summary["tools"]["mountd"]["cpu"]["set-up+ep 1"]
     assert first["wall"] == 20.0 and first["busy"] == 0.6 and first["tool_ms_per_file"] == 4.0
     assert "set-up+ep 1" in out.getvalue()
+
+
+def test_an_epoch_with_a_training_step_ends_when_the_last_sample_is_trained_on(tmp_path):
+    import time
+    import zlib
+
+    from tests.benchmarks.bench_epochs import run_epoch
+
+    class Pool:  # the loaders, in this process: samples arrive at once, or one every `gap` seconds
+        gap = 0.0
+
+        def imap_unordered(self, fn, paths, chunksize):
+            for p in paths:
+                time.sleep(self.gap)
+                yield fn(p)
+    files = {}
+    for i in range(20):
+        (tmp_path / f"f{i}").write_bytes(b"x" * i)
+        files[f"f{i}"] = (i, zlib.crc32(b"x" * i))
+    pool = Pool()
+    assert run_epoch(pool, str(tmp_path), files, seed=1) < 0.1
+    assert 0.2 <= run_epoch(pool, str(tmp_path), files, seed=1, step=0.01) < 0.3  # 20 steps after fast reads
+    pool.gap = 0.02
+    # reads slower than training: the accelerator waits for each sample, and adds one step at the end
+    assert 0.4 <= run_epoch(pool, str(tmp_path), files, seed=1, step=0.01) < 0.5
