@@ -6,11 +6,13 @@ that writes them there off the read path.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 
 from mountd.cache.buffers import Block, BufferPool
@@ -20,6 +22,11 @@ log = logging.getLogger(__name__)
 
 BlockKey = tuple  # (path, etag, index)
 WRITE_SIZE = 1024 * 1024  # bytes per write of a block to the disk tier
+# How long the disk's free space, as statvfs gave it, is taken as it is
+# (less what this tier wrote since, plus what it removed). Asked twice for
+# every block stored, statvfs was a system call per lookup of the room a
+# dataset prefetch has; other writers to the disk are seen within this time.
+FREE_SPACE_TTL = 0.5
 
 
 def _read_file(path: str, view: memoryview, size: int) -> int:
@@ -68,6 +75,9 @@ class DiskTier:
         self._held: dict[str, int] = {}
         self.used = 0
         self._writing = 0  # bytes of blocks being written, which the disk's free space does not show yet
+        self._free_at = -FREE_SPACE_TTL  # when statvfs was last asked (see _free_disk)
+        self._free_seen = 0  # what it said
+        self._free_change = 0  # bytes this tier wrote (-) and removed (+) since
         # the 256 fan-out directories known to exist: a makedirs per block cost
         # a failing mkdir system call each (about 1 000 per 1 000 blocks stored)
         self._made: set[str] = set()
@@ -92,6 +102,7 @@ class DiskTier:
         self._evict(0)
 
     @staticmethod
+    @functools.lru_cache(maxsize=8192)  # asked 3-4 times per block stored and read: a hash of its repr each time
     def _name(key: BlockKey) -> str:
         digest = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()
         return f"{digest[:2]}/{digest[2:40]}"
@@ -204,6 +215,7 @@ class DiskTier:
             return False
         with self._lock:
             self._writing -= align_up(size)
+            self._free_change -= align_up(size)  # on the disk now, which a fresh statvfs would show
         return True
 
     def has_room(self, size: int) -> bool:
@@ -219,8 +231,13 @@ class DiskTier:
                 and free - self._writing - align_up(incoming) >= self.reserved_free)
 
     def _free_disk(self) -> int:
-        st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
+        """The disk's free space (lock held): statvfs at most every
+        FREE_SPACE_TTL, adjusted for this tier's own writes and removals since."""
+        now = time.monotonic()
+        if now - self._free_at >= FREE_SPACE_TTL:
+            st = os.statvfs(self.directory)
+            self._free_at, self._free_seen, self._free_change = now, st.f_bavail * st.f_frsize, 0
+        return self._free_seen + self._free_change
 
     def _evict(self, incoming: int) -> bool:
         """Make room for `incoming` bytes (lock held). False if impossible."""
@@ -230,6 +247,7 @@ class DiskTier:
             try:
                 os.unlink(os.path.join(self.directory, name))
                 free += size
+                self._free_change += size
             except FileNotFoundError:
                 pass
             self.used -= size
