@@ -50,12 +50,36 @@ ROOT_NODE = 1  # the kernel's node id of the mount's root (FUSE_ROOT_ID)
 
 log = logging.getLogger(__name__)
 
+# Whether this libfuse thread's Python thread state has been kept (see _Fuse._wrapper).
+_kept = threading.local()
+
+
+def _keep_thread_state() -> None:
+    """Keep the calling thread's Python thread state past the current
+    callback. libfuse's threads are not Python's: ctypes makes a thread
+    state for each callback and deletes it after, and with it the data
+    stack Python maps for it (an mmap and a munmap, whose TLB flush
+    interrupts every core) and every thread-local value. One more
+    PyGILState_Ensure, never released, keeps it: later callbacks of the
+    thread only take the interpreter lock. libfuse keeps its threads for
+    the mount's life (max_idle_threads is unlimited by default; a thread it
+    ends leaves its state behind, a few hundred bytes)."""
+    ctypes.pythonapi.PyGILState_Ensure()
+    _kept.state = True
+
 
 class _Fuse(mfusepy.FUSE):
     """mfusepy's FUSE, passing renameat2's flags on (it drops them, so
-    `mv --no-clobber` would silently replace), and reading into libfuse's
+    `mv --no-clobber` would silently replace), reading into libfuse's
     own buffer (mfusepy's read wants a bytes object, which costs a copy of
-    every byte on the way: a cold read spends its CPU on copies)."""
+    every byte on the way: a cold read spends its CPU on copies), and
+    keeping each libfuse thread's Python thread state from one callback to
+    the next (`_keep_thread_state`)."""
+
+    def _wrapper(self, func, *args, **kwargs):
+        if not getattr(_kept, "state", False):
+            _keep_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
 
     def read(self, path, buf, size: int, offset: int, fip) -> int:
         dest = (ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))
