@@ -249,7 +249,7 @@ class Link:
             headers = _fields(block)
             length = headers.get("content-length")
             if (len(headers._headers) >= http.client._MAXHEADERS  # type: ignore[attr-defined]  # its limit counts the empty line
-                    or length is None or not _DIGITS.fullmatch(length) or "transfer-encoding" in headers):
+                    or length is None or not _DIGITS.fullmatch(length) or headers.get("transfer-encoding") is not None):
                 return self._by_http_client()
             self.start = end + 4
             connection = headers.get("connection")
