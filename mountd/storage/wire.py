@@ -225,6 +225,8 @@ class Link:
         101) read and dropped; any other (chunked, framed by the close, a
         head it does not take, nothing at all) read by http.client from the
         same bytes: an `Answer`, errors and all."""
+        if self.start == self.end:
+            self.start = self.end = 0  # the head from the buffer's start: moved less often
         buf = self.buf
         while True:
             start = self.start
@@ -269,7 +271,7 @@ class Link:
                 grown[:kept] = self.view[self.start:self.end]
                 self.view.release()
                 self.buf, self.view = grown, memoryview(grown)
-            else:
+            else:  # (kept is at most half the buffer: the two ranges do not overlap)
                 self.buf[:kept] = self.view[self.start:self.end]
             self.start, self.end = 0, kept
         n = self.sock.recv_into(self.view[self.end:])

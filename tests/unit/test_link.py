@@ -166,3 +166,16 @@ def test_as_many_fields_as_http_client_takes_and_no_more(serve):
     tp.release(r)
     with pytest.raises(tp.TransportError, match="more than 100 headers"):
         get(server, t)
+
+
+def test_a_head_that_starts_late_in_the_buffer_and_runs_past_its_end(serve):
+    # a large interim answer fills most of the receive buffer; the final
+    # head after it crosses the buffer's end and is moved to its start
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: " + b"<x>," * 2500 + b"\r\n\r\n"
+    extra = "".join(f"X-F{i}: {'w' * 190}\r\n" for i in range(40))
+    server = serve(hints + ok(b"whole", extra), ok(b"next"))
+    t = server.transport()
+    r = get(server, t)
+    assert type(r) is wire.Reply and r.headers["x-f39"] == "w" * 190 and read_all(r) == b"whole"
+    tp.release(r)
+    next_answer(server, t, b"next", 1)
