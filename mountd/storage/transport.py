@@ -212,7 +212,7 @@ class Transport:
         http.client's, cost more CPU than a small read's whole remaining
         handling. 4 KiB reads from Azurite, one thread, CPU per read:
         0.241 ms through urlopen, 0.205 ms through http.client's request
-        and response; in later paired rounds 0.195 ms that way and 0.143
+        and response; in later paired rounds 0.177 ms that way and 0.133
         through `wire.Link` (see `wire`). Through a proxy (CONNECT tunnels,
         absolute targets, proxy headers) it is `request`."""
         origin, target = _origin_and_target(url)
