@@ -15,7 +15,8 @@ Built on urllib3's pools. What this module adds to them:
   than `IDLE_EXPIRY` dropped before reuse: Azure's load balancers forget a
   flow that has been idle for 4 minutes without telling either end, and
   the next request on it would wait out the whole read timeout;
-- answers read by http.client with interim answers skipped (`wire`);
+- answers read with interim answers skipped: the ranged reads' by a
+  reader of their own, anything else by http.client (`wire`);
 - failures of the transport raised as OSError (`TransportError`), which
   the callers' retry loops treat as transient.
 """
@@ -39,7 +40,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from mountd import __version__
 from mountd.errors import ConfigError
 from mountd.storage.network import Settings, bare_proxy, bypassed, settings, tls_context
-from mountd.storage.wire import Answer, encode_target, putheader, putrequest, with_globals
+from mountd.storage.wire import Answer, Link, Reply, encode_target, with_globals
 
 # Pooled connections idle longer than this are closed rather than reused:
 # below the 4 minutes after which Azure's load balancers silently drop a flow.
@@ -82,11 +83,19 @@ _SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
 class _Connection(HTTPConnection):
     response_class = Answer
     idle_since = 0.0
+    link: Link | None = None  # how Transport.get talks on its socket
 
 
 class _TLSConnection(HTTPSConnection):
     response_class = Answer
     idle_since = 0.0
+    link: Link | None = None
+
+
+def host_field(conn) -> str:
+    """The Host field http.client's putrequest writes for `conn`."""
+    host = f"[{conn.host}]" if ":" in conn.host else conn.host
+    return host if conn.port == conn.default_port else f"{host}:{conn.port}"
 
 
 class _Expiring:
@@ -198,14 +207,14 @@ class Transport:
 
         The ranged reads' path: on a direct route it takes a connection
         from the same pool as `request` (same TLS context, socket options,
-        idle expiry) and sends and reads with http.client's own request and
-        response, the layer under urllib3's: urllib3's per-request wrapping
-        (its header dict, response object, Timeout and validation passes)
-        cost more CPU than a small read's whole remaining handling. 4 KiB
-        reads from Azurite, one thread, medians of 5 runs of 5 rounds of
-        1 000: user CPU per read 0.241 ms through urlopen, 0.205 ms here
-        (with the header block read in one piece, `wire`). Through a proxy
-        (CONNECT tunnels, absolute targets, proxy headers) it is `request`."""
+        idle expiry) and writes the request and reads the answer itself
+        (`wire.Link`): urllib3's per-request wrapping, and then
+        http.client's, cost more CPU than a small read's whole remaining
+        handling. 4 KiB reads from Azurite, one thread, CPU per read:
+        0.241 ms through urlopen, 0.205 ms through http.client's request
+        and response; in later paired rounds 0.177 ms that way and 0.133
+        through `wire.Link` (see `wire`). Through a proxy (CONNECT tunnels,
+        absolute targets, proxy headers) it is `request`."""
         origin, target = _origin_and_target(url)
         try:
             pool, _ = self._route(origin)
@@ -222,17 +231,14 @@ class Transport:
             if conn.is_closed:
                 conn.timeout = self.timeout.connect_timeout
                 conn.connect()
-            conn.sock.settimeout(self.timeout.read_timeout)
-            # http.client's putrequest and putheader, not urllib3's overrides:
-            # these add checks for a method and header values never sent here
-            putrequest(conn, "GET", encode_target(target), skip_accept_encoding=True)
-            putheader(conn, "User-Agent", USER_AGENT)
-            for name, value in headers.items():
-                putheader(conn, name, value)
-            conn.endheaders()
-            # http.client's getresponse, not urllib3's override (which wraps
-            # the answer in its own response object)
-            answer = cast(Answer, http.client.HTTPConnection.getresponse(conn))  # response_class is Answer
+            sock = conn.sock
+            if sock.gettimeout() != self.timeout.read_timeout:  # the SDK's requests may have set another
+                sock.settimeout(self.timeout.read_timeout)
+            link = conn.link
+            if link is None or link.sock is not sock:  # a new connection, or one made again
+                link = conn.link = Link(sock, host_field(conn))
+            link.send_get(encode_target(target), USER_AGENT, headers)
+            answer = link.answer()
         except BaseException as e:
             conn.close()
             pool._put_conn(conn)
@@ -287,12 +293,12 @@ def _origin_and_target(url: str) -> tuple[str, str]:
     return (url[:cut], url[cut:]) if cut >= 0 else (url, "/")
 
 
-def body_reader(response) -> Answer:
-    """The http.client answer to read a body from: an answer from
-    `Transport.get` itself, or the one under a urllib3 response read with
+def body_reader(response) -> Answer | Reply:
+    """The answer to read a body from: an answer from `Transport.get`
+    itself, or the http.client one under a urllib3 response read with
     preload=False (urllib3's own readinto reads into a new bytes object and
     copies it: a second pass over every byte, fresh memory each time)."""
-    return response if isinstance(response, Answer) else response._fp
+    return response if isinstance(response, (Answer, Reply)) else response._fp
 
 
 def release(response) -> None:
@@ -301,15 +307,14 @@ def release(response) -> None:
     the end; otherwise close it (the rest is still on the wire)."""
     answer = body_reader(response)
     owner = answer.wrapper if answer is response else response  # a urllib3 response, if one owns it
-    finished = answer.isclosed()
     if owner is not None:
-        if not finished:
+        if not answer.isclosed():
             owner.close()
         owner.release_conn()
     elif answer.home is not None:
         pool, conn = answer.home
         answer.home = None
-        if not finished:
+        if not answer.reusable():
             answer.close()
             conn.close()
         pool._put_conn(conn)
