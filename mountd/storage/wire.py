@@ -176,8 +176,6 @@ def encode_target(target: str) -> str:
     return urllib3.connectionpool._encode_target(target)
 
 
-
-
 # -- the ranged reads' own request writer and answer reader -------------------
 # A status line and a header block the lean reader takes itself: HTTP/1.1,
 # every line ended by CRLF, fields as _PLAIN_BLOCK has them. Anything else
